@@ -84,9 +84,7 @@ class Binding:
     tensor: torch.Tensor
 
 
-def bind(
-    entries: Sequence[TensorEntry], named: NamedTensors, strict: bool = True
-) -> list[Binding]:
+def bind(entries: Sequence[TensorEntry], named: NamedTensors, strict: bool = True) -> list[Binding]:
     """Match snapshot entries to model tensors by name, checking dtype and shape first.
 
     Raises before any byte moves: TensorMismatch names the tensor, expected and found;
@@ -139,7 +137,9 @@ class _Targets:
     def __init__(self, bindings: Sequence[Binding]) -> None:
         self.bindings = bindings
         self.tensors = [
-            b.tensor if b.tensor.is_contiguous() else torch.empty_like(b.tensor, memory_format=torch.contiguous_format)
+            b.tensor
+            if b.tensor.is_contiguous()
+            else torch.empty_like(b.tensor, memory_format=torch.contiguous_format)
             for b in bindings
         ]
 

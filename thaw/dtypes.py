@@ -14,7 +14,9 @@ _CANDIDATES = [
 
 # Only the dtypes this torch build has: a snapshot naming another one is refused by name.
 DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name) for name in _CANDIDATES if isinstance(getattr(torch, name, None), torch.dtype)
+    name: getattr(torch, name)
+    for name in _CANDIDATES
+    if isinstance(getattr(torch, name, None), torch.dtype)
 }
 NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 

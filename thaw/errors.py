@@ -85,7 +85,9 @@ class FingerprintMismatch(ModelMismatch):
 
     def __init__(self, differences: list[tuple[str, object, object]]) -> None:
         self.differences = differences
-        parts = [f"{key}: expected {exp!r}, snapshot has {found!r}" for key, exp, found in differences]
+        parts = [
+            f"{key}: expected {exp!r}, snapshot has {found!r}" for key, exp, found in differences
+        ]
         super().__init__("snapshot fingerprint does not match: " + "; ".join(parts))
 
 

@@ -50,7 +50,9 @@ class Fingerprint:
         for f in dataclasses.fields(cls):
             if f.name in values and f.name != "labels":
                 expected_type = int if f.type == "int" else str
-                if not isinstance(values[f.name], expected_type) or isinstance(values[f.name], bool):
+                if not isinstance(values[f.name], expected_type) or isinstance(
+                    values[f.name], bool
+                ):
                     raise ValueError(f"fingerprint {f.name} must be {expected_type.__name__}")
         return cls(**values)
 

@@ -56,7 +56,11 @@ def freeze_file(
                         with lock:
                             checksums[gpu[seg.index]] = found
                 _native.pwrite_from(
-                    fd, addr, piece.length, PAYLOAD_OFFSET + piece.payload_offset, IO_THREADS,
+                    fd,
+                    addr,
+                    piece.length,
+                    PAYLOAD_OFFSET + piece.payload_offset,
+                    IO_THREADS,
                     4 << 20,
                 )
 
