@@ -1,0 +1,109 @@
+"""Shared pieces of the benchmark scripts: model-shaped tensors, timers, the result table."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from thaw import _native
+
+# Llama-3-8B: 32 layers, hidden 4096, MLP 14336, 32 query / 8 KV heads of 128, vocab 128256.
+LLAMA3_8B = dict(layers=32, hidden=4096, mlp=14336, heads=32, kv_heads=8, vocab=128256)
+
+
+def llama_shaped(size_gb: float, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    """Random tensors shaped like Llama-3-8B's, with as many layers as fit `size_gb`."""
+    c = LLAMA3_8B
+    head = c["hidden"] // c["heads"]
+    layer = {
+        "self_attn.q_proj.weight": (c["hidden"], c["hidden"]),
+        "self_attn.k_proj.weight": (c["kv_heads"] * head, c["hidden"]),
+        "self_attn.v_proj.weight": (c["kv_heads"] * head, c["hidden"]),
+        "self_attn.o_proj.weight": (c["hidden"], c["hidden"]),
+        "mlp.gate_proj.weight": (c["mlp"], c["hidden"]),
+        "mlp.up_proj.weight": (c["mlp"], c["hidden"]),
+        "mlp.down_proj.weight": (c["hidden"], c["mlp"]),
+        "input_layernorm.weight": (c["hidden"],),
+        "post_attention_layernorm.weight": (c["hidden"],),
+    }
+    item = torch.empty((), dtype=dtype).element_size()
+    per_layer = sum(_numel(s) for s in layer.values()) * item
+    embed = c["vocab"] * c["hidden"] * item
+    budget = size_gb * 1e9
+    if budget >= 2 * embed + per_layer:
+        layers, vocab = round((budget - 2 * embed) / per_layer), c["vocab"]
+    else:  # small runs (CPU smoke tests): shrink the vocabulary, keep one layer at least
+        layers = max(1, int(budget // (2 * per_layer)))
+        vocab = max(1024, int((budget - layers * per_layer) / (2 * c["hidden"] * item)))
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (vocab, c["hidden"])}
+    for i in range(layers):
+        shapes.update({f"model.layers.{i}.{k}": s for k, s in layer.items()})
+    shapes["model.norm.weight"] = (c["hidden"],)
+    shapes["lm_head.weight"] = (vocab, c["hidden"])
+    return {
+        name: torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+        if len(shape) == 1
+        else torch.randn(shape, generator=g, device=device, dtype=dtype)
+        for name, shape in shapes.items()
+    }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def drop_cache(path: str) -> None:
+    """Evict a file from the page cache (clean pages only: fsync first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        _native.fadvise(fd, 0, 0, _native.FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm_cache(path: str) -> None:
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
+@dataclasses.dataclass
+class Row:
+    what: str
+    gbps: float
+    baseline: str = ""
+    baseline_gbps: float = 0.0
+    target: str = ""
+    ok: bool | None = None
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    print(f"\n{title}")
+    print(f"| {'measurement':<44} | {'GB/s':>7} | {'baseline':<34} | {'GB/s':>7} | target |")
+    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 36}|{'-' * 9}|--------|")
+    for r in rows:
+        base = f"{r.baseline_gbps:7.2f}" if r.baseline else " " * 7
+        verdict = "" if r.ok is None else ("met" if r.ok else "MISSED")
+        target = f"{r.target} {verdict}".strip()
+        print(f"| {r.what:<44} | {r.gbps:7.2f} | {r.baseline:<34} | {base} | {target} |")
