@@ -17,10 +17,10 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, drop_cache, llama_shaped, nbytes, print_table, timed, warm_cache  # noqa: E402
+from common import Row, drop_cache, llama_shaped, nbytes, print_table, timed, warm_cache
 
-import thaw  # noqa: E402
-from thaw import _native  # noqa: E402
+import thaw
+from thaw import _native
 
 
 def pinned_h2d_ceiling(size: int) -> float:
