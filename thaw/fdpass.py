@@ -1,0 +1,87 @@
+"""The fd socket: small JSON messages with file descriptors attached (SCM_RIGHTS).
+
+thawd listens on a second Unix socket beside its gRPC socket (`thawd.sock` -> `thawd.fd.sock`,
+same directory, same mode). It is SOCK_SEQPACKET, so one message is one packet and the fds
+travel with the message that names them. It does two things, both bound to the kernel's
+SO_PEERCRED of the connection (which gRPC's Python API cannot expose; docs/DAEMON.md):
+
+    {"op": "auth"}                     -> {"ok": true, "token": T, "uid": U, ...}
+    {"op": "fd", "session": S}         -> {"ok": true, "size": N, ...} + one fd
+    failure                            -> {"ok": false, "error": "PermissionDenied", "message": M}
+
+The token goes into the metadata of every gRPC call and is valid while the connection that
+issued it stays open. Both sides import this module; it has no other dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from typing import Any
+
+MAX_MESSAGE = 64 << 10
+MAX_FDS = 4
+TOKEN_METADATA_KEY = "thaw-token"
+
+
+def fd_socket_path(grpc_socket: str | os.PathLike[str]) -> str:
+    """The fd socket that belongs to a gRPC socket: `x.sock` -> `x.fd.sock`, same directory."""
+    path = os.fspath(grpc_socket)
+    stem = path[: -len(".sock")] if path.endswith(".sock") else path
+    return stem + ".fd.sock"
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected `sock`, as the kernel recorded it."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ValueError(f"fd socket message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    return data
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    message = json.loads(data)
+    if not isinstance(message, dict):
+        raise ValueError("fd socket message is not an object")
+    return message
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+    """Send one message, with `fds` attached (the receiver gets its own duplicates)."""
+    data = encode(message)
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.sendall(data)
+
+
+def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """Receive one message and the fds attached to it. Raises ConnectionError at EOF."""
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionError("the peer closed the fd socket")
+    if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionError("fd socket message truncated")
+    return decode(data), fds
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

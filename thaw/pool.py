@@ -1,0 +1,106 @@
+"""Mapping pool and snapshot fds into this process: the memory half of the data path.
+
+The daemon hands out fds (a sealed memfd pool buffer, a VMM host buffer, or the snapshot
+file itself); this module maps them and hands back addresses for thaw.datapath to copy from.
+thawd uses the same helpers to create, fill and seal memfd buffers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+from types import TracebackType
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+]  # fmt: skip
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
+PAGE = mmap.PAGESIZE
+
+# Write seals make the buffer immutable for every holder of the fd: clients get it read-only
+# by construction, not by trusting them to map it PROT_READ.
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+
+
+def _oserror(call: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{call}: {os.strerror(err)}")
+
+
+class Mapping:
+    """A shared mapping of [offset, offset+length) of an fd; `addr` is its first byte."""
+
+    def __init__(self, fd: int, length: int, offset: int = 0, *, writable: bool = False,
+                 populate: bool = False) -> None:  # fmt: skip
+        if length <= 0:
+            raise ValueError("cannot map an empty range")
+        if offset % PAGE:
+            raise ValueError(f"mapping offset {offset} is not page aligned")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        flags = mmap.MAP_SHARED | (MAP_POPULATE if populate else 0)
+        addr = _libc.mmap(None, length, prot, flags, fd, offset)
+        if addr is None or addr == _MAP_FAILED:
+            raise _oserror(f"mmap(fd={fd}, length={length}, offset={offset})")
+        self.addr: int = addr
+        self.length = length
+        self.locked = False
+
+    def lock(self) -> bool:
+        """mlock the mapping; False (and nothing locked) when RLIMIT_MEMLOCK forbids it."""
+        if _libc.mlock(self.addr, self.length) != 0:
+            return False
+        self.locked = True
+        return True
+
+    def advise(self, advice: int) -> None:
+        _libc.madvise(self.addr, self.length, advice)
+
+    def close(self) -> None:
+        if self.addr:
+            if self.locked:
+                _libc.munlock(self.addr, self.length)
+            _libc.munmap(self.addr, self.length)
+            self.addr = 0
+            self.locked = False
+
+    def __enter__(self) -> Mapping:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def create_memfd(name: str, size: int) -> int:
+    """A sealable memfd of `size` bytes (a hole until written)."""
+    fd = os.memfd_create(f"thaw:{name}"[:249], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def seal(fd: int) -> None:
+    """Make a memfd immutable. Fails with EBUSY while any writable mapping of it exists."""
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+
+
+def is_sealed(fd: int) -> bool:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE != 0
+    except OSError:
+        return False

@@ -1,0 +1,58 @@
+"""`thawd --config FILE`: run the thaw host daemon in the foreground (systemd runs it so)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from thaw.errors import ThawError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="thawd",
+        description="The thaw host daemon: keeps model snapshots pinned or page-cache warm in "
+        "host memory and serves restores to local engine processes over a Unix socket.",
+        epilog="Configuration keys and defaults: docs/DAEMON.md. Under systemd: "
+        "`systemctl start thawd` (systemd/thawd.service).",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config (default: built-in defaults)")
+    p.add_argument("--socket", help="gRPC socket path (overrides the config's `socket`)")
+    p.add_argument("--state-dir", help="registry and frozen snapshots (overrides `state_dir`)")
+    p.add_argument("--pool", choices=["auto", "memfd", "vmm"], help="pool backend override")
+    p.add_argument("--log-level", help="debug, info, warning, error")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from thawd import __version__
+
+    if args.version:
+        print(f"thawd {__version__}")
+        return 0
+    from thawd import config as config_mod
+
+    overrides = {k: v for k, v in (("socket", args.socket), ("state_dir", args.state_dir),
+                                   ("pool", args.pool), ("log_level", args.log_level)) if v}
+    try:
+        config = config_mod.load(args.config, overrides)
+    except (ThawError, OSError) as e:
+        print(f"thawd: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        stream=sys.stdout,  # journald timestamps each line; no time here
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    import uvloop
+
+    from thawd.server import run
+
+    return uvloop.run(run(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

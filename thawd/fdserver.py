@@ -1,0 +1,120 @@
+"""The fd socket server: authenticates peers by SO_PEERCRED and hands out memory fds.
+
+Protocol in thaw/fdpass.py. One connection per client: its first message is usually "auth"
+(a token for gRPC metadata, valid while this connection lives); "fd" redeems a session
+opened over gRPC, only for the uid that opened it. When the connection closes, the token dies
+and the sessions it opened end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+
+from thaw import fdpass
+from thaw.errors import ThawError
+from thawd.security import AllowList, Peer, Tokens
+from thawd.state import Daemon
+
+log = logging.getLogger("thawd.fdserver")
+
+
+class FdServer:
+    def __init__(self, path: str, mode: int, gid: int, allow: AllowList, tokens: Tokens) -> None:
+        self.path = path
+        self.mode = mode
+        self.gid = gid
+        self.allow = allow
+        self.tokens = tokens
+        self.daemon: Daemon | None = None
+        self._sock: socket.socket | None = None
+        self._accept: asyncio.Task[None] | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    def bind(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        old = os.umask(0o177)  # never a moment with a wider mode than 0600
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chown(self.path, -1, self.gid)
+        os.chmod(self.path, self.mode)
+        sock.listen(128)
+        sock.setblocking(False)
+        self._sock = sock
+
+    def start(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._accept = asyncio.ensure_future(self._serve())
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            task = asyncio.ensure_future(self._handle(conn))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def _handle(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        token = ""
+        try:
+            pid, uid, gid = fdpass.peer_credentials(conn)
+            peer = Peer.from_credentials(pid, uid, gid)
+            while True:
+                data = await loop.sock_recv(conn, fdpass.MAX_MESSAGE)
+                if not data:
+                    return
+                try:
+                    message = fdpass.decode(data)
+                    self.allow.check(peer)
+                    op = message.get("op")
+                    if op == "auth":
+                        token = token or self.tokens.issue(peer)
+                        reply = {"ok": True, "token": token, "uid": uid, "gid": gid, "pid": pid}
+                        fdpass.send(conn, reply)
+                    elif op == "fd":
+                        assert self.daemon is not None
+                        fd, size, kind = self.daemon.redeem(str(message.get("session")), uid)
+                        try:
+                            fdpass.send(conn, {"ok": True, "size": size, "kind": kind}, [fd])
+                        finally:
+                            os.close(fd)
+                    else:
+                        fdpass.send(conn, {"ok": False, "error": "InvalidRequest",
+                                           "message": f"unknown op {op!r}"})  # fmt: skip
+                except ThawError as e:
+                    log.info("fd socket: pid %d uid %d refused: %s", pid, uid, e)
+                    fdpass.send(conn, {"ok": False, "error": type(e).__name__, "message": str(e)})
+                except ValueError as e:
+                    fdpass.send(conn, {"ok": False, "error": "InvalidRequest", "message": str(e)})
+        except (ConnectionError, OSError) as e:
+            log.debug("fd socket connection ended: %s", e)
+        finally:
+            if token:
+                self.tokens.revoke(token)
+                if self.daemon is not None:
+                    self.daemon.drop_token(token)
+            conn.close()
+
+    def stop_accepting(self) -> None:
+        if self._accept is not None:
+            self._accept.cancel()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def close(self) -> None:
+        self.stop_accepting()
+        for task in list(self._conns):
+            task.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
