@@ -131,3 +131,14 @@ class InvalidRequest(DaemonError):
 
 class CudaError(ThawError):
     """A CUDA call failed; the message names the call and CUDA's error."""
+
+
+class SnapshotCorrupt(DaemonError):
+    """thawd found a snapshot damaged (a checksum mismatch at pin time, or not a snapshot).
+
+    `tensor` names the first damaged tensor, "" when the damage is not in a tensor.
+    """
+
+    def __init__(self, message: str, tensor: str = "") -> None:
+        self.tensor = tensor
+        super().__init__(message)

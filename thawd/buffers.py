@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from typing import Any
 
 from thaw import _native
 from thaw.format import Snapshot
@@ -31,23 +32,17 @@ def choose_pool_kind(configured: str) -> str:
     if configured == "memfd":
         return "memfd"
     try:
-        from thaw import vmm  # type: ignore[attr-defined]
+        from thaw import vmm
 
-        fd, handle = vmm.export_host_buffer(GRANULE)
-        os.close(fd)
-        _release_vmm(vmm, handle, 0, GRANULE)
-        return "vmm"
-    except Exception as e:
-        if configured == "vmm":
-            raise RuntimeError(f"pool = 'vmm' but CUDA VMM host memory is unavailable: {e}") from e
-        log.info("pool: memfd (CUDA VMM host memory unavailable: %s)", e)
-        return "memfd"
-
-
-def _release_vmm(vmm: object, handle: object, addr: int, size: int) -> None:
-    release = getattr(vmm, "release_host_buffer", None)
-    if release is not None:
-        release(handle, addr, size)
+        if vmm.supported():
+            return "vmm"
+        reason = "no GPU, or its driver cannot create shareable host memory"
+    except Exception as e:  # no CUDA bindings or driver at all
+        reason = str(e)
+    if configured == "vmm":
+        raise RuntimeError(f"pool = 'vmm' but CUDA VMM host memory is unavailable: {reason}")
+    log.info("pool: memfd (CUDA VMM host memory unavailable: %s)", reason)
+    return "memfd"
 
 
 class PoolBuffer:
@@ -58,14 +53,16 @@ class PoolBuffer:
         self.size = round_size(size)
         self.locked = False
         self._lock = lock
-        self._handle: object = None
+        self._host: Any = None
         self._rw: Mapping | None = None
         self._ro: Mapping | None = None
         if kind == "vmm":
-            from thaw import vmm  # type: ignore[attr-defined]
+            from thaw import vmm
 
-            self.fd, self._handle = vmm.export_host_buffer(self.size)
-            self.addr = vmm.import_host_buffer(self.fd, self.size)
+            self._host = vmm.HostBuffer.create(self.size)
+            self.size = self._host.size
+            self.fd = self._host.export_fd()
+            self.addr = self._host.addr
             self.locked = True  # VMM host memory is page-locked by construction
         else:
             self.fd = create_memfd(name, self.size)
@@ -97,11 +94,9 @@ class PoolBuffer:
             if m is not None:
                 m.close()
         self._rw = self._ro = None
-        if self.kind == "vmm" and self._handle is not None:
-            from thaw import vmm  # type: ignore[attr-defined]
-
-            _release_vmm(vmm, self._handle, self.addr, self.size)
-            self._handle = None
+        if self._host is not None:
+            self._host.close()
+            self._host = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -1,0 +1,620 @@
+"""The client of thawd: `thaw.connect()` and the records it returns.
+
+    import thaw
+    c = thaw.connect()                 # $THAW_SOCKET, /run/thawd/thawd.sock, $XDG_RUNTIME_DIR/thawd
+    c.pin("llama8b", progress=print)
+    c.restore(model, "llama8b")        # checks names, dtypes, shapes before a byte moves
+
+Control goes over gRPC; memory comes as an fd over the fd socket (thaw/fdpass.py) and is
+mapped here (thaw/pool.py); thaw.datapath copies it into the model's tensors. A Client is
+thread-safe. Everything it returns is an immutable record; values the daemon did not know are
+the sentinel `NA`, never None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import grpc
+
+from thaw import errors, fdpass
+from thaw._proto import thawd_pb2 as pb
+from thaw._proto import thawd_pb2_grpc as pb_grpc
+from thaw.fingerprint import Fingerprint, check
+from thaw.format import TensorEntry
+from thaw.pool import Mapping as MemoryMapping
+
+SYSTEM_SOCKET = "/run/thawd/thawd.sock"
+HOW_TO_START = (
+    "start it with `systemctl start thawd` (or run `thawd --config FILE` by hand), or point "
+    "$THAW_SOCKET at its socket"
+)
+
+
+class _NotAvailable:
+    """The value of a field the daemon did not know. Falsy, prints as "NA"."""
+
+    _instance: _NotAvailable | None = None
+
+    def __new__(cls) -> _NotAvailable:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NA"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        return "NA"
+
+
+NA: Any = _NotAvailable()
+
+_TIERS = {pb.TIER_COLD: "cold", pb.TIER_WARM: "warm", pb.TIER_PINNED: "pinned"}
+_CHECKSUM = {
+    pb.CHECKSUM_STATE_UNVERIFIED: "unverified",
+    pb.CHECKSUM_STATE_VERIFIED: "verified",
+    pb.CHECKSUM_STATE_CORRUPT: "corrupt",
+}
+_POOLS = {pb.POOL_KIND_MEMFD: "memfd", pb.POOL_KIND_VMM: "vmm", pb.POOL_KIND_FILE: "file"}
+
+
+# --- records ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotRecord:
+    """One registered snapshot as the daemon saw it when asked."""
+
+    name: str
+    path: str
+    labels: Mapping[str, str]
+    tier: str  # cold | warm | pinned: where the bytes are now
+    wanted_tier: str  # where the operator asked them to be
+    size_bytes: int
+    file_bytes: int | Any  # NA while a frozen snapshot is still being written
+    resident_bytes: int
+    last_used: float | Any  # unix time, NA if never restored
+    clients: int
+    restores: int
+    checksum_state: str  # unverified | verified | corrupt
+    fingerprint: Fingerprint | Any
+    tensor_count: int
+    registered: float
+    error: str  # "" when none
+    file_pending: bool
+
+    @property
+    def resident_fraction(self) -> float:
+        return self.resident_bytes / self.size_bytes if self.size_bytes else 1.0
+
+    @classmethod
+    def from_pb(cls, m: pb.Snapshot) -> SnapshotRecord:
+        try:
+            fingerprint = Fingerprint.from_json(json.loads(m.fingerprint_json))
+        except (ValueError, TypeError):
+            fingerprint = NA
+        return cls(
+            name=m.name, path=m.path, labels=dict(m.labels), tier=_TIERS.get(m.tier, "cold"),
+            wanted_tier=_TIERS.get(m.wanted_tier, "cold"), size_bytes=m.size_bytes,
+            file_bytes=m.file_bytes if m.file_bytes or not m.file_pending else NA,
+            resident_bytes=m.resident_bytes, last_used=m.last_used_unix or NA,
+            clients=m.clients, restores=m.restores,
+            checksum_state=_CHECKSUM.get(m.checksum_state, "unverified"),
+            fingerprint=fingerprint, tensor_count=m.tensor_count,
+            registered=m.registered_unix, error=m.error, file_pending=m.file_pending,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuRecord:
+    index: int
+    name: str
+    memory_total: int
+    memory_used: int | Any
+    link: str | Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonStatus:
+    version: str
+    api_version: str
+    pid: int
+    started: float
+    uptime_s: float
+    pool_kind: str  # memfd | vmm
+    pinned_budget: int
+    pinned_used: int
+    warm_budget: int
+    warm_used: int
+    host_memory_total: int
+    host_memory_available: int
+    gpus: tuple[GpuRecord, ...]
+    snapshots: int
+    active_restores: int
+    active_freezes: int
+    restores_total: int
+    bytes_restored_total: int
+    memory_locked: bool
+    socket: str
+
+    @classmethod
+    def from_pb(cls, m: pb.DaemonStatus) -> DaemonStatus:
+        gpus = tuple(GpuRecord(g.index, g.name, g.memory_total, g.memory_used or NA, g.link or NA)
+                     for g in m.gpus)  # fmt: skip
+        return cls(
+            version=m.version, api_version=m.api_version, pid=m.pid, started=m.started_unix,
+            uptime_s=m.uptime_s, pool_kind=_POOLS.get(m.pool_kind, "memfd"),
+            pinned_budget=m.pinned_budget, pinned_used=m.pinned_used, warm_budget=m.warm_budget,
+            warm_used=m.warm_used, host_memory_total=m.host_memory_total,
+            host_memory_available=m.host_memory_available, gpus=gpus, snapshots=m.snapshots,
+            active_restores=m.active_restores, active_freezes=m.active_freezes,
+            restores_total=m.restores_total, bytes_restored_total=m.bytes_restored_total,
+            memory_locked=m.memory_locked, socket=m.socket,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """Something that happened in the daemon (see the kinds in proto/thaw/v1/thawd.proto)."""
+
+    time: float
+    kind: str
+    snapshot: str | Any
+    message: str
+    bytes: int
+    duration_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """The periodic picture of the daemon on the watch stream."""
+
+    time: float
+    status: DaemonStatus
+    snapshots: tuple[SnapshotRecord, ...]
+    restore_bytes_per_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PinProgress:
+    done_bytes: int
+    total_bytes: int
+    elapsed_s: float
+    done: bool
+    snapshot: SnapshotRecord | Any  # set on the last message
+
+    @property
+    def gbps(self) -> float:
+        return self.done_bytes / self.elapsed_s / 1e9 if self.elapsed_s > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreResult:
+    name: str
+    tier: str
+    bytes: int
+    seconds: float
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+_BY_NAME: dict[str, type[errors.DaemonError]] = {
+    c.__name__: c
+    for c in (errors.NotFound, errors.AlreadyExists, errors.PermissionDenied,
+              errors.BudgetExceeded, errors.InvalidRequest, errors.DaemonUnavailable)  # fmt: skip
+}
+_BY_CODE: dict[grpc.StatusCode, type[errors.DaemonError]] = {
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: errors.PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.BudgetExceeded,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequest,
+    grpc.StatusCode.UNAVAILABLE: errors.DaemonUnavailable,
+}
+
+
+def _error(e: grpc.RpcError, socket: str) -> errors.DaemonError:
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else "") or str(code)
+    trailers = dict(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else {}
+    cls_name = trailers.get("thaw-error", "")
+    if code is grpc.StatusCode.DATA_LOSS or cls_name in ("ChecksumMismatch", "SnapshotError"):
+        return errors.SnapshotCorrupt(details, trailers.get("thaw-tensor", ""))
+    if code is grpc.StatusCode.UNAVAILABLE and not cls_name:
+        return errors.DaemonUnavailable(f"thawd at {socket} is not answering ({details}); "
+                                        + HOW_TO_START)  # fmt: skip
+    cls = _BY_NAME.get(cls_name) or _BY_CODE.get(code, errors.DaemonError)
+    return cls(details)
+
+
+# --- the client ---------------------------------------------------------------------------------
+
+
+def default_socket() -> str:
+    """$THAW_SOCKET, else /run/thawd/thawd.sock if present, else $XDG_RUNTIME_DIR/thawd/thawd.sock."""
+    env = os.environ.get("THAW_SOCKET")
+    if env:
+        return env
+    candidates = [SYSTEM_SOCKET]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        candidates.append(os.path.join(os.environ["XDG_RUNTIME_DIR"], "thawd", "thawd.sock"))
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    return SYSTEM_SOCKET
+
+
+def connect(socket: str | None = None, *, timeout: float = 30.0) -> Client:
+    """Connect to the local thawd; raises DaemonUnavailable (with how to start it) if none runs."""
+    return Client(socket or default_socket(), timeout=timeout)
+
+
+class Client:
+    """A connection to thawd. Thread-safe; close() (or `with`) releases sockets and mappings."""
+
+    def __init__(self, socket: str, *, timeout: float = 30.0) -> None:
+        self.socket = socket
+        self.timeout = timeout
+        self._lock = threading.Lock()  # the fd socket: one request/reply at a time
+        self._maps_lock = threading.Lock()
+        self._fd_sock: Any = None
+        self._token = ""
+        self._pid = os.getpid()
+        self._mappings: dict[str, tuple[tuple[int, int], Any]] = {}
+        self._authenticate()
+        self._channel = grpc.insecure_channel(
+            f"unix:{socket}", options=[("grpc.max_receive_message_length", 64 << 20)]
+        )
+        self._stub = pb_grpc.ThawdStub(self._channel)
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _authenticate(self) -> None:
+        path = fdpass.fd_socket_path(self.socket)
+        with self._lock:
+            if self._fd_sock is not None:
+                self._fd_sock.close()
+                self._fd_sock = None
+            try:
+                sock = fdpass.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise errors.DaemonUnavailable(
+                    f"no thawd is running at {self.socket} ({e.strerror}): {HOW_TO_START}"
+                ) from None
+            except PermissionError:
+                raise errors.PermissionDenied(
+                    f"uid {os.getuid()} may not connect to {path}: join the thawd socket group "
+                    "(socket_group in the thawd config) or ask for allow_uids"
+                ) from None
+            try:
+                fdpass.send(sock, {"op": "auth"})
+                reply, fds = fdpass.recv(sock)
+            except (ConnectionError, OSError) as e:
+                sock.close()
+                raise errors.DaemonUnavailable(f"thawd at {self.socket} closed the fd socket: {e}") from None
+            for fd in fds:
+                os.close(fd)
+            if not reply.get("ok"):
+                sock.close()
+                raise _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(reply.get("message", ""))
+            self._fd_sock, self._token = sock, reply["token"]
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((fdpass.TOKEN_METADATA_KEY, self._token), ("x-request-id", uuid.uuid4().hex[:16]))
+
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """A unary call; re-authenticates once if the daemon restarted and forgot our token."""
+        for attempt in (0, 1):
+            try:
+                return getattr(self._stub, method)(request, metadata=self._metadata(),
+                                                   timeout=timeout or self.timeout)  # fmt: skip
+            except grpc.RpcError as e:
+                if attempt == 0 and e.code() is grpc.StatusCode.UNAUTHENTICATED:
+                    self._authenticate()
+                    continue
+                raise _error(e, self.socket) from None
+        raise AssertionError("unreachable")
+
+    def _stream(self, method: str, request: Any, timeout: float | None) -> Iterator[Any]:
+        for attempt in (0, 1):
+            call = getattr(self._stub, method)(request, metadata=self._metadata(), timeout=timeout)
+            first = True
+            try:
+                for item in call:
+                    first = False
+                    yield item
+                return
+            except grpc.RpcError as e:
+                if first and attempt == 0 and e.code() is grpc.StatusCode.UNAUTHENTICATED:
+                    self._authenticate()
+                    continue
+                raise _error(e, self.socket) from None
+            finally:
+                call.cancel()
+
+    def _redeem(self, session_id: str) -> tuple[int, int, str]:
+        """The fd of an open session, over the fd socket (checked against our SO_PEERCRED)."""
+        with self._lock:
+            if self._fd_sock is None:
+                raise errors.DaemonUnavailable("not connected to thawd")
+            try:
+                fdpass.send(self._fd_sock, {"op": "fd", "session": session_id})
+                reply, fds = fdpass.recv(self._fd_sock)
+            except (ConnectionError, OSError) as e:
+                raise errors.DaemonUnavailable(
+                    f"thawd at {self.socket} went away while handing over memory ({e})"
+                ) from None
+        if not reply.get("ok") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(reply.get("message", ""))
+        return fds[0], int(reply["size"]), str(reply["kind"])
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    def register(self, path: str | os.PathLike[str], name: str = "",
+                 labels: Mapping[str, str] | None = None) -> SnapshotRecord:  # fmt: skip
+        """Register a snapshot file (cold) under `name` (default: the file name)."""
+        request = pb.RegisterRequest(path=os.path.abspath(os.fspath(path)), name=name,
+                                     labels=dict(labels or {}))  # fmt: skip
+        return SnapshotRecord.from_pb(self._call("Register", request).snapshot)
+
+    def unregister(self, name: str) -> None:
+        self._call("Unregister", pb.UnregisterRequest(name=name))
+        self.forget(name)
+
+    def pin_progress(self, name: str, *, warm: bool = False) -> Iterator[PinProgress]:
+        """Pin (or warm) a snapshot, yielding progress; the last item has done=True."""
+        tier = pb.TIER_WARM if warm else pb.TIER_PINNED
+        for p in self._stream("Pin", pb.PinRequest(name=name, tier=tier), None):
+            yield PinProgress(p.done_bytes, p.total_bytes, p.elapsed_s, p.done,
+                              SnapshotRecord.from_pb(p.snapshot) if p.done else NA)  # fmt: skip
+
+    def pin(self, name: str, *, warm: bool = False,
+            progress: Callable[[PinProgress], None] | None = None) -> SnapshotRecord:  # fmt: skip
+        """Pin a snapshot into the daemon's page-locked pool (warm=True: page cache only).
+
+        Every tensor's checksum is verified while reading; a damaged file raises
+        SnapshotCorrupt naming the tensor. BudgetExceeded carries the numbers.
+        """
+        last: PinProgress | None = None
+        for p in self.pin_progress(name, warm=warm):
+            last = p
+            if progress is not None:
+                progress(p)
+        assert last is not None and last.done
+        return last.snapshot
+
+    def unpin(self, name: str) -> SnapshotRecord:
+        record = SnapshotRecord.from_pb(self._call("Unpin", pb.UnpinRequest(name=name)).snapshot)
+        self.forget(name)
+        return record
+
+    def list(self) -> list[SnapshotRecord]:
+        return [SnapshotRecord.from_pb(s) for s in self._call("List", pb.ListRequest()).snapshots]
+
+    def stat(self, name: str) -> SnapshotRecord:
+        return SnapshotRecord.from_pb(self._call("Stat", pb.StatRequest(name=name)).snapshot)
+
+    def status(self) -> DaemonStatus:
+        return DaemonStatus.from_pb(self._call("Status", pb.StatusRequest()))
+
+    def watch(self, interval_s: float = 1.0) -> Iterator[Event | Metrics]:
+        """Events as they happen and Metrics every `interval_s`, until the iterator is closed.
+
+        Raises DaemonUnavailable when the daemon goes away; reconnecting is the caller's loop.
+        """
+        for u in self._stream("Watch", pb.WatchRequest(interval_s=interval_s), None):
+            if u.HasField("event"):
+                e = u.event
+                yield Event(u.time_unix, e.kind, e.snapshot or NA, e.message, e.bytes, e.duration_s)
+            else:
+                m = u.metrics
+                yield Metrics(u.time_unix, DaemonStatus.from_pb(m.status),
+                              tuple(SnapshotRecord.from_pb(s) for s in m.snapshots),
+                              m.restore_bytes_per_s)  # fmt: skip
+
+    # --- restore and freeze -------------------------------------------------------------------
+
+    def restore(self, target: Any, name: str, *, strict: bool = True,
+                expect: Fingerprint | None = None,
+                progress: Callable[[int, int], None] | None = None) -> RestoreResult:  # fmt: skip
+        """Restore `target` (torch module, state dict or (name, tensor) pairs) from snapshot `name`.
+
+        Names, dtypes and shapes (and the fingerprint, with `expect`) are checked before a byte
+        moves. The restore counts only once the daemon confirms it: if thawd dies on the way,
+        DaemonUnavailable is raised and the model must be restored again before use.
+        `progress(done_bytes, total_bytes)` is called before and after the copy.
+        """
+        from thaw import datapath
+
+        t0 = time.perf_counter()
+        named = datapath.model_tensors(target)
+        info = self._call("OpenRestore", pb.OpenRestoreRequest(name=name))
+        total = sum(t.length for t in info.tensors)
+        copied, failure = 0, ""
+        try:
+            entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length, t.checksum)
+                       for t in info.tensors]  # fmt: skip
+            if expect is not None:
+                check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
+            bindings = datapath.bind(entries, named, strict=strict)
+            base, gpu_accessible, release = self._map(name, info, bindings)
+            try:
+                if progress is not None:
+                    progress(0, total)
+                try:
+                    copied = datapath.copy_to_tensors(bindings, base, gpu_accessible=gpu_accessible,
+                                                      path=f"thawd:{name}")  # fmt: skip
+                except errors.ThawError as e:
+                    raise errors.RestoreIncomplete(
+                        f"restore of {name!r} failed part way: {e}; the model holds mixed "
+                        "weights: restore again or reload it before use"
+                    ) from e
+                if progress is not None:
+                    progress(copied, total)
+            finally:
+                release()
+        except BaseException as e:
+            failure = f"{type(e).__name__}: {e}"
+            try:
+                self._call("CloseRestore", pb.CloseRestoreRequest(
+                    session_id=info.session_id, ok=False, error=failure[:1000]))  # fmt: skip
+            except errors.DaemonError:
+                pass  # the original error says more
+            raise
+        seconds = time.perf_counter() - t0
+        try:
+            self._call("CloseRestore", pb.CloseRestoreRequest(
+                session_id=info.session_id, ok=True, bytes=copied, duration_s=seconds))  # fmt: skip
+        except errors.DaemonError as e:
+            raise errors.DaemonUnavailable(
+                f"thawd went away during the restore of {name!r} ({e}); the restore is not "
+                "confirmed: restore again (or reload the model) before serving"
+            ) from e
+        return RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds)
+
+    def _map(self, name: str, info: pb.OpenRestoreResponse,
+             bindings: list[Any]) -> tuple[int, bool, Callable[[], None]]:  # fmt: skip
+        """(payload address, whether CUDA can DMA from it, release function)."""
+        from thaw import datapath
+
+        fd, size, _ = self._redeem(info.session_id)
+        kind = _POOLS.get(info.pool_kind, "file")
+        cuda = datapath.cuda_device(bindings) is not None
+        try:
+            if kind == "file":
+                if not info.payload_length:
+                    return 0, False, lambda: None
+                mapping = MemoryMapping(fd, info.payload_length, info.payload_offset)
+                return mapping.addr, False, mapping.close
+            # Pool buffers stay mapped (and CUDA-registered) for this process's next restore
+            # of the same buffer: registration is the expensive part, paid once per process.
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            with self._maps_lock:
+                cached = self._mappings.get(name)
+                if cached is None or cached[0] != key:
+                    if cached is not None:
+                        _close_mapping(cached[1])
+                    if kind == "vmm":
+                        from thaw import vmm
+
+                        device = datapath.cuda_device(bindings) or 0
+                        cached = (key, vmm.HostBuffer.import_fd(fd, size, device))
+                    else:
+                        cached = (key, MemoryMapping(fd, size, populate=True))
+                    self._mappings[name] = cached
+                holder = cached[1]
+                if kind == "memfd" and cuda:
+                    from thaw import cuda as cuda_mod
+
+                    cuda_mod.register_host(holder.addr, size, read_only=True)
+            return holder.addr, kind == "vmm" or cuda, lambda: None
+        finally:
+            os.close(fd)
+
+    def forget(self, name: str) -> None:
+        """Drop this process's cached mapping of `name`'s pool buffer (if any)."""
+        with self._maps_lock:
+            cached = self._mappings.pop(name, None)
+        if cached is not None:
+            _close_mapping(cached[1])
+
+    def freeze(self, model: Any, name: str, path: str | None = None,
+               fingerprint: Fingerprint | None = None, *,
+               labels: Mapping[str, str] | None = None, pin: bool = True,
+               wait: bool = False) -> SnapshotRecord:  # fmt: skip
+        """Freeze `model`'s tensors into a new snapshot held by the daemon and written behind.
+
+        Returns once the bytes are in the daemon's pool and checksummed (wait=True: once the
+        file is durable). `path` defaults to the daemon's state directory. pin=False leaves it
+        demotable once written.
+        """
+        import torch
+
+        from thaw import datapath
+        from thaw.dtypes import dtype_name
+
+        named = datapath.model_tensors(model)
+        if fingerprint is None:
+            fingerprint = datapath.describe(model) if isinstance(model, torch.nn.Module) else Fingerprint()
+        specs = [pb.TensorSpec(name=n, dtype=dtype_name(t.dtype), shape=list(t.shape))
+                 for n, t in named]  # fmt: skip
+        begin = self._call("BeginFreeze", pb.BeginFreezeRequest(
+            name=name, path=os.path.abspath(path) if path else "", tensors=specs, pin=pin,
+            fingerprint_json=json.dumps(fingerprint.to_json()), labels=dict(labels or {})))  # fmt: skip
+        try:
+            entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length)
+                       for t in begin.tensors]  # fmt: skip
+            bindings = datapath.bind(entries, named, strict=True)
+            fd, size, _ = self._redeem(begin.session_id)
+            try:
+                if begin.pool_kind == pb.POOL_KIND_VMM:
+                    from thaw import vmm
+
+                    buf = vmm.HostBuffer.import_fd(fd, size, datapath.cuda_device(bindings) or 0)
+                    try:
+                        datapath.copy_from_tensors(bindings, buf.addr, gpu_accessible=True)
+                    finally:
+                        buf.close()
+                else:
+                    with MemoryMapping(fd, size, writable=True) as m:
+                        datapath.copy_from_tensors(bindings, m.addr)
+            finally:
+                os.close(fd)
+        except BaseException:
+            try:
+                self._call("AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id))
+            except errors.DaemonError:
+                pass
+            raise
+        reply = self._call("CommitFreeze",
+                           pb.CommitFreezeRequest(session_id=begin.session_id, wait=wait),
+                           timeout=None if wait else self.timeout)  # fmt: skip
+        return SnapshotRecord.from_pb(reply.snapshot)
+
+    # --- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._maps_lock:
+            mappings, self._mappings = list(self._mappings.values()), {}
+        for _, holder in mappings:
+            _close_mapping(holder)
+        with self._lock:
+            if self._fd_sock is not None:
+                self._fd_sock.close()
+                self._fd_sock = None
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _close_mapping(holder: Any) -> None:
+    cuda_mod = sys.modules.get("thaw.cuda")  # only a process that registered imported it
+    if cuda_mod is not None and isinstance(holder, MemoryMapping) and holder.addr:
+        cuda_mod.unregister_host(holder.addr)
+    holder.close()
