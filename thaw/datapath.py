@@ -27,7 +27,10 @@ from thaw.pieces import Digests, Piece, plan
 
 # 64 MB slots: on H200, 2-stream H2D in 64 MB chunks reaches 55.1 GB/s, 16 MB chunks 52.2.
 SLOT_SIZE = 64 << 20
-SLOTS = 4  # two in flight per stream: one filling while one copies
+# Host-side workers per pipeline and slots shared among them: two slots per worker, one it
+# fills (or drains) while the GPU copies the other.
+PIPELINE_WORKERS = 4
+SLOTS = 2 * PIPELINE_WORKERS
 DEFAULT_THREADS = max(1, min(16, os.cpu_count() or 1))
 
 NamedTensors = Sequence[tuple[str, torch.Tensor]]
@@ -201,6 +204,53 @@ class Staging:
             return cls._cache[device]
 
 
+class _Workers:
+    """Host-side workers of a pipeline: each takes a piece and a free slot, does its part
+    (read + verify, or hash + write) and hands the slot on. Several pieces are in flight at
+    once so that the disk queue stays full while other pieces are hashed or copied."""
+
+    def __init__(self, staging: Staging, pieces: Sequence[Piece], count: int) -> None:
+        self.staging = staging
+        self.free: queue.Queue[int] = queue.Queue()
+        for slot in range(SLOTS):
+            self.free.put(slot)
+        self.todo: queue.Queue[Piece] = queue.Queue()
+        for piece in pieces:
+            self.todo.put(piece)
+        self.done: queue.Queue[tuple[Piece, int] | None] = queue.Queue()
+        self.failure: list[BaseException] = []
+        self.stop = threading.Event()
+        self.count = count
+        self.threads: list[threading.Thread] = []
+
+    def start(self, target: Callable[[], None], name: str) -> None:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as e:
+                self.failure.append(e)
+                self.done.put(None)  # wake the coordinating thread
+                self.free.put(0)  # and a producer waiting for a slot
+
+        for n in range(self.count):
+            t = threading.Thread(target=run, name=f"{name}-{n}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def take_slot(self) -> int | None:
+        slot = self.free.get()
+        return None if self.stop.is_set() or self.failure else slot
+
+    def close(self) -> None:
+        self.stop.set()
+        for _ in self.threads:
+            self.free.put(0)  # wake workers blocked on a slot; they see `stop` and leave
+        for t in self.threads:
+            t.join()
+        if self.failure:
+            raise self.failure[0]
+
+
 def _stream_for(staging: Staging, slot: int) -> Any:
     return staging.streams[slot % 2]
 
@@ -213,8 +263,8 @@ def copy_to_cuda(
 ) -> int:
     """Host-to-device restore through pinned staging.
 
-    A reader thread fills free slots (`fill(slot_addr, piece)`: a file read or a memcpy) and
-    checks checksums; this thread issues the H2D copies on alternating streams and hands a
+    Reader workers fill free slots (`fill(slot_addr, piece)`: a file read or a memcpy) and
+    check checksums; this thread issues the H2D copies on alternating streams and hands a
     slot back, with the event that says its copy is done, as soon as the copies are queued.
     """
     from thaw import cuda
@@ -222,43 +272,38 @@ def copy_to_cuda(
     device = cuda_device(bindings)
     assert device is not None
     staging = Staging.for_device(device)
-    entries = [b.entry for b in bindings]
-    pieces = plan(entries, SLOT_SIZE)
+    pieces = plan([b.entry for b in bindings], SLOT_SIZE)
     targets = _Targets(bindings)
+    copied = 0
     with staging.lock:
         cuda.set_device(device)
         cuda.device_synchronize()  # no kernel may still use the tensors we overwrite
-        free: queue.Queue[int] = queue.Queue()
-        for s in range(SLOTS):
-            free.put(s)
-        filled: queue.Queue[tuple[Piece, int] | None] = queue.Queue()
-        failure: list[BaseException] = []
-        stop = threading.Event()
+        workers = _Workers(staging, pieces, min(PIPELINE_WORKERS, max(1, len(pieces))))
 
-        def reader() -> None:
-            try:
-                cuda.set_device(device)
-                for piece in pieces:
-                    slot = free.get()
-                    if stop.is_set():
-                        return
-                    staging.events[slot].synchronize()  # its previous H2D has finished
-                    addr = staging.slots[slot].addr
-                    fill(addr, piece)
-                    if digests is not None:
-                        for seg in piece.segments:
-                            digests.check(seg, addr + seg.piece_offset)
-                    filled.put((piece, slot))
-            except BaseException as e:
-                failure.append(e)
-            finally:
-                filled.put(None)
+        def read() -> None:
+            cuda.set_device(device)
+            while not workers.stop.is_set():
+                try:
+                    piece = workers.todo.get_nowait()
+                except queue.Empty:
+                    return
+                slot = workers.take_slot()
+                if slot is None:
+                    return
+                staging.events[slot].synchronize()  # its previous H2D has finished
+                addr = staging.slots[slot].addr
+                fill(addr, piece)
+                if digests is not None:
+                    for seg in piece.segments:
+                        digests.check(seg, addr + seg.piece_offset)
+                workers.done.put((piece, slot))
 
-        thread = threading.Thread(target=reader, name="thaw-restore-reader", daemon=True)
-        thread.start()
-        copied = 0
+        workers.start(read, "thaw-restore-reader")
         try:
-            while (item := filled.get()) is not None:
+            for _ in pieces:
+                item = workers.done.get()
+                if item is None:
+                    break
                 piece, slot = item
                 stream = _stream_for(staging, slot)
                 base = staging.slots[slot].addr
@@ -272,17 +317,15 @@ def copy_to_cuda(
                         )
                     copied += seg.length
                 staging.events[slot].record(stream)
-                free.put(slot)
+                workers.free.put(slot)
                 if progress is not None:
                     progress(copied)
         finally:
-            stop.set()
-            free.put(0)  # wake a reader blocked on a free slot
-            thread.join()
-            for stream in staging.streams:
-                stream.synchronize()
-        if failure:
-            raise failure[0]
+            try:
+                workers.close()
+            finally:
+                for stream in staging.streams:
+                    stream.synchronize()
     targets.finish()
     return copied
 
@@ -325,9 +368,9 @@ def copy_from_cuda(
     drain: Callable[[int, Piece], None],
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Device-to-host through pinned staging: D2H on two streams, `drain(slot_addr, piece)`
-    (hash and write) on a writer thread, overlapped. Gaps between tensors in a slot are zeroed
-    so that a snapshot's bytes do not depend on what the slot held before."""
+    """Device-to-host through pinned staging: D2H on two streams from this thread, and
+    `drain(slot_addr, piece)` (hash and write) on writer workers, overlapped. Gaps between
+    tensors in a slot are zeroed so a snapshot's bytes do not depend on the slot's history."""
     from thaw import cuda
 
     device = cuda_device(bindings)
@@ -338,33 +381,24 @@ def copy_from_cuda(
     with staging.lock:
         cuda.set_device(device)
         cuda.device_synchronize()  # the weights are final before we read them
-        free: queue.Queue[int] = queue.Queue()
-        for s in range(SLOTS):
-            free.put(s)
-        work: queue.Queue[tuple[Piece, int] | None] = queue.Queue()
-        failure: list[BaseException] = []
+        workers = _Workers(staging, [], PIPELINE_WORKERS)
 
-        def writer() -> None:
-            try:
-                cuda.set_device(device)
-                while (item := work.get()) is not None:
-                    piece, slot = item
-                    staging.events[slot].synchronize()
-                    addr = staging.slots[slot].addr
-                    _zero_gaps(addr, piece)
-                    drain(addr, piece)
-                    free.put(slot)
-            except BaseException as e:
-                failure.append(e)
-                free.put(0)  # never leave the producer waiting
+        def write() -> None:
+            cuda.set_device(device)
+            while (item := workers.done.get()) is not None:
+                piece, slot = item
+                staging.events[slot].synchronize()
+                addr = staging.slots[slot].addr
+                _zero_gaps(addr, piece)
+                drain(addr, piece)
+                workers.free.put(slot)
 
-        thread = threading.Thread(target=writer, name="thaw-freeze-writer", daemon=True)
-        thread.start()
+        workers.start(write, "thaw-freeze-writer")
         done = 0
         try:
             for piece in pieces:
-                slot = free.get()
-                if failure:
+                slot = workers.take_slot()
+                if slot is None:
                     break
                 stream = _stream_for(staging, slot)
                 base = staging.slots[slot].addr
@@ -378,14 +412,13 @@ def copy_from_cuda(
                         )
                     done += seg.length
                 staging.events[slot].record(stream)
-                work.put((piece, slot))
+                workers.done.put((piece, slot))
                 if progress is not None:
                     progress(done)
         finally:
-            work.put(None)
-            thread.join()
-        if failure:
-            raise failure[0]
+            for _ in range(workers.count):
+                workers.done.put(None)  # each writer leaves after the queued pieces
+            workers.close()
 
 
 def copy_direct_from_cuda(bindings: Sequence[Binding], base_addr: int) -> None:
@@ -440,8 +473,6 @@ def copy_to_tensors(
     `gpu_accessible`: the memory is VMM-mapped or registered with CUDA, so H2D runs from it
     directly; otherwise CUDA tensors are staged through pinned slots. Returns bytes copied.
     """
-    entries = [b.entry for b in bindings]
-    digests = Digests(entries, path, threads) if verify else None
     cpu = [b for b in bindings if b.tensor.device.type == "cpu"]
     gpu = [b for b in bindings if b.tensor.device.type == "cuda"]
     total = 0
@@ -453,13 +484,16 @@ def copy_to_tensors(
             cpu_digests,
         )
     if gpu:
-        if gpu_accessible and digests is None:
+        if gpu_accessible and not verify:
             total += copy_direct_to_cuda(gpu, base_addr)
         else:
-            gpu_digests = Digests([b.entry for b in gpu], path, threads) if verify else None
+            per_worker = max(1, threads // PIPELINE_WORKERS)
+            gpu_digests = Digests([b.entry for b in gpu], path, per_worker) if verify else None
             total += copy_to_cuda(
                 gpu,
-                lambda addr, p: _native.copy(addr, base_addr + p.payload_offset, p.length, threads),
+                lambda addr, p: _native.copy(
+                    addr, base_addr + p.payload_offset, p.length, per_worker
+                ),
                 gpu_digests,
             )
     return total
@@ -482,8 +516,11 @@ def copy_from_tensors(
         if gpu_accessible:
             copy_direct_from_cuda(gpu, base_addr)
         else:
+            per_worker = max(1, threads // PIPELINE_WORKERS)
             copy_from_cuda(
                 gpu,
-                lambda addr, p: _native.copy(base_addr + p.payload_offset, addr, p.length, threads),
+                lambda addr, p: _native.copy(
+                    base_addr + p.payload_offset, addr, p.length, per_worker
+                ),
             )
     return sum(b.entry.length for b in bindings)

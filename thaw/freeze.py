@@ -46,7 +46,8 @@ def freeze_file(
         gpu = [i for i, b in enumerate(bindings) if b.tensor.device.type == "cuda"]
         if gpu:
             gpu_bindings = [bindings[i] for i in gpu]
-            digests = Digests([b.entry for b in gpu_bindings], path, threads)
+            hash_threads = max(1, threads // datapath.PIPELINE_WORKERS)
+            digests = Digests([b.entry for b in gpu_bindings], path, hash_threads)
             fd = writer.direct_fd if writer.direct_fd >= 0 else writer.fd
 
             def drain(addr: int, piece: Piece) -> None:

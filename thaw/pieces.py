@@ -9,6 +9,7 @@ each piece hashes independently and the digests concatenate into the tensor's tr
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 
 from thaw import _native
@@ -67,25 +68,31 @@ def plan(entries: Sequence[TensorEntry], slot_size: int) -> list[Piece]:
 
 
 class Digests:
-    """Accumulates block hashes per tensor, piece by piece, and checks each completed tensor."""
+    """Accumulates block hashes per tensor, piece by piece, and checks each completed tensor.
+
+    Thread-safe, and pieces may arrive in any order: parts are keyed by their tensor offset.
+    """
 
     def __init__(self, entries: Sequence[TensorEntry], path: object, threads: int) -> None:
         self.entries = entries
         self.path = path
         self.threads = threads
-        self._parts: dict[int, list[bytes]] = {}
+        self._lock = threading.Lock()
+        self._parts: dict[int, dict[int, bytes]] = {}
         self._seen: dict[int, int] = {}
 
     def add(self, segment: Segment, addr: int) -> int | None:
         """Hash one segment's bytes; return the tensor's checksum once all of it was seen."""
-        parts = self._parts.setdefault(segment.index, [])
-        parts.append(_native.block_hashes(addr, segment.length, self.threads))
-        seen = self._seen.get(segment.index, 0) + segment.length
-        self._seen[segment.index] = seen
-        if seen < self.entries[segment.index].length:
-            return None
-        del self._parts[segment.index]
-        return int(_native.xxh3(b"".join(parts)))
+        digest = _native.block_hashes(addr, segment.length, self.threads)
+        with self._lock:
+            parts = self._parts.setdefault(segment.index, {})
+            parts[segment.tensor_offset] = digest
+            seen = self._seen.get(segment.index, 0) + segment.length
+            self._seen[segment.index] = seen
+            if seen < self.entries[segment.index].length:
+                return None
+            del self._parts[segment.index]
+        return int(_native.xxh3(b"".join(parts[k] for k in sorted(parts))))
 
     def check(self, segment: Segment, addr: int) -> None:
         """Like add, raising ChecksumMismatch when a completed tensor's checksum differs."""
