@@ -16,7 +16,9 @@ LLAMA3_8B = dict(layers=32, hidden=4096, mlp=14336, heads=32, kv_heads=8, vocab=
 
 
 def llama_shaped(size_gb: float, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    """Random tensors shaped like Llama-3-8B's, with as many layers as fit `size_gb`."""
+    """Random tensors shaped like Llama-3-8B's, with as many layers as fit `size_gb`.
+
+    The same arguments give the same shapes on every device ("meta" for shapes only)."""
     c = LLAMA3_8B
     head = c["hidden"] // c["heads"]
     layer = {
@@ -39,16 +41,18 @@ def llama_shaped(size_gb: float, dtype: torch.dtype, device: str) -> dict[str, t
     else:  # small runs (CPU smoke tests): shrink the vocabulary, keep one layer at least
         layers = max(1, int(budget // (2 * per_layer)))
         vocab = max(1024, int((budget - layers * per_layer) / (2 * c["hidden"] * item)))
-    g = torch.Generator(device=device).manual_seed(0)
     shapes = {"model.embed_tokens.weight": (vocab, c["hidden"])}
     for i in range(layers):
         shapes.update({f"model.layers.{i}.{k}": s for k, s in layer.items()})
     shapes["model.norm.weight"] = (c["hidden"],)
     shapes["lm_head.weight"] = (vocab, c["hidden"])
+    if device == "meta":
+        return {
+            name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in shapes.items()
+        }
+    g = torch.Generator(device=device).manual_seed(0)
     return {
-        name: torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-        if len(shape) == 1
-        else torch.randn(shape, generator=g, device=device, dtype=dtype)
+        name: torch.randn(shape, generator=g, device=device, dtype=dtype)
         for name, shape in shapes.items()
     }
 
@@ -107,3 +111,27 @@ def print_table(title: str, rows: list[Row]) -> None:
         verdict = "" if r.ok is None else ("met" if r.ok else "MISSED")
         target = f"{r.target} {verdict}".strip()
         print(f"| {r.what:<44} | {r.gbps:7.2f} | {r.baseline:<34} | {base} | {target} |")
+
+
+def pinned_h2d_ceiling(size: int) -> float:
+    """One pinned buffer copied to the GPU in 64 MB chunks on two streams (DESIGN.md)."""
+    from thaw import cuda
+
+    buf = cuda.PinnedBuffer(size)
+    _native.prefault(buf.addr, size, 8)
+    dst = torch.empty(size, dtype=torch.uint8, device="cuda")
+    streams = [cuda.Stream(), cuda.Stream()]
+    chunk = 64 << 20
+
+    def run() -> None:
+        for n, off in enumerate(range(0, size, chunk)):
+            cuda.copy_h2d(
+                int(dst.data_ptr()) + off, buf.addr + off, min(chunk, size - off), streams[n % 2]
+            )
+        for s in streams:
+            s.synchronize()
+
+    run()
+    best = min(timed(run) for _ in range(3))
+    buf.close()
+    return size / best / 1e9

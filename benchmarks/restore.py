@@ -17,34 +17,19 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, drop_cache, llama_shaped, nbytes, print_table, timed, warm_cache
+from common import (
+    Row,
+    drop_cache,
+    llama_shaped,
+    nbytes,
+    pinned_h2d_ceiling,
+    print_table,
+    timed,
+    warm_cache,
+)
 
 import thaw
 from thaw import _native
-
-
-def pinned_h2d_ceiling(size: int) -> float:
-    """One pinned buffer copied to the GPU in 64 MB chunks on two streams (DESIGN.md)."""
-    from thaw import cuda
-
-    buf = cuda.PinnedBuffer(size)
-    _native.prefault(buf.addr, size, 8)
-    dst = torch.empty(size, dtype=torch.uint8, device="cuda")
-    streams = [cuda.Stream(), cuda.Stream()]
-    chunk = 64 << 20
-
-    def run() -> None:
-        for n, off in enumerate(range(0, size, chunk)):
-            cuda.copy_h2d(
-                int(dst.data_ptr()) + off, buf.addr + off, min(chunk, size - off), streams[n % 2]
-            )
-        for s in streams:
-            s.synchronize()
-
-    run()
-    best = min(timed(run) for _ in range(3))
-    buf.close()
-    return size / best / 1e9
 
 
 def disk_rates(directory: str, size: int) -> tuple[float, float]:
