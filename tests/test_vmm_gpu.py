@@ -32,7 +32,7 @@ IMPORTER = textwrap.dedent(
     from thaw import _native, vmm
     fd, size, expected = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     torch.cuda.init()
-    buf = vmm.HostBuffer.import_fd(fd, size)
+    buf = vmm.HostBuffer.import_fds([fd], size)
     assert _native.tree_hash(buf.addr, size, 4) == expected, "CPU view differs"
     dst = torch.empty(size, dtype=torch.uint8, device="cuda")
     from thaw import cuda
@@ -72,6 +72,37 @@ def test_vmm_host_buffer_shared_with_another_process() -> None:
         assert out.stdout.strip() == "ok"
     finally:
         buf.close()
+
+
+def test_chunks_map_contiguously_in_another_process() -> None:
+    """The pool's layout: several chunks, one contiguous mapping on each side."""
+    from thaw import vmm
+
+    if not vmm.supported():
+        pytest.skip("this host has no shareable VMM host memory")
+    chunk = vmm.granularity() * 4
+    chunks = [vmm.Chunk(chunk) for _ in range(3)]
+    buf = vmm.HostBuffer.of_chunks(chunks)
+    fds = [c.export_fd() for c in chunks]
+    try:
+        src = torch.randint(0, 256, (buf.size,), dtype=torch.uint8)
+        _native.copy(buf.addr, int(src.data_ptr()), buf.size, 4)
+        expected = _native.tree_hash(buf.addr, buf.size, 4)
+        code = IMPORTER.replace(
+            "vmm.HostBuffer.import_fds([fd], size)",
+            f"vmm.HostBuffer.import_fds([fd, {fds[1]}, {fds[2]}], {chunk})",
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(fds[0]), str(buf.size), str(expected)],
+            pass_fds=tuple(fds), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    finally:
+        for fd in fds:
+            os.close(fd)
+        buf.close()
+        for c in chunks:
+            c.release()
 
 
 def test_create_close_does_not_leak() -> None:
