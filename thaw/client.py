@@ -237,7 +237,10 @@ def _error(e: grpc.RpcError, socket: str) -> errors.DaemonError:
     details = (e.details() if hasattr(e, "details") else "") or str(code)
     trailers = dict(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else {}
     cls_name = trailers.get("thaw-error", "")
-    if code is grpc.StatusCode.DATA_LOSS or cls_name in ("ChecksumMismatch", "SnapshotError"):
+    snapshot_error = getattr(errors, cls_name, None) if cls_name else None
+    if code is grpc.StatusCode.DATA_LOSS or (
+        isinstance(snapshot_error, type) and issubclass(snapshot_error, errors.SnapshotError)
+    ):
         return errors.SnapshotCorrupt(details, trailers.get("thaw-tensor", ""))
     if code is grpc.StatusCode.UNAVAILABLE and not cls_name:
         return errors.DaemonUnavailable(f"thawd at {socket} is not answering ({details}); "

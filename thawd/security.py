@@ -140,6 +140,10 @@ def check_readable(peer: Peer, path: str) -> Path:
     if not os.path.isabs(path):
         raise InvalidRequest(f"snapshot path {path!r} must be absolute")
     resolved = Path(os.path.realpath(path))
+    if not resolved.exists():
+        raise InvalidRequest(f"{path}: no such file")
+    if not resolved.is_file():
+        raise InvalidRequest(f"{path}: not a regular file")
     if peer.uid == 0:
         return resolved
     denied = PermissionDenied(f"uid {peer.uid} may not read {path}: thawd only registers files "

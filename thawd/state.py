@@ -211,14 +211,11 @@ class Daemon:
         for e in self.entries.values():
             if e.row.name == name:
                 raise AlreadyExists(f"a snapshot named {name!r} is already registered ({e.row.path})")
+        if not os.access(resolved, os.R_OK):
+            raise PermissionDenied(f"thawd (uid {os.getuid()}) cannot read {resolved}: make it "
+                                   "readable by the thawd user or group")  # fmt: skip
         entry = Entry(new_row(name, str(resolved), labels, peer.uid))
-        try:
-            await asyncio.to_thread(entry.load, str(resolved))
-        except SnapshotError as e:
-            if "cannot open" in e.problem:
-                raise PermissionDenied(f"thawd cannot read {resolved}: {e.problem}; make the file "
-                                       "readable by the thawd user") from e  # fmt: skip
-            raise
+        await asyncio.to_thread(entry.load, str(resolved))
         self.registry.add(entry.row)
         self.entries[name] = entry
         self.events.publish("registered", name, str(resolved), entry.payload_length)
