@@ -1,0 +1,259 @@
+"""`thawctl freeze`: load a model and write its weights to a snapshot file.
+
+--engine torch loads a Hugging Face causal LM with transformers (a local directory, a model id
+in the local cache, or `tiny`: the embedded tiny Llama) and writes it with thaw.freeze_file.
+--engine vllm / sglang hand over to the engine integrations (thaw.vllm / thaw.sglang
+`freeze_engine`), which start the engine so the snapshot holds the engine's own processed
+weights, one file per tensor-parallel rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from thawctl import exitcodes, render, schema
+from thawctl.cli import Context
+from thawctl.exitcodes import CommandError
+from thawctl.snapshots import label
+
+ENGINES = ("torch", "vllm", "sglang")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+TINY = "tiny"
+
+
+def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "freeze",
+        parents=[parents["json"]],
+        help="write a model's weights to a snapshot file",
+        description="Load a model and freeze its weights into a snapshot file (crash-safe: the "
+        "file appears complete or not at all). Then `thawctl pin OUTPUT`.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a Hugging Face model directory or id, or `tiny` (the embedded test model)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="PATH", help="snapshot file to write")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="torch",
+        help="what loads the model (default: torch, via transformers)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weight dtype (default: auto = the checkpoint's)",
+    )
+    p.add_argument(
+        "--tensor-parallel-size",
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor-parallel ranks (vllm/sglang; torch supports 1)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where --engine torch loads the model (default: cpu)",
+    )
+    p.add_argument(
+        "--label",
+        type=label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label stored in the snapshot's fingerprint (repeatable)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    p.set_defaults(func=run_freeze)
+
+
+def run_freeze(ctx: Context) -> int:
+    args = ctx.args
+    if args.tensor_parallel_size < 1:
+        raise CommandError("--tensor-parallel-size must be at least 1", exitcodes.USAGE)
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise CommandError(f"{output} exists; pass --force to overwrite it", exitcodes.ERROR)
+    if not output.parent.is_dir():
+        raise CommandError(
+            f"{output.parent} is not a directory; create it first", exitcodes.NOT_FOUND
+        )
+    doc = freeze_torch(args) if args.engine == "torch" else freeze_engine(args)
+    if ctx.json:
+        render.emit_json(doc, ctx.out)
+        return exitcodes.OK
+    fp = doc.get("fingerprint") or {}
+    for f in doc["files"]:
+        ctx.print(
+            f"froze {doc['model']} ({fp.get('architecture') or '?'}, "
+            f"{fp.get('dtype') or '?'}) into {f['path']}: {render.size(f['file_bytes'])}, "
+            f"{f['tensor_count']} tensors"
+        )
+    freeze = doc.get("freeze")
+    if freeze:
+        speed = render.rate(freeze["bytes"] / freeze["seconds"] if freeze["seconds"] else None)
+        ctx.print(
+            f"load {doc['load_seconds']:.2f}s, freeze {render.size(freeze['bytes'])} in "
+            f"{freeze['seconds']:.2f}s ({speed})"
+        )
+    return exitcodes.OK
+
+
+def _file_entry(path: str | os.PathLike[str]) -> dict[str, Any]:
+    from thaw.format import open_snapshot
+
+    snap = open_snapshot(path)
+    return {
+        "path": str(Path(path).resolve()),
+        "file_bytes": snap.file_length,
+        "tensor_count": len(snap.tensors),
+        "tp_rank": snap.fingerprint.tp_rank,
+    }
+
+
+def load_torch_model(model: str, dtype: str, device: str) -> Any:
+    """A causal LM on `device`: `tiny`, a local HF directory or a cached model id."""
+    import torch
+
+    if model == TINY:
+        from thaw import tiny
+
+        return tiny.build_model(seed=0, dtype="float32" if dtype == "auto" else dtype).to(device)
+    try:
+        import transformers
+    except ImportError:
+        raise CommandError("--engine torch needs transformers: pip install 'thaw[tiny]'") from None
+    kwargs: dict[str, Any] = {}
+    if dtype != "auto":
+        # transformers 5 renamed torch_dtype to dtype; 4.x only knows torch_dtype.
+        key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        kwargs[key] = getattr(torch, dtype)
+    elif int(transformers.__version__.split(".")[0]) < 5:
+        kwargs["torch_dtype"] = "auto"
+    if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        raise CommandError(f"{model} is not a model directory; check the path", exitcodes.NOT_FOUND)
+    model = os.path.expanduser(model)
+    try:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except OSError as e:
+        raise CommandError(
+            f"cannot load {model!r} with transformers ({' '.join(str(e).split())[:300]}); pass "
+            "a local model directory, or a model id that is in the Hugging Face cache",
+            exitcodes.NOT_FOUND,
+        ) from e
+    return loaded.to(device).eval()
+
+
+def freeze_torch(args: argparse.Namespace) -> dict[str, Any]:
+    if args.tensor_parallel_size != 1:
+        raise CommandError(
+            "--engine torch freezes one unsharded model: use --tensor-parallel-size 1, or "
+            "--engine vllm/sglang for tensor-parallel snapshots",
+            exitcodes.USAGE,
+        )
+    import torch
+
+    from thaw import datapath, freeze_file
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    started = time.perf_counter()
+    model = load_torch_model(args.model, args.dtype, args.device)
+    loaded = time.perf_counter() - started
+    fingerprint = datapath.describe(
+        model,
+        engine="torch",
+        model=args.model if args.model == TINY else _model_name(args.model),
+        labels=dict(args.label),
+    )
+    stats = freeze_file(model, args.output, fingerprint=fingerprint)
+    return {
+        "engine": "torch",
+        "model": args.model,
+        "dtype": fingerprint.dtype,
+        "tensor_parallel_size": 1,
+        "load_seconds": round(loaded, 6),
+        "freeze": schema.transfer(stats),
+        "fingerprint": fingerprint.to_json(),
+        "files": [_file_entry(args.output)],
+    }
+
+
+def _model_name(model: str) -> str:
+    """What the fingerprint records as the model: an id as given, a directory by its name."""
+    return Path(model).resolve().name if os.path.isdir(model) else model
+
+
+def freeze_engine(args: argparse.Namespace) -> dict[str, Any]:
+    """Hand over to thaw.<engine>.freeze_engine; it owns starting the engine."""
+    module_name = f"thaw.{args.engine}"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CommandError(
+            f"--engine {args.engine} is not available ({e}): install thaw[{args.engine}] "
+            f"(pip install 'thaw[{args.engine}]')"
+        ) from None
+    fn = getattr(module, "freeze_engine", None)
+    if fn is None:
+        raise CommandError(
+            f"--engine {args.engine} is not available: {module_name} has no freeze_engine(); "
+            f"install a thaw with the {args.engine} integration (thaw[{args.engine}])"
+        )
+    offered = {
+        "model": args.model,
+        "path": args.output,
+        "output": args.output,
+        "dtype": args.dtype,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "labels": dict(args.label),
+    }
+    # Pass what the integration's signature names, so thawctl does not break when it grows.
+    params = inspect.signature(fn).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if takes_all or k in params}
+    if takes_all:
+        kwargs.pop("output", None)
+    started = time.perf_counter()
+    result = fn(**kwargs)
+    seconds = time.perf_counter() - started
+    paths = _result_paths(result, args.output)
+    files = [_file_entry(p) for p in paths]
+    from thaw.format import open_snapshot
+
+    fingerprint = open_snapshot(paths[0]).fingerprint.to_json() if paths else None
+    stats = result if hasattr(result, "bytes") and hasattr(result, "seconds") else None
+    return {
+        "engine": args.engine,
+        "model": args.model,
+        "dtype": (fingerprint or {}).get("dtype", args.dtype),
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "load_seconds": round(seconds, 6),
+        "freeze": schema.transfer(stats) if stats is not None else None,
+        "fingerprint": fingerprint,
+        "files": files,
+    }
+
+
+def _result_paths(result: Any, output: str) -> list[str]:
+    """The snapshot files an integration wrote: it may return them, or write `output`."""
+    if isinstance(result, (str, os.PathLike)):
+        return [os.fspath(result)]
+    if isinstance(result, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in result):
+        return [os.fspath(p) for p in result]
+    paths = getattr(result, "paths", None)
+    if paths:
+        return [os.fspath(p) for p in paths]
+    return [output] if os.path.exists(output) else []

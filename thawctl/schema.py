@@ -1,0 +1,92 @@
+"""The --json documents of thawctl, built from thaw.client's records.
+
+This module is the schema: docs/THAWCTL.md lists these keys and tests/thawctl checks them.
+Keys are only ever added. A value thawd did not know (the client's `NA`) is JSON null; sizes
+are integer bytes; times are float unix seconds; tiers and states are lowercase words.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def _known(value: Any) -> Any:
+    """JSON null for the client's NA sentinel (falsy, not None), the value otherwise."""
+    return None if type(value).__name__ == "_NotAvailable" else value
+
+
+def snapshot(r: Any) -> dict[str, Any]:
+    """A thaw.client.SnapshotRecord."""
+    fingerprint = _known(r.fingerprint)
+    return {
+        "name": r.name,
+        "path": r.path,
+        "labels": dict(r.labels),
+        "tier": r.tier,
+        "wanted_tier": r.wanted_tier,
+        "size_bytes": r.size_bytes,
+        "file_bytes": _known(r.file_bytes),
+        "resident_bytes": r.resident_bytes,
+        "resident_fraction": round(r.resident_fraction, 6),
+        "clients": r.clients,
+        "restores": r.restores,
+        "last_restore_unix": _known(r.last_used),
+        "registered_unix": r.registered or None,
+        "checksum_state": r.checksum_state,
+        "tensor_count": r.tensor_count,
+        "fingerprint": fingerprint.to_json() if fingerprint is not None else None,
+        "error": r.error or None,
+        "file_pending": r.file_pending,
+    }
+
+
+def gpu(g: Any) -> dict[str, Any]:
+    return {
+        "index": g.index,
+        "name": g.name,
+        "memory_total_bytes": g.memory_total,
+        "memory_used_bytes": _known(g.memory_used),
+        "link": _known(g.link),
+    }
+
+
+def status(s: Any) -> dict[str, Any]:
+    """A thaw.client.DaemonStatus."""
+    return {
+        "version": s.version,
+        "api_version": s.api_version,
+        "pid": s.pid,
+        "started_unix": s.started,
+        "uptime_s": s.uptime_s,
+        "socket": s.socket,
+        "pool_kind": s.pool_kind,
+        "memory_locked": s.memory_locked,
+        "pinned": {"budget_bytes": s.pinned_budget, "used_bytes": s.pinned_used},
+        "warm": {"budget_bytes": s.warm_budget, "used_bytes": s.warm_used},
+        "host_memory": {
+            "total_bytes": s.host_memory_total,
+            "available_bytes": s.host_memory_available,
+        },
+        "gpus": [gpu(g) for g in s.gpus],
+        "snapshots": s.snapshots,
+        "active_restores": s.active_restores,
+        "active_freezes": s.active_freezes,
+        "restores_total": s.restores_total,
+        "bytes_restored_total": s.bytes_restored_total,
+    }
+
+
+def pin_result(r: Any, seconds: float, moved: int) -> dict[str, Any]:
+    return {"snapshot": snapshot(r), "seconds": round(seconds, 6), "bytes": moved}
+
+
+def transfer(stats: Any) -> dict[str, Any]:
+    """A thaw.restore.TransferStats (freeze and restore timings)."""
+    return {
+        "bytes": stats.bytes,
+        "seconds": round(stats.seconds, 6),
+        "gbps": round(stats.gbps, 4) if stats.seconds > 0 else None,
+        "source": stats.source,
+    }

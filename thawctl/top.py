@@ -1,0 +1,39 @@
+"""`thawctl top`: the live dashboard of thawd (thawctl/tui)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from thawctl import exitcodes
+from thawctl.cli import Context
+
+
+def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "top",
+        parents=[parents["socket"]],
+        help="live dashboard: budgets, GPUs, snapshots, restore throughput, events",
+        description="A live dashboard of thawd (Textual). Keys: p pin, u unpin, v verify, "
+        "d remove (asks first), / filter, s sort, ? help, q quit. It keeps running while the "
+        "daemon restarts and shows 'reconnecting' meanwhile.",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="metrics period asked of the daemon (default 1 s)",
+    )
+    p.set_defaults(func=run_top)
+
+
+def run_top(ctx: Context) -> int:
+    from thawctl.tui.app import ThawTop
+    from thawctl.tui.source import DaemonSource
+
+    if ctx.args.interval <= 0:
+        raise exitcodes.CommandError("--interval must be positive", exitcodes.USAGE)
+    app = ThawTop(DaemonSource(ctx.socket, ctx.args.interval))
+    app.run()
+    return exitcodes.OK
