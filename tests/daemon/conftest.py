@@ -209,3 +209,13 @@ def run_client(code: str, uid: int | None = None, timeout: float = 60.0) -> subp
         prelude += f"os.setgroups([]); os.setgid({uid}); os.setuid({uid})\n"
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
                           timeout=timeout, cwd="/")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shared_thawd() -> Iterator[ThawdProcess]:
+    """One daemon for a whole module: each start pays the interpreter's torch import."""
+    directory = make_dir()
+    daemon = ThawdProcess(directory).start()
+    yield daemon
+    daemon.close()
+    shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,172 @@
+"""Restores and freezes through a real daemon: pinned, warm and cold tiers, many clients."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.daemon.conftest import (
+    ROOT,
+    ThawdProcess,
+    random_tensors,
+    same,
+    write_snapshot,
+    zeros_like,
+)
+from thaw import errors
+from thaw.client import Event, Metrics, connect
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_concurrent_processes_restore_bit_identically(shared_thawd: ThawdProcess) -> None:
+    tensors = random_tensors(10, scale=8)
+    path = write_snapshot(shared_thawd.dir / "many.thaw", tensors)
+    with connect(shared_thawd.socket) as c:
+        c.register(path, "many")
+        rec = c.pin("many")
+        assert (rec.tier, rec.checksum_state) == ("pinned", "verified")
+    code = f"""
+sys.path.insert(0, {str(ROOT)!r})
+from tests.daemon.conftest import random_tensors, zeros_like
+from tests.daemon.test_restore import digest
+c = thaw.client.connect({shared_thawd.socket!r})
+out = zeros_like(random_tensors(10, scale=8))
+results = [c.restore(out, "many").tier for _ in range(3)]
+print(json.dumps({{"digest": digest(out), "tiers": results}}))
+"""
+    prelude = f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\nimport torch, thaw.client\n"
+    procs = [subprocess.Popen([sys.executable, "-c", prelude + code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+    expected = digest(tensors)
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result == {"digest": expected, "tiers": ["pinned"] * 3}
+    with connect(shared_thawd.socket) as c:
+        rec = c.stat("many")
+        assert rec.restores == 12 and rec.clients == 0
+
+
+def test_freeze_then_restore(shared_thawd: ThawdProcess) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48))
+    with connect(shared_thawd.socket) as c:
+        rec = c.freeze(model, "frozen", labels={"by": "test"})
+        assert (rec.tier, rec.checksum_state) == ("pinned", "verified")
+        target = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48))
+        c.restore(target, "frozen")
+        assert same(dict(target.state_dict()), dict(model.state_dict()))
+        deadline = time.monotonic() + 20
+        while c.stat("frozen").file_pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rec = c.stat("frozen")
+        assert os.path.exists(rec.path) and not rec.file_pending and rec.file_bytes > 0
+        from thaw.format import open_snapshot
+
+        assert {t.name for t in open_snapshot(rec.path).tensors} == set(model.state_dict())
+        with pytest.raises(errors.AlreadyExists):
+            c.freeze(model, "frozen")
+
+
+def test_warm_and_cold_restores(shared_thawd: ThawdProcess) -> None:
+    tensors = random_tensors(3)
+    path = write_snapshot(shared_thawd.dir / "w.thaw", tensors)
+    with connect(shared_thawd.socket) as c:
+        c.register(path, "w")
+        out = zeros_like(tensors)
+        assert c.restore(out, "w").tier == "cold" and same(out, tensors)
+        rec = c.pin("w", warm=True)
+        assert rec.tier == "warm" and rec.resident_bytes == rec.size_bytes
+        out = zeros_like(tensors)
+        assert c.restore(out, "w").tier == "warm" and same(out, tensors)
+        assert c.status().warm_used >= rec.size_bytes
+
+
+def test_mismatch_is_refused_before_any_copy(shared_thawd: ThawdProcess) -> None:
+    tensors = random_tensors(4)
+    path = write_snapshot(shared_thawd.dir / "mm.thaw", tensors)
+    with connect(shared_thawd.socket) as c:
+        c.register(path, "mm")
+        wrong = zeros_like(tensors)
+        wrong["layers.0.proj"] = torch.zeros(96, 129)
+        with pytest.raises(errors.TensorMismatch) as info:
+            c.restore(wrong, "mm")
+        assert info.value.tensor == "layers.0.proj"
+        assert all(not t.any() for t in wrong.values())
+        assert c.stat("mm").clients == 0  # the session was closed as failed
+
+
+def test_corrupt_snapshot_refused_at_pin_naming_the_tensor(shared_thawd: ThawdProcess) -> None:
+    from thaw.format import open_snapshot
+
+    tensors = random_tensors(5)
+    path = write_snapshot(shared_thawd.dir / "bad.thaw", tensors)
+    snap = open_snapshot(path)
+    entry = snap.tensor("layers.0.proj")
+    with open(path, "r+b") as f:
+        f.seek(snap.payload_offset + entry.offset + 100)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with connect(shared_thawd.socket) as c:
+        c.register(path, "bad")
+        with pytest.raises(errors.SnapshotCorrupt) as info:
+            c.pin("bad")
+        assert info.value.tensor == "layers.0.proj"
+        assert "layers.0.proj" in str(info.value)
+        rec = c.stat("bad")
+        assert (rec.tier, rec.checksum_state) == ("cold", "corrupt")
+        assert "layers.0.proj" in rec.error
+
+
+def test_watch_streams_events_and_metrics(shared_thawd: ThawdProcess) -> None:
+    path = write_snapshot(shared_thawd.dir / "watched.thaw", random_tensors(6))
+    with connect(shared_thawd.socket) as c:
+        stream = c.watch(interval_s=0.2)
+        first = next(stream)
+        assert isinstance(first, Metrics) and first.status.pool_kind == "memfd"
+        c.register(path, "watched")
+        kinds = []
+        for item in stream:
+            if isinstance(item, Event):
+                kinds.append((item.kind, item.snapshot))
+                if item.kind == "registered":
+                    break
+        stream.close()
+        assert ("registered", "watched") in kinds
+
+
+def test_daemon_killed_mid_restore_is_never_a_success(thawd: ThawdProcess) -> None:
+    tensors = random_tensors(7)
+    path = write_snapshot(thawd.dir / "k.thaw", tensors)
+    c = connect(thawd.socket, timeout=5)
+    c.register(path, "k")
+    c.pin("k")
+
+    def kill(done: int, total: int) -> None:
+        if done == 0:  # the fd is mapped, the copy has not started: kill the daemon now
+            os.kill(thawd.pid, signal.SIGKILL)
+            thawd.proc.wait()
+
+    with pytest.raises(errors.DaemonError) as info:
+        c.restore(zeros_like(tensors), "k", progress=kill)
+    assert isinstance(info.value, errors.DaemonUnavailable)
+    assert "restore again" in str(info.value)
+    with pytest.raises(errors.DaemonUnavailable):
+        c.status()
+    c.close()
