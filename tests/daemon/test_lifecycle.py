@@ -23,6 +23,11 @@ def test_ready_then_stopping_on_an_abstract_notify_socket() -> None:
             for service in ("", "thaw.v1.Thawd"):
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        import os
+        import stat
+
+        for path in (daemon.socket, daemon.socket.replace(".sock", ".fd.sock")):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
         assert daemon.stop() == 0
         assert "STOPPING=1" in daemon.drain_notifications(until="STOPPING=1")
         assert not (directory / "thawd.sock").exists()
@@ -35,11 +40,3 @@ def test_help_runs() -> None:
     out = subprocess.run([sys.executable, "-m", "thawd", "--help"], capture_output=True,
                          text=True, cwd=ROOT, check=True)  # fmt: skip
     assert "--config" in out.stdout
-
-
-def test_socket_mode(thawd: ThawdProcess) -> None:
-    import os
-    import stat
-
-    for path in (thawd.socket, thawd.socket.replace(".sock", ".fd.sock")):
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660

@@ -9,7 +9,8 @@ from thaw import errors
 from thaw.client import NA, connect
 
 
-def test_register_list_stat_unregister(thawd: ThawdProcess) -> None:
+def test_register_list_stat_unregister(shared_thawd: ThawdProcess) -> None:
+    thawd = shared_thawd
     path = write_snapshot(thawd.dir / "a.thaw", random_tensors())
     with connect(thawd.socket) as c:
         rec = c.register(path, "model-a", labels={"team": "x"})
