@@ -26,7 +26,7 @@ from typing import Any
 from thawctl import exitcodes, render
 from thawctl.cli import Context
 from thawctl.exitcodes import CommandError
-from thawctl.local import looks_like_path
+from thawctl.refs import looks_like_path
 
 TIERS = ("file-cold", "file-warm", "daemon-pinned")
 # Synthetic snapshots are cut into 64 MiB tensors: the size of thaw's staging slots, and

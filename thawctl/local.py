@@ -23,14 +23,6 @@ CHUNK = 4 * _native.BLOCK_HASH_SIZE
 IO_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
-def looks_like_path(ref: str) -> bool:
-    """A NAME|PATH argument names a file if it exists, has a slash, or ends in .thaw.
-
-    Snapshot names cannot contain "/" (thawd validates them), so a slash is unambiguous.
-    """
-    return "/" in ref or ref.endswith(".thaw") or os.path.exists(ref)
-
-
 def file_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The `info --json` document of a snapshot file (schema in docs/THAWCTL.md)."""
     snap = open_snapshot(path)

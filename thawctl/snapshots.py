@@ -14,8 +14,8 @@ from typing import Any
 
 from thawctl import exitcodes, render, schema
 from thawctl.cli import Context
-from thawctl.local import looks_like_path
 from thawctl.progress import Progress
+from thawctl.refs import looks_like_path
 
 
 def label(text: str) -> tuple[str, str]:

@@ -1,0 +1,1 @@
+"""The dashboard's screens: main (everything), help (keys), confirm (before removing)."""

@@ -1,0 +1,38 @@
+"""The key reference (`?`)."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+KEYS = (
+    ("p", "pin the selected snapshot (verifies every tensor)"),
+    ("w", "warm it instead (page cache only)"),
+    ("u", "unpin it (back to cold, memory released)"),
+    ("v", "verify its checksums (reads the file here)"),
+    ("d", "remove it from thawd, after asking (the file stays)"),
+    ("/", "filter by name, path, tier, checksum state or label"),
+    ("s", "cycle the sort: name, tier, size, restores, last restore"),
+    ("↑ ↓", "select a snapshot"),
+    ("?", "this help"),
+    ("q", "quit"),
+)
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [
+        Binding("escape,q,question_mark,enter", "dismiss", "close", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        lines = "\n".join(f"[b]{key:>5}[/b]  {text}" for key, text in KEYS)
+        with Vertical(id="help-box"):
+            yield Static("thawctl top: keys", id="help-title")
+            yield Static(lines, id="help-keys")
+            yield Static("any of esc, q, ? or enter closes this", id="help-hint")
+
+    def action_dismiss(self, result: None = None) -> None:  # type: ignore[override]
+        self.dismiss(None)

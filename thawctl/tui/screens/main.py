@@ -1,0 +1,302 @@
+"""The dashboard: header, memory gauges, GPUs, restore throughput, snapshots, events.
+
+The screen owns the view state as reactive attributes and binds its widgets to them. One
+worker (`watch_daemon`) reads the source's blocking stream in a thread and posts every item
+as a message; the handlers only assign reactives, so the UI never waits on the daemon.
+Actions (pin, unpin, verify, remove) run in their own workers and report by message too.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Static
+
+from thawctl import render
+from thawctl.tui.messages import ActionDone, ActionProgress, SourceUpdate
+from thawctl.tui.screens.confirm import ConfirmScreen
+from thawctl.tui.screens.help import HelpScreen
+from thawctl.tui.source import Connection, Source
+from thawctl.tui.widgets.events import EventLog
+from thawctl.tui.widgets.gauges import MemoryGauges
+from thawctl.tui.widgets.gpus import GpuList
+from thawctl.tui.widgets.header import DaemonHeader
+from thawctl.tui.widgets.snapshots import SORT_NAMES, SnapshotTable, arrange
+from thawctl.tui.widgets.throughput import WINDOW, ThroughputPlot
+
+# Progress lines from a pin arrive every ~0.2 s; the activity bar needs no more than that.
+PROGRESS_PERIOD_S = 0.1
+
+
+class MainScreen(Screen[None]):
+    BINDINGS = [
+        Binding("p", "pin", "pin"),
+        Binding("w", "warm", "warm", show=False),
+        Binding("u", "unpin", "unpin"),
+        Binding("v", "verify", "verify"),
+        Binding("d", "remove", "remove"),
+        Binding("slash", "filter", "filter", key_display="/"),
+        Binding("s", "sort", "sort"),
+        Binding("question_mark", "help", "help", key_display="?"),
+        Binding("q", "app.quit", "quit"),
+    ]
+
+    # View state: the latest records from thaw.client, and what the operator chose to see.
+    status: reactive[Any] = reactive(None)
+    connection: reactive[Any] = reactive(None)
+    snapshots: reactive[tuple[Any, ...]] = reactive(())
+    samples: reactive[tuple[float, ...]] = reactive(())
+    now: reactive[float] = reactive(0.0)
+    interval_s: reactive[float] = reactive(1.0)
+    filter_text: reactive[str] = reactive("")
+    sort_key: reactive[str] = reactive("name")
+    activity: reactive[str] = reactive("")
+
+    def __init__(self, source: Source, interval_s: float = 1.0) -> None:
+        super().__init__()
+        self.source = source
+        self.set_reactive(MainScreen.interval_s, interval_s)
+
+    def compose(self) -> ComposeResult:
+        yield DaemonHeader(id="header").data_bind(MainScreen.status, MainScreen.connection)
+        with Horizontal(id="top"):
+            yield MemoryGauges(id="gauges").data_bind(MainScreen.status)
+            yield GpuList(id="gpus").data_bind(MainScreen.status)
+        yield ThroughputPlot(id="throughput").data_bind(MainScreen.samples, MainScreen.interval_s)
+        table = SnapshotTable(id="snapshots").data_bind(
+            MainScreen.snapshots, MainScreen.filter_text, MainScreen.sort_key, MainScreen.now
+        )
+        yield table
+        yield Input(placeholder="filter: name, path, tier, label…", id="filter")
+        yield Static("", id="activity")
+        yield EventLog(id="events")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#gauges").border_title = "memory"
+        self.query_one("#gpus").border_title = "gpus"
+        self.query_one("#events").border_title = "events"
+        self._update_titles()
+        self.query_one(SnapshotTable).focus()
+        self.watch_daemon()
+
+    # --- the one watch worker ---------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="watch", exit_on_error=False)
+    def watch_daemon(self) -> None:
+        """Consume the source's stream (blocking, in a thread) and post every item."""
+        for item in self.source.stream():
+            self.post_message(SourceUpdate(item))
+
+    def on_unmount(self) -> None:
+        self.source.stop()
+
+    @on(SourceUpdate)
+    def _received(self, message: SourceUpdate) -> None:
+        from thaw.client import Event, Metrics
+
+        item = message.item
+        if isinstance(item, Metrics):
+            self.status = item.status
+            self.snapshots = item.snapshots
+            self.now = item.time
+            self.samples = (*self.samples, item.restore_bytes_per_s)[-WINDOW:]
+        elif isinstance(item, Event):
+            self.query_one(EventLog).add_event(item)
+        elif isinstance(item, Connection):
+            previous = self.connection
+            self.connection = item
+            if item.state == "connected":
+                self.query_one(EventLog).add(
+                    item.time, "connection", "", f"connected: {item.detail}"
+                )
+            elif item.state == "reconnecting" and (
+                previous is None or previous.state != "reconnecting"
+            ):
+                self.query_one(EventLog).add(
+                    item.time, "connection", "", f"lost thawd ({item.detail}); reconnecting"
+                )
+
+    # --- view state -------------------------------------------------------------------------
+
+    def watch_connection(self, connection: Any) -> None:
+        self.set_class(connection is not None and connection.state != "connected", "-stale")
+
+    def watch_activity(self, text: str) -> None:
+        self.query_one("#activity", Static).update(text)
+        self.set_class(bool(text), "-busy")
+
+    def watch_filter_text(self) -> None:
+        self._update_titles()
+
+    def watch_sort_key(self) -> None:
+        self._update_titles()
+
+    def watch_snapshots(self) -> None:
+        self._update_titles()
+
+    def _update_titles(self) -> None:
+        table = self.query_one(SnapshotTable)
+        shown = len(arrange(self.snapshots, self.filter_text, self.sort_key))
+        title = f"snapshots {shown}/{len(self.snapshots)} · sort: {self.sort_key}"
+        if self.filter_text:
+            title += f" · filter: {self.filter_text}"
+        table.border_title = title
+
+    # --- keys -------------------------------------------------------------------------------
+
+    def _selected(self) -> Any:
+        name = self.query_one(SnapshotTable).selected
+        if name is None:
+            self.notify("no snapshot selected", severity="warning")
+            return None
+        return next((r for r in self.snapshots if r.name == name), None)
+
+    def action_pin(self) -> None:
+        record = self._selected()
+        if record is not None:
+            self.run_pin(record.name, warm=False)
+
+    def action_warm(self) -> None:
+        record = self._selected()
+        if record is not None:
+            self.run_pin(record.name, warm=True)
+
+    def action_unpin(self) -> None:
+        record = self._selected()
+        if record is not None:
+            self.run_unpin(record.name)
+
+    def action_verify(self) -> None:
+        record = self._selected()
+        if record is not None:
+            self.run_verify(record.name, record.path)
+
+    def action_remove(self) -> None:
+        record = self._selected()
+        if record is None:
+            return
+        name = record.name
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.run_remove(name)
+
+        self.app.push_screen(
+            ConfirmScreen(f"Remove snapshot {name!r} from thawd?\nThe file {record.path} stays."),
+            answered,
+        )
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.value = self.filter_text
+        self.add_class("-filtering")
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value.strip()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self) -> None:
+        self.remove_class("-filtering")
+        self.query_one(SnapshotTable).focus()
+
+    def key_escape(self) -> None:
+        if self.has_class("-filtering"):
+            self.query_one("#filter", Input).value = ""
+            self.filter_text = ""
+            self._filter_done()
+
+    def action_sort(self) -> None:
+        self.sort_key = SORT_NAMES[(SORT_NAMES.index(self.sort_key) + 1) % len(SORT_NAMES)]
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen())
+
+    # --- action workers ---------------------------------------------------------------------
+
+    @work(thread=True, group="actions", exit_on_error=False)
+    def run_pin(self, name: str, warm: bool) -> None:
+        verb = "warming" if warm else "pinning"
+        last = [0.0]
+
+        def progress(p: Any) -> None:
+            now = time.monotonic()
+            if p.done or now - last[0] >= PROGRESS_PERIOD_S:
+                last[0] = now
+                pct = 100.0 * p.done_bytes / p.total_bytes if p.total_bytes else 100.0
+                speed = render.rate(p.done_bytes / p.elapsed_s if p.elapsed_s else None)
+                done = f"{render.size(p.done_bytes)}/{render.size(p.total_bytes)}"
+                self.post_message(ActionProgress(f"{verb} {name}: {done} {pct:.0f}% {speed}"))
+
+        self.post_message(ActionProgress(f"{verb} {name}…"))
+        self._report(
+            lambda: self.source.pin(name, progress, warm=warm),
+            lambda r: f"{name} is {r.tier} (checksums {r.checksum_state})",
+        )
+
+    @work(thread=True, group="actions", exit_on_error=False)
+    def run_unpin(self, name: str) -> None:
+        self.post_message(ActionProgress(f"unpinning {name}…"))
+        self._report(lambda: self.source.unpin(name), lambda r: f"{name} is {r.tier}")
+
+    @work(thread=True, group="actions", exit_on_error=False)
+    def run_remove(self, name: str) -> None:
+        self.post_message(ActionProgress(f"removing {name}…"))
+        self._report(lambda: self.source.remove(name), lambda _: f"{name} removed")
+
+    @work(thread=True, group="actions", exit_on_error=False)
+    def run_verify(self, name: str, path: str) -> None:
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_PERIOD_S:
+                last[0] = now
+                pct = 100.0 * done / total if total else 100.0
+                self.post_message(ActionProgress(f"verifying {name}: {pct:.0f}%"))
+
+        self.post_message(ActionProgress(f"verifying {name}…"))
+
+        def outcome(result: Any) -> str:
+            if result.ok:
+                return f"{name}: {result.tensors} tensors verified"
+            raise result.error()
+
+        self._report(lambda: self.source.verify(path, progress), outcome, log=True)
+
+    def _report(self, call: Any, describe: Any, log: bool = False) -> None:
+        """Run an action in this worker thread; post its one-line outcome, never raise."""
+        from thawctl import exitcodes
+
+        try:
+            text = describe(call())
+        except Exception as e:  # shown to the operator, like the CLI's one-line errors
+            _, hint = exitcodes.classify(e)
+            self.post_message(ActionDone(exitcodes.message(e, hint), error=True))
+            return
+        self.post_message(ActionDone(text, log=log))
+
+    @on(ActionProgress)
+    def _progress(self, message: ActionProgress) -> None:
+        self.activity = message.text
+
+    @on(ActionDone)
+    def _done(self, message: ActionDone) -> None:
+        self.activity = ""
+        if message.error or message.log:
+            kind = "error" if message.error else "done"
+            self.query_one(EventLog).add(time.time(), kind, "", message.text)
+        self.notify(
+            message.text,
+            severity="error" if message.error else "information",
+            timeout=6 if message.error else 3,
+        )

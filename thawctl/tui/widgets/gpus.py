@@ -1,0 +1,41 @@
+"""The GPUs thawd sees: index, name, memory, PCIe link."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from thawctl import render
+
+
+def _known(value: Any) -> Any:
+    return None if type(value).__name__ == "_NotAvailable" else value
+
+
+class GpuList(Widget):
+    status: reactive[Any] = reactive(None)
+
+    def render(self) -> Text:
+        s = self.status
+        if s is None:
+            return Text("-", style="dim")
+        if not s.gpus:
+            return Text("none: restores copy into CPU memory", style="dim")
+        out = Text()
+        for i, g in enumerate(s.gpus):
+            if i:
+                out.append("\n")
+            out.append(f"{g.index} ", style="bold")
+            out.append(f"{g.name.removeprefix('NVIDIA ')} ")
+            used = _known(g.memory_used)
+            memory = render.size(g.memory_total)
+            out.append(
+                f"{render.size(used)}/{memory}" if used is not None else memory, style="cyan"
+            )
+            link = _known(g.link)
+            if link:
+                out.append(f" {link}", style="dim")
+        return out

@@ -1,0 +1,146 @@
+"""The table of registered snapshots, filtered and sorted by view state the screen owns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widgets import DataTable
+
+from thawctl import render
+
+# Fixed widths fit the longest value of each column ("unverified", "512.0 GiB", "59m 59s");
+# the name column (0 here) gets the rest: 13 characters at 80 columns.
+COLUMN_WIDTHS = (
+    ("NAME", 0),
+    ("TIER", 7),
+    ("SIZE", 9),
+    ("RES", 4),
+    ("CLI", 3),
+    ("RESTORES", 8),
+    ("LAST", 7),
+    ("CHECKSUMS", 10),
+)
+NAME_MIN = 8
+TIER_RANK = {"pinned": 2, "warm": 1, "cold": 0}
+TIER_STYLE = {"pinned": "bold green", "warm": "yellow", "cold": "dim"}
+CHECKSUM_STYLE = {"verified": "green", "corrupt": "bold red", "unverified": "dim"}
+
+
+def _known(value: Any) -> Any:
+    return None if type(value).__name__ == "_NotAvailable" else value
+
+
+# Sort orders the `s` key cycles through: (name, key, descending).
+SORTS: tuple[tuple[str, Callable[[Any], Any], bool], ...] = (
+    ("name", lambda r: r.name, False),
+    ("tier", lambda r: (TIER_RANK.get(r.tier, 0), r.name), True),
+    ("size", lambda r: r.size_bytes, True),
+    ("restores", lambda r: r.restores, True),
+    ("last restore", lambda r: _known(r.last_used) or 0.0, True),
+)
+SORT_NAMES = tuple(name for name, _, _ in SORTS)
+
+
+def matches(record: Any, needle: str) -> bool:
+    """Case-insensitive substring of name, path, tier, checksum state or a KEY=VALUE label."""
+    if not needle:
+        return True
+    needle = needle.lower()
+    haystack = [record.name, record.path, record.tier, record.checksum_state]
+    haystack += [f"{k}={v}" for k, v in record.labels.items()]
+    return any(needle in h.lower() for h in haystack)
+
+
+def arrange(records: Sequence[Any], needle: str, sort: str) -> list[Any]:
+    _, key, descending = next(s for s in SORTS if s[0] == sort)
+    return sorted((r for r in records if matches(r, needle)), key=key, reverse=descending)
+
+
+class SnapshotTable(DataTable[Any]):
+    snapshots: reactive[tuple[Any, ...]] = reactive(())
+    filter_text: reactive[str] = reactive("")
+    sort_key: reactive[str] = reactive("name")
+    now: reactive[float] = reactive(0.0)  # the daemon's clock at the last metrics
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)
+        self._name_key: Any = None
+
+    def on_mount(self) -> None:
+        for label, width in COLUMN_WIDTHS:
+            key = self.add_column(label, key=label.lower(), width=width or NAME_MIN)
+            if not width:
+                self._name_key = key
+        self._fit_name()
+        self._rebuild()
+
+    def on_resize(self) -> None:
+        self._fit_name()
+
+    def _fit_name(self) -> None:
+        """The name column takes the width the fixed columns leave."""
+        fixed = sum(w for _, w in COLUMN_WIDTHS) + 2 * self.cell_padding * len(COLUMN_WIDTHS)
+        # 2: the vertical scrollbar, when the table overflows.
+        width = max(NAME_MIN, self.scrollable_content_region.width - fixed - 2)
+        column = self.columns.get(self._name_key) if self.columns else None
+        if column is not None and column.width != width:
+            column.width = width
+            self._require_update_dimensions = True
+            self.refresh()
+
+    def watch_snapshots(self) -> None:
+        self._rebuild()
+
+    def watch_filter_text(self) -> None:
+        self._rebuild()
+
+    def watch_sort_key(self) -> None:
+        self._rebuild()
+
+    @property
+    def selected(self) -> str | None:
+        """The name of the snapshot under the cursor, or None in an empty table."""
+        if not self.row_count:
+            return None
+        try:
+            key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
+        except Exception:  # the cursor is past a row that just went away
+            return None
+        return str(key.value) if key.value is not None else None
+
+    def _rebuild(self) -> None:
+        if not self.is_mounted or not self.columns:
+            return
+        keep = self.selected
+        rows = arrange(self.snapshots, self.filter_text, self.sort_key)
+        self.clear()
+        for r in rows:
+            self.add_row(*self._cells(r), key=r.name)
+        if keep is not None:
+            names = [r.name for r in rows]
+            if keep in names:
+                self.move_cursor(row=names.index(keep), animate=False)
+
+    def _cells(self, r: Any) -> list[Any]:
+        last = _known(r.last_used)
+        resident = render.percent(r.resident_bytes, r.size_bytes)
+        name = Text(r.name, style="bold red" if r.error else "")
+        # An arrow: the operator wants it higher (being pinned) or lower (demotable) than it is.
+        rank, wanted = TIER_RANK.get(r.tier, 0), TIER_RANK.get(r.wanted_tier, 0)
+        tier = r.tier + ("↑" if wanted > rank else "↓" if wanted < rank else "")
+        return [
+            name,
+            Text(tier, style=TIER_STYLE.get(r.tier, "")),
+            Text(render.size(r.size_bytes), justify="right"),
+            Text(resident, justify="right"),
+            Text(str(r.clients), justify="right"),
+            Text(str(r.restores), justify="right"),
+            Text(
+                render.ago(last, self.now).removesuffix(" ago") if last else "never",
+                style="" if last else "dim",
+            ),
+            Text(r.checksum_state, style=CHECKSUM_STYLE.get(r.checksum_state, "")),
+        ]
