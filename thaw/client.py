@@ -13,6 +13,7 @@ the sentinel `NA`, never None.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -218,8 +219,14 @@ class RestoreResult:
 
 _BY_NAME: dict[str, type[errors.DaemonError]] = {
     c.__name__: c
-    for c in (errors.NotFound, errors.AlreadyExists, errors.PermissionDenied,
-              errors.BudgetExceeded, errors.InvalidRequest, errors.DaemonUnavailable)  # fmt: skip
+    for c in (
+        errors.NotFound,
+        errors.AlreadyExists,
+        errors.PermissionDenied,
+        errors.BudgetExceeded,
+        errors.InvalidRequest,
+        errors.DaemonUnavailable,
+    )
 }
 _BY_CODE: dict[grpc.StatusCode, type[errors.DaemonError]] = {
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
@@ -253,7 +260,7 @@ def _error(e: grpc.RpcError, socket: str) -> errors.DaemonError:
 
 
 def default_socket() -> str:
-    """$THAW_SOCKET, else /run/thawd/thawd.sock if present, else $XDG_RUNTIME_DIR/thawd/thawd.sock."""
+    """$THAW_SOCKET, else /run/thawd/thawd.sock if present, else $XDG_RUNTIME_DIR/thawd/..."""
     env = os.environ.get("THAW_SOCKET")
     if env:
         return env
@@ -313,12 +320,16 @@ class Client:
                 reply, fds = fdpass.recv(sock)
             except (ConnectionError, OSError) as e:
                 sock.close()
-                raise errors.DaemonUnavailable(f"thawd at {self.socket} closed the fd socket: {e}") from None
+                raise errors.DaemonUnavailable(
+                    f"thawd at {self.socket} closed the fd socket: {e}"
+                ) from None
             for fd in fds:
                 os.close(fd)
             if not reply.get("ok"):
                 sock.close()
-                raise _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(reply.get("message", ""))
+                raise _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(
+                    reply.get("message", "")
+                )
             self._fd_sock, self._token = sock, reply["token"]
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
@@ -479,11 +490,9 @@ class Client:
                 release()
         except BaseException as e:
             failure = f"{type(e).__name__}: {e}"
-            try:
+            with contextlib.suppress(errors.DaemonError):  # the original error says more
                 self._call("CloseRestore", pb.CloseRestoreRequest(
                     session_id=info.session_id, ok=False, error=failure[:1000]))  # fmt: skip
-            except errors.DaemonError:
-                pass  # the original error says more
             raise
         seconds = time.perf_counter() - t0
         try:
@@ -560,12 +569,15 @@ class Client:
 
         named = datapath.model_tensors(model)
         if fingerprint is None:
-            fingerprint = datapath.describe(model) if isinstance(model, torch.nn.Module) else Fingerprint()
+            fingerprint = (
+                datapath.describe(model) if isinstance(model, torch.nn.Module) else Fingerprint()
+            )
         specs = [pb.TensorSpec(name=n, dtype=dtype_name(t.dtype), shape=list(t.shape))
                  for n, t in named]  # fmt: skip
         begin = self._call("BeginFreeze", pb.BeginFreezeRequest(
             name=name, path=os.path.abspath(path) if path else "", tensors=specs, pin=pin,
-            fingerprint_json=json.dumps(fingerprint.to_json()), labels=dict(labels or {})))  # fmt: skip
+            fingerprint_json=json.dumps(fingerprint.to_json()),
+            labels=dict(labels or {})))  # fmt: skip
         try:
             entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length)
                        for t in begin.tensors]  # fmt: skip
@@ -586,10 +598,8 @@ class Client:
             finally:
                 os.close(fd)
         except BaseException:
-            try:
+            with contextlib.suppress(errors.DaemonError):
                 self._call("AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id))
-            except errors.DaemonError:
-                pass
             raise
         reply = self._call("CommitFreeze",
                            pb.CommitFreezeRequest(session_id=begin.session_id, wait=wait),

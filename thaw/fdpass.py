@@ -54,7 +54,9 @@ def decode(data: bytes) -> dict[str, Any]:
     return message
 
 
-def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+def send(
+    sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()
+) -> None:
     """Send one message, with `fds` attached (the receiver gets its own duplicates)."""
     data = encode(message)
     if fds:

@@ -35,8 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from thawd import config as config_mod
 
-    overrides = {k: v for k, v in (("socket", args.socket), ("state_dir", args.state_dir),
-                                   ("pool", args.pool), ("log_level", args.log_level)) if v}
+    overrides = {
+        k: v
+        for k, v in (
+            ("socket", args.socket),
+            ("state_dir", args.state_dir),
+            ("pool", args.pool),
+            ("log_level", args.log_level),
+        )
+        if v
+    }
     try:
         config = config_mod.load(args.config, overrides)
     except (ThawError, OSError) as e:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from thaw.errors import InvalidRequest
 

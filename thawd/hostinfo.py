@@ -41,7 +41,11 @@ def gpus() -> list[pb.Gpu]:
             err, prop = rt.cudaGetDeviceProperties(i)
             if err != rt.cudaError_t.cudaSuccess:
                 continue
-            name = prop.name.split(b"\0", 1)[0].decode() if isinstance(prop.name, bytes) else str(prop.name)
+            name = (
+                prop.name.split(b"\0", 1)[0].decode()
+                if isinstance(prop.name, bytes)
+                else str(prop.name)
+            )
             bus = f"{prop.pciDomainID:04x}:{prop.pciBusID:02x}:{prop.pciDeviceID:02x}.0"
             out.append(pb.Gpu(index=i, name=name, memory_total=int(prop.totalGlobalMem),
                               link=_link(bus)))  # fmt: skip

@@ -70,8 +70,11 @@ async def run(config: Config) -> int:
     Path(config.socket).parent.mkdir(parents=True, exist_ok=True)
     _check_not_running(config.socket)
     server = grpc.aio.server(
-        interceptors=[RequestIdInterceptor(), AccessLogInterceptor(),
-                      CredentialsInterceptor(tokens, allow)],  # fmt: skip
+        interceptors=[
+            RequestIdInterceptor(),
+            AccessLogInterceptor(),
+            CredentialsInterceptor(tokens, allow),
+        ],
         options=[("grpc.max_receive_message_length", 64 << 20)],
     )
     old = os.umask(0o177)

@@ -118,7 +118,9 @@ class ThawdServicer(pb_grpc.ThawdServicer):
         return pb.RegisterResponse(snapshot=snap)
 
     @unary
-    async def Unregister(self, request: pb.UnregisterRequest, context: Any) -> pb.UnregisterResponse:
+    async def Unregister(
+        self, request: pb.UnregisterRequest, context: Any
+    ) -> pb.UnregisterResponse:
         await self.d.unregister(PEER.get(), request.name)
         return pb.UnregisterResponse()
 
@@ -141,18 +143,24 @@ class ThawdServicer(pb_grpc.ThawdServicer):
         return pb.StatResponse(snapshot=self.d.stat(request.name))
 
     @unary
-    async def OpenRestore(self, request: pb.OpenRestoreRequest, context: Any) -> pb.OpenRestoreResponse:
+    async def OpenRestore(
+        self, request: pb.OpenRestoreRequest, context: Any
+    ) -> pb.OpenRestoreResponse:
         self._accepting()
         return self.d.open_restore(PEER.get(), TOKEN.get(), request.name)
 
     @unary
-    async def CloseRestore(self, request: pb.CloseRestoreRequest, context: Any) -> pb.CloseRestoreResponse:
+    async def CloseRestore(
+        self, request: pb.CloseRestoreRequest, context: Any
+    ) -> pb.CloseRestoreResponse:
         self.d.close_restore(PEER.get(), request.session_id, request.ok, request.bytes,
                              request.duration_s, request.error)  # fmt: skip
         return pb.CloseRestoreResponse()
 
     @unary
-    async def BeginFreeze(self, request: pb.BeginFreezeRequest, context: Any) -> pb.BeginFreezeResponse:
+    async def BeginFreeze(
+        self, request: pb.BeginFreezeRequest, context: Any
+    ) -> pb.BeginFreezeResponse:
         self._accepting()
         specs = [(t.name, t.dtype, tuple(t.shape)) for t in request.tensors]
         return self.d.begin_freeze(PEER.get(), TOKEN.get(), request.name, request.path,
@@ -160,12 +168,16 @@ class ThawdServicer(pb_grpc.ThawdServicer):
                                    request.pin)  # fmt: skip
 
     @unary
-    async def CommitFreeze(self, request: pb.CommitFreezeRequest, context: Any) -> pb.CommitFreezeResponse:
+    async def CommitFreeze(
+        self, request: pb.CommitFreezeRequest, context: Any
+    ) -> pb.CommitFreezeResponse:
         snap = await self.d.commit_freeze(PEER.get(), request.session_id, request.wait)
         return pb.CommitFreezeResponse(snapshot=snap)
 
     @unary
-    async def AbortFreeze(self, request: pb.AbortFreezeRequest, context: Any) -> pb.AbortFreezeResponse:
+    async def AbortFreeze(
+        self, request: pb.AbortFreezeRequest, context: Any
+    ) -> pb.AbortFreezeResponse:
         self.d.abort_freeze(PEER.get(), request.session_id)
         return pb.AbortFreezeResponse()
 
@@ -204,7 +216,9 @@ class ThawdServicer(pb_grpc.ThawdServicer):
 # --- interceptors -----------------------------------------------------------------------------
 
 
-def _wrap(handler: grpc.RpcMethodHandler, around: Callable[[Any, bool], Any]) -> grpc.RpcMethodHandler:
+def _wrap(
+    handler: grpc.RpcMethodHandler, around: Callable[[Any, bool], Any]
+) -> grpc.RpcMethodHandler:
     """A copy of `handler` whose behaviour is `around(behaviour, is_stream)`."""
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
@@ -232,6 +246,7 @@ def _around(before: Callable[[Any], None], after: Callable[[Any, BaseException |
             ) -> Callable[[Any, bool], Any]:  # fmt: skip
     def make(behaviour: Any, is_stream: bool) -> Any:
         if is_stream:
+
             async def gen(request: Any, context: Any) -> Any:
                 before(context)
                 error: BaseException | None = None
@@ -335,16 +350,19 @@ class CredentialsInterceptor(grpc.aio.ServerInterceptor):
 
         def refuse(behaviour: Any, is_stream: bool) -> Any:
             if is_stream:
+
                 async def gen(request: Any, context: Any) -> Any:
-                    await context.abort(code, message,
-                                        trailing_metadata=((ERROR_CLASS_KEY, "PermissionDenied"),))
+                    await context.abort(
+                        code, message, trailing_metadata=((ERROR_CLASS_KEY, "PermissionDenied"),)
+                    )
                     yield  # pragma: no cover
 
                 return gen
 
             async def call(request: Any, context: Any) -> Any:
-                await context.abort(code, message,
-                                    trailing_metadata=((ERROR_CLASS_KEY, "PermissionDenied"),))
+                await context.abort(
+                    code, message, trailing_metadata=((ERROR_CLASS_KEY, "PermissionDenied"),)
+                )
 
             return call
 

@@ -210,7 +210,9 @@ class Daemon:
         validate_labels(labels)
         for e in self.entries.values():
             if e.row.name == name:
-                raise AlreadyExists(f"a snapshot named {name!r} is already registered ({e.row.path})")
+                raise AlreadyExists(
+                    f"a snapshot named {name!r} is already registered ({e.row.path})"
+                )
         if not os.access(resolved, os.R_OK):
             raise PermissionDenied(f"thawd (uid {os.getuid()}) cannot read {resolved}: make it "
                                    "readable by the thawd user or group")  # fmt: skip
@@ -542,7 +544,8 @@ class Daemon:
             buf.close()
             self.events.publish("freeze_failed", session.name, "seal or checksum failed")
             raise
-        tensors = tuple(dataclasses.replace(e, checksum=c) for e, c in zip(entries, checksums))
+        pairs = zip(entries, checksums, strict=True)
+        tensors = tuple(dataclasses.replace(e, checksum=c) for e, c in pairs)
         manifest = Manifest(session.fingerprint, tensors)
         row = new_row(session.name, session.path, session.labels, peer.uid)
         row.wanted_tier = "pinned" if session.pin else "cold"

@@ -63,13 +63,18 @@ class ThawdProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "thawd", "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(ROOT),
             )
         self._listener = listener
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"thawd exited with {self.proc.returncode}:\n{self.log.read_text()}")
+                raise RuntimeError(
+                    f"thawd exited with {self.proc.returncode}:\n{self.log.read_text()}"
+                )
             with contextlib.suppress(TimeoutError):
                 self.notifications.extend(listener.recv(4096).decode().splitlines())
             if "READY=1" in self.notifications:
@@ -198,13 +203,16 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     )  # fmt: skip
 
 
-def run_client(code: str, uid: int | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_client(
+    code: str, uid: int | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh Python; with `uid`, it drops to that uid (and gid) after imports.
 
     The interpreter lives under /root here, so the child starts as root, imports, then gives
     up its privileges before it touches the daemon, as an unprivileged engine process would.
     """
-    prelude = "import os, sys, json\nsys.path.insert(0, %r)\nimport torch, thaw.client\n" % str(ROOT)
+    prelude = f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\n"
+    prelude += "import torch, thaw.client\n"
     if uid is not None:
         prelude += f"os.setgroups([]); os.setgid({uid}); os.setuid({uid})\n"
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,

@@ -14,7 +14,12 @@ def test_register_list_stat_unregister(shared_thawd: ThawdProcess) -> None:
     path = write_snapshot(thawd.dir / "a.thaw", random_tensors())
     with connect(thawd.socket) as c:
         rec = c.register(path, "model-a", labels={"team": "x"})
-        assert (rec.name, rec.tier, rec.checksum_state, rec.tensor_count) == ("model-a", "cold", "unverified", 4)
+        assert (rec.name, rec.tier, rec.checksum_state, rec.tensor_count) == (
+            "model-a",
+            "cold",
+            "unverified",
+            4,
+        )
         assert rec.last_used is NA and rec.labels == {"team": "x"}
         assert rec.fingerprint.model == "fixture"
         assert [s.name for s in c.list()] == ["model-a"]

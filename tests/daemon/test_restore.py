@@ -49,7 +49,9 @@ out = zeros_like(random_tensors(10, scale=8))
 results = [c.restore(out, "many").tier for _ in range(3)]
 print(json.dumps({{"digest": digest(out), "tiers": results}}))
 """
-    prelude = f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\nimport torch, thaw.client\n"
+    prelude = (
+        f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\nimport torch, thaw.client\n"
+    )
     procs = [subprocess.Popen([sys.executable, "-c", prelude + code], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
     expected = digest(tensors)
