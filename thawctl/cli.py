@@ -115,8 +115,8 @@ def _version() -> str:
 def main(
     argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    """Run one thawctl command; returns its exit code (never raises, except SystemExit(0) for
-    --help and --version, which argparse prints itself)."""
+    """Run one thawctl command and return its exit code; never raises (--help and --version
+    print and return 0, usage errors print one line and return 2)."""
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()
