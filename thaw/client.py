@@ -13,6 +13,7 @@ the sentinel `NA`, never None.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import json
@@ -506,7 +507,7 @@ class Client:
         return RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds)
 
     def _map(self, name: str, info: pb.OpenRestoreResponse,
-             bindings: list[Any]) -> tuple[int, bool, Callable[[], None]]:  # fmt: skip
+             bindings: builtins.list[Any]) -> tuple[int, bool, Callable[[], None]]:  # fmt: skip
         """(payload address, whether CUDA can DMA from it, release function)."""
         from thaw import datapath
 
@@ -532,7 +533,7 @@ class Client:
                         from thaw import vmm
 
                         device = datapath.cuda_device(bindings) or 0
-                        cached = (key, vmm.HostBuffer.import_fd(fd, size, device))
+                        cached = (key, vmm.HostBuffer.import_fds([fd], size, device))
                     else:
                         cached = (key, MemoryMapping(fd, size, populate=True))
                     self._mappings[name] = cached
@@ -587,7 +588,7 @@ class Client:
                 if begin.pool_kind == pb.POOL_KIND_VMM:
                     from thaw import vmm
 
-                    buf = vmm.HostBuffer.import_fd(fd, size, datapath.cuda_device(bindings) or 0)
+                    buf = vmm.HostBuffer.import_fds([fd], size, datapath.cuda_device(bindings) or 0)
                     try:
                         datapath.copy_from_tensors(bindings, buf.addr, gpu_accessible=True)
                     finally:

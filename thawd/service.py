@@ -242,7 +242,7 @@ def _metadata(details: grpc.HandlerCallDetails, key: str) -> str:
     return ""
 
 
-def _around(before: Callable[[Any], None], after: Callable[[Any, BaseException | None], None]
+def _around(before: Callable[[Any], object], after: Callable[[Any, BaseException | None], None]
             ) -> Callable[[Any, bool], Any]:  # fmt: skip
     def make(behaviour: Any, is_stream: bool) -> Any:
         if is_stream:

@@ -8,6 +8,7 @@ back on the loop. The servicers call exactly one method here per RPC; errors are
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import json
 import logging
@@ -15,7 +16,6 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 from thaw import _native
 from thaw._proto import thawd_pb2 as pb
@@ -187,7 +187,7 @@ class Daemon:
             memory_locked=self.memory_locked, socket=self.config.socket,
         )  # fmt: skip
 
-    def list(self) -> list[pb.Snapshot]:
+    def list(self) -> builtins.list[pb.Snapshot]:
         return [self.record(e) for e in self.entries.values()]
 
     def stat(self, name: str) -> pb.Snapshot:
@@ -474,7 +474,7 @@ class Daemon:
     # --- freeze -----------------------------------------------------------------------------
 
     def begin_freeze(self, peer: Peer, token: str, name: str, path: str, fingerprint_json: str,
-                     specs: list[tuple[str, str, tuple[int, ...]]], labels: dict[str, str],
+                     specs: builtins.list[tuple[str, str, tuple[int, ...]]], labels: dict[str, str],
                      pin: bool) -> pb.BeginFreezeResponse:  # fmt: skip
         validate_name(name)
         validate_labels(labels)
@@ -567,7 +567,7 @@ class Daemon:
                                      f"{entry.row.error}")  # fmt: skip
         return self.record(entry)
 
-    async def _write(self, entry: Entry, checksums: list[int]) -> None:
+    async def _write(self, entry: Entry, checksums: builtins.list[int]) -> None:
         """Write a frozen snapshot to disk behind the client, atomically (SnapshotWriter)."""
         assert entry.manifest is not None and entry.pool is not None
         buf, manifest, path = entry.pool, entry.manifest, entry.row.path
@@ -601,7 +601,7 @@ class Daemon:
 
     # --- start and stop ---------------------------------------------------------------------
 
-    async def repin(self, on_progress: Callable[[str], None]) -> None:
+    async def repin(self, on_progress: Callable[[str], object]) -> None:
         wanted = [e for e in self.entries.values() if e.row.wanted_tier != "cold"]
         for i, entry in enumerate(wanted):
             on_progress(f"re-pinning {entry.row.name} ({i + 1}/{len(wanted)})")
@@ -632,11 +632,3 @@ class Daemon:
 def _entry_pb(t: TensorEntry) -> pb.TensorEntry:
     return pb.TensorEntry(name=t.name, dtype=t.dtype, shape=list(t.shape), offset=t.offset,
                           length=t.length, checksum=t.checksum)  # fmt: skip
-
-
-def tier_name(tier: int) -> str:
-    return {pb.TIER_WARM: "warm", pb.TIER_COLD: "cold"}.get(tier, "pinned")
-
-
-def snapshot_dir_default(config: Config) -> Path:
-    return config.snapshot_dir
