@@ -1,31 +1,35 @@
 """thaw: fast snapshot and restore of LLM weights.
 
-import thaw
-thaw.freeze_file(model, "model.thaw")          # snapshot a torch module
-thaw.restore_file(model, "model.thaw")         # restore it into a model of the same shape
-thaw.connect().restore(model, "llama8b")       # restore from thawd's pinned memory
+    import thaw
+    thaw.freeze_file(model, "model.thaw")          # snapshot a torch module
+    thaw.restore_file(model, "model.thaw")         # restore it into a model of the same shape
+    thaw.connect().restore(model, "llama8b")       # restore from thawd's pinned memory
+
+Importing thaw does not import torch: the daemon and tools that only read manifests start fast.
 """
+
+from typing import Any
 
 from thaw.errors import *  # noqa: F403
 from thaw.fingerprint import Fingerprint
 from thaw.format import open_snapshot
-from thaw.freeze import freeze_file
-from thaw.restore import TransferStats, restore_file
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Fingerprint",
-    "TransferStats",
-    "__version__",
-    "freeze_file",
-    "open_snapshot",
-    "restore_file",
-]
+# name -> module that defines it, imported on first use (they import torch).
+_LAZY = {
+    "freeze_file": "thaw.freeze",
+    "restore_file": "thaw.restore",
+    "TransferStats": "thaw.restore",
+    "connect": "thaw.client",
+}
+
+__all__ = ["Fingerprint", "__version__", "open_snapshot", *_LAZY]
 
 
-def connect(socket: str | None = None, **kwargs):  # type: ignore[no-untyped-def]
-    """Connect to the local thawd (see thaw.client.connect)."""
-    from thaw.client import connect as _connect
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
 
-    return _connect(socket, **kwargs)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'thaw' has no attribute {name!r}")

@@ -1,32 +1,42 @@
-"""Names of tensor dtypes as they appear in snapshot manifests: torch's names without "torch."."""
+"""Names of tensor dtypes as they appear in snapshot manifests: torch's names without "torch.".
+
+Torch-free on purpose: thawd validates manifests without importing torch (seconds of start-up).
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-_CANDIDATES = [
-    "float64", "float32", "float16", "bfloat16",
-    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-    "float4_e2m1fn_x2",
-    "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool",
-    "complex64", "complex128",
-]  # fmt: skip
+if TYPE_CHECKING:
+    import torch
 
-# Only the dtypes this torch build has: a snapshot naming another one is refused by name.
-DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in _CANDIDATES
-    if isinstance(getattr(torch, name, None), torch.dtype)
-}
-NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype} cannot be stored in a thaw snapshot") from None
+# Bytes per element of every dtype a snapshot may hold.
+DTYPES: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+    "complex64": 8, "complex128": 16,
+}  # fmt: skip
 
 
 def itemsize(name: str) -> int:
-    return torch.empty((), dtype=DTYPES[name]).element_size()
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype} cannot be stored in a thaw snapshot")
+    return name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a manifest name; ValueError where this torch build lacks it."""
+    import torch
+
+    dtype = getattr(torch, name, None) if name in DTYPES else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {name!r} is not available in torch {torch.__version__}")
+    return dtype

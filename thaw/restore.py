@@ -108,10 +108,10 @@ def read_tensor(snapshot: Snapshot, entry: TensorEntry, verify: bool = True) -> 
     """One tensor of a snapshot as a new CPU tensor (for inspection and tools)."""
     import torch
 
-    from thaw.dtypes import DTYPES
+    from thaw.dtypes import torch_dtype
     from thaw.format import verify_tensor
 
-    out = torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
+    out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
     with payload_fd(snapshot, direct=False) as fd:
         _read(fd, snapshot, int(out.data_ptr()), entry.offset, entry.length, 1)
     if verify:

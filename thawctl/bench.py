@@ -224,10 +224,10 @@ def _write_synthetic(path: Path, size: int) -> None:
 def _targets(snap: Any, device: str) -> list[tuple[str, Any]]:
     import torch
 
-    from thaw.dtypes import DTYPES
+    from thaw.dtypes import torch_dtype
 
     return [
-        (t.name, torch.empty(t.shape, dtype=DTYPES[t.dtype], device=device)) for t in snap.tensors
+        (t.name, torch.empty(t.shape, dtype=torch_dtype(t.dtype), device=device)) for t in snap.tensors
     ]
 
 
