@@ -227,7 +227,8 @@ def _targets(snap: Any, device: str) -> list[tuple[str, Any]]:
     from thaw.dtypes import torch_dtype
 
     return [
-        (t.name, torch.empty(t.shape, dtype=torch_dtype(t.dtype), device=device)) for t in snap.tensors
+        (t.name, torch.empty(t.shape, dtype=torch_dtype(t.dtype), device=device))
+        for t in snap.tensors
     ]
 
 

@@ -95,6 +95,10 @@ class MainScreen(Screen[None]):
         for item in self.source.stream():
             self.post_message(SourceUpdate(item))
 
+    def on_resize(self) -> None:
+        # Below 24 lines the snapshot table matters most: the plot goes, the log shrinks.
+        self.set_class(self.size.height < 24, "-short")
+
     def on_unmount(self) -> None:
         self.source.stop()
 

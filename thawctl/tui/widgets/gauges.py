@@ -30,10 +30,10 @@ class Gauge(Widget):
     def render(self) -> Text:
         text = Text(f"{self.label:<7}", style="bold")
         numbers = (
-            f"{render.size(self.used)} / {render.size(self.total)}"
+            f"{render.size(self.used)}/{render.size(self.total)}"
             if self.used is not None and self.total
             else "-"
-        ).rjust(20)
+        ).rjust(20)  # "999.9 GiB/999.9 GiB" and a space: the bars line up
         width = max(4, self.size.width - len(text) - len(numbers) - 2)
         share = self.used / self.total if self.used is not None and self.total else 0.0
         filled = min(width, round(width * share))

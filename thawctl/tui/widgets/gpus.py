@@ -24,14 +24,15 @@ class GpuList(Widget):
             return Text("-", style="dim")
         if not s.gpus:
             return Text("none: restores copy into CPU memory", style="dim")
-        out = Text()
+        out = Text(no_wrap=True, overflow="ellipsis")
         for i, g in enumerate(s.gpus):
             if i:
                 out.append("\n")
             out.append(f"{g.index} ", style="bold")
             out.append(f"{g.name.removeprefix('NVIDIA ')} ")
             used = _known(g.memory_used)
-            memory = render.size(g.memory_total)
+            # Whole GiB: "141 GiB" keeps a GPU on one line of a narrow box.
+            memory = f"{g.memory_total / (1 << 30):.0f} GiB"
             out.append(
                 f"{render.size(used)}/{memory}" if used is not None else memory, style="cyan"
             )

@@ -68,6 +68,7 @@ class SnapshotTable(DataTable[Any]):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)
         self._name_key: Any = None
+        self._pending = False
 
     def on_mount(self) -> None:
         for label, width in COLUMN_WIDTHS:
@@ -91,14 +92,24 @@ class SnapshotTable(DataTable[Any]):
             self._require_update_dimensions = True
             self.refresh()
 
+    # Several of these change together (each metrics tick sets `now` and usually
+    # `snapshots`): one rebuild after the batch, not one per attribute.
     def watch_snapshots(self) -> None:
-        self._rebuild()
+        self._schedule_rebuild()
 
     def watch_filter_text(self) -> None:
-        self._rebuild()
+        self._schedule_rebuild()
 
     def watch_sort_key(self) -> None:
-        self._rebuild()
+        self._schedule_rebuild()
+
+    def watch_now(self) -> None:
+        self._schedule_rebuild()  # the LAST column counts from the daemon's clock
+
+    def _schedule_rebuild(self) -> None:
+        if not self._pending:
+            self._pending = True
+            self.call_later(self._rebuild)
 
     @property
     def selected(self) -> str | None:
@@ -112,6 +123,7 @@ class SnapshotTable(DataTable[Any]):
         return str(key.value) if key.value is not None else None
 
     def _rebuild(self) -> None:
+        self._pending = False
         if not self.is_mounted or not self.columns:
             return
         keep = self.selected

@@ -1,0 +1,228 @@
+"""Every daemon command against a real thawd on a temporary socket: output, --json schemas,
+exit codes."""
+
+from __future__ import annotations
+
+import os
+
+from thawctl_testlib import (
+    BENCH_KEYS,
+    BENCH_RESULT_KEYS,
+    FILE_INFO_KEYS,
+    PIN_KEYS,
+    SNAPSHOT_KEYS,
+    STATUS_KEYS,
+    VERIFY_KEYS,
+    assert_keys,
+    corrupt_payload,
+    one_error_line,
+    random_tensors,
+    run_subprocess,
+    write_snapshot,
+)
+
+from thawctl import exitcodes
+
+
+def test_status(thawctl, thawd):
+    result = thawctl("status", "--json")
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert_keys(doc, STATUS_KEYS)
+    assert doc["pid"] == thawd.pid
+    assert doc["socket"] == thawd.socket
+    assert doc["pool_kind"] == "memfd"
+    assert doc["pinned"] == {"budget_bytes": 256 << 20, "used_bytes": 0}
+    assert set(doc["warm"]) == {"budget_bytes", "used_bytes"}
+    assert doc["host_memory"]["total_bytes"] >= doc["host_memory"]["available_bytes"] > 0
+    assert doc["gpus"] == []
+    human = thawctl("status")
+    assert human.code == 0
+    assert f"pid {thawd.pid}" in human.out and "256.0 MiB" in human.out
+
+
+def test_register_ls_and_filters(thawctl, thawd, snapshot_file, snapshot_dir):
+    result = thawctl("register", str(snapshot_file), "--name", "alpha", "--label", "team=a",
+                     "--json")  # fmt: skip
+    assert result.code == 0, result.err
+    record = result.json()["snapshot"]
+    assert_keys(record, SNAPSHOT_KEYS)
+    assert record["name"] == "alpha" and record["tier"] == "cold"
+    assert record["labels"] == {"team": "a"}
+    assert record["last_restore_unix"] is None
+    assert record["checksum_state"] == "unverified"
+    assert record["tensor_count"] == 4
+    assert record["fingerprint"]["model"] == "fixture"
+
+    other = write_snapshot(snapshot_dir / "beta.thaw", random_tensors(1))
+    other.chmod(0o644)
+    human = thawctl("register", str(other))  # name from the file name
+    assert human.code == 0 and "registered beta" in human.out
+
+    listed = thawctl("ls", "--json").json()["snapshots"]
+    assert [s["name"] for s in listed] == ["alpha", "beta"]
+    for s in listed:
+        assert_keys(s, SNAPSHOT_KEYS)
+    assert thawctl("ls", "-q").out == "alpha\nbeta\n"
+    assert thawctl("ls", "-q", "--label", "team=a").out == "alpha\n"
+    assert thawctl("ls", "-q", "--tier", "pinned").out == ""
+    table = thawctl("ls").out
+    assert table.splitlines()[0].split()[:3] == ["NAME", "TIER", "SIZE"]
+    assert "alpha" in table and "cold" in table and "never" in table
+
+
+def test_register_errors(thawctl, thawd, snapshot_file, tmp_path):
+    assert thawctl("register", str(snapshot_file), "--name", "a").code == 0
+    duplicate = thawctl("register", str(snapshot_file), "--name", "a")
+    assert duplicate.code == exitcodes.ERROR
+    assert "already registered" in one_error_line(duplicate.err)
+    bad_name = thawctl("register", str(snapshot_file), "--name", "no spaces please")
+    assert bad_name.code == exitcodes.USAGE
+    one_error_line(bad_name.err)
+    garbage = tmp_path / "garbage.thaw"
+    garbage.write_bytes(b"x" * 5000)
+    refused = thawctl("register", str(garbage))
+    assert refused.code == exitcodes.SNAPSHOT_CORRUPT, refused.err
+    one_error_line(refused.err)
+
+
+def test_unknown_name_exits_4(thawctl, thawd):
+    for argv in (["info", "nope"], ["pin", "nope"], ["unpin", "nope"], ["rm", "nope"],
+                 ["verify", "nope"]):  # fmt: skip
+        result = thawctl(*argv)
+        assert result.code == exitcodes.NOT_FOUND, (argv, result.err)
+        assert "nope" in one_error_line(result.err)
+    unregistered_path = thawctl("unpin", "/tmp/not-registered.thaw")
+    assert unregistered_path.code == exitcodes.NOT_FOUND
+    assert "thawctl register" in one_error_line(unregistered_path.err)
+
+
+def test_pin_a_path_registers_it_then_unpin_and_rm(thawctl, thawd, snapshot_file):
+    result = thawctl("pin", str(snapshot_file), "--label", "pinned=by-test", "--json")
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert_keys(doc, PIN_KEYS)
+    assert doc["registered"] is True
+    snap = doc["snapshot"]
+    assert snap["name"] == "small" and snap["tier"] == "pinned"
+    assert snap["resident_fraction"] == 1.0
+    assert snap["checksum_state"] == "verified"
+    assert snap["labels"] == {"pinned": "by-test"}
+    assert doc["bytes"] == snap["size_bytes"]
+
+    again = thawctl("pin", str(snapshot_file), "--json")  # found by path, not registered twice
+    assert again.code == 0 and again.json()["registered"] is False
+    assert thawctl("ls", "-q").out == "small\n"
+
+    status = thawctl("status", "--json").json()
+    assert status["pinned"]["used_bytes"] >= snap["size_bytes"]
+
+    unpinned = thawctl("unpin", "small", "--json")
+    assert unpinned.code == 0
+    assert unpinned.json()["snapshot"]["tier"] == "cold"
+
+    warm = thawctl("pin", "small", "--warm")
+    assert warm.code == 0, warm.err
+    assert "small is warm" in warm.out
+
+    removed = thawctl("rm", str(snapshot_file), "--json")  # by path
+    assert removed.code == 0
+    assert removed.json() == {"removed": "small", "path": str(snapshot_file.resolve())}
+    assert thawctl("ls", "-q").out == ""
+    assert snapshot_file.exists()  # rm never deletes the file
+
+
+def test_pin_prints_plain_lines_when_stdout_is_not_a_tty(thawd, snapshot_file):
+    done = run_subprocess("pin", str(snapshot_file), env={"THAW_SOCKET": thawd.socket})
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stdout and "\x1b" not in done.stdout
+    assert done.stdout.splitlines()[0] == f"registered small: {snapshot_file.resolve()}"
+    assert done.stdout.splitlines()[-1].startswith("small is pinned: ")
+
+
+def test_info_of_a_registered_snapshot(thawctl, thawd, snapshot_file):
+    thawctl("pin", str(snapshot_file), "--name", "info-me")
+    result = thawctl("info", "info-me", "--json")
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert doc["source"] == "daemon"
+    assert_keys(doc["snapshot"], SNAPSHOT_KEYS)
+    assert_keys(doc["file"], FILE_INFO_KEYS)
+    assert doc["snapshot"]["tier"] == "pinned"
+    assert doc["file"]["tensor_count"] == doc["snapshot"]["tensor_count"] == 4
+    human = thawctl("info", "info-me").out
+    assert "pinned" in human and "layers.0.index" in human and "verified" in human
+
+
+def test_verify_by_name(thawctl, thawd, snapshot_file):
+    thawctl("register", str(snapshot_file), "--name", "v")
+    result = thawctl("verify", "v", "--json")
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert_keys(doc, VERIFY_KEYS)
+    assert doc["source"] == "daemon" and doc["name"] == "v"
+    assert doc["daemon_checksum_state"] == "unverified"
+    assert doc["ok"] is True
+    corrupt_payload(snapshot_file, "layers.0.norm")
+    bad = thawctl("verify", "v")
+    assert bad.code == exitcodes.SNAPSHOT_CORRUPT
+    assert "layers.0.norm" in one_error_line(bad.err)
+    assert "CORRUPT layers.0.norm" in bad.out
+
+
+def test_pin_of_a_corrupt_file_exits_7(thawctl, thawd, snapshot_file):
+    thawctl("register", str(snapshot_file), "--name", "damaged")
+    corrupt_payload(snapshot_file, "embed.weight")
+    result = thawctl("pin", "damaged")
+    assert result.code == exitcodes.SNAPSHOT_CORRUPT, result.err
+    assert "embed.weight" in one_error_line(result.err)
+    record = thawctl("info", "damaged", "--json").json()["snapshot"]
+    assert record["checksum_state"] == "corrupt"
+    assert record["tier"] == "cold"
+    assert "embed.weight" in record["error"]
+
+
+def test_budget_exceeded_exits_6(thawctl, own_thawd, snapshot_dir):
+    own_thawd(pinned_budget="64KiB")
+    big = write_snapshot(snapshot_dir / "big.thaw", random_tensors(0, scale=4))
+    big.chmod(0o644)
+    result = thawctl("pin", str(big))
+    assert result.code == exitcodes.BUDGET_EXCEEDED, result.err
+    line = one_error_line(result.err)
+    assert "budget" in line and "pinned_budget" in line
+
+
+def test_bench_measures_every_tier_and_leaves_thawd_as_it_was(thawctl, thawd, snapshot_dir):
+    result = thawctl("bench", "--size", "8MiB", "--repeat", "2", "--dir", str(snapshot_dir),
+                     "--json")  # fmt: skip
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert_keys(doc, BENCH_KEYS)
+    assert doc["device"] == "cpu" and doc["repeat"] == 2
+    tiers = {r["tier"]: r for r in doc["results"]}
+    assert "daemon-pinned" in tiers, doc["skipped"]
+    assert "file-warm" in tiers
+    for r in doc["results"]:
+        assert_keys(r, BENCH_RESULT_KEYS)
+        assert r["bytes"] == 8 << 20
+        assert len(r["runs_gbps"]) == 2 and r["best_gbps"] >= r["median_gbps"] > 0
+    assert tiers["daemon-pinned"]["source"] == "thawd pool"
+    assert {s["tier"] for s in doc["skipped"]} <= {"file-cold"}  # tmpfs cannot drop its pages
+    assert thawctl("ls", "-q").out == ""  # the bench snapshot is gone again
+
+
+def test_bench_of_a_registered_name(thawctl, thawd, snapshot_file):
+    thawctl("register", str(snapshot_file), "--name", "b")
+    result = thawctl("bench", "b", "--repeat", "1", "--tier", "daemon-pinned")
+    assert result.code == 0, result.err
+    assert "daemon-pinned" in result.out and "thawd pool" in result.out
+    # bench pinned it for the measurement and unpinned it after
+    assert thawctl("info", "b", "--json").json()["snapshot"]["tier"] == "cold"
+
+
+def test_the_socket_option_reaches_the_daemon(thawctl, thawd, monkeypatch):
+    monkeypatch.delenv("THAW_SOCKET")
+    result = thawctl("--socket", thawd.socket, "status", "--json")
+    assert result.code == 0
+    assert result.json()["socket"] == thawd.socket
+    assert os.path.exists(thawd.socket)
