@@ -32,7 +32,7 @@ IMPORTER = textwrap.dedent(
     from thaw import _native, vmm
     fd, size, expected = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     torch.cuda.init()
-    buf = vmm.HostBuffer.import_fds([fd], size)
+    buf = vmm.HostBuffer.import_fds([fd], [size])
     assert _native.tree_hash(buf.addr, size, 4) == expected, "CPU view differs"
     dst = torch.empty(size, dtype=torch.uint8, device="cuda")
     from thaw import cuda
@@ -89,7 +89,7 @@ def test_chunks_map_contiguously_in_another_process() -> None:
         _native.copy(buf.addr, int(src.data_ptr()), buf.size, 4)
         expected = _native.tree_hash(buf.addr, buf.size, 4)
         code = IMPORTER.replace(
-            "vmm.HostBuffer.import_fds([fd], size)",
+            "vmm.HostBuffer.import_fds([fd], [size])",
             f"vmm.HostBuffer.import_fds([fd, {fds[1]}, {fds[2]}], {chunk})",
         )
         out = subprocess.run(

@@ -366,8 +366,9 @@ class Client:
             finally:
                 call.cancel()
 
-    def _redeem(self, session_id: str) -> tuple[int, int, str]:
-        """The fd of an open session, over the fd socket (checked against our SO_PEERCRED)."""
+    def _redeem(self, session_id: str) -> tuple[list[int], list[int], int]:
+        """The fds of an open session, over the fd socket (checked against our SO_PEERCRED):
+        (fds, bytes each maps, the daemon's buffer id). The caller closes the fds."""
         with self._lock:
             if self._fd_sock is None:
                 raise errors.DaemonUnavailable("not connected to thawd")
@@ -378,11 +379,12 @@ class Client:
                 raise errors.DaemonUnavailable(
                     f"thawd at {self.socket} went away while handing over memory ({e})"
                 ) from None
-        if not reply.get("ok") or len(fds) != 1:
+        sizes = [int(n) for n in reply.get("sizes", [])]
+        if not reply.get("ok") or not fds or len(fds) != len(sizes):
             for fd in fds:
                 os.close(fd)
             raise _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(reply.get("message", ""))
-        return fds[0], int(reply["size"]), str(reply["kind"])
+        return fds, sizes, int(reply.get("buffer", 0))
 
     # --- snapshots ----------------------------------------------------------------------------
 
@@ -511,40 +513,39 @@ class Client:
         """(payload address, whether CUDA can DMA from it, release function)."""
         from thaw import datapath
 
-        fd, size, _ = self._redeem(info.session_id)
+        fds, sizes, buffer_id = self._redeem(info.session_id)
         kind = _POOLS.get(info.pool_kind, "file")
         cuda = datapath.cuda_device(bindings) is not None
         try:
             if kind == "file":
                 if not info.payload_length:
                     return 0, False, lambda: None
-                mapping = MemoryMapping(fd, info.payload_length, info.payload_offset)
+                mapping = MemoryMapping(fds[0], info.payload_length, info.payload_offset)
                 return mapping.addr, False, mapping.close
             # Pool buffers stay mapped (and CUDA-registered) for this process's next restore
-            # of the same buffer: registration is the expensive part, paid once per process.
-            st = os.fstat(fd)
-            key = (st.st_dev, st.st_ino)
+            # of the same buffer: mapping and registration are paid once per process.
             with self._maps_lock:
                 cached = self._mappings.get(name)
-                if cached is None or cached[0] != key:
+                if cached is None or cached[0] != buffer_id:
                     if cached is not None:
                         _close_mapping(cached[1])
                     if kind == "vmm":
                         from thaw import vmm
 
                         device = datapath.cuda_device(bindings) or 0
-                        cached = (key, vmm.HostBuffer.import_fds([fd], size, device))
+                        cached = (buffer_id, vmm.HostBuffer.import_fds(fds, sizes, device))
                     else:
-                        cached = (key, MemoryMapping(fd, size, populate=True))
+                        cached = (buffer_id, MemoryMapping(fds[0], sizes[0], populate=True))
                     self._mappings[name] = cached
                 holder = cached[1]
                 if kind == "memfd" and cuda:
                     from thaw import cuda as cuda_mod
 
-                    cuda_mod.register_host(holder.addr, size, read_only=True)
+                    cuda_mod.register_host(holder.addr, sizes[0], read_only=True)
             return holder.addr, kind == "vmm" or cuda, lambda: None
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
 
     def forget(self, name: str) -> None:
         """Drop this process's cached mapping of `name`'s pool buffer (if any)."""
@@ -583,21 +584,23 @@ class Client:
             entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length)
                        for t in begin.tensors]  # fmt: skip
             bindings = datapath.bind(entries, named, strict=True)
-            fd, size, _ = self._redeem(begin.session_id)
+            fds, sizes, _ = self._redeem(begin.session_id)
             try:
                 if begin.pool_kind == pb.POOL_KIND_VMM:
                     from thaw import vmm
 
-                    buf = vmm.HostBuffer.import_fds([fd], size, datapath.cuda_device(bindings) or 0)
+                    device = datapath.cuda_device(bindings) or 0
+                    buf = vmm.HostBuffer.import_fds(fds, sizes, device)
                     try:
                         datapath.copy_from_tensors(bindings, buf.addr, gpu_accessible=True)
                     finally:
                         buf.close()
                 else:
-                    with MemoryMapping(fd, size, writable=True) as m:
+                    with MemoryMapping(fds[0], sizes[0], writable=True) as m:
                         datapath.copy_from_tensors(bindings, m.addr)
             finally:
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
         except BaseException:
             with contextlib.suppress(errors.DaemonError):
                 self._call("AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id))

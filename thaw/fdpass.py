@@ -6,7 +6,7 @@ travel with the message that names them. It does two things, both bound to the k
 SO_PEERCRED of the connection (which gRPC's Python API cannot expose; docs/DAEMON.md):
 
     {"op": "auth"}                     -> {"ok": true, "token": T, "uid": U, ...}
-    {"op": "fd", "session": S}         -> {"ok": true, "size": N, ...} + one fd
+    {"op": "fd", "session": S}         -> {"ok": true, "sizes": [N...], ...} + one fd per size
     failure                            -> {"ok": false, "error": "PermissionDenied", "message": M}
 
 The token goes into the metadata of every gRPC call and is valid while the connection that
@@ -22,7 +22,7 @@ import struct
 from typing import Any
 
 MAX_MESSAGE = 64 << 10
-MAX_FDS = 4
+MAX_FDS = 253  # SCM_MAX_FD: a VMM pool buffer is one fd per chunk
 TOKEN_METADATA_KEY = "thaw-token"
 
 

@@ -105,17 +105,17 @@ class HostBuffer:
     the CPU and by `device`. Imported handles are owned (released on close); the daemon's own
     chunks stay with its pool."""
 
-    def __init__(self, handles: list[Any], chunk_size: int, device: int, owned: bool) -> None:
-        self.handles, self.chunk_size, self.device, self.owned = handles, chunk_size, device, owned
-        self.size = chunk_size * len(handles)
+    def __init__(self, handles: list[Any], sizes: list[int], device: int, owned: bool) -> None:
+        self.handles, self.sizes, self.device, self.owned = handles, sizes, device, owned
+        self.size = sum(sizes)
         self.addr = int(
             _check(cu.cuMemAddressReserve(self.size, 0, 0, 0), f"cuMemAddressReserve({self.size})")
         )
         mapped = 0
         try:
-            for handle in handles:
-                _check(cu.cuMemMap(self.addr + mapped, chunk_size, 0, handle, 0), "cuMemMap")
-                mapped += chunk_size
+            for handle, size in zip(handles, sizes, strict=True):
+                _check(cu.cuMemMap(self.addr + mapped, size, 0, handle, 0), "cuMemMap")
+                mapped += size
             host = cu.CUmemAccessDesc()
             host.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_HOST_NUMA
             host.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
@@ -132,16 +132,16 @@ class HostBuffer:
     def of_chunks(cls, chunks: list[Chunk], device: int = 0) -> HostBuffer:
         """Map the daemon's own chunks (which stay owned by the pool)."""
         _context(device)
-        return cls([c.handle for c in chunks], chunks[0].size, device, owned=False)
+        return cls([c.handle for c in chunks], [c.size for c in chunks], device, owned=False)
 
     @classmethod
     def create(cls, size: int, device: int = 0) -> HostBuffer:
         """New page-locked host memory of `size` bytes (rounded up to the VMM granularity)."""
         chunk = Chunk(size, device)
-        return cls([chunk.handle], chunk.size, device, owned=True)
+        return cls([chunk.handle], [chunk.size], device, owned=True)
 
     @classmethod
-    def import_fds(cls, fds: list[int], chunk_size: int, device: int = 0) -> HostBuffer:
+    def import_fds(cls, fds: list[int], sizes: list[int], device: int = 0) -> HostBuffer:
         """Map chunks another process exported, in order; the fds stay owned by the caller."""
         _context(device)
         handles = []
@@ -153,7 +153,7 @@ class HostBuffer:
                         "cuMemImportFromShareableHandle",
                     )
                 )
-            return cls(handles, chunk_size, device, owned=True)
+            return cls(handles, sizes, device, owned=True)
         except CudaError:
             for h in handles:
                 cu.cuMemRelease(h)

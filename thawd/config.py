@@ -50,6 +50,8 @@ class Config:
     pinned_budget: int = 8 << 30
     warm_budget: int = 16 << 30
     pool: str = "auto"  # auto | memfd | vmm
+    # VMM pool chunk: buffers are whole chunks; a client maps one fd per chunk (at most 253).
+    vmm_chunk: int = 256 << 20
     allow_uids: tuple[int, ...] = ()
     allow_gids: tuple[int, ...] = ()
     repin_on_start: bool = True
@@ -89,7 +91,7 @@ def load(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None =
     values: dict[str, Any] = {}
     try:
         for key, value in raw.items():
-            if key in ("pinned_budget", "warm_budget"):
+            if key in ("pinned_budget", "warm_budget", "vmm_chunk"):
                 values[key] = parse_size(value)
             elif key == "socket_mode":
                 values[key] = int(value, 8) if isinstance(value, str) else int(value)

@@ -82,11 +82,15 @@ class FdServer:
                         fdpass.send(conn, reply)
                     elif op == "fd":
                         assert self.daemon is not None
-                        fd, size, kind = self.daemon.redeem(str(message.get("session")), uid)
+                        fds, sizes, kind, buffer_id = self.daemon.redeem(
+                            str(message.get("session")), uid
+                        )
                         try:
-                            fdpass.send(conn, {"ok": True, "size": size, "kind": kind}, [fd])
+                            reply = {"ok": True, "sizes": sizes, "kind": kind, "buffer": buffer_id}
+                            fdpass.send(conn, reply, fds)
                         finally:
-                            os.close(fd)
+                            for fd in fds:
+                                os.close(fd)
                     else:
                         fdpass.send(conn, {"ok": False, "error": "InvalidRequest",
                                            "message": f"unknown op {op!r}"})  # fmt: skip

@@ -41,7 +41,7 @@ from thaw.format import (
     verify_tensor,
 )
 from thawd import metrics
-from thawd.buffers import PoolBuffer, WarmMapping, round_size
+from thawd.buffers import PoolBuffer, VmmArena, WarmMapping, round_size
 from thawd.config import Config
 from thawd.events import Events
 from thawd.registry import Registry, Row, new_row
@@ -106,8 +106,9 @@ class Session:
     token: str
     uid: int
     name: str
-    fd: int  # the daemon's own duplicate, closed once handed out
-    size: int
+    fds: list[int]  # the daemon's own fds for the client, closed once handed out
+    sizes: list[int]  # bytes each fd maps, in address order
+    buffer_id: int  # a pool buffer's identity (0: a file), for clients' mapping caches
     started: float
     buffer: PoolBuffer | None = None
     entries: list[TensorEntry] = dataclasses.field(default_factory=list)
@@ -134,6 +135,10 @@ class Daemon:
         self.bytes_restored_total = 0
         self.memory_locked = True
         self._writes: set[asyncio.Task[None]] = set()
+        # VMM: the whole pinned budget is created now, at start (see VmmArena).
+        self.arena = (
+            VmmArena(config.pinned_budget, config.vmm_chunk) if pool_kind == "vmm" else None
+        )
         for row in self.registry.rows():
             entry = Entry(row)
             try:
@@ -164,7 +169,9 @@ class Daemon:
         )  # fmt: skip
 
     def pinned_used(self) -> int:
-        return self.pinned_reserved + sum(e.pool.size for e in self.entries.values() if e.pool)
+        freezing = sum(s.buffer.size for s in self.sessions.values() if s.buffer is not None)
+        held = sum(e.pool.size for e in self.entries.values() if e.pool)
+        return self.pinned_reserved + freezing + held
 
     def warm_used(self) -> int:
         return self.warm_reserved + sum(e.warm.size for e in self.entries.values() if e.warm)
@@ -244,6 +251,10 @@ class Daemon:
 
     # --- budgets ----------------------------------------------------------------------------
 
+    def pool_size(self, n: int) -> int:
+        """Bytes of the pinned budget a buffer of `n` bytes takes."""
+        return self.arena.size_for(n) if self.arena is not None else round_size(n)
+
     def _make_room(self, tier: str, size: int, for_name: str) -> None:
         """Demote idle entries above their wanted tier, LRU first, until `size` fits."""
         budget = self.config.pinned_budget if tier == "pinned" else self.config.warm_budget
@@ -281,7 +292,11 @@ class Daemon:
                                  done=True, snapshot=self.record(entry))  # fmt: skip
             return
         await asyncio.to_thread(entry.load, entry.row.path)  # the file may have been replaced
-        size = round_size(entry.payload_length)
+        size = (
+            self.pool_size(entry.payload_length)
+            if tier == "pinned"
+            else round_size(entry.payload_length)
+        )
         self._make_room(tier, size, name)
         entry.busy = "pinning" if tier == "pinned" else "warming"
         if tier == "pinned":
@@ -328,8 +343,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         progress: asyncio.Queue[int | BaseException] = asyncio.Queue()
         snap = await asyncio.to_thread(open_snapshot, entry.row.path)
-        buf = await asyncio.to_thread(PoolBuffer, self.pool_kind, entry.row.name,
-                                      snap.payload_length, self.config.mlock)  # fmt: skip
+        buf = await asyncio.to_thread(
+            PoolBuffer, self.pool_kind, entry.row.name, snap.payload_length, self.config.mlock,
+            self.arena,
+        )  # fmt: skip
         threads = self.config.io_threads
 
         def work() -> None:
@@ -390,16 +407,18 @@ class Daemon:
         if entry.manifest is None:
             raise InvalidRequest(f"snapshot {name!r} is unusable: {entry.row.error}")
         if entry.pool is not None:
-            fd, kind, size, offset = os.dup(entry.pool.fd), entry.pool.kind, entry.pool.size, 0
+            fds, sizes = entry.pool.export()
+            kind, size, offset, buffer_id = entry.pool.kind, entry.pool.size, 0, entry.pool.id
         else:
             try:
-                fd = os.open(entry.row.path, os.O_RDONLY | os.O_CLOEXEC)
+                fds = [os.open(entry.row.path, os.O_RDONLY | os.O_CLOEXEC)]
             except OSError as e:
                 raise InvalidRequest(f"snapshot {name!r}: cannot open {entry.row.path}: "
                                      f"{e.strerror}") from e  # fmt: skip
-            kind, size, offset = "file", entry.file_length, entry.payload_offset
-        session = Session(secrets.token_hex(16), "restore", token, peer.uid, name, fd, size,
-                          time.monotonic())  # fmt: skip
+            kind, size, offset, buffer_id = "file", entry.file_length, entry.payload_offset, 0
+            sizes = [size]
+        session = Session(secrets.token_hex(16), "restore", token, peer.uid, name, fds, sizes,
+                          buffer_id, time.monotonic())  # fmt: skip
         self.sessions[session.id] = session
         entry.clients += 1
         entry.row.last_used = time.time()
@@ -412,15 +431,17 @@ class Daemon:
             path=entry.row.path,
         )  # fmt: skip
 
-    def redeem(self, session_id: str, uid: int) -> tuple[int, int, str]:
-        """The fd of a session for the fd socket: only to the uid that opened it, only once."""
+    def redeem(self, session_id: str, uid: int) -> tuple[list[int], list[int], str, int]:
+        """The fds of a session for the fd socket: only to the uid that opened it, only once.
+
+        Returns (fds, bytes each maps, session kind, buffer id); the caller closes the fds."""
         session = self.sessions.get(session_id)
-        if session is None or session.fd < 0:
+        if session is None or not session.fds:
             raise NotFound("no such session (closed, already redeemed, or the daemon restarted)")
         if session.uid != uid:
             raise PermissionDenied(f"session belongs to uid {session.uid}, not {uid}")
-        fd, session.fd = session.fd, -1
-        return fd, session.size, session.kind
+        fds, session.fds = session.fds, []
+        return fds, session.sizes, session.kind, session.buffer_id
 
     def close_restore(self, peer: Peer, session_id: str, ok: bool, nbytes: int,
                       duration_s: float, error: str) -> None:  # fmt: skip
@@ -453,9 +474,7 @@ class Daemon:
 
     def _end_session(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
-        if session.fd >= 0:
-            os.close(session.fd)
-            session.fd = -1
+        _close_all(session)
         if session.kind == "restore":
             entry = self.entries.get(session.name)
             if entry is not None:
@@ -505,12 +524,12 @@ class Daemon:
             seen.add(tname)
         entries = layout(specs)
         length = Manifest(fingerprint, tuple(entries)).payload_length
-        size = round_size(length)
-        self._make_room("pinned", size, name)
-        buf = PoolBuffer(self.pool_kind, name, length, self.config.mlock)
-        session = Session(secrets.token_hex(16), "freeze", token, peer.uid, name,
-                          os.dup(buf.fd), buf.size, time.monotonic(), buf, entries,
-                          fingerprint, str(target), labels, pin)  # fmt: skip
+        self._make_room("pinned", self.pool_size(length), name)
+        buf = PoolBuffer(self.pool_kind, name, length, self.config.mlock, self.arena)
+        fds, sizes = buf.export()
+        session = Session(secrets.token_hex(16), "freeze", token, peer.uid, name, fds, sizes,
+                          buf.id, time.monotonic(), buf, entries, fingerprint, str(target),
+                          labels, pin)  # fmt: skip
         self.sessions[session.id] = session
         self.events.publish("freeze_started", name, str(target), length)
         return pb.BeginFreezeResponse(
@@ -519,37 +538,27 @@ class Daemon:
         )  # fmt: skip
 
     async def commit_freeze(self, peer: Peer, session_id: str, wait: bool) -> pb.Snapshot:
+        """The client's bytes are in the pool: register the snapshot and release the client.
+
+        Checksums and the file come behind (`_write`), so the engine is free as soon as its
+        device-to-host copy is done; `wait=True` returns once the file is durable instead."""
         session = self._session(peer, session_id, "freeze")
         buf = session.buffer
         assert buf is not None and session.fingerprint is not None
-        entries = session.entries
-        threads = self.config.io_threads
         # Out of the sessions table first: a commit cannot race an abort or a disconnect.
         del self.sessions[session.id]
-        if session.fd >= 0:
-            os.close(session.fd)
-            session.fd = -1
-
-        def seal_and_hash() -> list[int]:
-            try:
-                buf.finish()
-            except BlockingIOError as e:
-                raise InvalidRequest("the freeze buffer is still mapped writable by the client: "
-                                     "unmap it before CommitFreeze") from e  # fmt: skip
-            return [_native.tree_hash(buf.addr + e.offset, e.length, threads) for e in entries]
-
+        _close_all(session)
         try:
-            checksums = await asyncio.to_thread(seal_and_hash)
-        except BaseException:
+            await asyncio.to_thread(buf.finish)
+        except BlockingIOError as e:
             buf.close()
-            self.events.publish("freeze_failed", session.name, "seal or checksum failed")
-            raise
-        pairs = zip(entries, checksums, strict=True)
-        tensors = tuple(dataclasses.replace(e, checksum=c) for e, c in pairs)
-        manifest = Manifest(session.fingerprint, tensors)
+            self.events.publish("freeze_failed", session.name, "the client kept it mapped")
+            raise InvalidRequest("the freeze buffer is still mapped writable by the client: "
+                                 "unmap it before CommitFreeze") from e  # fmt: skip
+        manifest = Manifest(session.fingerprint, tuple(session.entries))  # checksums to come
         row = new_row(session.name, session.path, session.labels, peer.uid)
         row.wanted_tier = "pinned" if session.pin else "cold"
-        row.checksum_state = "verified"
+        row.checksum_state = "unverified"
         entry = Entry(row, manifest, PAYLOAD_OFFSET, manifest.payload_length, 0, "pinned", buf,
                       file_pending=True)  # fmt: skip
         self.entries[entry.row.name] = entry
@@ -557,7 +566,7 @@ class Daemon:
         elapsed = time.monotonic() - session.started
         self.events.publish("freeze_committed", entry.row.name, session.path,
                             entry.payload_length, elapsed)  # fmt: skip
-        task = asyncio.ensure_future(self._write(entry, checksums))
+        task = asyncio.ensure_future(self._write(entry))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
         if wait:
@@ -567,22 +576,29 @@ class Daemon:
                                      f"{entry.row.error}")  # fmt: skip
         return self.record(entry)
 
-    async def _write(self, entry: Entry, checksums: builtins.list[int]) -> None:
-        """Write a frozen snapshot to disk behind the client, atomically (SnapshotWriter)."""
+    async def _write(self, entry: Entry) -> None:
+        """Checksum a frozen snapshot's pool buffer, then write it to disk atomically."""
         assert entry.manifest is not None and entry.pool is not None
         buf, manifest, path = entry.pool, entry.manifest, entry.row.path
+        threads = self.config.io_threads
         t0 = time.monotonic()
 
         def work() -> None:
-            with SnapshotWriter(path, [dataclasses.replace(t, checksum=0)
-                                       for t in manifest.tensors]) as w:  # fmt: skip
+            checksums = [_native.tree_hash(buf.addr + t.offset, t.length, threads)
+                         for t in manifest.tensors]  # fmt: skip
+            pairs = zip(manifest.tensors, checksums, strict=True)
+            tensors = tuple(dataclasses.replace(t, checksum=c) for t, c in pairs)
+            entry.manifest = Manifest(manifest.fingerprint, tensors)
+            entry.row.checksum_state = "verified"
+            with SnapshotWriter(path, manifest.tensors) as w:
                 if w.payload_length:
-                    w.write_at(0, buf.addr, w.payload_length, self.config.io_threads)
+                    w.write_at(0, buf.addr, w.payload_length, threads)
                 w.commit(manifest.fingerprint, checksums)
 
         try:
             await asyncio.to_thread(work)
             await asyncio.to_thread(entry.load, path)
+            self.registry.update(entry.row)
         except Exception as e:
             entry.row.error = f"writing {path} failed: {e}"
             self.registry.remove(entry.row.name)
@@ -626,7 +642,15 @@ class Daemon:
             self._end_session(session)
         for entry in self.entries.values():
             self._release(entry)
+        if self.arena is not None:
+            self.arena.close()
         self.registry.close()
+
+
+def _close_all(session: Session) -> None:
+    for fd in session.fds:
+        os.close(fd)
+    session.fds = []
 
 
 def _entry_pb(t: TensorEntry) -> pb.TensorEntry:

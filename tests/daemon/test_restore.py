@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import thaw
 from tests.daemon.conftest import (
     ROOT,
     ThawdProcess,
@@ -69,7 +70,7 @@ def test_freeze_then_restore(shared_thawd: ThawdProcess) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48))
     with connect(shared_thawd.socket) as c:
         rec = c.freeze(model, "frozen", labels={"by": "test"})
-        assert (rec.tier, rec.checksum_state) == ("pinned", "verified")
+        assert rec.tier == "pinned"  # checksums and the file come behind the client
         target = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48))
         c.restore(target, "frozen")
         assert same(dict(target.state_dict()), dict(model.state_dict()))
@@ -78,6 +79,10 @@ def test_freeze_then_restore(shared_thawd: ThawdProcess) -> None:
             time.sleep(0.05)
         rec = c.stat("frozen")
         assert os.path.exists(rec.path) and not rec.file_pending and rec.file_bytes > 0
+        assert rec.checksum_state == "verified"
+        from_file = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48))
+        thaw.restore_file(from_file, rec.path)  # verifies the checksums the daemon computed
+        assert same(dict(from_file.state_dict()), dict(model.state_dict()))
         from thaw.format import open_snapshot
 
         assert {t.name for t in open_snapshot(rec.path).tensors} == set(model.state_dict())

@@ -82,6 +82,7 @@ print(json.dumps(out))
 def test_sessions_are_redeemed_only_by_their_uid(open_thawd: ThawdProcess) -> None:
     from thaw import fdpass
     from thaw.client import connect
+    from thaw.errors import NotFound
 
     path = write_snapshot(open_thawd.dir / "s.thaw", random_tensors(11))
     c = connect(open_thawd.socket)  # stays open: its sessions end with its fd-socket connection
@@ -96,9 +97,11 @@ print(json.dumps([reply.get("error"), len(fds)]))
 """
     out = run_client(code, uid=ALLOWED)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["PermissionDenied", 0], out.stderr
-    fd, size, kind = c._redeem(info.session_id)  # its owner still gets it, once
-    assert kind == "restore" and size > 0
+    fds, sizes, _ = c._redeem(info.session_id)  # its owner still gets it, once
+    assert len(fds) == len(sizes) == 1 and sizes[0] > 0
     import os as _os
 
-    _os.close(fd)
+    _os.close(fds[0])
+    with pytest.raises(NotFound):
+        c._redeem(info.session_id)
     c.close()
