@@ -122,7 +122,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     directory = Path(tempfile.mkdtemp(prefix="thaw-dbench-"))
     size_est = int(args.size_gb * 1e9)
-    daemon = start_daemon(directory, budget=int(size_est * (args.tp + 1.5)) + (2 << 30))
+    daemon = start_daemon(directory, budget=int(size_est * 1.1 * args.tp) + (2 << 30))
     socket = str(directory / "thawd.sock")
     rows: list[Row] = []
     try:

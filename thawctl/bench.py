@@ -93,7 +93,7 @@ def run_bench(ctx: Context) -> int:
         from thaw import open_snapshot
 
         snap = open_snapshot(path) if path else None
-        info = {
+        info: dict[str, Any] = {
             "path": str(path) if path else None,
             "name": name,
             "bytes": sum(t.length for t in snap.tensors) if snap else None,
@@ -200,8 +200,8 @@ def _snapshot(
         return
     with ctx.connect() as client:
         record = client.stat(ref)
-    path = Path(record.path) if os.access(record.path, os.R_OK) else None
-    yield path, ref, False
+    readable = Path(record.path) if os.access(record.path, os.R_OK) else None
+    yield readable, ref, False
 
 
 def _write_synthetic(path: Path, size: int) -> None:

@@ -130,7 +130,8 @@ def load_torch_model(model: str, dtype: str, device: str) -> Any:
     if model == TINY:
         from thaw import tiny
 
-        return tiny.build_model(seed=0, dtype="float32" if dtype == "auto" else dtype).to(device)
+        model_ = tiny.build_model(seed=0, dtype="float32" if dtype == "auto" else dtype)
+        return model_.to(device)  # type: ignore[arg-type]
     try:
         import transformers
     except ImportError:
@@ -153,7 +154,7 @@ def load_torch_model(model: str, dtype: str, device: str) -> Any:
             "a local model directory, or a model id that is in the Hugging Face cache",
             exitcodes.NOT_FOUND,
         ) from e
-    return loaded.to(device).eval()
+    return loaded.to(device).eval()  # type: ignore[arg-type]
 
 
 def freeze_torch(args: argparse.Namespace) -> dict[str, Any]:

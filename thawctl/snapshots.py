@@ -270,6 +270,7 @@ def run_info(ctx: Context) -> int:
 
     ref = ctx.args.ref
     record = None
+    doc: dict[str, Any] | None
     if looks_like_path(ref):
         doc = local.file_info(ref)
     else:
@@ -292,6 +293,7 @@ def run_info(ctx: Context) -> int:
             ctx.print(f"\n(the file {record.path} is not readable here: no tensor table)")
             return exitcodes.OK
         ctx.print()
+    assert doc is not None
     _human_file(ctx, doc)
     return exitcodes.OK
 

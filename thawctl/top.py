@@ -34,6 +34,6 @@ def run_top(ctx: Context) -> int:
 
     if ctx.args.interval <= 0:
         raise exitcodes.CommandError("--interval must be positive", exitcodes.USAGE)
-    app = ThawTop(DaemonSource(ctx.socket, ctx.args.interval))
+    app = ThawTop(DaemonSource(ctx.socket, ctx.args.interval), interval_s=ctx.args.interval)
     app.run()
     return exitcodes.OK

@@ -356,3 +356,31 @@ def test_progress_quiet_for_short_transfers_and_json():
 def test_json_output_is_one_document(thawctl, snapshot_file):
     result = thawctl("info", str(snapshot_file), "--json")
     json.loads(result.out)  # no progress or chatter mixed in
+
+
+# --- layering -----------------------------------------------------------------------------------
+
+
+def test_thawctl_never_imports_the_daemon():
+    """The CLI and the dashboard use thaw.client's records only (STYLE.md 1, 2)."""
+    code = (
+        "import sys, thawctl.cli, thawctl.snapshots, thawctl.status, thawctl.bench, "
+        "thawctl.freeze, thawctl.tui.app, thawctl.tui.source\n"
+        "bad = sorted(m for m in sys.modules if m == 'thawd' or m.startswith('thawd.'))\n"
+        "assert not bad, bad\n"
+    )
+    done = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True,
+                          text=True, cwd=str(Path(__file__).resolve().parents[2]))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_help_does_not_import_torch():
+    """`thawctl --help` and completion stay instant: no torch, grpc or textual at import."""
+    code = (
+        "import sys\nfrom thawctl.cli import build_parser\nbuild_parser()\n"
+        "heavy = [m for m in ('torch', 'grpc', 'textual', 'thaw') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True,
+                          text=True, cwd=str(Path(__file__).resolve().parents[2]))  # fmt: skip
+    assert done.returncode == 0, done.stderr
