@@ -67,6 +67,7 @@ class DaemonSource:
         """Watch updates, with Connection records around every (re)connection."""
         from thaw.errors import DaemonError
 
+        detail = ""
         delay = RETRY_FIRST_S
         yield Connection("connecting", self.socket, time.time())
         while not self._stopped.is_set():
@@ -94,6 +95,8 @@ class DaemonSource:
                     client.close()
             except DaemonError as e:
                 detail = str(e)
+            except Exception as e:  # anything else the stream throws: keep the dashboard alive
+                detail = f"{type(e).__name__}: {e}"
             if self._stopped.is_set():
                 return
             yield Connection("reconnecting", detail, time.time())
