@@ -74,6 +74,9 @@ def describe(source: Any, **extra: Any) -> Fingerprint:
         "architecture": architectures[0] if isinstance(source, torch.nn.Module) else "",
         "dtype": max(sizes, key=lambda k: sizes[k]) if sizes else "",
         "parameter_count": sum(t.numel() for _, t in tensors),
+        "engine": "torch",
+        "tp_rank": 0,
+        "tp_size": 1,
     }
     values.update(extra)
     return Fingerprint(**values)

@@ -23,9 +23,9 @@ class Fingerprint:
     dtype: str = ""
     parameter_count: int = -1
     quantization: str = ""
-    tp_rank: int = 0
-    tp_size: int = 1
-    engine: str = "torch"
+    tp_rank: int = -1
+    tp_size: int = -1
+    engine: str = ""
     engine_version: str = ""
     model: str = ""
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)

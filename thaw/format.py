@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -141,6 +142,13 @@ def layout(specs: Sequence[tuple[str, str, tuple[int, ...]]]) -> list[TensorEntr
     """Assign aligned payload offsets to (name, dtype, shape) in order; checksums come later."""
     entries, offset = [], 0
     for name, dtype, shape in specs:
+        # The reader's limits, checked before a file exists: never write what cannot be read.
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
+            raise ValueError(f"tensor name {name!r} must be 1 to {MAX_NAME} characters")
+        if len(shape) > MAX_NDIM:
+            raise ValueError(
+                f"tensor {name!r} has {len(shape)} dims; snapshots hold at most {MAX_NDIM}"
+            )
         length = itemsize(dtype)
         for d in shape:
             length *= d
@@ -166,7 +174,10 @@ def open_snapshot(path: str | os.PathLike[str]) -> Snapshot:
 
 
 def _read(fd: int, path: Path) -> Snapshot:
-    file_length = os.fstat(fd).st_size
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(path, "not a regular file")
+    file_length = st.st_size
     raw = os.pread(fd, _HEADER.size, 0)
     if len(raw) < len(MAGIC) or raw[: len(MAGIC)] != MAGIC:
         raise BadMagic(path, "not a thaw snapshot (wrong magic bytes)")
@@ -218,7 +229,7 @@ def _parse_manifest(path: Path, blob: bytes, payload_length: int) -> Manifest:
         if not isinstance(raw_tensors, list) or len(raw_tensors) > MAX_TENSORS:
             raise ValueError("tensors must be a list of at most 1,000,000 entries")
         tensors = tuple(_parse_entry(t) for t in raw_tensors)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ManifestCorrupt(path, f"invalid manifest: {e}") from e
     names: set[str] = set()
     end = 0

@@ -50,7 +50,9 @@ def plan(entries: Sequence[TensorEntry], slot_size: int) -> list[Piece]:
     end = 0
     for i in order:
         e = entries[i]
-        if segments and e.offset + e.length - start > slot_size:
+        # A piece is one contiguous run of these entries: never span bytes of tensors that are
+        # not in `entries` (a freeze would overwrite them with this piece's gaps).
+        if segments and (e.offset + e.length - start > slot_size or e.offset > align_up(end)):
             flush(end)
         if e.length > slot_size:
             for chunk in range(0, e.length, slot_size):
