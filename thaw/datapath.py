@@ -195,9 +195,19 @@ class Staging:
         cuda.set_device(device)
         self.device = device
         self.lock = threading.Lock()  # one pipeline at a time uses these slots
-        self.slots = [cuda.PinnedBuffer(SLOT_SIZE) for _ in range(SLOTS)]
-        self.events = [cuda.Event() for _ in range(SLOTS)]
         self.streams = [cuda.Stream(), cuda.Stream()]
+        self.events = [cuda.Event() for _ in range(SLOTS)]
+        self._slots: list[Any] = []
+
+    @property
+    def slots(self) -> list[Any]:
+        """The pinned slots, allocated on first use: copies straight from GPU-accessible pool
+        memory never need them, and 512 MB of cudaHostAlloc costs a new process ~0.1 s."""
+        if not self._slots:
+            from thaw import cuda
+
+            self._slots = [cuda.PinnedBuffer(SLOT_SIZE) for _ in range(SLOTS)]
+        return self._slots
 
     @classmethod
     def for_device(cls, device: int) -> Staging:
