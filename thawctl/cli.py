@@ -148,7 +148,10 @@ def report(exc: BaseException, err: TextIO) -> int:
             import traceback
 
             traceback.print_exception(exc, file=err)
-        hint = "this is a bug in thawctl: please report it (THAWCTL_DEBUG=1 prints the traceback)"
+        hint = (
+            "THAWCTL_DEBUG=1 prints the traceback; if it is not an installation problem, "
+            "please report it"
+        )
         text = f"unexpected {type(exc).__name__}: {exitcodes.message(exc, '')}; {hint}"
     else:
         text = exitcodes.message(exc, hint)
