@@ -462,6 +462,10 @@ class Client:
         DaemonUnavailable is raised and the model must be restored again before use.
         `progress(done_bytes, total_bytes)` is called before and after the copy.
         """
+        if _is_vllm_llm(target):  # every rank of a live engine, through its workers
+            from thaw import vllm as thaw_vllm
+
+            return thaw_vllm.restore(target, name, socket=self.socket, daemon="require")  # type: ignore[no-any-return]
         from thaw import datapath
 
         t0 = time.perf_counter()
@@ -564,6 +568,11 @@ class Client:
         file is durable). `path` defaults to the daemon's state directory. pin=False leaves it
         demotable once written.
         """
+        if _is_vllm_llm(model):  # one snapshot per rank, frozen by the engine's workers
+            from thaw import vllm as thaw_vllm
+
+            return thaw_vllm.freeze(model, name, path=path, socket=self.socket,  # type: ignore[no-any-return]
+                                    daemon="require", labels=labels, pin=pin)
         import torch
 
         from thaw import datapath
@@ -628,6 +637,12 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_vllm_llm(target: Any) -> bool:
+    """A `vllm.LLM`, recognised by class without importing vllm (thaw never imports it)."""
+    return any(c.__name__ == "LLM" and c.__module__.startswith("vllm.")
+               for c in type(target).__mro__)  # fmt: skip
 
 
 def _close_mapping(holder: Any) -> None:

@@ -1,0 +1,161 @@
+"""thaw's operations on a live `vllm.LLM` (called in the process that owns it)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from thaw.fingerprint import Fingerprint
+from thaw.vllm.common import (
+    EngineBusy,
+    EngineTransfer,
+    ExtensionMissing,
+    Options,
+    RankTransfer,
+    SnapshotMissing,
+    find_source,
+    resolve,
+)
+from thaw.vllm.transfer import check_before_copy, client_for
+from thaw.vllm.worker import WORKER_EXTENSION
+
+
+def is_llm(target: Any) -> bool:
+    """True for a `vllm.LLM` (or subclass), found without importing vllm."""
+    return any(c.__name__ == "LLM" and c.__module__.startswith("vllm.")
+               for c in type(target).__mro__)  # fmt: skip
+
+
+def _rpc(llm: Any, method: str, *args: Any) -> list[Any]:
+    """Call a ThawWorkerExtension method on every worker (one result per rank, in rank order)."""
+    ext = getattr(llm.llm_engine.vllm_config.parallel_config, "worker_extension_cls", "") or ""
+    if ext:
+        return list(llm.collective_rpc(method, args=args))
+    if os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1":
+        from thaw.vllm import worker
+
+        fn = {"thaw_restore": worker.restore_rank, "thaw_freeze": worker.freeze_rank,
+              "thaw_fingerprint": worker.fingerprint_rank}[method]  # fmt: skip
+        return list(llm.collective_rpc(fn, args=args))
+    raise ExtensionMissing(
+        "thaw cannot reach this engine's workers: create the LLM with "
+        f'worker_extension_cls="{WORKER_EXTENSION}" (or set VLLM_ALLOW_INSECURE_SERIALIZATION=1 '
+        "before creating it, to let thaw send its functions to the workers)"
+    )
+
+
+def _check_idle(llm: Any) -> None:
+    engine = llm.llm_engine
+    if engine.has_unfinished_requests():
+        raise EngineBusy(
+            f"the engine has {engine.get_num_unfinished_requests()} unfinished request(s): "
+            "swapping weights under them would mix two models; wait for them (or abort them)"
+        )
+
+
+def fingerprints(llm: Any, labels: Mapping[str, str] | None = None) -> list[Fingerprint]:
+    """Each rank's fingerprint: what a snapshot restored into this engine must match."""
+    return [Fingerprint.from_json(d) for d in _rpc(llm, "thaw_fingerprint", dict(labels or {}))]
+
+
+def _options(snapshot: str, **kw: Any) -> Options:
+    config = {k: v for k, v in kw.items() if v is not None}
+    config["snapshot"] = os.fspath(snapshot)
+    return Options.from_config(config)
+
+
+def restore(llm: Any, snapshot: str | os.PathLike[str], *, path: str | None = None,
+            socket: str | None = None, daemon: str | None = None,
+            ignore: Sequence[str] | None = None, verify: bool | None = None,
+            reset_prefix_cache: bool = True) -> EngineTransfer:  # fmt: skip
+    """Swap a live engine's weights for a snapshot's, in place, on every rank.
+
+    `snapshot` is a thawd name or a file (per rank: see docs/ENGINES.md). Every rank's
+    snapshot is found and its fingerprint checked here first (FingerprintMismatch names each
+    difference); only then do the workers restore, each its own shard, through vLLM's
+    layerwise reload. The prefix cache is reset afterwards: cached KV belongs to the old
+    weights. `ignore=["model"]` swaps in another model's weights of the same shape (a
+    fine-tune, an RL step).
+    """
+    started = time.perf_counter()
+    _check_idle(llm)
+    options = _options(os.fspath(snapshot), path=path, socket=socket, daemon=daemon,
+                       ignore=list(ignore) if ignore else None, verify=verify)  # fmt: skip
+    expected = fingerprints(llm)
+    client = client_for(options)
+    for fp in expected:
+        ref = resolve(options, fp.tp_rank, fp.tp_size)
+        source = find_source(ref, client)
+        if source.kind == "missing":
+            raise SnapshotMissing(
+                f"rank {fp.tp_rank}: snapshot {ref.label!r} not found (thawd "
+                f"{'not running' if client is None else 'does not hold it'}; file "
+                f"{ref.path or '(none given)'})"
+            )
+        check_before_copy(source, fp, options)
+    results = _rpc(llm, "thaw_restore", options.to_config())
+    if reset_prefix_cache:
+        llm.reset_prefix_cache()
+    ranks = tuple(RankTransfer(**r) for r in results)
+    return EngineTransfer(os.fspath(snapshot), ranks, time.perf_counter() - started)
+
+
+def freeze(llm: Any, snapshot: str | os.PathLike[str], *, path: str | None = None,
+           socket: str | None = None, daemon: str | None = None,
+           labels: Mapping[str, str] | None = None, pin: bool | None = None) -> EngineTransfer:  # fmt: skip
+    """Snapshot a live engine's weights, one snapshot per rank (pre-processing, vLLM names).
+
+    A thawd name (thawd running) freezes into the daemon, written behind to `path` or its
+    state directory; a path writes the file. See freeze_rank for packed (CPU) engines.
+    """
+    started = time.perf_counter()
+    options = _options(os.fspath(snapshot), path=path, socket=socket, daemon=daemon,
+                       labels=dict(labels) if labels else None, pin=pin)  # fmt: skip
+    results = _rpc(llm, "thaw_freeze", options.to_config())
+    ranks = tuple(RankTransfer(**r) for r in results)
+    return EngineTransfer(os.fspath(snapshot), ranks, time.perf_counter() - started)
+
+
+# Engine defaults for freeze_engine: the snapshot needs the weights, not a serving engine.
+FREEZE_ENGINE_DEFAULTS: dict[str, Any] = {
+    "enforce_eager": True,
+    "max_model_len": 512,
+    "kv_cache_memory_bytes": 64 << 20,
+}
+
+
+def freeze_engine(model: str, path: str, dtype: str = "auto", tensor_parallel_size: int = 1,
+                  labels: Mapping[str, str] | None = None, **engine_kwargs: Any) -> list[str]:  # fmt: skip
+    """Start vLLM on `model` and freeze each rank's weights to `path` (a file, "{rank}" or
+    ".rankN" per rank as in docs/ENGINES.md); returns the files. What `thawctl freeze
+    --engine vllm` calls. Existing rank files are replaced (thawctl asks for --force first).
+    The engine loads through load_format="thaw" with freeze_on_miss, so the snapshot holds
+    exactly what a thaw load will later restore."""
+    from vllm import LLM
+
+    from thaw.vllm.common import rank_path
+
+    paths = [os.path.abspath(rank_path(path, r, tensor_parallel_size))
+             for r in range(tensor_parallel_size)]  # fmt: skip
+    for p in paths:
+        if os.path.exists(p):
+            os.unlink(p)
+    kwargs = {**FREEZE_ENGINE_DEFAULTS, **engine_kwargs}
+    llm = LLM(
+        model=model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, load_format="thaw",
+        model_loader_extra_config={"snapshot": os.path.abspath(path), "freeze_on_miss": True,
+                                   "daemon": "never", "labels": dict(labels or {})},
+        **kwargs,
+    )  # fmt: skip
+    try:
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise SnapshotMissing(f"the engine started but did not write {missing}")
+    finally:
+        shutdown = getattr(llm.llm_engine, "engine_core", None)
+        if shutdown is not None and hasattr(shutdown, "shutdown"):
+            shutdown.shutdown()
+        del llm
+    return paths
