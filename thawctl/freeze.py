@@ -10,10 +10,13 @@ weights, one file per tensor-parallel rank.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,10 +214,10 @@ def freeze_engine(args: argparse.Namespace) -> dict[str, Any]:
     if fn is None:
         raise CommandError(
             f"--engine {args.engine} is not available: {module_name} has no freeze_engine(); "
-            f"install a thaw with the {args.engine} integration (thaw[{args.engine}])"
+            f"install thaw[{args.engine}]"
         )
     offered = {
-        "model": args.model,
+        "model": tiny_model_dir() if args.model == TINY else args.model,
         "path": args.output,
         "output": args.output,
         "dtype": args.dtype,
@@ -228,7 +231,13 @@ def freeze_engine(args: argparse.Namespace) -> dict[str, Any]:
     if takes_all:
         kwargs.pop("output", None)
     started = time.perf_counter()
-    result = fn(**kwargs)
+    try:
+        with _stdout_to_stderr():
+            result = fn(**kwargs)
+    except ImportError as e:  # the integration is there, the engine is not
+        raise CommandError(
+            f"--engine {args.engine} is not available ({e}): install thaw[{args.engine}]"
+        ) from None
     seconds = time.perf_counter() - started
     paths = _result_paths(result, args.output)
     files = [_file_entry(p) for p in paths]
@@ -246,6 +255,35 @@ def freeze_engine(args: argparse.Namespace) -> dict[str, Any]:
         "fingerprint": fingerprint,
         "files": files,
     }
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Point fd 1 at stderr while an engine runs: engines log to stdout, from this process and
+    from the workers they spawn (which inherit the fd), and stdout belongs to thawctl's output
+    (one JSON document with --json)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def tiny_model_dir() -> str:
+    """The tiny model as a Hugging Face directory for the engines, written once and reused.
+
+    A stable path: engines record the model path in the snapshot's fingerprint, and a later
+    restore into an engine started from the same directory must match it.
+    """
+    from thaw import tiny
+
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    path = Path(cache) / "thaw" / f"tiny-model-v{tiny.TINY_FORMAT_VERSION}"
+    return str(tiny.write_model_dir(path))
 
 
 def _result_paths(result: Any, output: str) -> list[str]:

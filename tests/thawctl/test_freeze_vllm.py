@@ -1,0 +1,30 @@
+"""`thawctl freeze --engine vllm` with the real vLLM (CPU build) on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from thawctl_testlib import run_subprocess
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
+]
+
+
+def test_freeze_with_vllm_writes_a_snapshot_and_keeps_stdout_json(snapshot_dir):
+    out = snapshot_dir / "tiny-vllm.thaw"
+    # A fresh interpreter: vLLM spawns its engine processes, which need a __main__ guard.
+    done = run_subprocess("freeze", "--engine", "vllm", "--model", "tiny", "--dtype", "float32",
+                          "-o", str(out), "--json", timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(done.stdout)  # the engine's logs went to stderr
+    assert doc["engine"] == "vllm" and doc["tensor_parallel_size"] == 1
+    assert doc["fingerprint"]["engine"] == "vllm"
+    assert doc["fingerprint"]["dtype"] == "float32"
+    assert [f["path"] for f in doc["files"]] == [str(out.resolve())]
+    verified = run_subprocess("verify", str(out))
+    assert verified.returncode == 0, verified.stderr
