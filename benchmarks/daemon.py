@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -56,13 +57,20 @@ def start_daemon(directory: Path, budget: int) -> subprocess.Popen[bytes]:
     sys.exit("thawd did not come up in 60 s")
 
 
-def digest(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-    """A cheap per-tensor fingerprint to compare two processes' tensors."""
-    return {k: float(v.view(-1)[::4099].float().sum()) for k, v in tensors.items()}
+def digest(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """An exact, sampled fingerprint of tensors on any device: every 4099th element's bytes."""
+    out = {}
+    for k, v in tensors.items():
+        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[v.element_size()]
+        sample = v.reshape(-1)[::4099].view(as_int).cpu()
+        out[k] = _native.xxh3(sample.numpy().tobytes())
+    return out
 
 
 def child(args: argparse.Namespace) -> None:
     """A brand-new engine-like process: empty tensors on its GPU, restored twice from thawd."""
+    logging.basicConfig(level=logging.DEBUG, format="  child: %(name)s: %(message)s")
+    logging.getLogger("grpc").setLevel(logging.WARNING)
     torch.cuda.init() if args.device.startswith("cuda") else None
     shapes = llama_shaped(args.size_gb, getattr(torch, args.dtype), "meta")
     tensors = {
@@ -172,7 +180,7 @@ def main() -> None:
 
 def freeze_into_daemon(
     args: argparse.Namespace, client: thaw.client.Client, directory: Path, sync: Callable[[], None]
-) -> tuple[int, dict[str, float], float]:
+) -> tuple[int, dict[str, int], float]:
     """Freeze model-shaped CUDA tensors into thawd; the engine is free once its bytes are in the
     pool. Returns (bytes, digest, seconds until released), after the file is written."""
     tensors = llama_shaped(args.size_gb, getattr(torch, args.dtype), args.device)

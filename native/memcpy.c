@@ -138,3 +138,102 @@ PyObject *thaw_prefault(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
+
+/* copy_many: one pool of threads over many (dst, src, length) segments. A model restore is
+ * hundreds of tensors; one parallel copy per tensor starts and joins threads hundreds of
+ * times and leaves cores idle on the small ones (47% of memcpy speed on a 16-core host). */
+#define COPY_MANY_TASK ((size_t)8 << 20)
+
+typedef struct {
+    char *dst;
+    const char *src;
+    size_t length;
+} copy_task;
+
+static int copy_many_task(void *ctx, size_t task, thaw_err_t *err)
+{
+    (void)err;
+    const copy_task *t = (const copy_task *)ctx + task;
+    memcpy(t->dst, t->src, t->length);
+    return 0;
+}
+
+static int addr_at(PyObject *seq, Py_ssize_t i, uintptr_t *out)
+{
+    return thaw_addr_converter(PySequence_Fast_GET_ITEM(seq, i), out);
+}
+
+const char thaw_copy_many_doc[] =
+    "copy_many(dsts, srcs, lengths, threads=1) -> None\n\n"
+    "memcpy each lengths[i] bytes from srcs[i] to dsts[i] (addresses), all segments cut\n"
+    "into 8 MiB tasks shared by one pool of up to `threads` threads (GIL released).\n"
+    "No range may overlap its own source (ValueError).";
+
+PyObject *thaw_copy_many(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static char *kwlist[] = {"dsts", "srcs", "lengths", "threads", NULL};
+    PyObject *dsts_obj, *srcs_obj, *lengths_obj;
+    int threads = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|i:copy_many", kwlist, &dsts_obj,
+                                     &srcs_obj, &lengths_obj, &threads))
+        return NULL;
+    if (thaw_check_threads(threads))
+        return NULL;
+    PyObject *dsts = PySequence_Fast(dsts_obj, "dsts must be a sequence");
+    PyObject *srcs = dsts ? PySequence_Fast(srcs_obj, "srcs must be a sequence") : NULL;
+    PyObject *lengths = srcs ? PySequence_Fast(lengths_obj, "lengths must be a sequence") : NULL;
+    copy_task *tasks = NULL;
+    PyObject *result = NULL;
+    if (!lengths)
+        goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(dsts);
+    if (PySequence_Fast_GET_SIZE(srcs) != n || PySequence_Fast_GET_SIZE(lengths) != n) {
+        PyErr_SetString(PyExc_ValueError, "copy_many: dsts, srcs and lengths differ in length");
+        goto done;
+    }
+    size_t ntasks = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t len = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(lengths, i));
+        if (len == -1 && PyErr_Occurred())
+            goto done;
+        if (thaw_check_nonneg("length", len))
+            goto done;
+        ntasks += ((size_t)len + COPY_MANY_TASK - 1) / COPY_MANY_TASK;
+    }
+    tasks = PyMem_Calloc(ntasks ? ntasks : 1, sizeof *tasks);
+    if (!tasks) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    size_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uintptr_t dst, src;
+        Py_ssize_t len = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(lengths, i));
+        if (!addr_at(dsts, i, &dst) || !addr_at(srcs, i, &src))
+            goto done;
+        if (thaw_check_range("dst", dst, len) || thaw_check_range("src", src, len))
+            goto done;
+        if (len && dst < src + (uintptr_t)len && src < dst + (uintptr_t)len) {
+            PyErr_Format(PyExc_ValueError, "copy_many: segment %zd overlaps its source", i);
+            goto done;
+        }
+        for (size_t off = 0; off < (size_t)len; off += COPY_MANY_TASK, k++) {
+            size_t left = (size_t)len - off;
+            tasks[k] = (copy_task){(char *)dst + off, (const char *)src + off,
+                                   left < COPY_MANY_TASK ? left : COPY_MANY_TASK};
+        }
+    }
+    thaw_err_t err;
+    Py_BEGIN_ALLOW_THREADS
+    thaw_parallel_for(k, threads, copy_many_task, tasks, &err);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyMem_Free(tasks);
+    Py_XDECREF(dsts);
+    Py_XDECREF(srcs);
+    Py_XDECREF(lengths);
+    return result;
+}

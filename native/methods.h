@@ -17,7 +17,9 @@ extern const char thaw_pwrite_from_doc[];
 /* memcpy.c */
 PyObject *thaw_copy(PyObject *self, PyObject *args, PyObject *kwargs);
 PyObject *thaw_prefault(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *thaw_copy_many(PyObject *self, PyObject *args, PyObject *kwargs);
 extern const char thaw_copy_doc[];
+extern const char thaw_copy_many_doc[];
 extern const char thaw_prefault_doc[];
 
 /* checksum.c */

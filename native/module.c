@@ -11,6 +11,8 @@ static PyMethodDef methods[] = {
     {"pwrite_from", (PyCFunction)(void (*)(void))thaw_pwrite_from, METH_VARARGS | METH_KEYWORDS,
      thaw_pwrite_from_doc},
     {"copy", (PyCFunction)(void (*)(void))thaw_copy, METH_VARARGS | METH_KEYWORDS, thaw_copy_doc},
+    {"copy_many", (PyCFunction)(void (*)(void))thaw_copy_many, METH_VARARGS | METH_KEYWORDS,
+     thaw_copy_many_doc},
     {"prefault", (PyCFunction)(void (*)(void))thaw_prefault, METH_VARARGS | METH_KEYWORDS,
      thaw_prefault_doc},
     {"block_hashes", (PyCFunction)(void (*)(void))thaw_block_hashes,

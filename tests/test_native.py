@@ -381,3 +381,34 @@ def test_module_constants():
     assert _native.FADV_DONTNEED == os.POSIX_FADV_DONTNEED
     assert _native.FADV_WILLNEED == os.POSIX_FADV_WILLNEED
     assert _native.FADV_SEQUENTIAL == os.POSIX_FADV_SEQUENTIAL
+
+
+def test_copy_many_copies_every_segment() -> None:
+    import ctypes
+
+    sizes = [0, 1, 4096, (8 << 20) + 3, 3 << 20]
+    srcs = [
+        ctypes.create_string_buffer(os.urandom(n), n) if n else ctypes.create_string_buffer(1)
+        for n in sizes
+    ]
+    dsts = [ctypes.create_string_buffer(max(n, 1)) for n in sizes]
+    _native.copy_many(
+        [ctypes.addressof(d) for d in dsts], [ctypes.addressof(s) for s in srcs], sizes, 3
+    )
+    for n, s, d in zip(sizes, srcs, dsts, strict=True):
+        assert d.raw[:n] == s.raw[:n]
+
+
+def test_copy_many_refuses_bad_arguments() -> None:
+    import ctypes
+
+    buf = ctypes.create_string_buffer(8192)
+    a = ctypes.addressof(buf)
+    with pytest.raises(ValueError, match="overlaps"):
+        _native.copy_many([a], [a + 100], [4096])
+    with pytest.raises(ValueError, match="differ in length"):
+        _native.copy_many([a], [a + 4096], [1, 2])
+    with pytest.raises(ValueError):
+        _native.copy_many([a], [a + 4096], [-1])
+    with pytest.raises(TypeError):
+        _native.copy_many(1, [a], [1])

@@ -17,6 +17,7 @@ import builtins
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import threading
@@ -64,6 +65,8 @@ class _NotAvailable:
 
 
 NA: Any = _NotAvailable()
+
+log = logging.getLogger("thaw.client")
 
 _TIERS = {pb.TIER_COLD: "cold", pb.TIER_WARM: "warm", pb.TIER_PINNED: "pinned"}
 _CHECKSUM = {
@@ -465,12 +468,14 @@ class Client:
         if _is_vllm_llm(target):  # every rank of a live engine, through its workers
             from thaw import vllm as thaw_vllm
 
-            return thaw_vllm.restore(target, name, socket=self.socket, daemon="require")  # type: ignore[no-any-return]
+            swapped = thaw_vllm.restore(target, name, socket=self.socket, daemon="require")
+            return swapped  # type: ignore[no-any-return]
         from thaw import datapath
 
         t0 = time.perf_counter()
         named = datapath.model_tensors(target)
         info = self._call("OpenRestore", pb.OpenRestoreRequest(name=name))
+        t_open = time.perf_counter()
         total = sum(t.length for t in info.tensors)
         copied, failure = 0, ""
         try:
@@ -480,6 +485,7 @@ class Client:
                 check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
             bindings = datapath.bind(entries, named, strict=strict)
             base, gpu_accessible, release = self._map(name, info, bindings)
+            t_map = time.perf_counter()
             try:
                 if progress is not None:
                     progress(0, total)
@@ -501,7 +507,11 @@ class Client:
                 self._call("CloseRestore", pb.CloseRestoreRequest(
                     session_id=info.session_id, ok=False, error=failure[:1000]))  # fmt: skip
             raise
-        seconds = time.perf_counter() - t0
+        t_copy = time.perf_counter()
+        seconds = t_copy - t0
+        log.debug("restore %s: open %.1f ms, map %.1f ms, copy %.1f ms (%.2f GB/s)", name,
+                  (t_open - t0) * 1e3, (t_map - t_open) * 1e3, (t_copy - t_map) * 1e3,
+                  copied / max(t_copy - t_map, 1e-9) / 1e9)  # fmt: skip
         try:
             self._call("CloseRestore", pb.CloseRestoreRequest(
                 session_id=info.session_id, ok=True, bytes=copied, duration_s=seconds))  # fmt: skip
@@ -571,8 +581,9 @@ class Client:
         if _is_vllm_llm(model):  # one snapshot per rank, frozen by the engine's workers
             from thaw import vllm as thaw_vllm
 
-            return thaw_vllm.freeze(model, name, path=path, socket=self.socket,  # type: ignore[no-any-return]
-                                    daemon="require", labels=labels, pin=pin)
+            transfer = thaw_vllm.freeze(model, name, path=path, socket=self.socket,
+                                        daemon="require", labels=labels, pin=pin)  # fmt: skip
+            return transfer  # type: ignore[no-any-return]
         import torch
 
         from thaw import datapath

@@ -22,7 +22,7 @@ from thaw import _native
 from thaw.dtypes import dtype_name
 from thaw.errors import ModelMismatch, TensorMismatch
 from thaw.fingerprint import Fingerprint
-from thaw.format import TensorEntry
+from thaw.format import TensorEntry, verify_tensor
 from thaw.pieces import Digests, Piece, plan
 
 # 64 MB slots: on H200, 2-stream H2D in 64 MB chunks reaches 55.1 GB/s, 16 MB chunks 52.2.
@@ -490,12 +490,18 @@ def copy_to_tensors(
     gpu = [b for b in bindings if b.tensor.device.type == "cuda"]
     total = 0
     if cpu:
-        cpu_digests = Digests([b.entry for b in cpu], path, threads) if verify else None
-        total += copy_to_cpu(
-            cpu,
-            lambda addr, e: _native.copy(addr, base_addr + e.offset, e.length, threads),
-            cpu_digests,
+        if verify:
+            for b in cpu:
+                verify_tensor(path, b.entry, base_addr + b.entry.offset, threads)
+        targets = _Targets(cpu)
+        _native.copy_many(
+            [targets.ptr(i) for i in range(len(cpu))],
+            [base_addr + b.entry.offset for b in cpu],
+            [b.entry.length for b in cpu],
+            threads,
         )
+        targets.finish()
+        total += sum(b.entry.length for b in cpu)
     if gpu:
         if gpu_accessible and not verify:
             total += copy_direct_to_cuda(gpu, base_addr)
@@ -522,9 +528,13 @@ def copy_from_tensors(
     """Freeze bound tensors into host memory laid out like the payload (a pool buffer)."""
     cpu = [b for b in bindings if b.tensor.device.type == "cpu"]
     gpu = [b for b in bindings if b.tensor.device.type == "cuda"]
-    for b in cpu:
-        src = b.tensor.contiguous()
-        _native.copy(base_addr + b.entry.offset, int(src.data_ptr()), b.entry.length, threads)
+    sources = [b.tensor.contiguous() for b in cpu]
+    _native.copy_many(
+        [base_addr + b.entry.offset for b in cpu],
+        [int(t.data_ptr()) for t in sources],
+        [b.entry.length for b in cpu],
+        threads,
+    )
     if gpu:
         if gpu_accessible:
             copy_direct_from_cuda(gpu, base_addr)

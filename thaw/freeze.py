@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from thaw import _native, datapath
 from thaw.dtypes import dtype_name
 from thaw.fingerprint import Fingerprint
 from thaw.format import PAYLOAD_OFFSET, SnapshotWriter, layout
-from thaw.pieces import Digests, Piece
-from thaw.restore import IO_THREADS, TransferStats
+from thaw.pieces import Digests, Piece, plan
+from thaw.restore import TransferStats
+
+
+class _InOrder:
+    """Lets pieces write one at a time, in payload order, while other workers hash theirs.
+
+    The disk then sees one sequential stream of 8 MiB writes, the pattern its sequential rate
+    is measured with; several interleaved streams measured slower (83% of it on the H200 host).
+    """
+
+    def __init__(self, pieces: list[Piece]) -> None:
+        self._rank = {p.payload_offset: i for i, p in enumerate(pieces)}
+        self._cv = threading.Condition()
+        self._next = 0
+        self._broken = False
+
+    @contextlib.contextmanager
+    def turn(self, piece: Piece) -> Iterator[None]:
+        with self._cv:
+            mine = self._rank[piece.payload_offset]
+            self._cv.wait_for(lambda: self._next == mine or self._broken)
+            if self._broken:
+                raise RuntimeError("an earlier piece failed to write")
+        try:
+            yield
+        except BaseException:
+            with self._cv:
+                self._broken = True
+                self._cv.notify_all()
+            raise
+        with self._cv:
+            self._next += 1
+            self._cv.notify_all()
 
 
 def freeze_file(
@@ -50,20 +84,17 @@ def freeze_file(
             digests = Digests([b.entry for b in gpu_bindings], path, hash_threads)
             fd = writer.direct_fd if writer.direct_fd >= 0 else writer.fd
 
+            order = _InOrder(plan([b.entry for b in gpu_bindings], datapath.SLOT_SIZE))
+
             def drain(addr: int, piece: Piece) -> None:
                 for seg in piece.segments:
                     found = digests.add(seg, addr + seg.piece_offset)
                     if found is not None:
                         with lock:
                             checksums[gpu[seg.index]] = found
-                _native.pwrite_from(
-                    fd,
-                    addr,
-                    piece.length,
-                    PAYLOAD_OFFSET + piece.payload_offset,
-                    IO_THREADS,
-                    4 << 20,
-                )
+                offset = PAYLOAD_OFFSET + piece.payload_offset
+                with order.turn(piece):
+                    _native.pwrite_from(fd, addr, piece.length, offset, 1, 8 << 20)
 
             datapath.copy_from_cuda(gpu_bindings, drain)
         writer.commit(fingerprint, checksums)

@@ -16,9 +16,10 @@ from thaw.pieces import Digests, Piece
 # Below this share of the payload in page cache, CUDA restores read with O_DIRECT: buffered
 # reads of a cold file cost a second copy through the page cache and evict what is there.
 WARM_THRESHOLD = 0.5
-# Native threads per pipeline worker: 4 workers x 2 threads keep eight 4 MiB requests in
-# flight, what the disk needs to reach its sequential rate with O_DIRECT.
-IO_THREADS = 2
+# Native threads per pipeline worker: 4 workers x 4 threads keep sixteen 4 MiB requests in
+# flight; at 4 x 2 a cold O_DIRECT restore reached 89% of the disk's rate and a page-cache
+# restore 24 GB/s on the H200 host.
+IO_THREADS = 4
 
 
 @dataclasses.dataclass(frozen=True)

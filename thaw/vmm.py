@@ -9,6 +9,8 @@ mapping, against ~6 s for a per-process cudaHostRegister of 16 GB).
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from typing import Any
 
 from cuda.bindings import driver as cu
@@ -16,6 +18,7 @@ from cuda.bindings import driver as cu
 from thaw import cuda
 from thaw.errors import CudaError
 
+log = logging.getLogger("thaw.vmm")
 _POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
 
 
@@ -143,6 +146,7 @@ class HostBuffer:
     @classmethod
     def import_fds(cls, fds: list[int], sizes: list[int], device: int = 0) -> HostBuffer:
         """Map chunks another process exported, in order; the fds stay owned by the caller."""
+        t0 = time.perf_counter()
         _context(device)
         handles = []
         try:
@@ -153,7 +157,12 @@ class HostBuffer:
                         "cuMemImportFromShareableHandle",
                     )
                 )
-            return cls(handles, sizes, device, owned=True)
+            t1 = time.perf_counter()
+            buf = cls(handles, sizes, device, owned=True)
+            mapped = (time.perf_counter() - t1) * 1e3
+            log.debug("imported %d chunks (%d bytes): import %.1f ms, map+access %.1f ms",
+                      len(fds), buf.size, (t1 - t0) * 1e3, mapped)  # fmt: skip
+            return buf
         except CudaError:
             for h in handles:
                 cu.cuMemRelease(h)
