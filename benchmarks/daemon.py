@@ -73,8 +73,9 @@ def child(args: argparse.Namespace) -> None:
     logging.getLogger("grpc").setLevel(logging.WARNING)
     torch.cuda.init() if args.device.startswith("cuda") else None
     shapes = llama_shaped(args.size_gb, getattr(torch, args.dtype), "meta")
+    # zeros, not empty: an engine's weights are allocated and written before any restore
     tensors = {
-        k: torch.empty(v.shape, dtype=v.dtype, device=args.device) for k, v in shapes.items()
+        k: torch.zeros(v.shape, dtype=v.dtype, device=args.device) for k, v in shapes.items()
     }
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     client = thaw.connect(args.socket)
