@@ -107,6 +107,8 @@ def finish(proc: subprocess.Popen[str]) -> dict:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.DEBUG, format="  %(name)s: %(message)s")
+    logging.getLogger("grpc").setLevel(logging.WARNING)
     cuda_ok = torch.cuda.is_available()
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

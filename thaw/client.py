@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -596,6 +597,7 @@ class Client:
             )
         specs = [pb.TensorSpec(name=n, dtype=dtype_name(t.dtype), shape=list(t.shape))
                  for n, t in named]  # fmt: skip
+        t0 = time.perf_counter()
         begin = self._call("BeginFreeze", pb.BeginFreezeRequest(
             name=name, path=os.path.abspath(path) if path else "", tensors=specs, pin=pin,
             fingerprint_json=json.dumps(fingerprint.to_json()),
@@ -610,11 +612,18 @@ class Client:
                     from thaw import vmm
 
                     device = datapath.cuda_device(bindings) or 0
+                    t_begin = time.perf_counter()
                     buf = vmm.HostBuffer.import_fds(fds, sizes, device)
+                    t_map = time.perf_counter()
                     try:
                         datapath.copy_from_tensors(bindings, buf.addr, gpu_accessible=True)
                     finally:
                         buf.close()
+                    t_copy = time.perf_counter()
+                    marks = (t0, t_begin, t_map, t_copy, time.perf_counter())
+                    ms = [(b - a) * 1e3 for a, b in itertools.pairwise(marks)]
+                    log.debug("freeze %s: begin %.1f ms, map %.1f ms, copy %.1f ms, unmap %.1f ms",
+                              name, *ms)  # fmt: skip
                 else:
                     with MemoryMapping(fds[0], sizes[0], writable=True) as m:
                         datapath.copy_from_tensors(bindings, m.addr)
