@@ -12,14 +12,20 @@ from typing import Any
 SCHEMA_VERSION = 1
 
 
-def _known(value: Any) -> Any:
-    """JSON null for the client's NA sentinel (falsy, not None), the value otherwise."""
-    return None if type(value).__name__ == "_NotAvailable" else value
+def known(value: Any) -> Any:
+    """None for the client's `NA` (a value thawd did not know), the value otherwise.
+
+    NA is falsy but not None: `known()` turns it into JSON null and into "-" in tables, and
+    keeps a real 0 a 0.
+    """
+    from thaw.client import NA
+
+    return None if value is NA else value
 
 
 def snapshot(r: Any) -> dict[str, Any]:
     """A thaw.client.SnapshotRecord."""
-    fingerprint = _known(r.fingerprint)
+    fingerprint = known(r.fingerprint)
     return {
         "name": r.name,
         "path": r.path,
@@ -27,12 +33,12 @@ def snapshot(r: Any) -> dict[str, Any]:
         "tier": r.tier,
         "wanted_tier": r.wanted_tier,
         "size_bytes": r.size_bytes,
-        "file_bytes": _known(r.file_bytes),
+        "file_bytes": known(r.file_bytes),
         "resident_bytes": r.resident_bytes,
         "resident_fraction": round(r.resident_fraction, 6),
         "clients": r.clients,
         "restores": r.restores,
-        "last_restore_unix": _known(r.last_used),
+        "last_restore_unix": known(r.last_used),
         "registered_unix": r.registered or None,
         "checksum_state": r.checksum_state,
         "tensor_count": r.tensor_count,
@@ -47,8 +53,8 @@ def gpu(g: Any) -> dict[str, Any]:
         "index": g.index,
         "name": g.name,
         "memory_total_bytes": g.memory_total,
-        "memory_used_bytes": _known(g.memory_used),
-        "link": _known(g.link),
+        "memory_used_bytes": known(g.memory_used),
+        "link": known(g.link),
     }
 
 

@@ -164,7 +164,7 @@ def _human_snapshot(ctx: Context, r: Any) -> None:
         ("tier", r.tier + (f" (wanted: {r.wanted_tier})" if r.wanted_tier != r.tier else "")),
         (
             "size",
-            f"{render.size(r.size_bytes)} payload, {render.size(schema._known(r.file_bytes))} file",
+            f"{render.size(r.size_bytes)} payload, {render.size(schema.known(r.file_bytes))} file",
         ),
         (
             "resident",
@@ -172,7 +172,7 @@ def _human_snapshot(ctx: Context, r: Any) -> None:
         ),
         (
             "restores",
-            f"{r.restores}, last {render.ago(schema._known(r.last_used), now)}; {r.clients} open",
+            f"{r.restores}, last {render.ago(schema.known(r.last_used), now)}; {r.clients} open",
         ),
         ("checksums", _checksum_word(r)),
         ("tensors", str(r.tensor_count)),
@@ -241,7 +241,7 @@ def run_ls(ctx: Context) -> int:
             render.percent(r.resident_bytes, r.size_bytes),
             r.clients,
             r.restores,
-            render.ago(schema._known(r.last_used), now),
+            render.ago(schema.known(r.last_used), now),
             _checksum_word(r),
             r.path,
         )

@@ -34,7 +34,7 @@ def run_status(ctx: Context) -> int:
 def lines(s: Any) -> list[str]:
     gpus = [
         f"{g.index}: {g.name}, {render.size(g.memory_total)}"
-        + (f", {schema._known(g.link)}" if schema._known(g.link) else "")
+        + (f", {schema.known(g.link)}" if schema.known(g.link) else "")
         for g in s.gpus
     ]
     locked = "memory locked" if s.memory_locked else "NOT memory locked: raise LimitMEMLOCK"

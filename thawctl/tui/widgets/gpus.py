@@ -9,10 +9,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from thawctl import render
-
-
-def _known(value: Any) -> Any:
-    return None if type(value).__name__ == "_NotAvailable" else value
+from thawctl.schema import known
 
 
 class GpuList(Widget):
@@ -30,13 +27,13 @@ class GpuList(Widget):
                 out.append("\n")
             out.append(f"{g.index} ", style="bold")
             out.append(f"{g.name.removeprefix('NVIDIA ')} ")
-            used = _known(g.memory_used)
+            used = known(g.memory_used)
             # Whole GiB: "141 GiB" keeps a GPU on one line of a narrow box.
             memory = f"{g.memory_total / (1 << 30):.0f} GiB"
             out.append(
                 f"{render.size(used)}/{memory}" if used is not None else memory, style="cyan"
             )
-            link = _known(g.link)
+            link = known(g.link)
             if link:
                 out.append(f" {link}", style="dim")
         return out

@@ -10,6 +10,7 @@ from textual.reactive import reactive
 from textual.widgets import DataTable
 
 from thawctl import render
+from thawctl.schema import known
 
 # Fixed widths fit the longest value of each column ("unverified", "512.0 GiB", "59m 59s");
 # the name column (0 here) gets the rest: 13 characters at 80 columns.
@@ -29,17 +30,13 @@ TIER_STYLE = {"pinned": "bold green", "warm": "yellow", "cold": "dim"}
 CHECKSUM_STYLE = {"verified": "green", "corrupt": "bold red", "unverified": "dim"}
 
 
-def _known(value: Any) -> Any:
-    return None if type(value).__name__ == "_NotAvailable" else value
-
-
 # Sort orders the `s` key cycles through: (name, key, descending).
 SORTS: tuple[tuple[str, Callable[[Any], Any], bool], ...] = (
     ("name", lambda r: r.name, False),
     ("tier", lambda r: (TIER_RANK.get(r.tier, 0), r.name), True),
     ("size", lambda r: r.size_bytes, True),
     ("restores", lambda r: r.restores, True),
-    ("last restore", lambda r: _known(r.last_used) or 0.0, True),
+    ("last restore", lambda r: known(r.last_used) or 0.0, True),
 )
 SORT_NAMES = tuple(name for name, _, _ in SORTS)
 
@@ -137,7 +134,7 @@ class SnapshotTable(DataTable[Any]):
                 self.move_cursor(row=names.index(keep), animate=False)
 
     def _cells(self, r: Any) -> list[Any]:
-        last = _known(r.last_used)
+        last = known(r.last_used)
         resident = render.percent(r.resident_bytes, r.size_bytes)
         name = Text(r.name, style="bold red" if r.error else "")
         # An arrow: the operator wants it higher (being pinned) or lower (demotable) than it is.
