@@ -32,9 +32,15 @@ _LAZY = {
 }
 
 __all__ = [
-    "WORKER_EXTENSION", "EngineBusy", "EngineTransfer", "ExtensionMissing", "Options",
-    "RankTransfer", "SnapshotMissing", *_LAZY,
-]  # fmt: skip
+    "WORKER_EXTENSION",
+    "EngineBusy",
+    "EngineTransfer",
+    "ExtensionMissing",
+    "Options",
+    "RankTransfer",
+    "SnapshotMissing",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

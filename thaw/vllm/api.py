@@ -24,8 +24,9 @@ from thaw.vllm.worker import WORKER_EXTENSION
 
 def is_llm(target: Any) -> bool:
     """True for a `vllm.LLM` (or subclass), found without importing vllm."""
-    return any(c.__name__ == "LLM" and c.__module__.startswith("vllm.")
-               for c in type(target).__mro__)  # fmt: skip
+    return any(
+        c.__name__ == "LLM" and c.__module__.startswith("vllm.") for c in type(target).__mro__
+    )
 
 
 def _rpc(llm: Any, method: str, *args: Any) -> list[Any]:
@@ -36,8 +37,11 @@ def _rpc(llm: Any, method: str, *args: Any) -> list[Any]:
     if os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1":
         from thaw.vllm import worker
 
-        fn = {"thaw_restore": worker.restore_rank, "thaw_freeze": worker.freeze_rank,
-              "thaw_fingerprint": worker.fingerprint_rank}[method]  # fmt: skip
+        fn = {
+            "thaw_restore": worker.restore_rank,
+            "thaw_freeze": worker.freeze_rank,
+            "thaw_fingerprint": worker.fingerprint_rank,
+        }[method]
         return list(llm.collective_rpc(fn, args=args))
     raise ExtensionMissing(
         "thaw cannot reach this engine's workers: create the LLM with "
@@ -66,10 +70,17 @@ def _options(snapshot: str, **kw: Any) -> Options:
     return Options.from_config(config)
 
 
-def restore(llm: Any, snapshot: str | os.PathLike[str], *, path: str | None = None,
-            socket: str | None = None, daemon: str | None = None,
-            ignore: Sequence[str] | None = None, verify: bool | None = None,
-            reset_prefix_cache: bool = True) -> EngineTransfer:  # fmt: skip
+def restore(
+    llm: Any,
+    snapshot: str | os.PathLike[str],
+    *,
+    path: str | None = None,
+    socket: str | None = None,
+    daemon: str | None = None,
+    ignore: Sequence[str] | None = None,
+    verify: bool | None = None,
+    reset_prefix_cache: bool = True,
+) -> EngineTransfer:
     """Swap a live engine's weights for a snapshot's, in place, on every rank.
 
     `snapshot` is a thawd name or a file (per rank: see docs/ENGINES.md). Every rank's
@@ -81,8 +92,14 @@ def restore(llm: Any, snapshot: str | os.PathLike[str], *, path: str | None = No
     """
     started = time.perf_counter()
     _check_idle(llm)
-    options = _options(os.fspath(snapshot), path=path, socket=socket, daemon=daemon,
-                       ignore=list(ignore) if ignore else None, verify=verify)  # fmt: skip
+    options = _options(
+        os.fspath(snapshot),
+        path=path,
+        socket=socket,
+        daemon=daemon,
+        ignore=list(ignore) if ignore else None,
+        verify=verify,
+    )
     expected = fingerprints(llm)
     client = client_for(options)
     for fp in expected:
@@ -102,17 +119,30 @@ def restore(llm: Any, snapshot: str | os.PathLike[str], *, path: str | None = No
     return EngineTransfer(os.fspath(snapshot), ranks, time.perf_counter() - started)
 
 
-def freeze(llm: Any, snapshot: str | os.PathLike[str], *, path: str | None = None,
-           socket: str | None = None, daemon: str | None = None,
-           labels: Mapping[str, str] | None = None, pin: bool | None = None) -> EngineTransfer:  # fmt: skip
+def freeze(
+    llm: Any,
+    snapshot: str | os.PathLike[str],
+    *,
+    path: str | None = None,
+    socket: str | None = None,
+    daemon: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    pin: bool | None = None,
+) -> EngineTransfer:
     """Snapshot a live engine's weights, one snapshot per rank (pre-processing, vLLM names).
 
     A thawd name (thawd running) freezes into the daemon, written behind to `path` or its
     state directory; a path writes the file. See freeze_rank for packed (CPU) engines.
     """
     started = time.perf_counter()
-    options = _options(os.fspath(snapshot), path=path, socket=socket, daemon=daemon,
-                       labels=dict(labels) if labels else None, pin=pin)  # fmt: skip
+    options = _options(
+        os.fspath(snapshot),
+        path=path,
+        socket=socket,
+        daemon=daemon,
+        labels=dict(labels) if labels else None,
+        pin=pin,
+    )
     results = _rpc(llm, "thaw_freeze", options.to_config())
     ranks = tuple(RankTransfer(**r) for r in results)
     return EngineTransfer(os.fspath(snapshot), ranks, time.perf_counter() - started)
@@ -126,8 +156,14 @@ FREEZE_ENGINE_DEFAULTS: dict[str, Any] = {
 }
 
 
-def freeze_engine(model: str, path: str, dtype: str = "auto", tensor_parallel_size: int = 1,
-                  labels: Mapping[str, str] | None = None, **engine_kwargs: Any) -> list[str]:  # fmt: skip
+def freeze_engine(
+    model: str,
+    path: str,
+    dtype: str = "auto",
+    tensor_parallel_size: int = 1,
+    labels: Mapping[str, str] | None = None,
+    **engine_kwargs: Any,
+) -> list[str]:
     """Start vLLM on `model` and freeze each rank's weights to `path` (a file, "{rank}" or
     ".rankN" per rank as in docs/ENGINES.md); returns the files. What `thawctl freeze
     --engine vllm` calls. Existing rank files are replaced (thawctl asks for --force first).
@@ -137,18 +173,27 @@ def freeze_engine(model: str, path: str, dtype: str = "auto", tensor_parallel_si
 
     from thaw.vllm.common import rank_path
 
-    paths = [os.path.abspath(rank_path(path, r, tensor_parallel_size))
-             for r in range(tensor_parallel_size)]  # fmt: skip
+    paths = [
+        os.path.abspath(rank_path(path, r, tensor_parallel_size))
+        for r in range(tensor_parallel_size)
+    ]
     for p in paths:
         if os.path.exists(p):
             os.unlink(p)
     kwargs = {**FREEZE_ENGINE_DEFAULTS, **engine_kwargs}
     llm = LLM(
-        model=model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, load_format="thaw",
-        model_loader_extra_config={"snapshot": os.path.abspath(path), "freeze_on_miss": True,
-                                   "daemon": "never", "labels": dict(labels or {})},
+        model=model,
+        dtype=dtype,
+        tensor_parallel_size=tensor_parallel_size,
+        load_format="thaw",
+        model_loader_extra_config={
+            "snapshot": os.path.abspath(path),
+            "freeze_on_miss": True,
+            "daemon": "never",
+            "labels": dict(labels or {}),
+        },
         **kwargs,
-    )  # fmt: skip
+    )
     try:
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:

@@ -69,9 +69,7 @@ class Options:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise ValueError(
-                f"unknown thaw loader option(s) {unknown}; known: {sorted(known)}"
-            )
+            raise ValueError(f"unknown thaw loader option(s) {unknown}; known: {sorted(known)}")
         if not isinstance(config.get("snapshot"), str) or not config["snapshot"]:
             raise ValueError(
                 'load_format="thaw" needs model_loader_extra_config={"snapshot": NAME_OR_PATH}'
@@ -141,7 +139,9 @@ def resolve(options: Options, rank: int, tp_size: int) -> RankRef:
     if is_path(options.snapshot):
         return RankRef("", os.path.abspath(rank_path(options.snapshot, rank, tp_size)))
     path = rank_path(options.path, rank, tp_size) if options.path else ""
-    return RankRef(rank_name(options.snapshot, rank, tp_size), os.path.abspath(path) if path else "")
+    return RankRef(
+        rank_name(options.snapshot, rank, tp_size), os.path.abspath(path) if path else ""
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,10 +223,17 @@ def make_fingerprint(
         **dict(labels),
     }
     return Fingerprint(
-        architecture=architecture, dtype=dtype, parameter_count=parameter_count,
-        quantization=quantization, tp_rank=tp_rank, tp_size=tp_size, engine=ENGINE,
-        engine_version=engine_version, model=model, labels=all_labels,
-    )  # fmt: skip
+        architecture=architecture,
+        dtype=dtype,
+        parameter_count=parameter_count,
+        quantization=quantization,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        engine=ENGINE,
+        engine_version=engine_version,
+        model=model,
+        labels=all_labels,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,8 +41,9 @@ class ThawModelLoader(BaseModelLoader):
     def _default(self) -> DefaultModelLoader:
         import dataclasses
 
-        return DefaultModelLoader(dataclasses.replace(
-            self.load_config, load_format="auto", model_loader_extra_config={}))  # fmt: skip
+        return DefaultModelLoader(
+            dataclasses.replace(self.load_config, load_format="auto", model_loader_extra_config={})
+        )
 
     def download_model(self, model_config: Any) -> None:
         if self.options.freeze_on_miss:
@@ -68,14 +69,28 @@ class ThawModelLoader(BaseModelLoader):
             self._default().load_weights(model, model_config)
             loaded = time.perf_counter() - started
             result = write_rank(named, ref, self.options, expect, rank, source_kind="checkpoint")
-            LOADS[id(model)] = {"source": {"kind": "checkpoint"}, "load_s": loaded,
-                                "freeze": result.to_dict()}  # fmt: skip
+            LOADS[id(model)] = {
+                "source": {"kind": "checkpoint"},
+                "load_s": loaded,
+                "freeze": result.to_dict(),
+            }
             return
         result: RankTransfer = read_rank(named, ref, self.options, expect, rank, source, client)
         LOADS[id(model)] = {
-            "source": {"kind": result.source, "name": source.name, "path": source.path,
-                       "options": self.options.to_config()},
-            "load_s": time.perf_counter() - started, "restore": result.to_dict(),
-        }  # fmt: skip
-        logger.info("thaw: rank %d loaded %s from %s (%s) in %.3f s", rank, ref.label,
-                    result.source, result.tier, result.seconds)  # fmt: skip
+            "source": {
+                "kind": result.source,
+                "name": source.name,
+                "path": source.path,
+                "options": self.options.to_config(),
+            },
+            "load_s": time.perf_counter() - started,
+            "restore": result.to_dict(),
+        }
+        logger.info(
+            "thaw: rank %d loaded %s from %s (%s) in %.3f s",
+            rank,
+            ref.label,
+            result.source,
+            result.tier,
+            result.seconds,
+        )

@@ -32,15 +32,19 @@ def tp_rank_size(vllm_config: Any) -> tuple[int, int]:
     return get_tensor_model_parallel_rank(), pc.tensor_parallel_size
 
 
-def fingerprint(vllm_config: Any, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                labels: dict[str, str] | None = None) -> Fingerprint:  # fmt: skip
+def fingerprint(
+    vllm_config: Any,
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    labels: dict[str, str] | None = None,
+) -> Fingerprint:
     """The fingerprint of this rank of this engine (what its snapshot must match)."""
     import vllm
 
     mc = vllm_config.model_config
     rank, size = tp_rank_size(vllm_config)
-    architectures = getattr(mc, "architectures", None) or getattr(
-        mc.hf_config, "architectures", None) or [""]  # fmt: skip
+    architectures = (
+        getattr(mc, "architectures", None) or getattr(mc.hf_config, "architectures", None) or [""]
+    )
     count = 0
     for shape, _ in specs.values():
         n = 1
@@ -48,10 +52,16 @@ def fingerprint(vllm_config: Any, specs: dict[str, tuple[tuple[int, ...], torch.
             n *= d
         count += n
     return make_fingerprint(
-        architecture=architectures[0], dtype=dtype_name(mc.dtype), parameter_count=count,
-        quantization=mc.quantization or "", tp_rank=rank, tp_size=size,
-        engine_version=vllm.__version__, model=model_name(mc.model), labels=labels or {},
-    )  # fmt: skip
+        architecture=architectures[0],
+        dtype=dtype_name(mc.dtype),
+        parameter_count=count,
+        quantization=mc.quantization or "",
+        tp_rank=rank,
+        tp_size=size,
+        engine_version=vllm.__version__,
+        model=model_name(mc.model),
+        labels=labels or {},
+    )
 
 
 def live_specs(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -95,18 +105,21 @@ def is_packed(model: torch.nn.Module, specs: dict[str, Any]) -> bool:
     """True where a live parameter no longer has its pre-processing shape (CPU oneDNN packing
     leaves empty weights; quantization kernels repack)."""
     live = dict(model.named_parameters())
-    return any(name not in live or tuple(live[name].shape) != shape
-               for name, (shape, _) in specs.items())  # fmt: skip
+    return any(
+        name not in live or tuple(live[name].shape) != shape for name, (shape, _) in specs.items()
+    )
 
 
-def empty_like_specs(specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                     device: torch.device) -> list[tuple[str, torch.Tensor]]:  # fmt: skip
+def empty_like_specs(
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device
+) -> list[tuple[str, torch.Tensor]]:
     return [(n, torch.empty(shape, dtype=dt, device=device)) for n, (shape, dt) in specs.items()]
 
 
 @torch.no_grad()
-def reload_in_place(vllm_config: Any, model: torch.nn.Module,
-                    tensors: list[tuple[str, torch.Tensor]]) -> None:  # fmt: skip
+def reload_in_place(
+    vllm_config: Any, model: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]]
+) -> None:
     """Load per-rank, vLLM-named, pre-processing tensors into a live model and re-process them.
 
     vLLM's layerwise reload puts each layer back in its pre-processing layout (on meta),
@@ -159,7 +172,7 @@ def skeleton(vllm_config: Any, device: torch.device) -> Iterator[torch.nn.Module
     vLLM's default loader: the pre-processing weights of an engine whose live ones are packed.
     Its attention layers get their own prefix (vLLM refuses duplicate layer names) and are
     unregistered afterwards."""
-    from vllm.config import LoadConfig, set_current_vllm_config
+    from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
     from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.utils.torch_utils import set_default_torch_dtype
@@ -169,8 +182,9 @@ def skeleton(vllm_config: Any, device: torch.device) -> Iterator[torch.nn.Module
     before = set(context)
     try:
         with set_current_vllm_config(vllm_config), set_default_torch_dtype(mc.dtype), device:
-            model = initialize_model(vllm_config=vllm_config, model_config=mc,
-                                     prefix=SKELETON_PREFIX)  # fmt: skip
+            model = initialize_model(
+                vllm_config=vllm_config, model_config=mc, prefix=SKELETON_PREFIX
+            )
         load_config = dataclasses.replace(
             vllm_config.load_config, load_format="auto", model_loader_extra_config={}
         )

@@ -72,13 +72,15 @@ def read_rank(
     fp = without(expect, options.ignore)
     if source.kind == "thawd":
         result = client.restore(list(named), source.name, expect=fp)
-        return RankTransfer(rank, source.name, "thawd", result.tier, result.bytes,
-                            time.perf_counter() - started)  # fmt: skip
+        return RankTransfer(
+            rank, source.name, "thawd", result.tier, result.bytes, time.perf_counter() - started
+        )
     from thaw.restore import restore_file
 
     stats = restore_file(list(named), source.path, expect=fp, verify=options.verify)
-    return RankTransfer(rank, source.path, "file", "file", stats.bytes,
-                        time.perf_counter() - started)  # fmt: skip
+    return RankTransfer(
+        rank, source.path, "file", "file", stats.bytes, time.perf_counter() - started
+    )
 
 
 def write_rank(
@@ -90,14 +92,22 @@ def write_rank(
     source_kind: str = "engine",
 ) -> RankTransfer:
     """Freeze `named` to the rank's snapshot: into thawd under its name (written behind to
-    `path`, or the daemon's state directory) when a name is given and thawd runs, else to the file."""
+    `path`, or the daemon's state directory) when a name is given and thawd runs, else to
+    the file."""
     started = time.perf_counter()
     client = client_for(options) if ref.name else None
     if ref.name and client is not None:
-        record = client.freeze(list(named), ref.name, ref.path or None, fingerprint,
-                               pin=options.pin, wait=True)  # fmt: skip
-        return RankTransfer(rank, ref.name, source_kind, record.tier, record.size_bytes,
-                            time.perf_counter() - started)  # fmt: skip
+        record = client.freeze(
+            list(named), ref.name, ref.path or None, fingerprint, pin=options.pin, wait=True
+        )
+        return RankTransfer(
+            rank,
+            ref.name,
+            source_kind,
+            record.tier,
+            record.size_bytes,
+            time.perf_counter() - started,
+        )
     if not ref.path:
         raise SnapshotMissing(
             f"cannot freeze {ref.name!r}: thawd is not running and no file was given "
@@ -106,15 +116,19 @@ def write_rank(
     from thaw.freeze import freeze_file
 
     stats = freeze_file(list(named), ref.path, fingerprint=fingerprint)
-    return RankTransfer(rank, ref.path, source_kind, "file", stats.bytes,
-                        time.perf_counter() - started)  # fmt: skip
+    return RankTransfer(
+        rank, ref.path, source_kind, "file", stats.bytes, time.perf_counter() - started
+    )
 
 
 def _missing_message(ref: RankRef, options: Options) -> str:
     where = []
     if ref.name:
-        where.append(f"thawd has no snapshot {ref.name!r}" if options.daemon != "never"
-                     else f"{ref.name!r} is a thawd name but daemon='never'")  # fmt: skip
+        where.append(
+            f"thawd has no snapshot {ref.name!r}"
+            if options.daemon != "never"
+            else f"{ref.name!r} is a thawd name but daemon='never'"
+        )
     if ref.path:
         where.append(f"{ref.path} does not exist")
     elif ref.name:

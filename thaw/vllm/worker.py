@@ -31,8 +31,9 @@ def _device(worker: Any) -> torch.device:
 
 def fingerprint_rank(worker: Any, labels: dict[str, str] | None = None) -> dict[str, Any]:
     model = _model(worker)
-    return vmodel.fingerprint(worker.vllm_config, vmodel.preprocessing_specs(model),
-                              labels).to_json()  # fmt: skip
+    return vmodel.fingerprint(
+        worker.vllm_config, vmodel.preprocessing_specs(model), labels
+    ).to_json()
 
 
 def restore_rank(worker: Any, config: dict[str, Any]) -> dict[str, Any]:
@@ -64,8 +65,14 @@ def restore_rank(worker: Any, config: dict[str, Any]) -> dict[str, Any]:
             getattr(runner, reset)()
     from thaw.vllm.loader import LOADS
 
-    LOADS[id(model)] = {"source": {"kind": result.source, "name": source.name,
-                                   "path": source.path, "options": options.to_config()}}  # fmt: skip
+    LOADS[id(model)] = {
+        "source": {
+            "kind": result.source,
+            "name": source.name,
+            "path": source.path,
+            "options": options.to_config(),
+        }
+    }
     out = result.to_dict()
     out["seconds"] = time.perf_counter() - started
     return out
