@@ -221,7 +221,8 @@ def main():
               dtype="float32", enforce_eager=True, max_model_len=2048,
               kv_cache_memory_bytes=64 << 20, seed=0)
     sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    gen = lambda: [list(o.outputs[0].token_ids) for o in llm.generate(%r, sp, use_tqdm=False)]
+    prompts = json.loads(sys.argv[4])
+    gen = lambda: [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
     first = gen()
     swap = thaw.vllm.restore(llm, template, daemon="never")
     again = gen()
@@ -235,7 +236,7 @@ def main():
 
 if __name__ == "__main__":
     main()
-""" % (PROMPTS,)
+"""
 
 
 def test_tensor_parallel_2_on_cpu(tiny_dirs: dict[int, Path], state: dict[str, Any],
@@ -250,7 +251,8 @@ def test_tensor_parallel_2_on_cpu(tiny_dirs: dict[int, Path], state: dict[str, A
     for rank in (0, 1):
         shutil.copy(state["f0"], tmp_path / f"tp1-rank{rank}.thaw")
     proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_dirs[0]), template, str(tmp_path / "tp1-rank{rank}.thaw")],
+        [sys.executable, str(script), str(tiny_dirs[0]), template,
+         str(tmp_path / "tp1-rank{rank}.thaw"), json.dumps(PROMPTS)],
         capture_output=True, text=True, timeout=400, cwd=str(tmp_path),
         env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     )  # fmt: skip
