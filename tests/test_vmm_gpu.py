@@ -90,7 +90,7 @@ def test_chunks_map_contiguously_in_another_process() -> None:
         expected = _native.tree_hash(buf.addr, buf.size, 4)
         code = IMPORTER.replace(
             "vmm.HostBuffer.import_fds([fd], [size])",
-            f"vmm.HostBuffer.import_fds([fd, {fds[1]}, {fds[2]}], {chunk})",
+            f"vmm.HostBuffer.import_fds([fd, {fds[1]}, {fds[2]}], [{chunk}] * 3)",
         )
         out = subprocess.run(
             [sys.executable, "-c", code, str(fds[0]), str(buf.size), str(expected)],

@@ -485,14 +485,15 @@ class Client:
             if expect is not None:
                 check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
             bindings = datapath.bind(entries, named, strict=strict)
-            base, gpu_accessible, release = self._map(name, info, bindings)
+            base, gpu_accessible, release, ensure_mapped = self._map(name, info, bindings)
             t_map = time.perf_counter()
             try:
                 if progress is not None:
                     progress(0, total)
                 try:
                     copied = datapath.copy_to_tensors(bindings, base, gpu_accessible=gpu_accessible,
-                                                      path=f"thawd:{name}")  # fmt: skip
+                                                      path=f"thawd:{name}",
+                                                      ensure_mapped=ensure_mapped)  # fmt: skip
                 except errors.ThawError as e:
                     raise errors.RestoreIncomplete(
                         f"restore of {name!r} failed part way: {e}; the model holds mixed "
@@ -524,8 +525,10 @@ class Client:
         return RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds)
 
     def _map(self, name: str, info: pb.OpenRestoreResponse,
-             bindings: builtins.list[Any]) -> tuple[int, bool, Callable[[], None]]:  # fmt: skip
-        """(payload address, whether CUDA can DMA from it, release function)."""
+             bindings: builtins.list[Any]) -> tuple[int, bool, Callable[[], None],
+                                                    Callable[[int], None] | None]:  # fmt: skip
+        """(payload address, whether CUDA can DMA from it, release function, and for a pool
+        buffer still being mapped, the function that maps it up to a payload offset)."""
         from thaw import datapath
 
         fds, sizes, buffer_id = self._redeem(info.session_id)
@@ -534,9 +537,9 @@ class Client:
         try:
             if kind == "file":
                 if not info.payload_length:
-                    return 0, False, lambda: None
+                    return 0, False, lambda: None, None
                 mapping = MemoryMapping(fds[0], info.payload_length, info.payload_offset)
-                return mapping.addr, False, mapping.close
+                return mapping.addr, False, mapping.close, None
             # Pool buffers stay mapped (and CUDA-registered) for this process's next restore
             # of the same buffer: mapping and registration are paid once per process.
             with self._maps_lock:
@@ -548,7 +551,9 @@ class Client:
                         from thaw import vmm
 
                         device = datapath.cuda_device(bindings) or 0
-                        cached = (buffer_id, vmm.HostBuffer.import_fds(fds, sizes, device))
+                        # Lazy: the copy maps chunk by chunk, overlapping mapping with DMA.
+                        buf = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True)
+                        cached = (buffer_id, buf)
                     else:
                         cached = (buffer_id, MemoryMapping(fds[0], sizes[0], populate=True))
                     self._mappings[name] = cached
@@ -557,7 +562,8 @@ class Client:
                     from thaw import cuda as cuda_mod
 
                     cuda_mod.register_host(holder.addr, sizes[0], read_only=True)
-            return holder.addr, kind == "vmm" or cuda, lambda: None
+            ensure = holder.map_until if kind == "vmm" and holder.mapped < holder.size else None
+            return holder.addr, kind == "vmm" or cuda, lambda: None, ensure
         finally:
             for fd in fds:
                 os.close(fd)

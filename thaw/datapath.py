@@ -343,10 +343,16 @@ def copy_to_cuda(
     return copied
 
 
-def copy_direct_to_cuda(bindings: Sequence[Binding], base_addr: int) -> int:
+def copy_direct_to_cuda(
+    bindings: Sequence[Binding],
+    base_addr: int,
+    ensure_mapped: Callable[[int], None] | None = None,
+) -> int:
     """H2D straight from GPU-accessible host memory laid out like the payload (a pool buffer).
 
     64 MB copies alternating two streams: the measured way to reach the link's ceiling.
+    `ensure_mapped(end)`, when given, is called before each copy with the payload offset the
+    copy reads up to: a buffer still being mapped maps on while earlier copies run.
     """
     from thaw import cuda
 
@@ -363,6 +369,8 @@ def copy_direct_to_cuda(bindings: Sequence[Binding], base_addr: int) -> int:
             for seg in piece.segments:
                 if seg.length:
                     entry = bindings[seg.index].entry
+                    if ensure_mapped is not None:
+                        ensure_mapped(entry.offset + seg.tensor_offset + seg.length)
                     cuda.copy_h2d(
                         targets.ptr(seg.index) + seg.tensor_offset,
                         base_addr + entry.offset + seg.tensor_offset,
@@ -480,14 +488,20 @@ def copy_to_tensors(
     verify: bool = False,
     path: object = "<memory>",
     threads: int = DEFAULT_THREADS,
+    ensure_mapped: Callable[[int], None] | None = None,
 ) -> int:
     """Restore bound tensors from host memory where tensor i lies at base_addr + entry.offset.
 
     `gpu_accessible`: the memory is VMM-mapped or registered with CUDA, so H2D runs from it
-    directly; otherwise CUDA tensors are staged through pinned slots. Returns bytes copied.
+    directly; otherwise CUDA tensors are staged through pinned slots. `ensure_mapped(end)`:
+    the memory is still being mapped; call before reading up to payload offset `end`.
+    Returns bytes copied.
     """
     cpu = [b for b in bindings if b.tensor.device.type == "cpu"]
     gpu = [b for b in bindings if b.tensor.device.type == "cuda"]
+    if ensure_mapped is not None and (cpu or verify or not gpu_accessible):
+        ensure_mapped(max((b.entry.offset + b.entry.length for b in bindings), default=0))
+        ensure_mapped = None
     total = 0
     if cpu:
         if verify:
@@ -504,7 +518,7 @@ def copy_to_tensors(
         total += sum(b.entry.length for b in cpu)
     if gpu:
         if gpu_accessible and not verify:
-            total += copy_direct_to_cuda(gpu, base_addr)
+            total += copy_direct_to_cuda(gpu, base_addr, ensure_mapped)
         else:
             per_worker = max(1, threads // PIPELINE_WORKERS)
             gpu_digests = Digests([b.entry for b in gpu], path, per_worker) if verify else None

@@ -49,44 +49,63 @@ def choose_pool_kind(configured: str) -> str:
 class VmmArena:
     """The pinned tier's memory on a GPU host: equal chunks of VMM host memory made at start.
 
-    cuMemCreate pins as it allocates (0.91 s per 4 GiB on H200), far too slow to do while an
-    engine waits to freeze into the pool, so the whole pinned budget is created up front and
-    buffers are made of whole chunks. Chunks and not one allocation: a mapping cannot start
-    inside an allocation (cuMemMap's offset must be 0), so each buffer maps its own chunks.
+    cuMemCreate pins as it allocates (0.91 s per 4 GiB on H200) and mapping costs ~27 ms per
+    GB, far too slow to do while an engine waits to freeze into the pool, so the whole pinned
+    budget is created and mapped once, up front, and a buffer is a run of whole chunks: its
+    daemon-side address is a slice of that one mapping. Chunks and not one allocation: a
+    client maps only its buffer, and cuMemMap cannot start inside an allocation.
     """
 
     def __init__(self, budget: int, chunk: int, device: int = 0) -> None:
         from thaw import vmm
 
         self.chunk = round_size(chunk)
-        self.free: list[Any] = []
+        self.device = device
+        self.chunks: list[Any] = []
+        self.view: Any = None
         try:
             for _ in range(budget // self.chunk):
-                self.free.append(vmm.Chunk(self.chunk, device))
+                self.chunks.append(vmm.Chunk(self.chunk, device))
+            if self.chunks:
+                self.view = vmm.HostBuffer.of_chunks(self.chunks, device)
         except BaseException:
             self.close()
             raise
-        self.total = len(self.free) * self.chunk
-        self.device = device
+        self.free = [True] * len(self.chunks)
+        self.total = len(self.chunks) * self.chunk
 
     def size_for(self, n: int) -> int:
         """The bytes of budget a buffer of `n` bytes takes: whole chunks."""
         return max(1, -(-n // self.chunk)) * self.chunk
 
-    def take(self, n: int) -> list[Any]:
+    def take(self, n: int) -> list[int]:
+        """Indices of free chunks for `n` bytes: a consecutive run when there is one."""
         count = self.size_for(n) // self.chunk
-        if count > len(self.free):
-            raise MemoryError(f"VMM pool has {len(self.free)} free chunks, {count} needed")
-        taken, self.free = self.free[:count], self.free[count:]
+        run = 0
+        for i, free in enumerate(self.free):
+            run = run + 1 if free else 0
+            if run == count:
+                taken = list(range(i - count + 1, i + 1))
+                break
+        else:
+            taken = [i for i, free in enumerate(self.free) if free][:count]
+            if len(taken) < count:
+                raise MemoryError(f"VMM pool has {len(taken)} free chunks, {count} needed")
+        for i in taken:
+            self.free[i] = False
         return taken
 
-    def give(self, chunks: list[Any]) -> None:
-        self.free.extend(chunks)
+    def give(self, taken: list[int]) -> None:
+        for i in taken:
+            self.free[i] = True
 
     def close(self) -> None:
-        for chunk in self.free:
+        if self.view is not None:
+            self.view.close()
+            self.view = None
+        for chunk in self.chunks:
             chunk.release()
-        self.free = []
+        self.chunks = []
 
 
 class PoolBuffer:
@@ -107,17 +126,22 @@ class PoolBuffer:
         self._ro: Mapping | None = None
         self.fd = -1
         if kind == "vmm":
-            from thaw import vmm
-
             assert arena is not None
             self._chunks = arena.take(size)
-            try:
-                self._host = vmm.HostBuffer.of_chunks(self._chunks, arena.device)
-            except BaseException:
-                arena.give(self._chunks)
-                raise
-            self.size = self._host.size
-            self.addr = self._host.addr
+            self.size = len(self._chunks) * arena.chunk
+            first = self._chunks[0]
+            if self._chunks == list(range(first, first + len(self._chunks))):
+                self.addr = arena.view.addr + first * arena.chunk
+            else:  # a fragmented pool: map this buffer's chunks on their own
+                from thaw import vmm
+
+                try:
+                    chunks = [arena.chunks[i] for i in self._chunks]
+                    self._host = vmm.HostBuffer.of_chunks(chunks, arena.device)
+                except BaseException:
+                    arena.give(self._chunks)
+                    raise
+                self.addr = self._host.addr
             self.locked = True  # VMM host memory is page-locked by construction
         else:
             self.size = round_size(size)
@@ -132,7 +156,9 @@ class PoolBuffer:
     def export(self) -> tuple[list[int], list[int]]:
         """New fds for a client, and the bytes each maps, in address order. Caller closes them."""
         if self.kind == "vmm":
-            return [c.export_fd() for c in self._chunks], [c.size for c in self._chunks]
+            assert self._arena is not None
+            chunks = [self._arena.chunks[i] for i in self._chunks]
+            return [c.export_fd() for c in chunks], [c.size for c in chunks]
         return [os.dup(self.fd)], [self.size]
 
     def finish(self) -> None:
