@@ -619,10 +619,11 @@ class Client:
 
                     device = datapath.cuda_device(bindings) or 0
                     t_begin = time.perf_counter()
-                    buf = vmm.HostBuffer.import_fds(fds, sizes, device)
+                    buf = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True)
                     t_map = time.perf_counter()
                     try:
-                        datapath.copy_from_tensors(bindings, buf.addr, gpu_accessible=True)
+                        datapath.copy_from_tensors(bindings, buf.addr, gpu_accessible=True,
+                                                   ensure_mapped=buf.map_until)  # fmt: skip
                     finally:
                         buf.close()
                     t_copy = time.perf_counter()

@@ -442,8 +442,13 @@ def copy_from_cuda(
             workers.close()
 
 
-def copy_direct_from_cuda(bindings: Sequence[Binding], base_addr: int) -> None:
-    """D2H straight into GPU-accessible host memory laid out like the payload (freeze to pool)."""
+def copy_direct_from_cuda(
+    bindings: Sequence[Binding],
+    base_addr: int,
+    ensure_mapped: Callable[[int], None] | None = None,
+) -> None:
+    """D2H straight into GPU-accessible host memory laid out like the payload (freeze to pool).
+    `ensure_mapped` as in copy_direct_to_cuda."""
     from thaw import cuda
 
     device = cuda_device(bindings)
@@ -457,6 +462,9 @@ def copy_direct_from_cuda(bindings: Sequence[Binding], base_addr: int) -> None:
             stream = staging.streams[n % 2]
             for seg in piece.segments:
                 if seg.length:
+                    end = bindings[seg.index].entry.offset + seg.tensor_offset + seg.length
+                    if ensure_mapped is not None:
+                        ensure_mapped(end)
                     cuda.copy_d2h(
                         base_addr + bindings[seg.index].entry.offset + seg.tensor_offset,
                         int(sources[seg.index].data_ptr()) + seg.tensor_offset,
@@ -538,10 +546,14 @@ def copy_from_tensors(
     *,
     gpu_accessible: bool = False,
     threads: int = DEFAULT_THREADS,
+    ensure_mapped: Callable[[int], None] | None = None,
 ) -> int:
     """Freeze bound tensors into host memory laid out like the payload (a pool buffer)."""
     cpu = [b for b in bindings if b.tensor.device.type == "cpu"]
     gpu = [b for b in bindings if b.tensor.device.type == "cuda"]
+    if ensure_mapped is not None and (cpu or not gpu_accessible):
+        ensure_mapped(max((b.entry.offset + b.entry.length for b in bindings), default=0))
+        ensure_mapped = None
     sources = [b.tensor.contiguous() for b in cpu]
     _native.copy_many(
         [base_addr + b.entry.offset for b in cpu],
@@ -551,7 +563,7 @@ def copy_from_tensors(
     )
     if gpu:
         if gpu_accessible:
-            copy_direct_from_cuda(gpu, base_addr)
+            copy_direct_from_cuda(gpu, base_addr, ensure_mapped)
         else:
             per_worker = max(1, threads // PIPELINE_WORKERS)
             copy_from_cuda(
