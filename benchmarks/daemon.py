@@ -237,11 +237,13 @@ def tensor_parallel(args: argparse.Namespace, client: thaw.client.Client, socket
         alone.append(r["bytes"] / min(r["seconds"]) / 1e9)
     start_at = time.time() + 15  # both children ready (CUDA init, allocation) before it
     half = _half(args)
-    procs = [run_child(half, socket, f"rank{r}", f"cuda:{r}", repeat=1, start_at=start_at)
+    # Three restores each, started together; the best of each rank's (mapped) restores counts,
+    # as alone: the first one of a process also maps the pool buffer.
+    procs = [run_child(half, socket, f"rank{r}", f"cuda:{r}", repeat=3, start_at=start_at)
              for r in range(2)]  # fmt: skip
     together = [finish(p) for p in procs]
     for rank in range(2):
-        gbps = together[rank]["bytes"] / together[rank]["seconds"][0] / 1e9
+        gbps = together[rank]["bytes"] / min(together[rank]["seconds"]) / 1e9
         rows.append(Row(f"TP rank {rank} restore, both ranks at once", gbps, f"rank {rank} alone",
                         alone[rank], ">= 90%", gbps >= 0.9 * alone[rank]))  # fmt: skip
     return rows
