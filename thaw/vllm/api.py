@@ -183,7 +183,7 @@ def freeze_engine(
     kwargs = {**FREEZE_ENGINE_DEFAULTS, **engine_kwargs}
     llm = LLM(
         model=model,
-        dtype=dtype,
+        dtype=dtype,  # type: ignore[arg-type]
         tensor_parallel_size=tensor_parallel_size,
         load_format="thaw",
         model_loader_extra_config={

@@ -194,7 +194,7 @@ def without(fp: Fingerprint, keys: Sequence[str]) -> Fingerprint:
     """`fp` with `keys` unset, so `check` does not compare them."""
     if not keys:
         return fp
-    unset = {k: (-1 if isinstance(getattr(fp, k), int) else "") for k in keys}
+    unset: dict[str, Any] = {k: (-1 if isinstance(getattr(fp, k), int) else "") for k in keys}
     return dataclasses.replace(fp, **unset)
 
 

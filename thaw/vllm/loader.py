@@ -11,11 +11,11 @@ process_weights_after_loading, which then packs/repacks as after a normal load.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
@@ -23,7 +23,8 @@ from thaw.vllm import model as vmodel
 from thaw.vllm.common import Options, RankTransfer, resolve
 from thaw.vllm.transfer import locate, read_rank, write_rank
 
-logger = logging.getLogger("thaw.vllm")
+# Under "vllm." so that vLLM's log handlers (and format, and VLLM_LOGGING_LEVEL) apply.
+logger = init_logger("vllm.thaw")
 
 # The last load of this process: source and timing, for the benchmark and for freeze (which
 # must know where packed weights came from). Keyed by id(model).
@@ -68,11 +69,11 @@ class ThawModelLoader(BaseModelLoader):
             logger.info("thaw: %s not found; loading the checkpoint and freezing it", ref.label)
             self._default().load_weights(model, model_config)
             loaded = time.perf_counter() - started
-            result = write_rank(named, ref, self.options, expect, rank, source_kind="checkpoint")
+            frozen = write_rank(named, ref, self.options, expect, rank, source_kind="checkpoint")
             LOADS[id(model)] = {
                 "source": {"kind": "checkpoint"},
                 "load_s": loaded,
-                "freeze": result.to_dict(),
+                "freeze": frozen.to_dict(),
             }
             return
         result: RankTransfer = read_rank(named, ref, self.options, expect, rank, source, client)
@@ -87,7 +88,7 @@ class ThawModelLoader(BaseModelLoader):
             "restore": result.to_dict(),
         }
         logger.info(
-            "thaw: rank %d loaded %s from %s (%s) in %.3f s",
+            "thaw: rank %d loaded %s from %s (%s); loading weights took %.4f seconds",
             rank,
             ref.label,
             result.source,

@@ -141,10 +141,13 @@ def reload_in_place(
     from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
-    live_loaders = []  # (tensor, loader) of live (non-meta) tensors whose loader we replace
+    live_loaders: list[
+        tuple[Any, Any]
+    ] = []  # (tensor, loader) of live (non-meta) tensors whose loader we replace
     with set_current_vllm_config(vllm_config):
         initialize_layerwise_reload(model)
         for layer in model.modules():
+            tensor: Any
             for name, tensor in get_layer_tensors(layer).items():
                 if name in SKIP_LOAD_TENSORS:
                     continue
@@ -154,16 +157,16 @@ def reload_in_place(
                 tensor.weight_loader = make_online_process_loader(layer, name)
         try:
             for name, value in tensors:
-                param = get_parameter_for_reload(model, name)
+                param: Any = get_parameter_for_reload(model, name)
                 param.weight_loader(param, value)
         finally:
             finalize_layerwise_reload(model, vllm_config.model_config)
-            for tensor, loader in live_loaders:
+            for live, loader in live_loaders:
                 if loader is None:
                     with contextlib.suppress(AttributeError):
-                        del tensor.weight_loader
+                        del live.weight_loader
                 else:
-                    tensor.weight_loader = loader
+                    live.weight_loader = loader
 
 
 @contextlib.contextmanager
