@@ -534,6 +534,7 @@ class Client:
         fds, sizes, buffer_id = self._redeem(info.session_id)
         kind = _POOLS.get(info.pool_kind, "file")
         cuda = datapath.cuda_device(bindings) is not None
+        cuda_only = all(b.tensor.device.type == "cuda" for b in bindings)
         try:
             if kind == "file":
                 if not info.payload_length:
@@ -552,12 +553,15 @@ class Client:
 
                         device = datapath.cuda_device(bindings) or 0
                         # Lazy: the copy maps chunk by chunk, overlapping mapping with DMA.
-                        buf = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True)
+                        buf = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True,
+                                                        host_access=not cuda_only)  # fmt: skip
                         cached = (buffer_id, buf)
                     else:
                         cached = (buffer_id, MemoryMapping(fds[0], sizes[0], populate=True))
                     self._mappings[name] = cached
                 holder = cached[1]
+                if kind == "vmm" and not cuda_only:
+                    holder.enable_host_access()
                 if kind == "memfd" and cuda:
                     from thaw import cuda as cuda_mod
 
@@ -619,7 +623,9 @@ class Client:
 
                     device = datapath.cuda_device(bindings) or 0
                     t_begin = time.perf_counter()
-                    buf = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True)
+                    cuda_only = all(b.tensor.device.type == "cuda" for b in bindings)
+                    buf = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True,
+                                                    host_access=not cuda_only)  # fmt: skip
                     t_map = time.perf_counter()
                     try:
                         datapath.copy_from_tensors(bindings, buf.addr, gpu_accessible=True,

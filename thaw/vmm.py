@@ -115,8 +115,11 @@ class HostBuffer:
     """
 
     def __init__(self, handles: list[Any], sizes: list[int], device: int, owned: bool,
-                 lazy: bool = False) -> None:  # fmt: skip
+                 lazy: bool = False, host_access: bool = True) -> None:  # fmt: skip
         self.handles, self.sizes, self.device, self.owned = handles, sizes, device, owned
+        # CPU access is optional: a process that only DMAs to its GPU skips the CPU page
+        # tables of the whole buffer (`enable_host_access` adds them when a CPU copy needs them).
+        self.host_access = host_access
         self.size = sum(sizes)
         self.mapped = 0  # bytes from `addr` that are mapped and accessible
         self._chunks_mapped = 0
@@ -141,10 +144,20 @@ class HostBuffer:
                 self.mapped += size
                 self._chunks_mapped += 1
                 try:
-                    _check(cu.cuMemSetAccess(at, size, _access(self.device), 2), "cuMemSetAccess")
+                    access = _access(self.device, self.host_access)
+                    _check(cu.cuMemSetAccess(at, size, access, len(access)), "cuMemSetAccess")
                 except CudaError:
                     self.close()
                     raise
+
+    def enable_host_access(self) -> None:
+        """Map the whole buffer with CPU access too (for CPU copies and checksums)."""
+        self.map_until(self.size)
+        with self._lock:
+            if not self.host_access:
+                access = _access(self.device, True)
+                _check(cu.cuMemSetAccess(self.addr, self.size, access, 2), "cuMemSetAccess")
+                self.host_access = True
 
     @classmethod
     def of_chunks(cls, chunks: list[Chunk], device: int = 0) -> HostBuffer:
@@ -159,8 +172,8 @@ class HostBuffer:
         return cls([chunk.handle], [chunk.size], device, owned=True)
 
     @classmethod
-    def import_fds(cls, fds: list[int], sizes: list[int], device: int = 0,
-                   lazy: bool = False) -> HostBuffer:  # fmt: skip
+    def import_fds(cls, fds: list[int], sizes: list[int], device: int = 0, lazy: bool = False,
+                   host_access: bool = True) -> HostBuffer:  # fmt: skip
         """Map chunks another process exported, in order; the fds stay owned by the caller.
         `lazy`: import now, map on `map_until`."""
         t0 = time.perf_counter()
@@ -175,7 +188,7 @@ class HostBuffer:
                     )
                 )
             t1 = time.perf_counter()
-            buf = cls(handles, sizes, device, owned=True, lazy=lazy)
+            buf = cls(handles, sizes, device, owned=True, lazy=lazy, host_access=host_access)
             mapped = (time.perf_counter() - t1) * 1e3
             log.debug("imported %d chunks (%d bytes): import %.1f ms, mapped %d bytes in %.1f ms",
                       len(fds), buf.size, (t1 - t0) * 1e3, buf.mapped, mapped)  # fmt: skip
@@ -210,13 +223,15 @@ class HostBuffer:
         self.addr = self.mapped = self._chunks_mapped = 0
 
 
-def _access(device: int) -> list[Any]:
-    """Read-write access for the CPU and for `device`."""
-    host = cu.CUmemAccessDesc()
-    host.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_HOST_NUMA
-    host.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+def _access(device: int, host: bool) -> list[Any]:
+    """Read-write access for `device`, and for the CPU when `host`."""
     gpu = cu.CUmemAccessDesc()
     gpu.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
     gpu.location.id = device
     gpu.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-    return [host, gpu]
+    if not host:
+        return [gpu]
+    cpu = cu.CUmemAccessDesc()
+    cpu.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_HOST_NUMA
+    cpu.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    return [cpu, gpu]

@@ -59,7 +59,8 @@ class ThawdProcess:
         address = notify_address or str(self.dir / f"notify-{time.monotonic_ns()}.sock")
         listener.bind(address if not address.startswith("@") else "\0" + address[1:])
         listener.settimeout(0.2)
-        env = dict(os.environ, NOTIFY_SOCKET=address, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, NOTIFY_SOCKET=address, PYTHONPATH=path, PYTHONUNBUFFERED="1")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "thawd", "--config", str(self.config_path)],
