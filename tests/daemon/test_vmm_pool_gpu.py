@@ -47,7 +47,7 @@ def test_freeze_restore_and_fragmented_pool(thawd_factory) -> None:  # type: ign
 
     with connect(d.socket) as c:
         assert c.status().pool_kind == "vmm"
-        c.freeze(cuda_tensors(1, 3), "a")  # 12 MiB: chunks 0-2
+        c.freeze(cuda_tensors(1, 3), "a", wait=True)  # 12 MiB: chunks 0-2
         c.freeze(cuda_tensors(2, 2), "b")  # chunks 3-4
         c.unregister("a")  # frees 0-2; with 5-7 free too, 20 MiB is no single run of 8 chunks
         c.freeze(cuda_tensors(3, 5), "c")
