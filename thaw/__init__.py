@@ -22,6 +22,7 @@ _LAZY = {
     "restore_file": "thaw.restore",
     "TransferStats": "thaw.restore",
     "connect": "thaw.client",
+    "fork": "thaw.kv.api",
 }
 
 __all__ = ["Fingerprint", "__version__", "open_snapshot", *_LAZY]

@@ -91,6 +91,10 @@ class FingerprintMismatch(ModelMismatch):
         super().__init__("snapshot fingerprint does not match: " + "; ".join(parts))
 
 
+class KVMismatch(ModelMismatch):
+    """A KV-cache snapshot does not fit the engine: other model, dtype, KV layout or block size."""
+
+
 class RestoreIncomplete(ThawError):
     """A restore failed after bytes were copied: the model holds a mix of old and new weights.
 

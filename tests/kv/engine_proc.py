@@ -1,0 +1,102 @@
+"""One vLLM engine in a fresh interpreter, driven by a JSON job; prints one JSON result line.
+
+    python tests/kv/engine_proc.py '{"role": "capture", "model": DIR, "socket": S, ...}'
+
+A separate interpreter per engine, so each test engine has its own PYTHONHASHSEED (set by the
+caller) and nothing of vLLM stays in the pytest process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+
+RESULT = "THAW-KV-RESULT "
+
+
+def make_llm(job: dict, **extra: object) -> object:
+    from vllm import LLM
+
+    import thaw.kv
+
+    return LLM(
+        model=job["model"], dtype=job.get("dtype", "float32"), enforce_eager=True,
+        max_model_len=2048, kv_cache_memory_bytes=64 << 20,
+        prefix_caching_hash_algo=job.get("hash_algo", "sha256"),
+        kv_transfer_config=thaw.kv.kv_transfer_config(
+            socket=job.get("socket"), snapshot_dir=job.get("snapshot_dir")),
+        **extra,
+    )  # fmt: skip
+
+
+def greedy(llm: object, prompt: str, n: int = 32) -> dict:
+    from vllm import SamplingParams
+
+    t0 = time.perf_counter()
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
+                       use_tqdm=False)[0]  # fmt: skip
+    return {"tokens": list(out.outputs[0].token_ids), "cached": out.num_cached_tokens,
+            "prompt_len": len(out.prompt_token_ids), "seconds": time.perf_counter() - t0}
+
+
+def shutdown(llm: object) -> None:
+    import contextlib
+
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+
+
+def main(job: dict) -> dict:
+    import thaw.kv
+    from thaw.errors import ThawError
+
+    role = job["role"]
+    t0 = time.perf_counter()
+    llm = make_llm(job)
+    result: dict = {"init_s": time.perf_counter() - t0}
+    prompt = job["prompt"]
+    if role == "capture":
+        result["first"] = greedy(llm, prompt)
+        info = thaw.kv.capture(llm, job["name"], [prompt])[0]
+        result["captured"] = info.cached_tokens
+        # Same engine, local prefix cache emptied: the connector brings the blocks back.
+        llm.reset_prefix_cache()
+        result["reloaded"] = greedy(llm, prompt)
+    elif role == "restore":
+        result["lazy"] = greedy(llm, prompt)
+        llm.reset_prefix_cache()
+        result["restored"] = thaw.kv.restore(llm, job["name"]).cached_tokens
+        result["after_restore"] = greedy(llm, prompt)
+    elif role == "mismatch":
+        result["lazy"] = greedy(llm, prompt)
+        try:
+            thaw.kv.restore(llm, job["name"])
+            result["refused"] = ""
+        except ThawError as e:
+            result["refused"] = f"{type(e).__name__}: {e}"
+        from vllm import SamplingParams
+
+        llm.llm_engine.add_request("pending", prompt, SamplingParams(max_tokens=4))
+        try:
+            thaw.kv.capture(llm, "never", [prompt])
+            result["busy"] = ""
+        except ThawError as e:
+            result["busy"] = f"{type(e).__name__}: {e}"
+        while llm.llm_engine.has_unfinished_requests():
+            llm.llm_engine.step()
+    shutdown(llm)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        out = main(json.loads(sys.argv[1]))
+    except BaseException:
+        out = {"error": traceback.format_exc()}
+    print(RESULT + json.dumps(out), flush=True)
+    sys.stdout.flush()
+    import os
+
+    os._exit(0)  # vLLM's shutdown hooks add seconds; the engine processes die with us

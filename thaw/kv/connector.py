@@ -1,0 +1,295 @@
+"""`ThawKVConnector`: vLLM KV connector backed by thawd, keyed by token ids.
+
+    LLM(model=..., kv_transfer_config=thaw.kv.kv_transfer_config(socket=..., snapshot_dir=...))
+
+Scheduler side (engine-core process): answers `get_num_new_matched_tokens` from an index of
+stored prefixes (chain keys over token ids, thaw/kv/store.py), tells the worker which stored
+blocks go into which allocated block ids, and, on the step that finishes a prompt's prefill,
+which full blocks to save. Worker side: loads blocks (from thawd's pinned tier, or the file)
+into the engine's KV tensors before the forward; saves blocks after it.
+
+Per-request options go in `SamplingParams(extra_args={"kv_transfer_params": {...}})`:
+`thaw_capture: name` saves the prompt's full blocks under that name even if already stored;
+`thaw_refresh: true` re-reads the store's index before matching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from thaw.errors import KVMismatch
+from thaw.kv.store import (
+    TOKEN_IDS,
+    KVStore,
+    auto_name,
+    chain_keys,
+    engine_labels,
+    layer_tensor_name,
+    rank_name,
+    spec_from_vllm_config,
+)
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("thaw.kv")
+
+
+@dataclasses.dataclass
+class LoadItem:
+    """Copy stored blocks `src` of snapshot `name` into engine blocks `dst`."""
+
+    req_id: str
+    name: str
+    path: str
+    n_blocks: int
+    src: list[int]
+    dst: list[int]
+    token_ids: list[int]  # expected tokens of those blocks, checked against the stored ones
+
+
+@dataclasses.dataclass
+class SaveItem:
+    """Store engine blocks `block_ids` (the prompt's full blocks) as snapshot `name`."""
+
+    req_id: str
+    name: str
+    block_ids: list[int]
+    token_ids: list[int]
+    labels: dict[str, str]
+
+
+@dataclasses.dataclass
+class ThawKVMetadata(KVConnectorMetadata):
+    loads: list[LoadItem] = dataclasses.field(default_factory=list)
+    saves: list[SaveItem] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _ReqState:
+    prompt: list[int]
+    block_ids: list[int]
+    capture: str | None
+    saved: bool = False
+
+
+class ThawKVConnector(KVConnectorBase_V1):
+    """KV connector whose store is thawd (pinned tier + snapshot files), keyed by token ids."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None) -> None:  # fmt: skip
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self.spec = spec_from_vllm_config(vllm_config)
+        self.block_size = self.spec.block_size
+        self.store = KVStore(self.spec, socket=extra.get("socket") or None,
+                             directory=extra.get("snapshot_dir") or None,
+                             refresh_s=float(extra.get("refresh_s", 2.0)))  # fmt: skip
+        # Stored snapshots kept in the worker's memory after a load (0: every load from thawd).
+        self.store.staging_limit = int(extra.get("staging_bytes", 256 << 20))
+        self.save_prompts = bool(extra.get("save", True))
+        self.engine_labels = engine_labels(vllm_config)
+        # scheduler side
+        self._matches: dict[str, tuple[int, list[Any]]] = {}
+        self._loads: list[LoadItem] = []
+        self._reqs: dict[str, _ReqState] = {}
+        # worker side
+        self._layers: list[torch.Tensor] = []
+        self._load_errors: set[int] = set()
+        if role == KVConnectorRole.SCHEDULER:
+            try:
+                self.store.refresh(force=True)
+            except Exception as e:  # a missing daemon must not stop the engine: it only misses
+                log.warning("thaw KV store not reachable at start: %s", e)
+
+    # --- worker side ----------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        names = sorted(kv_caches, key=extract_layer_index)
+        layers = [kv_caches[n] for n in names]
+        if len(layers) != self.spec.num_layers:
+            raise KVMismatch(f"engine has {len(layers)} KV layers, its config says "
+                             f"{self.spec.num_layers}")  # fmt: skip
+        dtype = str(layers[0].dtype).removeprefix("torch.")
+        block_shape = tuple(self._blocks(layers[0]).shape[1:])
+        if dtype != self.spec.dtype or block_shape != self.spec.block_shape:
+            raise KVMismatch(
+                f"thaw KV connector: the engine's KV tensors are {dtype} blocks of "
+                f"{list(block_shape)}, expected {self.spec.dtype} {list(self.spec.block_shape)} "
+                f"for layout {self.spec.layout}; this vLLM build's KV layout is not supported"
+            )
+        self._layers = layers
+
+    def _blocks(self, layer: torch.Tensor) -> torch.Tensor:
+        """View of one layer's KV with the block index first."""
+        return layer if self.spec.layout.startswith("cpu") else layer.transpose(0, 1)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, ThawKVMetadata)
+        for item in meta.loads:
+            try:
+                self._load(item)
+            except Exception as e:
+                log.error("thaw KV load of %s for request %s failed: %s", item.name,
+                          item.req_id, e)  # fmt: skip
+                self._load_errors.update(item.dst)
+
+    def _load(self, item: LoadItem) -> None:
+        from thaw.kv.store import BlockRef
+
+        stored = self.store.load(BlockRef(item.name, 0, item.n_blocks, item.path))
+        src = torch.tensor(item.src, dtype=torch.int64)
+        expected = torch.tensor(item.token_ids, dtype=torch.int64).view(len(item.src), -1)
+        if not torch.equal(stored[TOKEN_IDS].index_select(0, src), expected):
+            raise KVMismatch(f"KV snapshot {item.name!r} holds other tokens than its index says")
+        dst = torch.tensor(item.dst, dtype=torch.int64)
+        for i, layer in enumerate(self._layers):
+            blocks = self._blocks(layer)
+            data = stored[layer_tensor_name(i)].index_select(0, src).to(layer.device)
+            blocks.index_copy_(0, dst.to(layer.device), data)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
+                      **kwargs: Any) -> None:  # fmt: skip
+        return  # whole blocks are saved after the forward, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, ThawKVMetadata):
+            return
+        for item in meta.saves:
+            try:
+                ids = torch.tensor(item.block_ids, dtype=torch.int64)
+                layers = [self._blocks(layer).index_select(0, ids.to(layer.device)).cpu()
+                          for layer in self._layers]  # fmt: skip
+                tokens = torch.tensor(item.token_ids, dtype=torch.int64).view(len(ids), -1)
+                self.store.save(rank_name(item.name, self.spec), layers, tokens, item.labels)
+            except Exception as e:  # the engine serves on; this prefix is just not stored
+                log.error("thaw KV save of %s failed: %s", item.name, e)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # --- scheduler side -------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Request,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:  # fmt: skip
+        params = request.kv_transfer_params or {}
+        prompt = list(request.prompt_token_ids or [])
+        # The last prompt token is always computed (vLLM needs its logits): at most
+        # (len - 1) // block_size full blocks can come from the store.
+        max_blocks = (len(prompt) - 1) // self.block_size
+        if max_blocks * self.block_size <= num_computed_tokens:
+            return 0, False
+        try:
+            self.store.refresh(force=bool(params.get("thaw_refresh")))
+        except Exception as e:
+            log.warning("thaw KV store refresh failed: %s", e)
+        keys = chain_keys(self.spec.key, prompt, self.block_size, max_blocks)
+        refs = self.store.match(keys)
+        matched = len(refs) * self.block_size
+        if matched <= num_computed_tokens:
+            return 0, False
+        self._matches[request.request_id] = (num_computed_tokens, refs)
+        return matched - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:  # fmt: skip
+        params = request.kv_transfer_params or {}
+        self._reqs.setdefault(request.request_id, _ReqState(
+            list(request.prompt_token_ids or []), [], params.get("thaw_capture")))  # fmt: skip
+        match = self._matches.pop(request.request_id, None)
+        if num_external_tokens <= 0 or match is None:
+            return
+        local, refs = match
+        block_ids = blocks.get_block_ids()[0]
+        first = local // self.block_size
+        last = first + num_external_tokens // self.block_size
+        prompt = self._reqs[request.request_id].prompt
+        by_name: dict[str, LoadItem] = {}
+        for i in range(first, last):
+            ref = refs[i]
+            item = by_name.get(ref.name)
+            if item is None:
+                item = by_name[ref.name] = LoadItem(request.request_id, ref.name, ref.path,
+                                                    ref.n_blocks, [], [], [])  # fmt: skip
+            item.src.append(ref.index)
+            item.dst.append(block_ids[i])
+            item.token_ids.extend(prompt[i * self.block_size : (i + 1) * self.block_size])
+        self._loads.extend(by_name.values())
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = ThawKVMetadata(loads=self._loads)
+        self._loads = []
+        progress: list[tuple[str, int]] = []
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._reqs.setdefault(
+                new.req_id, _ReqState(list(new.prompt_token_ids or []), [], None))
+            state.block_ids = list(new.block_ids[0])
+            progress.append((new.req_id, new.num_computed_tokens))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._reqs.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if req_id in cached.resumed_req_ids:
+                    state.block_ids = list(new_ids[0])
+                else:
+                    state.block_ids.extend(new_ids[0])
+            progress.append((req_id, cached.num_computed_tokens[i]))
+        for req_id, computed in progress:
+            state = self._reqs[req_id]
+            end = computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            if not state.saved and computed < len(state.prompt) <= end:
+                state.saved = True  # this step finishes the prompt's prefill
+                item = self._save_item(req_id, state)
+                if item is not None:
+                    meta.saves.append(item)
+        return meta
+
+    def _save_item(self, req_id: str, state: _ReqState) -> SaveItem | None:
+        if not (self.save_prompts or state.capture):
+            return None
+        n = len(state.prompt) // self.block_size
+        if n == 0:
+            return None
+        keys = chain_keys(self.spec.key, state.prompt, self.block_size)
+        if state.capture is None and self.store.has(keys[-1]):
+            return None  # already stored (or loaded from the store)
+        name = state.capture or auto_name(self.spec, keys)
+        tokens = state.prompt[: n * self.block_size]
+        labels = {**self.engine_labels, "kv.blocks": str(n), "kv.tokens": str(len(tokens)),
+                  "kv.chain": keys[-1]}  # fmt: skip
+        self.store.note_saved(name, tokens, {**self.spec.labels(), **labels})
+        return SaveItem(req_id, name, state.block_ids[:n], tokens, labels)
+
+    def request_finished(self, request: Request,
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:  # fmt: skip
+        self._reqs.pop(request.request_id, None)
+        self._matches.pop(request.request_id, None)
+        return False, None
+
+    def shutdown(self) -> None:
+        self.store.close()

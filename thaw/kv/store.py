@@ -1,0 +1,467 @@
+"""KV-cache snapshots in thaw's container format, keyed by token ids, and the index over them.
+
+A KV snapshot holds one prefix of full blocks:
+
+    kv.layer{L}     [n_blocks, *block_shape]   the engine's KV bytes for layer L, block by block
+    kv.token_ids    int64 [n_blocks, block_size]  the tokens behind each block
+
+and records in its fingerprint labels what the bytes mean (model fingerprint, dtype, layout,
+block size and shape, layers) plus, for the record only, vLLM's prefix-cache hash algorithm and
+seed of the engine that wrote it. Blocks are looked up by *our* chain key: SHA-256 over the
+KV spec and the token ids of the block and all blocks before it. The key is a function of the
+token ids alone, so an engine with another PYTHONHASHSEED or `prefix_caching_hash_algo` finds
+the same blocks; vLLM then hashes the loaded blocks its own way. The index is rebuilt from the
+stored token ids, never from vLLM's block hashes.
+
+Snapshots live in thawd (pinned tier, file written behind into `snapshot_dir` or the daemon's
+state directory) or, without a daemon, as files in `snapshot_dir`. This module imports torch
+but not vLLM; `spec_from_vllm_config` takes the config object duck-typed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thaw.errors import AlreadyExists, KVMismatch, NotFound, ThawError
+from thaw.fingerprint import Fingerprint
+
+log = logging.getLogger("thaw.kv")
+
+KIND_LABEL = "thaw.kind"
+KIND = "kv"
+TOKEN_IDS = "kv.token_ids"
+# Spec fields compared between a snapshot and an engine, in the order errors name them.
+SPEC_FIELDS = ("model", "dtype", "layout", "block_size", "block_shape", "num_layers")
+
+
+def layer_tensor_name(index: int) -> str:
+    return f"kv.layer{index}"
+
+
+@dataclasses.dataclass(frozen=True)
+class KVSpec:
+    """What KV bytes mean: two engines with equal specs can exchange blocks as raw bytes."""
+
+    model: str  # model fingerprint (see model_fingerprint)
+    dtype: str  # KV cache dtype, e.g. "float32"
+    layout: str  # e.g. "cpu-LBHNC": vLLM CPU, one [blocks, kv_heads, block, 2*head] per layer
+    block_size: int
+    block_shape: tuple[int, ...]  # shape of one block of one layer, as stored
+    num_layers: int
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    @property
+    def key(self) -> str:
+        """Hex digest of the fields that decide compatibility (the chain keys start from it)."""
+        fields = {f: getattr(self, f) for f in SPEC_FIELDS}
+        fields["block_shape"] = list(self.block_shape)
+        fields["tp"] = [self.tp_rank, self.tp_size]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+    @property
+    def block_bytes(self) -> int:
+        n = 1
+        for d in self.block_shape:
+            n *= d
+        return n * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    def labels(self) -> dict[str, str]:
+        return {
+            KIND_LABEL: KIND, "kv.spec": self.key, "kv.model": self.model, "kv.dtype": self.dtype,
+            "kv.layout": self.layout, "kv.block_size": str(self.block_size),
+            "kv.block_shape": "x".join(map(str, self.block_shape)),
+            "kv.num_layers": str(self.num_layers), "kv.tp": f"{self.tp_rank}/{self.tp_size}",
+        }  # fmt: skip
+
+    @classmethod
+    def from_labels(cls, labels: Mapping[str, str]) -> KVSpec:
+        if labels.get(KIND_LABEL) != KIND:
+            raise ThawError("not a KV-cache snapshot (no thaw.kind=kv label)")
+        try:
+            rank, size = labels.get("kv.tp", "0/1").split("/")
+            return cls(
+                model=labels["kv.model"], dtype=labels["kv.dtype"], layout=labels["kv.layout"],
+                block_size=int(labels["kv.block_size"]),
+                block_shape=tuple(int(d) for d in labels["kv.block_shape"].split("x")),
+                num_layers=int(labels["kv.num_layers"]), tp_rank=int(rank), tp_size=int(size),
+            )  # fmt: skip
+        except (KeyError, ValueError) as e:
+            raise ThawError(f"KV-cache snapshot labels are incomplete or invalid: {e}") from e
+
+    def check(self, snapshot: KVSpec, what: str = "the snapshot") -> None:
+        """Raise KVMismatch naming every field where `snapshot` differs from this engine."""
+        diffs = [
+            f"{f}: engine has {getattr(self, f)!r}, {what} has {getattr(snapshot, f)!r}"
+            for f in (*SPEC_FIELDS, "tp_rank", "tp_size")
+            if getattr(self, f) != getattr(snapshot, f)
+        ]
+        if diffs:
+            raise KVMismatch(
+                f"KV-cache snapshot does not fit this engine ({'; '.join(diffs)}); capture it "
+                "again from an engine with the same model, dtype, block size and parallel layout"
+            )
+
+
+# --- model fingerprint ------------------------------------------------------------------------
+
+_MODEL_FP_CACHE: dict[str, str] = {}
+_SAMPLE = 1 << 20
+
+
+def model_fingerprint(model: str, revision: str | None = None) -> str:
+    """A short digest that changes when the weights change.
+
+    For a local directory: config.json, and for every weights file its name, size and first and
+    last MiB (cheap, and random-weight models that share a config still differ). For a hub id:
+    the id and revision.
+    """
+    cache_key = f"{model}@{revision}"
+    if cache_key in _MODEL_FP_CACHE:
+        return _MODEL_FP_CACHE[cache_key]
+    h = hashlib.sha256()
+    path = Path(model)
+    if path.is_dir():
+        config = path / "config.json"
+        if config.exists():
+            h.update(config.read_bytes())
+        for f in sorted(path.iterdir()):
+            if f.suffix not in (".safetensors", ".bin", ".pt", ".gguf"):
+                continue
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(_SAMPLE))
+                if size > 2 * _SAMPLE:
+                    fh.seek(size - _SAMPLE)
+                    h.update(fh.read(_SAMPLE))
+    else:
+        h.update(f"hub:{model}@{revision or 'main'}".encode())
+    digest = h.hexdigest()[:24]
+    _MODEL_FP_CACHE[cache_key] = digest
+    return digest
+
+
+def spec_from_vllm_config(vllm_config: Any) -> KVSpec:
+    """The KV spec an engine with this VllmConfig has (valid in every vLLM process)."""
+    mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    kv_heads = mc.get_num_kv_heads(pc)
+    head = mc.get_head_size()
+    layers = mc.get_num_layers(pc)
+    block_size = int(cc.block_size)
+    cache_dtype = str(getattr(cc, "cache_dtype", "auto"))
+    dtype = str(mc.dtype).removeprefix("torch.") if cache_dtype == "auto" else cache_dtype
+    try:
+        from vllm.platforms import current_platform
+
+        cpu = current_platform.is_cpu()
+    except ImportError:  # pragma: no cover - only with vllm installed
+        cpu = False
+    if cpu:
+        # vLLM CPU: one [num_blocks, kv_heads, block_size, 2*head] tensor per layer (LBHNC).
+        layout, block_shape = "cpu-LBHNC", (kv_heads, block_size, 2 * head)
+    else:
+        # vLLM GPU (flash attention, NHD): [2, num_blocks, block_size, kv_heads, head] per
+        # layer; stored block-major as [n, 2, block_size, kv_heads, head].
+        layout, block_shape = "gpu-2NBHD", (2, block_size, kv_heads, head)
+    return KVSpec(
+        model=model_fingerprint(mc.model, getattr(mc, "revision", None)), dtype=dtype,
+        layout=layout, block_size=block_size, block_shape=block_shape, num_layers=layers,
+        tp_rank=_tp_rank(), tp_size=int(pc.tensor_parallel_size),
+    )  # fmt: skip
+
+
+def _tp_rank() -> int:
+    with contextlib.suppress(Exception):
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    return 0
+
+
+def engine_labels(vllm_config: Any) -> dict[str, str]:
+    """What the writing engine used for its own block hashes: recorded, never relied on."""
+    version = ""
+    with contextlib.suppress(ImportError):
+        import vllm
+
+        version = vllm.__version__
+    return {
+        "kv.hash_algo": str(vllm_config.cache_config.prefix_caching_hash_algo),
+        "kv.hash_seed": os.environ.get("PYTHONHASHSEED", "unset"),
+        "kv.vllm": version,
+        "kv.model_path": str(vllm_config.model_config.model)[-200:],
+    }
+
+
+# --- chain keys -------------------------------------------------------------------------------
+
+
+def chain_keys(spec_key: str, token_ids: Sequence[int], block_size: int,
+               max_blocks: int | None = None) -> list[str]:  # fmt: skip
+    """One key per full block: SHA-256 of the spec, the previous key and the block's tokens."""
+    n = len(token_ids) // block_size
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    out: list[str] = []
+    digest = hashlib.sha256(spec_key.encode()).digest()
+    ids = torch.as_tensor(list(token_ids[: n * block_size]), dtype=torch.int64)
+    raw = ids.numpy().tobytes()
+    step = 8 * block_size
+    for i in range(n):
+        digest = hashlib.sha256(digest + raw[i * step : (i + 1) * step]).digest()
+        out.append(digest.hex()[:32])
+    return out
+
+
+def auto_name(spec: KVSpec, keys: Sequence[str]) -> str:
+    """Daemon-valid name of an automatically saved prefix: spec, last chain key, block count."""
+    return f"kv-{spec.key[:12]}-{keys[-1][:20]}-{len(keys)}"
+
+
+def rank_name(name: str, spec: KVSpec) -> str:
+    """Rank 0 keeps the name; other tensor-parallel ranks store their shard beside it."""
+    return name if spec.tp_rank == 0 else f"{name}.tp{spec.tp_rank}"
+
+
+# --- the store --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRef:
+    """Block `index` of KV snapshot `name` (n_blocks in all; `path` when read from a file)."""
+
+    name: str
+    index: int
+    n_blocks: int
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredPrefix:
+    name: str
+    path: str
+    token_ids: tuple[int, ...]
+    keys: tuple[str, ...]
+    labels: Mapping[str, str]
+
+
+class KVStore:
+    """KV snapshots of one KV spec, in thawd and/or a directory, indexed by chain key.
+
+    Thread-safe. With a socket, thawd is the store (pinned on save; files it finds in
+    `directory` that the daemon lacks are registered); without, files in `directory`.
+    """
+
+    def __init__(self, spec: KVSpec, socket: str | None = None, directory: str | None = None,
+                 refresh_s: float = 2.0) -> None:  # fmt: skip
+        if not socket and not directory:
+            raise ThawError("a KV store needs a thawd socket or a snapshot directory")
+        self.spec = spec
+        self.socket = socket
+        self.directory = directory
+        self.refresh_s = refresh_s
+        self._client: Any = None
+        self._lock = threading.RLock()
+        self._index: dict[str, BlockRef] = {}
+        self._known: dict[str, StoredPrefix] = {}
+        self._refreshed = 0.0
+        self._staging: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.staging_limit = 256 << 20
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+    # --- plumbing
+
+    @property
+    def client(self) -> Any:
+        if self._client is None and self.socket:
+            from thaw.client import connect
+
+            self._client = connect(self.socket)
+        return self._client
+
+    def path_for(self, name: str) -> str:
+        return os.path.join(self.directory, f"{name}.thaw") if self.directory else ""
+
+    def fingerprint(self, extra_labels: Mapping[str, str]) -> Fingerprint:
+        labels = {**self.spec.labels(), **extra_labels}
+        return Fingerprint(dtype=self.spec.dtype, model=self.spec.model, engine="vllm",
+                           engine_version=labels.get("kv.vllm", ""), tp_rank=self.spec.tp_rank,
+                           tp_size=self.spec.tp_size, labels=labels)  # fmt: skip
+
+    # --- index
+
+    def refresh(self, force: bool = False) -> None:
+        """Pick up snapshots written by other engines (rate-limited unless `force`)."""
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._refreshed < self.refresh_s:
+                return
+            self._refreshed = now
+            seen: dict[str, tuple[str, Mapping[str, str]]] = {}
+            if self.client is not None:
+                for record in self.client.list():
+                    labels = dict(record.labels)
+                    if labels.get("kv.spec") == self.spec.key:
+                        seen[record.name] = (record.path, labels)
+            if self.directory:
+                self._scan_directory(seen)
+            for name, (path, labels) in seen.items():
+                if name not in self._known:
+                    with contextlib.suppress(ThawError):
+                        self._add(name, path, labels, self._read_token_ids(name, path, labels))
+
+    def _scan_directory(self, seen: dict[str, tuple[str, Mapping[str, str]]]) -> None:
+        from thaw.format import open_snapshot
+
+        assert self.directory is not None
+        for entry in sorted(Path(self.directory).glob("*.thaw")):
+            name = entry.stem
+            if name in seen or name in self._known:
+                continue
+            try:
+                labels = dict(open_snapshot(entry).fingerprint.labels)
+            except (ThawError, OSError):
+                continue
+            if labels.get("kv.spec") != self.spec.key:
+                continue
+            if self.client is not None:
+                # Written by an engine while the daemon was away, or its registry was lost.
+                with contextlib.suppress(AlreadyExists):
+                    self.client.register(entry, name, labels=labels)
+            seen[name] = (str(entry), labels)
+
+    def _read_token_ids(self, name: str, path: str, labels: Mapping[str, str]) -> list[int]:
+        n = int(labels["kv.blocks"])
+        ids = torch.empty(n, self.spec.block_size, dtype=torch.int64)
+        if self.client is not None:
+            self.client.restore({TOKEN_IDS: ids}, name, strict=False)
+        else:
+            from thaw.restore import restore_file
+
+            restore_file({TOKEN_IDS: ids}, path, strict=False)
+        return ids.flatten().tolist()
+
+    def _add(self, name: str, path: str, labels: Mapping[str, str], token_ids: Sequence[int]) -> StoredPrefix:
+        keys = chain_keys(self.spec.key, token_ids, self.spec.block_size)
+        prefix = StoredPrefix(name, path, tuple(token_ids), tuple(keys), dict(labels))
+        with self._lock:
+            self._known[name] = prefix
+            for i, key in enumerate(keys):
+                # The first snapshot that holds a block serves it.
+                self._index.setdefault(key, BlockRef(name, i, len(keys), path))
+        return prefix
+
+    def match(self, keys: Sequence[str]) -> list[BlockRef]:
+        """The stored blocks of the longest stored prefix of `keys` (chained: in order)."""
+        out = []
+        with self._lock:
+            for key in keys:
+                ref = self._index.get(key)
+                if ref is None:
+                    break
+                out.append(ref)
+        return out
+
+    def has(self, key: str) -> bool:
+        with self._lock:
+            return key in self._index
+
+    def prefix(self, name: str) -> StoredPrefix:
+        with self._lock:
+            if name not in self._known:
+                self.refresh(force=True)
+            if name not in self._known:
+                raise NotFound(f"no KV-cache snapshot {name!r} for this engine's KV spec")
+            return self._known[name]
+
+    def note_saved(self, name: str, token_ids: Sequence[int], labels: Mapping[str, str]) -> None:
+        """Index a prefix this engine is about to save (the scheduler decides, the worker writes)."""
+        self._add(name, self.path_for(name), labels, token_ids)
+
+    # --- data
+
+    def save(self, name: str, layers: Sequence[torch.Tensor], token_ids: torch.Tensor,
+             labels: Mapping[str, str]) -> None:  # fmt: skip
+        """Store `layers` ([n, *block_shape] each) and their token ids as snapshot `name`."""
+        tensors = {layer_tensor_name(i): t.contiguous() for i, t in enumerate(layers)}
+        tensors[TOKEN_IDS] = token_ids.to(torch.int64).contiguous()
+        fingerprint = self.fingerprint(labels)
+        if self.client is not None:
+            try:
+                self.client.freeze(tensors, name, self.path_for(name) or None, fingerprint,
+                                   labels=fingerprint.labels, pin=True)  # fmt: skip
+            except AlreadyExists:
+                log.debug("KV snapshot %s already stored", name)
+        else:
+            from thaw.freeze import freeze_file
+
+            path = self.path_for(name)
+            if not os.path.exists(path):
+                freeze_file(tensors, path, fingerprint=fingerprint)
+
+    def load(self, ref: BlockRef) -> dict[str, torch.Tensor]:
+        """All tensors of the snapshot `ref` points into, in host memory (a small LRU)."""
+        with self._lock:
+            cached = self._staging.get(ref.name)
+            if cached is not None:
+                self._staging.move_to_end(ref.name)
+                return cached
+        dtype = getattr(torch, self.spec.dtype)
+        tensors = {layer_tensor_name(i): torch.empty(ref.n_blocks, *self.spec.block_shape, dtype=dtype)
+                   for i in range(self.spec.num_layers)}  # fmt: skip
+        tensors[TOKEN_IDS] = torch.empty(ref.n_blocks, self.spec.block_size, dtype=torch.int64)
+        if self.client is not None:
+            self.client.restore(tensors, ref.name)
+        else:
+            from thaw.restore import restore_file
+
+            restore_file(tensors, ref.path)
+        if self.staging_limit <= 0:
+            return tensors
+        with self._lock:
+            self._staging[ref.name] = tensors
+            while sum(_nbytes(v) for v in self._staging.values()) > self.staging_limit and len(self._staging) > 1:
+                self._staging.popitem(last=False)
+        return tensors
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def read_labels(name: str, socket: str | None, directory: str | None) -> tuple[Mapping[str, str], str]:
+    """(labels, path) of KV snapshot `name` from thawd or the directory; NotFound otherwise."""
+    if socket:
+        from thaw.client import connect
+
+        with connect(socket) as client:
+            with contextlib.suppress(NotFound):
+                record = client.stat(name)
+                return dict(record.labels), record.path
+    if directory:
+        path = os.path.join(directory, f"{name}.thaw")
+        if os.path.exists(path):
+            from thaw.format import open_snapshot
+
+            return dict(open_snapshot(path).fingerprint.labels), path
+    raise NotFound(f"no KV-cache snapshot named {name!r} in thawd or {directory or '(no dir)'}")
