@@ -23,8 +23,9 @@ ENGINE_TIMEOUT = 240.0
 
 
 def _daemon_fixtures() -> Any:
-    spec = importlib.util.spec_from_file_location("thaw_kv_daemon_fixtures",
-                                                  ROOT / "tests" / "daemon" / "conftest.py")  # fmt: skip
+    spec = importlib.util.spec_from_file_location(
+        "thaw_kv_daemon_fixtures", ROOT / "tests" / "daemon" / "conftest.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -54,9 +55,14 @@ def run_engine(job: dict[str, Any], hash_seed: int, log: Path) -> dict[str, Any]
     """
     env = dict(os.environ, PYTHONHASHSEED=str(hash_seed), PYTHONPATH=str(ROOT))
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "kv" / "engine_proc.py"),
-                                 json.dumps(job)], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                cwd=str(ROOT), start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "kv" / "engine_proc.py"), json.dumps(job)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(ROOT),
+            start_new_session=True,
+        )
         try:
             proc.wait(ENGINE_TIMEOUT)
         finally:

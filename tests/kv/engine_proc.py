@@ -22,23 +22,32 @@ def make_llm(job: dict, **extra: object) -> object:
     import thaw.kv
 
     return LLM(
-        model=job["model"], dtype=job.get("dtype", "float32"), enforce_eager=True,
-        max_model_len=2048, kv_cache_memory_bytes=64 << 20,
+        model=job["model"],
+        dtype=job.get("dtype", "float32"),
+        enforce_eager=True,
+        max_model_len=2048,
+        kv_cache_memory_bytes=64 << 20,
         prefix_caching_hash_algo=job.get("hash_algo", "sha256"),
         kv_transfer_config=thaw.kv.kv_transfer_config(
-            socket=job.get("socket"), snapshot_dir=job.get("snapshot_dir")),
+            socket=job.get("socket"), snapshot_dir=job.get("snapshot_dir")
+        ),
         **extra,
-    )  # fmt: skip
+    )
 
 
 def greedy(llm: object, prompt: str, n: int = 32) -> dict:
     from vllm import SamplingParams
 
     t0 = time.perf_counter()
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
-                       use_tqdm=False)[0]  # fmt: skip
-    return {"tokens": list(out.outputs[0].token_ids), "cached": out.num_cached_tokens,
-            "prompt_len": len(out.prompt_token_ids), "seconds": time.perf_counter() - t0}
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False
+    )[0]
+    return {
+        "tokens": list(out.outputs[0].token_ids),
+        "cached": out.num_cached_tokens,
+        "prompt_len": len(out.prompt_token_ids),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def shutdown(llm: object) -> None:

@@ -24,9 +24,14 @@ CONNECTOR = "ThawKVConnector"
 MODULE = "thaw.kv.connector"
 
 
-def kv_transfer_config(socket: str | None = None, snapshot_dir: str | None = None, *,
-                       save: bool = True, refresh_s: float = 2.0,
-                       staging_bytes: int = 256 << 20) -> dict[str, Any]:  # fmt: skip
+def kv_transfer_config(
+    socket: str | None = None,
+    snapshot_dir: str | None = None,
+    *,
+    save: bool = True,
+    refresh_s: float = 2.0,
+    staging_bytes: int = 256 << 20,
+) -> dict[str, Any]:
     """The `kv_transfer_config` that plugs thaw into a vLLM engine.
 
     `socket`: thawd's socket (default: $THAW_SOCKET or the system socket) unless only
@@ -45,9 +50,12 @@ def kv_transfer_config(socket: str | None = None, snapshot_dir: str | None = Non
         # A block that fails to load is recomputed instead of failing the request.
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
-            "socket": socket or "", "snapshot_dir": os.path.abspath(snapshot_dir) if snapshot_dir else "",
-            "save": save, "refresh_s": refresh_s, "staging_bytes": staging_bytes,
-        },  # fmt: skip
+            "socket": socket or "",
+            "snapshot_dir": os.path.abspath(snapshot_dir) if snapshot_dir else "",
+            "save": save,
+            "refresh_s": refresh_s,
+            "staging_bytes": staging_bytes,
+        },
     }
 
 
@@ -102,8 +110,11 @@ def engine_spec(llm: Any) -> KVSpec:
     return spec_from_vllm_config(llm.llm_engine.vllm_config)
 
 
-def capture(llm: Any, name: str, prompts_or_token_ids: Sequence[str | Sequence[int]] | str,
-            ) -> list[KVPrefix]:  # fmt: skip
+def capture(
+    llm: Any,
+    name: str,
+    prompts_or_token_ids: Sequence[str | Sequence[int]] | str,
+) -> list[KVPrefix]:
     """Store the full-block KV of each prompt as snapshot `name` (`name.1`, `name.2`... after
     the first). Runs one 1-token request per prompt; its prefix usually hits the engine's
     prefix cache, so this costs one decode step, not a prefill.
@@ -114,25 +125,35 @@ def capture(llm: Any, name: str, prompts_or_token_ids: Sequence[str | Sequence[i
     extra = _connector_config(llm)
     _check_idle(llm, "capture KV")
     spec = engine_spec(llm)
-    items = [prompts_or_token_ids] if isinstance(prompts_or_token_ids, str) else list(prompts_or_token_ids)
+    items = (
+        [prompts_or_token_ids]
+        if isinstance(prompts_or_token_ids, str)
+        else list(prompts_or_token_ids)
+    )
     if not items:
         return []
     token_lists = [_encode(llm, p) if isinstance(p, str) else [int(t) for t in p] for p in items]
     names = [name if i == 0 else f"{name}.{i}" for i in range(len(items))]
     for n, ids in zip(names, token_lists, strict=True):
         if len(ids) < spec.block_size:
-            raise ThawError(f"prompt for {n!r} has {len(ids)} tokens, less than one KV block "
-                            f"({spec.block_size}): nothing to capture")  # fmt: skip
+            raise ThawError(
+                f"prompt for {n!r} has {len(ids)} tokens, less than one KV block "
+                f"({spec.block_size}): nothing to capture"
+            )
         try:
             read_labels(n, extra.get("socket"), extra.get("snapshot_dir"))
         except NotFound:
             continue
         raise AlreadyExists(f"a snapshot named {n!r} exists; remove it or pick another name")
-    params = [SamplingParams(max_tokens=1, temperature=0.0,
-                             extra_args={"kv_transfer_params": {"thaw_capture": n}})
-              for n in names]  # fmt: skip
-    llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_lists], params,
-                 use_tqdm=False)  # fmt: skip
+    params = [
+        SamplingParams(
+            max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": {"thaw_capture": n}}
+        )
+        for n in names
+    ]
+    llm.generate(
+        [TokensPrompt(prompt_token_ids=ids) for ids in token_lists], params, use_tqdm=False
+    )
     out = []
     for n, ids in zip(names, token_lists, strict=True):
         try:
@@ -181,8 +202,9 @@ def restore(llm: Any, name: str) -> KVPrefix:
     tokens = ids.flatten().tolist()
     # One more token so the whole stored prefix is eligible (vLLM recomputes the last one).
     prompt = TokensPrompt(prompt_token_ids=[*tokens, tokens[-1]])
-    params = SamplingParams(max_tokens=1, temperature=0.0,
-                            extra_args={"kv_transfer_params": {"thaw_refresh": True}})  # fmt: skip
+    params = SamplingParams(
+        max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": {"thaw_refresh": True}}
+    )
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     cached = int(out.num_cached_tokens or 0)
     if cached < len(tokens):

@@ -90,15 +90,22 @@ class _ReqState:
 class ThawKVConnector(KVConnectorBase_V1):
     """KV connector whose store is thawd (pinned tier + snapshot files), keyed by token ids."""
 
-    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
-                 kv_cache_config: KVCacheConfig | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig,
+    ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.spec = spec_from_vllm_config(vllm_config)
         self.block_size = self.spec.block_size
-        self.store = KVStore(self.spec, socket=extra.get("socket") or None,
-                             directory=extra.get("snapshot_dir") or None,
-                             refresh_s=float(extra.get("refresh_s", 2.0)))  # fmt: skip
+        self.store = KVStore(
+            self.spec,
+            socket=extra.get("socket") or None,
+            directory=extra.get("snapshot_dir") or None,
+            refresh_s=float(extra.get("refresh_s", 2.0)),
+        )
         # Stored snapshots kept in the worker's memory after a load (0: every load from thawd).
         self.store.staging_limit = int(extra.get("staging_bytes", 256 << 20))
         self.save_prompts = bool(extra.get("save", True))
@@ -124,8 +131,9 @@ class ThawKVConnector(KVConnectorBase_V1):
         names = sorted(kv_caches, key=extract_layer_index)
         layers = [kv_caches[n] for n in names]
         if len(layers) != self.spec.num_layers:
-            raise KVMismatch(f"engine has {len(layers)} KV layers, its config says "
-                             f"{self.spec.num_layers}")  # fmt: skip
+            raise KVMismatch(
+                f"engine has {len(layers)} KV layers, its config says {self.spec.num_layers}"
+            )
         dtype = str(layers[0].dtype).removeprefix("torch.")
         block_shape = tuple(self._blocks(layers[0]).shape[1:])
         if dtype != self.spec.dtype or block_shape != self.spec.block_shape:
@@ -147,8 +155,7 @@ class ThawKVConnector(KVConnectorBase_V1):
             try:
                 self._load(item)
             except Exception as e:
-                log.error("thaw KV load of %s for request %s failed: %s", item.name,
-                          item.req_id, e)  # fmt: skip
+                log.error("thaw KV load of %s for request %s failed: %s", item.name, item.req_id, e)
                 self._load_errors.update(item.dst)
 
     def _load(self, item: LoadItem) -> None:
@@ -168,8 +175,9 @@ class ThawKVConnector(KVConnectorBase_V1):
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous in start_load_kv
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
-                      **kwargs: Any) -> None:  # fmt: skip
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
         return  # whole blocks are saved after the forward, in wait_for_save
 
     def wait_for_save(self) -> None:
@@ -179,8 +187,10 @@ class ThawKVConnector(KVConnectorBase_V1):
         for item in meta.saves:
             try:
                 ids = torch.tensor(item.block_ids, dtype=torch.int64)
-                layers = [self._blocks(layer).index_select(0, ids.to(layer.device)).cpu()
-                          for layer in self._layers]  # fmt: skip
+                layers = [
+                    self._blocks(layer).index_select(0, ids.to(layer.device)).cpu()
+                    for layer in self._layers
+                ]
                 tokens = torch.tensor(item.token_ids, dtype=torch.int64).view(len(ids), -1)
                 self.store.save(rank_name(item.name, self.spec), layers, tokens, item.labels)
             except Exception as e:  # the engine serves on; this prefix is just not stored
@@ -192,8 +202,9 @@ class ThawKVConnector(KVConnectorBase_V1):
 
     # --- scheduler side -------------------------------------------------------------------------
 
-    def get_num_new_matched_tokens(self, request: Request,
-                                   num_computed_tokens: int) -> tuple[int | None, bool]:  # fmt: skip
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         params = request.kv_transfer_params or {}
         prompt = list(request.prompt_token_ids or [])
         # The last prompt token is always computed (vLLM needs its logits): at most
@@ -213,11 +224,14 @@ class ThawKVConnector(KVConnectorBase_V1):
         self._matches[request.request_id] = (num_computed_tokens, refs)
         return matched - num_computed_tokens, False
 
-    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
-                                 num_external_tokens: int) -> None:  # fmt: skip
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
         params = request.kv_transfer_params or {}
-        self._reqs.setdefault(request.request_id, _ReqState(
-            list(request.prompt_token_ids or []), [], params.get("thaw_capture")))  # fmt: skip
+        self._reqs.setdefault(
+            request.request_id,
+            _ReqState(list(request.prompt_token_ids or []), [], params.get("thaw_capture")),
+        )
         match = self._matches.pop(request.request_id, None)
         if num_external_tokens <= 0 or match is None:
             return
@@ -231,8 +245,9 @@ class ThawKVConnector(KVConnectorBase_V1):
             ref = refs[i]
             item = by_name.get(ref.name)
             if item is None:
-                item = by_name[ref.name] = LoadItem(request.request_id, ref.name, ref.path,
-                                                    ref.n_blocks, [], [], [])  # fmt: skip
+                item = by_name[ref.name] = LoadItem(
+                    request.request_id, ref.name, ref.path, ref.n_blocks, [], [], []
+                )
             item.src.append(ref.index)
             item.dst.append(block_ids[i])
             item.token_ids.extend(prompt[i * self.block_size : (i + 1) * self.block_size])
@@ -244,14 +259,16 @@ class ThawKVConnector(KVConnectorBase_V1):
         progress: list[tuple[str, int]] = []
         for new in scheduler_output.scheduled_new_reqs:
             state = self._reqs.setdefault(
-                new.req_id, _ReqState(list(new.prompt_token_ids or []), [], None))
+                new.req_id, _ReqState(list(new.prompt_token_ids or []), [], None)
+            )
             state.block_ids = list(new.block_ids[0])
             progress.append((new.req_id, new.num_computed_tokens))
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            state = self._reqs.get(req_id)
-            if state is None:
+            known = self._reqs.get(req_id)
+            if known is None:
                 continue
+            state = known
             new_ids = cached.new_block_ids[i]
             if new_ids is not None:
                 if req_id in cached.resumed_req_ids:
@@ -280,13 +297,18 @@ class ThawKVConnector(KVConnectorBase_V1):
             return None  # already stored (or loaded from the store)
         name = state.capture or auto_name(self.spec, keys)
         tokens = state.prompt[: n * self.block_size]
-        labels = {**self.engine_labels, "kv.blocks": str(n), "kv.tokens": str(len(tokens)),
-                  "kv.chain": keys[-1]}  # fmt: skip
+        labels = {
+            **self.engine_labels,
+            "kv.blocks": str(n),
+            "kv.tokens": str(len(tokens)),
+            "kv.chain": keys[-1],
+        }
         self.store.note_saved(name, tokens, {**self.spec.labels(), **labels})
         return SaveItem(req_id, name, state.block_ids[:n], tokens, labels)
 
-    def request_finished(self, request: Request,
-                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:  # fmt: skip
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
         self._reqs.pop(request.request_id, None)
         self._matches.pop(request.request_id, None)
         return False, None

@@ -81,11 +81,16 @@ class KVSpec:
 
     def labels(self) -> dict[str, str]:
         return {
-            KIND_LABEL: KIND, "kv.spec": self.key, "kv.model": self.model, "kv.dtype": self.dtype,
-            "kv.layout": self.layout, "kv.block_size": str(self.block_size),
+            KIND_LABEL: KIND,
+            "kv.spec": self.key,
+            "kv.model": self.model,
+            "kv.dtype": self.dtype,
+            "kv.layout": self.layout,
+            "kv.block_size": str(self.block_size),
             "kv.block_shape": "x".join(map(str, self.block_shape)),
-            "kv.num_layers": str(self.num_layers), "kv.tp": f"{self.tp_rank}/{self.tp_size}",
-        }  # fmt: skip
+            "kv.num_layers": str(self.num_layers),
+            "kv.tp": f"{self.tp_rank}/{self.tp_size}",
+        }
 
     @classmethod
     def from_labels(cls, labels: Mapping[str, str]) -> KVSpec:
@@ -94,11 +99,15 @@ class KVSpec:
         try:
             rank, size = labels.get("kv.tp", "0/1").split("/")
             return cls(
-                model=labels["kv.model"], dtype=labels["kv.dtype"], layout=labels["kv.layout"],
+                model=labels["kv.model"],
+                dtype=labels["kv.dtype"],
+                layout=labels["kv.layout"],
                 block_size=int(labels["kv.block_size"]),
                 block_shape=tuple(int(d) for d in labels["kv.block_shape"].split("x")),
-                num_layers=int(labels["kv.num_layers"]), tp_rank=int(rank), tp_size=int(size),
-            )  # fmt: skip
+                num_layers=int(labels["kv.num_layers"]),
+                tp_rank=int(rank),
+                tp_size=int(size),
+            )
         except (KeyError, ValueError) as e:
             raise ThawError(f"KV-cache snapshot labels are incomplete or invalid: {e}") from e
 
@@ -170,6 +179,7 @@ def spec_from_vllm_config(vllm_config: Any) -> KVSpec:
         cpu = current_platform.is_cpu()
     except ImportError:  # pragma: no cover - only with vllm installed
         cpu = False
+    block_shape: tuple[int, ...]
     if cpu:
         # vLLM CPU: one [num_blocks, kv_heads, block_size, 2*head] tensor per layer (LBHNC).
         layout, block_shape = "cpu-LBHNC", (kv_heads, block_size, 2 * head)
@@ -178,10 +188,15 @@ def spec_from_vllm_config(vllm_config: Any) -> KVSpec:
         # layer; stored block-major as [n, 2, block_size, kv_heads, head].
         layout, block_shape = "gpu-2NBHD", (2, block_size, kv_heads, head)
     return KVSpec(
-        model=model_fingerprint(mc.model, getattr(mc, "revision", None)), dtype=dtype,
-        layout=layout, block_size=block_size, block_shape=block_shape, num_layers=layers,
-        tp_rank=_tp_rank(), tp_size=int(pc.tensor_parallel_size),
-    )  # fmt: skip
+        model=model_fingerprint(mc.model, getattr(mc, "revision", None)),
+        dtype=dtype,
+        layout=layout,
+        block_size=block_size,
+        block_shape=block_shape,
+        num_layers=layers,
+        tp_rank=_tp_rank(),
+        tp_size=int(pc.tensor_parallel_size),
+    )
 
 
 def _tp_rank() -> int:
@@ -210,8 +225,9 @@ def engine_labels(vllm_config: Any) -> dict[str, str]:
 # --- chain keys -------------------------------------------------------------------------------
 
 
-def chain_keys(spec_key: str, token_ids: Sequence[int], block_size: int,
-               max_blocks: int | None = None) -> list[str]:  # fmt: skip
+def chain_keys(
+    spec_key: str, token_ids: Sequence[int], block_size: int, max_blocks: int | None = None
+) -> list[str]:
     """One key per full block: SHA-256 of the spec, the previous key and the block's tokens."""
     n = len(token_ids) // block_size
     if max_blocks is not None:
@@ -266,8 +282,13 @@ class KVStore:
     `directory` that the daemon lacks are registered); without, files in `directory`.
     """
 
-    def __init__(self, spec: KVSpec, socket: str | None = None, directory: str | None = None,
-                 refresh_s: float = 2.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        spec: KVSpec,
+        socket: str | None = None,
+        directory: str | None = None,
+        refresh_s: float = 2.0,
+    ) -> None:
         if not socket and not directory:
             raise ThawError("a KV store needs a thawd socket or a snapshot directory")
         self.spec = spec
@@ -299,9 +320,15 @@ class KVStore:
 
     def fingerprint(self, extra_labels: Mapping[str, str]) -> Fingerprint:
         labels = {**self.spec.labels(), **extra_labels}
-        return Fingerprint(dtype=self.spec.dtype, model=self.spec.model, engine="vllm",
-                           engine_version=labels.get("kv.vllm", ""), tp_rank=self.spec.tp_rank,
-                           tp_size=self.spec.tp_size, labels=labels)  # fmt: skip
+        return Fingerprint(
+            dtype=self.spec.dtype,
+            model=self.spec.model,
+            engine="vllm",
+            engine_version=labels.get("kv.vllm", ""),
+            tp_rank=self.spec.tp_rank,
+            tp_size=self.spec.tp_size,
+            labels=labels,
+        )
 
     # --- index
 
@@ -320,10 +347,10 @@ class KVStore:
                         seen[record.name] = (record.path, labels)
             if self.directory:
                 self._scan_directory(seen)
-            for name, (path, labels) in seen.items():
+            for name, (path, found) in seen.items():
                 if name not in self._known:
                     with contextlib.suppress(ThawError):
-                        self._add(name, path, labels, self._read_token_ids(name, path, labels))
+                        self._add(name, path, found, self._read_token_ids(name, path, found))
 
     def _scan_directory(self, seen: dict[str, tuple[str, Mapping[str, str]]]) -> None:
         from thaw.format import open_snapshot
@@ -356,7 +383,9 @@ class KVStore:
             restore_file({TOKEN_IDS: ids}, path, strict=False)
         return ids.flatten().tolist()
 
-    def _add(self, name: str, path: str, labels: Mapping[str, str], token_ids: Sequence[int]) -> StoredPrefix:
+    def _add(
+        self, name: str, path: str, labels: Mapping[str, str], token_ids: Sequence[int]
+    ) -> StoredPrefix:
         keys = chain_keys(self.spec.key, token_ids, self.spec.block_size)
         prefix = StoredPrefix(name, path, tuple(token_ids), tuple(keys), dict(labels))
         with self._lock:
@@ -390,21 +419,32 @@ class KVStore:
             return self._known[name]
 
     def note_saved(self, name: str, token_ids: Sequence[int], labels: Mapping[str, str]) -> None:
-        """Index a prefix this engine is about to save (the scheduler decides, the worker writes)."""
+        """Index a prefix this engine is about to save (scheduler decides, worker writes)."""
         self._add(name, self.path_for(name), labels, token_ids)
 
     # --- data
 
-    def save(self, name: str, layers: Sequence[torch.Tensor], token_ids: torch.Tensor,
-             labels: Mapping[str, str]) -> None:  # fmt: skip
+    def save(
+        self,
+        name: str,
+        layers: Sequence[torch.Tensor],
+        token_ids: torch.Tensor,
+        labels: Mapping[str, str],
+    ) -> None:
         """Store `layers` ([n, *block_shape] each) and their token ids as snapshot `name`."""
         tensors = {layer_tensor_name(i): t.contiguous() for i, t in enumerate(layers)}
         tensors[TOKEN_IDS] = token_ids.to(torch.int64).contiguous()
         fingerprint = self.fingerprint(labels)
         if self.client is not None:
             try:
-                self.client.freeze(tensors, name, self.path_for(name) or None, fingerprint,
-                                   labels=fingerprint.labels, pin=True)  # fmt: skip
+                self.client.freeze(
+                    tensors,
+                    name,
+                    self.path_for(name) or None,
+                    fingerprint,
+                    labels=fingerprint.labels,
+                    pin=True,
+                )
             except AlreadyExists:
                 log.debug("KV snapshot %s already stored", name)
         else:
@@ -422,8 +462,10 @@ class KVStore:
                 self._staging.move_to_end(ref.name)
                 return cached
         dtype = getattr(torch, self.spec.dtype)
-        tensors = {layer_tensor_name(i): torch.empty(ref.n_blocks, *self.spec.block_shape, dtype=dtype)
-                   for i in range(self.spec.num_layers)}  # fmt: skip
+        tensors = {
+            layer_tensor_name(i): torch.empty(ref.n_blocks, *self.spec.block_shape, dtype=dtype)
+            for i in range(self.spec.num_layers)
+        }
         tensors[TOKEN_IDS] = torch.empty(ref.n_blocks, self.spec.block_size, dtype=torch.int64)
         if self.client is not None:
             self.client.restore(tensors, ref.name)
@@ -435,7 +477,10 @@ class KVStore:
             return tensors
         with self._lock:
             self._staging[ref.name] = tensors
-            while sum(_nbytes(v) for v in self._staging.values()) > self.staging_limit and len(self._staging) > 1:
+            while (
+                sum(_nbytes(v) for v in self._staging.values()) > self.staging_limit
+                and len(self._staging) > 1
+            ):
                 self._staging.popitem(last=False)
         return tensors
 
@@ -449,15 +494,16 @@ def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def read_labels(name: str, socket: str | None, directory: str | None) -> tuple[Mapping[str, str], str]:
+def read_labels(
+    name: str, socket: str | None, directory: str | None
+) -> tuple[Mapping[str, str], str]:
     """(labels, path) of KV snapshot `name` from thawd or the directory; NotFound otherwise."""
     if socket:
         from thaw.client import connect
 
-        with connect(socket) as client:
-            with contextlib.suppress(NotFound):
-                record = client.stat(name)
-                return dict(record.labels), record.path
+        with connect(socket) as client, contextlib.suppress(NotFound):
+            record = client.stat(name)
+            return dict(record.labels), record.path
     if directory:
         path = os.path.join(directory, f"{name}.thaw")
         if os.path.exists(path):

@@ -1,0 +1,256 @@
+"""KV-cache restore from thawd's pinned tier, beside the ceiling measured in the same run.
+
+    python benchmarks/kv_restore.py --device cuda     # GPU machine: no vLLM needed
+    python benchmarks/kv_restore.py                   # CPU: throughput + TTFT with vLLM CPU
+
+Part 1 (any device): KV snapshots shaped like an 8B model's (Llama-3-8B: 32 layers, 8 KV
+heads of 128, bf16, vLLM GPU block size 16: 128 KiB per token, a 4k-token prefix = 0.54 GB)
+are frozen into a fresh thawd, pinned, and restored with `thaw.connect().restore` into
+device tensors in the snapshot's block-major shape; then scattered into a KV cache laid out
+like vLLM's GPU cache (per layer [2, num_blocks, 16, 8, 128]) at random block ids. One
+prefix, then a batch of prefixes back to back. The ceiling: one pinned buffer of the same
+size copied H2D (CUDA) or memcpy'd (CPU), in the same process.
+
+Part 2 (CPU, needs vLLM): time to first token of a ~1.9k-token prompt with the tiny model:
+full prefill vs a prefix restored through ThawKVConnector from thawd vs vLLM's own local
+prefix-cache hit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Row, pinned_h2d_ceiling, print_table, timed
+from daemon import memcpy_rate, start_daemon
+
+import thaw
+from thaw.kv.store import TOKEN_IDS, KVSpec, layer_tensor_name
+
+# Llama-3-8B KV on vLLM GPU (flash attention, NHD), block size 16.
+LAYERS, KV_HEADS, HEAD, BLOCK = 32, 8, 128, 16
+
+
+def kv_spec(dtype: str) -> KVSpec:
+    return KVSpec(
+        model="bench-llama3-8b",
+        dtype=dtype,
+        layout="gpu-2NBHD",
+        block_size=BLOCK,
+        block_shape=(2, BLOCK, KV_HEADS, HEAD),
+        num_layers=LAYERS,
+    )
+
+
+def prefix_tensors(spec: KVSpec, tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    n = tokens // BLOCK
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, spec.dtype)
+    out = {
+        layer_tensor_name(i): torch.randn(n, *spec.block_shape, generator=g).to(dtype)
+        for i in range(LAYERS)
+    }
+    out[TOKEN_IDS] = torch.randint(0, 128000, (n, BLOCK), generator=g, dtype=torch.int64)
+    return out
+
+
+def throughput(args: argparse.Namespace) -> None:
+    spec = kv_spec(args.dtype)
+    device = args.device
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    one = prefix_tensors(spec, args.prefix_tokens, 0)
+    size = sum(t.numel() * t.element_size() for t in one.values())
+    total = size * (1 + args.batch)
+    with tempfile.TemporaryDirectory(prefix="thaw-kvbench-") as tmp:
+        directory = Path(tmp)
+        daemon = start_daemon(directory, int(total * 1.2) + (1 << 30))
+        try:
+            client = thaw.connect(str(directory / "thawd.sock"))
+            status = client.status()
+            print(
+                f"thawd {status.version}, pool {status.pool_kind}, device {device}, "
+                f"prefix {args.prefix_tokens} tokens = {size / 1e9:.3f} GB",
+                flush=True,
+            )
+            names = []
+            for i in range(1 + args.batch):
+                tensors = one if i == 0 else prefix_tensors(spec, args.prefix_tokens, i)
+                name = f"kv-bench-{i}"
+                labels = {**spec.labels(), "kv.blocks": str(args.prefix_tokens // BLOCK)}
+                client.freeze(
+                    tensors,
+                    name,
+                    str(directory / f"{name}.thaw"),
+                    thaw.Fingerprint(model=spec.model, dtype=spec.dtype, labels=labels),
+                    labels=labels,
+                    pin=True,
+                )
+                names.append(name)
+                del tensors
+            n = args.prefix_tokens // BLOCK
+            dtype = getattr(torch, spec.dtype)
+            targets = [
+                {
+                    layer_tensor_name(i): torch.empty(
+                        n, *spec.block_shape, dtype=dtype, device=device
+                    )
+                    for i in range(LAYERS)
+                }
+                for _ in range(1 + args.batch)
+            ]
+            for t in targets:
+                t[TOKEN_IDS] = torch.empty(n, BLOCK, dtype=torch.int64, device=device)
+            # The engine's KV cache: room for every prefix, prefixes land on random blocks.
+            num_blocks = n * (1 + args.batch) + 64
+            cache = [
+                torch.empty(2, num_blocks, BLOCK, KV_HEADS, HEAD, dtype=dtype, device=device)
+                for _ in range(LAYERS)
+            ]
+            perm = torch.randperm(num_blocks, device=device)
+
+            first = timed(lambda: client.restore(targets[0], names[0]), sync)
+            warm = min(
+                timed(lambda: client.restore(targets[0], names[0]), sync)
+                for _ in range(args.repeat)
+            )
+            ok = all(torch.equal(targets[0][k].cpu(), one[k]) for k in one)
+
+            def scatter(t: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
+                for i, layer in enumerate(cache):
+                    layer.index_copy_(1, ids, t[layer_tensor_name(i)].transpose(0, 1))
+
+            ids0 = perm[:n]
+            scatter_s = min(timed(lambda: scatter(targets[0], ids0), sync) for _ in range(3))
+            for name, t in zip(names[1:], targets[1:], strict=True):  # map each buffer once
+                client.restore(t, name)
+
+            def batch() -> None:
+                for k, (name, t) in enumerate(zip(names[1:], targets[1:], strict=True)):
+                    client.restore(t, name)
+                    scatter(t, perm[n * (k + 1) : n * (k + 2)])
+
+            def batch_restore_only() -> None:
+                for name, t in zip(names[1:], targets[1:], strict=True):
+                    client.restore(t, name)
+
+            batch_s = min(timed(batch, sync) for _ in range(args.repeat))
+            batch_restore_s = min(timed(batch_restore_only, sync) for _ in range(args.repeat))
+            if device == "cuda":
+                ceiling = pinned_h2d_ceiling(size)
+                ceiling_name = "pinned H2D ceiling (64 MB chunks, 2 streams), same size"
+            else:
+                ceiling = memcpy_rate(size, 8)
+                ceiling_name = "memcpy ceiling (8 threads), same size"
+            bsize = size * args.batch
+            rows = [
+                Row("one prefix: first restore (maps the pool buffer)", size, first),
+                Row("one prefix: restore from pinned tier (best)", size, warm),
+                Row("one prefix: restore + scatter into vLLM-layout cache", size, warm + scatter_s),
+                Row(f"batch of {args.batch} prefixes: restore only", bsize, batch_restore_s),
+                Row(f"batch of {args.batch} prefixes: restore + scatter", bsize, batch_s),
+                Row(ceiling_name, size, size / ceiling / 1e9),
+            ]
+            print_table(f"KV restore, {args.dtype}, {device}, pool {status.pool_kind}", rows)
+            print(f"restored bytes equal the frozen ones: {ok}")
+            client.close()
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=60)
+
+
+def ttft(args: argparse.Namespace) -> None:
+    """CPU: first-token time of a long prompt, restored prefix vs full prefill (tiny model)."""
+    from vllm import LLM, SamplingParams
+
+    import thaw.kv
+    import thaw.tiny
+
+    with tempfile.TemporaryDirectory(prefix="thaw-kvttft-") as tmp:
+        directory = Path(tmp)
+        daemon = start_daemon(directory, 1 << 30)
+        try:
+            model = thaw.tiny.write_model_dir(directory / "tiny")
+            prompt = thaw.tiny.make_prompt(thaw.tiny.build_tokenizer(), args.ttft_tokens, seed=7)
+            llm = LLM(
+                model=str(model),
+                dtype="float32",
+                enforce_eager=True,
+                max_model_len=2048,
+                kv_cache_memory_bytes=64 << 20,
+                kv_transfer_config=thaw.kv.kv_transfer_config(
+                    socket=str(directory / "thawd.sock"), save=False, staging_bytes=0
+                ),
+            )
+            params = SamplingParams(max_tokens=1, temperature=0.0)
+
+            def first_token() -> tuple[float, int]:
+                t0 = time.perf_counter()
+                out = llm.generate([prompt], params, use_tqdm=False)[0]
+                return time.perf_counter() - t0, int(out.num_cached_tokens or 0)
+
+            llm.generate(["warm up"], params, use_tqdm=False)
+            prefill = []
+            for _ in range(args.repeat):
+                llm.reset_prefix_cache()
+                prefill.append(first_token())
+            prefix = thaw.kv.capture(llm, "ttft", [prompt])[0]
+            restored = []
+            for _ in range(args.repeat):
+                llm.reset_prefix_cache()  # the connector loads from thawd every time
+                restored.append(first_token())
+            local = [first_token() for _ in range(args.repeat)]
+            print(
+                f"\nTTFT, tiny model (2 layers), {args.ttft_tokens}-token prompt, "
+                f"{prefix.cached_tokens} tokens in full blocks; best of {args.repeat}"
+            )
+            for label, runs in (
+                ("full prefill", prefill),
+                ("restored from thawd", restored),
+                ("vLLM local prefix-cache hit", local),
+            ):
+                best = min(runs)
+                print(f"  {label:30s} {best[0] * 1e3:8.1f} ms   num_cached_tokens={best[1]}")
+            print(f"  speed-up restored vs prefill: {min(prefill)[0] / min(restored)[0]:.2f}x")
+            with __import__("contextlib").suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--prefix-tokens", type=int, default=4096)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="prefixes in the batch run (default: 8 on cuda, 2 on cpu)",
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--ttft-tokens", type=int, default=1900)
+    parser.add_argument("--no-ttft", action="store_true", help="skip the vLLM CPU TTFT part")
+    args = parser.parse_args()
+    if args.batch is None:
+        args.batch = 8 if args.device == "cuda" else 2
+    throughput(args)
+    if args.device == "cpu" and not args.no_ttft:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            print("vLLM not installed: TTFT part skipped")
+            return
+        ttft(args)
+
+
+if __name__ == "__main__":
+    main()

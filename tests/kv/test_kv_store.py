@@ -1,0 +1,125 @@
+"""The KV snapshot glue without vLLM: chain keys, spec checks, the store over a real thawd and
+over plain files, the index rebuilt from stored token ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import thaw
+from thaw.errors import KVMismatch, ModelMismatch, ThawError
+from thaw.kv.store import TOKEN_IDS, BlockRef, KVSpec, KVStore, auto_name, chain_keys
+
+SPEC = KVSpec(
+    model="m1",
+    dtype="float32",
+    layout="cpu-LBHNC",
+    block_size=4,
+    block_shape=(2, 4, 8),
+    num_layers=2,
+)
+
+
+def blocks(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, *SPEC.block_shape, generator=g) for _ in range(SPEC.num_layers)]
+
+
+def labels_for(tokens: list[int]) -> dict[str, str]:
+    n = len(tokens) // SPEC.block_size
+    keys = chain_keys(SPEC.key, tokens, SPEC.block_size)
+    return {"kv.blocks": str(n), "kv.tokens": str(n * SPEC.block_size), "kv.chain": keys[-1]}
+
+
+def test_chain_keys_depend_on_tokens_and_spec_only() -> None:
+    tokens = list(range(10))
+    keys = chain_keys(SPEC.key, tokens, 4)
+    assert len(keys) == 2  # full blocks only
+    assert keys == chain_keys(SPEC.key, [*tokens, 99], 4)
+    assert chain_keys(SPEC.key, [0, 1, 2, 3, 7, 7, 7, 7], 4)[0] == keys[0]
+    assert chain_keys(SPEC.key, [0, 1, 2, 3, 7, 7, 7, 7], 4)[1] != keys[1]
+    other = KVSpec(**{**SPEC.__dict__, "dtype": "float16"})
+    assert chain_keys(other.key, tokens, 4)[0] != keys[0]
+
+
+def test_spec_check_names_every_difference() -> None:
+    SPEC.check(KVSpec.from_labels(SPEC.labels()))
+    other = KVSpec(**{**SPEC.__dict__, "model": "m2", "block_size": 8})
+    with pytest.raises(KVMismatch) as e:
+        SPEC.check(other)
+    assert isinstance(e.value, ModelMismatch)
+    assert "model" in str(e.value) and "block_size" in str(e.value)
+    with pytest.raises(ThawError, match="not a KV-cache snapshot"):
+        KVSpec.from_labels({})
+
+
+@pytest.mark.parametrize("backend", ["thawd", "files"])
+def test_store_round_trip_and_index_from_token_ids(
+    backend: str, tmp_path: Any, kv_thawd: Any
+) -> None:
+    socket = kv_thawd.socket if backend == "thawd" else None
+    directory = str(tmp_path / "kv")
+    writer = KVStore(SPEC, socket=socket, directory=directory)
+    tokens = list(range(100, 113))  # 3 full blocks + 1 token
+    keys = chain_keys(SPEC.key, tokens, 4)
+    name = auto_name(SPEC, keys) + backend
+    layers = blocks(3, 0)
+    writer.save(name, layers, torch.tensor(tokens[:12]).view(3, 4), labels_for(tokens))
+    # A new store (another engine) knows nothing but what it reads back.
+    reader = KVStore(SPEC, socket=socket, directory=directory)
+    reader.refresh(force=True)
+    refs = reader.match(chain_keys(SPEC.key, [*tokens[:8], 5, 5, 5, 5], 4))
+    assert [(r.name, r.index) for r in refs] == [(name, 0), (name, 1)]
+    loaded = reader.load(refs[0])
+    assert torch.equal(loaded[TOKEN_IDS].flatten(), torch.tensor(tokens[:12]))
+    for i, layer in enumerate(layers):
+        assert torch.equal(loaded[f"kv.layer{i}"], layer)
+    # Another spec sees none of it.
+    stranger = KVStore(
+        KVSpec(**{**SPEC.__dict__, "model": "m2"}), socket=socket, directory=directory
+    )
+    stranger.refresh(force=True)
+    assert stranger.match(chain_keys(stranger.spec.key, tokens, 4)) == []
+    if backend == "thawd":
+        with thaw.connect(socket) as client:
+            record = client.stat(name)
+        assert record.tier == "pinned" and dict(record.labels)["kv.spec"] == SPEC.key
+    for s in (writer, reader, stranger):
+        s.close()
+
+
+def test_files_written_without_daemon_are_registered_later(tmp_path: Any, kv_thawd: Any) -> None:
+    directory = str(tmp_path / "kv")
+    tokens = list(range(8))
+    offline = KVStore(SPEC, directory=directory)
+    offline.save(
+        "offline-prefix", blocks(2, 1), torch.tensor(tokens).view(2, 4), labels_for(tokens)
+    )
+    online = KVStore(SPEC, socket=kv_thawd.socket, directory=directory)
+    online.refresh(force=True)
+    assert [r.name for r in online.match(chain_keys(SPEC.key, tokens, 4))] == ["offline-prefix"] * 2
+    with thaw.connect(kv_thawd.socket) as client:
+        assert client.stat("offline-prefix").path.endswith("offline-prefix.thaw")
+    online.close()
+
+
+def test_load_refuses_a_snapshot_of_other_shape(tmp_path: Any) -> None:
+    directory = str(tmp_path / "kv")
+    tokens = list(range(8))
+    KVStore(SPEC, directory=directory).save(
+        "p", blocks(2, 2), torch.tensor(tokens).view(2, 4), labels_for(tokens)
+    )
+    wider = KVStore(KVSpec(**{**SPEC.__dict__, "block_shape": (2, 4, 16)}), directory=directory)
+    with pytest.raises(ModelMismatch):
+        wider.load(BlockRef("p", 0, 2, str(tmp_path / "kv" / "p.thaw")))
+
+
+def test_importing_thaw_kv_imports_neither_torch_nor_vllm() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, thaw.kv; print('torch' in sys.modules, 'vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -1,0 +1,109 @@
+"""KV-cache snapshots through real vLLM CPU engines and a real thawd.
+
+Engine A (PYTHONHASHSEED=1, sha256 block hashes) serves a 1000-token prompt, its KV goes into
+thawd; thawd restarts; engine B (a new process, PYTHONHASHSEED=2, sha256_cbor block hashes) gets
+the same prompt from the store: 896 tokens cached (7 full blocks of 128) and the same greedy
+tokens. An engine of another model and dtype is refused. Three engines, ~40 s each here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+PROMPT_TOKENS = 1000
+BLOCK = 128
+FULL_PREFIX = (PROMPT_TOKENS - 1) // BLOCK * BLOCK  # 896
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, kv_thawd: Any) -> dict[str, Any]:
+    import thaw.tiny
+
+    root = tmp_path_factory.mktemp("kv")
+    model = thaw.tiny.write_model_dir(root / "tiny")
+    prompt = thaw.tiny.make_prompt(thaw.tiny.build_tokenizer(), PROMPT_TOKENS, seed=3)
+    return {
+        "model": str(model),
+        "prompt": prompt,
+        "socket": kv_thawd.socket,
+        "name": "sess-a",
+        "snapshot_dir": str(root / "kv"),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def engine_a(setup: dict[str, Any], engine: Any) -> dict[str, Any]:
+    job = {k: v for k, v in setup.items() if k != "root"}
+    return engine({**job, "role": "capture"}, hash_seed=1)
+
+
+def test_engine_a_captures_and_its_connector_reloads(engine_a: dict[str, Any]) -> None:
+    assert engine_a["first"]["prompt_len"] == PROMPT_TOKENS
+    assert engine_a["first"]["cached"] == 0
+    assert engine_a["captured"] == FULL_PREFIX
+    # Local prefix cache emptied: all 896 tokens came back through the connector.
+    assert engine_a["reloaded"]["cached"] == FULL_PREFIX
+    assert engine_a["reloaded"]["tokens"] == engine_a["first"]["tokens"]
+
+
+def test_kv_snapshot_in_thawd_and_on_disk(setup: dict[str, Any], engine_a: dict[str, Any]) -> None:
+    import thaw
+
+    with thaw.connect(setup["socket"]) as client:
+        record = client.stat("sess-a")
+    assert record.tier == "pinned"
+    labels = dict(record.labels)
+    assert labels["kv.blocks"] == "7" and labels["kv.tokens"] == str(FULL_PREFIX)
+    assert labels["kv.layout"] == "cpu-LBHNC" and labels["kv.block_size"] == str(BLOCK)
+    assert labels["kv.hash_algo"] == "sha256" and labels["kv.hash_seed"] == "1"
+    snap = thaw.open_snapshot(Path(setup["snapshot_dir"]) / "sess-a.thaw")
+    shapes = {e.name: e.shape for e in snap.tensors}
+    # tiny: 2 layers, 2 KV heads, head 64 -> CPU block [2, 128, 128]
+    assert shapes == {
+        "kv.layer0": (7, 2, 128, 128),
+        "kv.layer1": (7, 2, 128, 128),
+        "kv.token_ids": (7, 128),
+    }
+    assert snap.fingerprint.dtype == "float32" and snap.fingerprint.engine == "vllm"
+
+
+def test_new_engine_other_hash_seed_restores_after_thawd_restart(
+    setup: dict[str, Any], engine_a: dict[str, Any], engine: Any, kv_thawd: Any
+) -> None:
+    import thaw
+
+    kv_thawd.restart()
+    with thaw.connect(setup["socket"]) as client:
+        names = {r.name for r in client.list()}
+    assert "sess-a" in names  # the registry survived; the file is re-read on demand
+    job = {k: v for k, v in setup.items() if k != "root"}
+    b = engine({**job, "role": "restore", "hash_algo": "sha256_cbor"}, hash_seed=2)
+    want = engine_a["first"]["tokens"]
+    # Lazy path: the connector finds the prefix by its token ids.
+    assert b["lazy"]["cached"] == FULL_PREFIX
+    assert b["lazy"]["tokens"] == want
+    # Explicit path: thaw.kv.restore into an emptied prefix cache, then the same prompt.
+    assert b["restored"] == FULL_PREFIX
+    assert b["after_restore"]["cached"] == FULL_PREFIX
+    assert b["after_restore"]["tokens"] == want
+
+
+def test_mismatched_engine_is_refused(
+    setup: dict[str, Any], engine_a: dict[str, Any], engine: Any
+) -> None:
+    import thaw.tiny
+
+    other = thaw.tiny.write_model_dir(setup["root"] / "tiny-other", seed=1, dtype="float16")
+    job = {k: v for k, v in setup.items() if k != "root"}
+    c = engine({**job, "model": str(other), "dtype": "float16", "role": "mismatch"}, hash_seed=1)
+    assert c["lazy"]["cached"] == 0  # other model: its keys never reach A's blocks
+    assert c["refused"].startswith("KVMismatch")
+    assert "dtype" in c["refused"] and "model" in c["refused"]
+    assert "unfinished requests" in c["busy"]
