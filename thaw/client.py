@@ -304,7 +304,7 @@ class Client:
         self._fd_sock: Any = None
         self._token = ""
         self._pid = os.getpid()
-        self._mappings: dict[str, tuple[tuple[int, int], Any]] = {}
+        self._mappings: dict[str, tuple[int, Any]] = {}  # name -> (buffer id, mapping)
         self._authenticate()
         self._channel = grpc.insecure_channel(
             f"unix:{socket}", options=[("grpc.max_receive_message_length", 64 << 20)]
@@ -477,10 +477,10 @@ class Client:
         `progress(done_bytes, total_bytes)` is called before and after the copy.
         """
         if _is_vllm_llm(target):  # every rank of a live engine, through its workers
-            from thaw import vllm as thaw_vllm
+            from thaw.vllm import api as thaw_vllm
 
             swapped = thaw_vllm.restore(target, name, socket=self.socket, daemon="require")
-            return swapped  # type: ignore[no-any-return]
+            return swapped  # type: ignore[return-value]
         from thaw import datapath
 
         t0 = time.perf_counter()
@@ -554,7 +554,7 @@ class Client:
             # Pool buffers stay mapped (and CUDA-registered) for this process's next restore
             # of the same buffer: mapping and registration are paid once per process.
             with self._maps_lock:
-                cached = self._mappings.get(name)
+                cached: tuple[int, Any] | None = self._mappings.get(name)
                 if cached is None or cached[0] != buffer_id:
                     if cached is not None:
                         _close_mapping(cached[1])
@@ -569,7 +569,7 @@ class Client:
                     else:
                         cached = (buffer_id, MemoryMapping(fds[0], sizes[0], populate=True))
                     self._mappings[name] = cached
-                holder = cached[1]
+                holder: Any = cached[1]
                 if kind == "vmm" and not cuda_only:
                     holder.enable_host_access()
                 if kind == "memfd" and cuda:
@@ -600,11 +600,11 @@ class Client:
         demotable once written.
         """
         if _is_vllm_llm(model):  # one snapshot per rank, frozen by the engine's workers
-            from thaw import vllm as thaw_vllm
+            from thaw.vllm import api as thaw_vllm
 
             transfer = thaw_vllm.freeze(model, name, path=path, socket=self.socket,
                                         daemon="require", labels=labels, pin=pin)  # fmt: skip
-            return transfer  # type: ignore[no-any-return]
+            return transfer  # type: ignore[return-value]
         import torch
 
         from thaw import datapath

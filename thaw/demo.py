@@ -38,8 +38,10 @@ def run(device: str | None = None, directory: str | None = None) -> DemoResult:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = tiny.build_tokenizer()
-    original_model = tiny.build_model(seed=0).to(device)
-    fresh_model = tiny.build_model(seed=1).to(device)
+    original_model: torch.nn.Module = tiny.build_model(seed=0)
+    fresh_model: torch.nn.Module = tiny.build_model(seed=1)
+    original_model.to(device)
+    fresh_model.to(device)
     original = _greedy(original_model, tokenizer)
     before = _greedy(fresh_model, tokenizer)
     with tempfile.TemporaryDirectory(prefix="thaw-demo-", dir=directory) as tmp:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from thaw import _native
+import thaw._native as _native
 from thaw.dtypes import DTYPES, itemsize
 from thaw.errors import (
     BadMagic,

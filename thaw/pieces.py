@@ -38,7 +38,8 @@ def plan(entries: Sequence[TensorEntry], slot_size: int) -> list[Piece]:
     """Pieces covering `entries` (in payload order), none longer than `slot_size`."""
     assert slot_size % _native.BLOCK_HASH_SIZE == 0
     pieces: list[Piece] = []
-    start, segments = 0, []
+    start = 0
+    segments: list[Segment] = []
 
     def flush(end: int) -> None:
         nonlocal segments

@@ -431,7 +431,9 @@ class Daemon:
             path=entry.row.path,
         )  # fmt: skip
 
-    def redeem(self, session_id: str, uid: int) -> tuple[list[int], list[int], str, int]:
+    def redeem(
+        self, session_id: str, uid: int
+    ) -> tuple[builtins.list[int], builtins.list[int], str, int]:
         """The fds of a session for the fd socket: only to the uid that opened it, only once.
 
         Returns (fds, bytes each maps, session kind, buffer id); the caller closes the fds."""
