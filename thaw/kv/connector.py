@@ -206,6 +206,8 @@ class ThawKVConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         params = request.kv_transfer_params or {}
+        if _has_extra_keys(request):
+            return 0, False
         prompt = list(request.prompt_token_ids or [])
         # The last prompt token is always computed (vLLM needs its logits): at most
         # (len - 1) // block_size full blocks can come from the store.
@@ -228,6 +230,9 @@ class ThawKVConnector(KVConnectorBase_V1):
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         params = request.kv_transfer_params or {}
+        if _has_extra_keys(request):
+            self._reqs.setdefault(request.request_id, _ReqState([], [], None, saved=True))
+            return
         self._reqs.setdefault(
             request.request_id,
             _ReqState(list(request.prompt_token_ids or []), [], params.get("thaw_capture")),
@@ -315,3 +320,13 @@ class ThawKVConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         self.store.close()
+
+
+def _has_extra_keys(request: Request) -> bool:
+    """Multimodal inputs, LoRA and cache salts change what a block means beyond its token ids
+    (vLLM puts them in the block hash's extra keys); such requests neither load nor save."""
+    return bool(
+        getattr(request, "mm_features", None)
+        or getattr(request, "lora_request", None)
+        or getattr(request, "cache_salt", None)
+    )
