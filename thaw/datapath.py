@@ -23,7 +23,7 @@ from thaw.dtypes import dtype_name
 from thaw.errors import ModelMismatch, TensorMismatch
 from thaw.fingerprint import Fingerprint
 from thaw.format import TensorEntry, verify_tensor
-from thaw.pieces import Digests, Piece, plan
+from thaw.pieces import Digests, Piece, Segment, plan
 
 # 64 MB slots: on H200, 2-stream H2D in 64 MB chunks reaches 55.1 GB/s, 16 MB chunks 52.2.
 SLOT_SIZE = 64 << 20
@@ -167,7 +167,6 @@ def copy_to_cpu(
     digests: Digests | None,
 ) -> int:
     """Fill each CPU tensor in place with `fill(addr, entry)`, then check its checksum."""
-    from thaw.pieces import Segment
 
     targets = _Targets(bindings)
     total = 0
@@ -343,45 +342,53 @@ def copy_to_cuda(
     return copied
 
 
-def copy_direct_to_cuda(
+def _copy_direct(
     bindings: Sequence[Binding],
-    base_addr: int,
-    ensure_mapped: Callable[[int], None] | None = None,
-) -> int:
-    """H2D straight from GPU-accessible host memory laid out like the payload (a pool buffer).
-
-    64 MB copies alternating two streams: the measured way to reach the link's ceiling.
-    `ensure_mapped(end)`, when given, is called before each copy with the payload offset the
-    copy reads up to: a buffer still being mapped maps on while earlier copies run.
-    """
+    ensure_mapped: Callable[[int], None] | None,
+    issue: Callable[[Segment, int, Any], None],
+) -> None:
+    """The loop of both direct copies: 64 MB copies alternating two streams (the measured way
+    to reach the link's ceiling), `issue(segment, payload_offset, stream)` for each. With
+    `ensure_mapped(end)`, each copy is issued once the host memory it touches is mapped: a
+    buffer still being mapped maps on while the earlier copies run."""
     from thaw import cuda
 
     device = cuda_device(bindings)
     assert device is not None
     staging = Staging.for_device(device)
-    targets = _Targets(bindings)
-    copied = 0
     with staging.lock:
         cuda.set_device(device)
-        cuda.device_synchronize()
+        cuda.device_synchronize()  # the tensors are final (freeze) or unused (restore)
         for n, piece in enumerate(plan([b.entry for b in bindings], SLOT_SIZE)):
             stream = staging.streams[n % 2]
             for seg in piece.segments:
                 if seg.length:
-                    entry = bindings[seg.index].entry
+                    offset = bindings[seg.index].entry.offset + seg.tensor_offset
                     if ensure_mapped is not None:
-                        ensure_mapped(entry.offset + seg.tensor_offset + seg.length)
-                    cuda.copy_h2d(
-                        targets.ptr(seg.index) + seg.tensor_offset,
-                        base_addr + entry.offset + seg.tensor_offset,
-                        seg.length,
-                        stream,
-                    )
-                copied += seg.length
+                        ensure_mapped(offset + seg.length)
+                    issue(seg, offset, stream)
         for stream in staging.streams:
             stream.synchronize()
+
+
+def copy_direct_to_cuda(
+    bindings: Sequence[Binding],
+    base_addr: int,
+    ensure_mapped: Callable[[int], None] | None = None,
+) -> int:
+    """H2D straight from GPU-accessible host memory laid out like the payload (a pool buffer)."""
+    from thaw import cuda
+
+    targets = _Targets(bindings)
+    _copy_direct(
+        bindings,
+        ensure_mapped,
+        lambda seg, offset, stream: cuda.copy_h2d(
+            targets.ptr(seg.index) + seg.tensor_offset, base_addr + offset, seg.length, stream
+        ),
+    )
     targets.finish()
-    return copied
+    return sum(b.entry.length for b in bindings)
 
 
 def copy_from_cuda(
@@ -447,32 +454,20 @@ def copy_direct_from_cuda(
     base_addr: int,
     ensure_mapped: Callable[[int], None] | None = None,
 ) -> None:
-    """D2H straight into GPU-accessible host memory laid out like the payload (freeze to pool).
-    `ensure_mapped` as in copy_direct_to_cuda."""
+    """D2H straight into GPU-accessible host memory laid out like the payload (freeze to pool)."""
     from thaw import cuda
 
-    device = cuda_device(bindings)
-    assert device is not None
-    staging = Staging.for_device(device)
     sources = [b.tensor.contiguous() for b in bindings]
-    with staging.lock:
-        cuda.set_device(device)
-        cuda.device_synchronize()
-        for n, piece in enumerate(plan([b.entry for b in bindings], SLOT_SIZE)):
-            stream = staging.streams[n % 2]
-            for seg in piece.segments:
-                if seg.length:
-                    end = bindings[seg.index].entry.offset + seg.tensor_offset + seg.length
-                    if ensure_mapped is not None:
-                        ensure_mapped(end)
-                    cuda.copy_d2h(
-                        base_addr + bindings[seg.index].entry.offset + seg.tensor_offset,
-                        int(sources[seg.index].data_ptr()) + seg.tensor_offset,
-                        seg.length,
-                        stream,
-                    )
-        for stream in staging.streams:
-            stream.synchronize()
+    _copy_direct(
+        bindings,
+        ensure_mapped,
+        lambda seg, offset, stream: cuda.copy_d2h(
+            base_addr + offset,
+            int(sources[seg.index].data_ptr()) + seg.tensor_offset,
+            seg.length,
+            stream,
+        ),
+    )
 
 
 def _zero_gaps(addr: int, piece: Piece) -> None:
