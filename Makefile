@@ -35,6 +35,7 @@ test: install-test lint
 
 lint: install-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
 proto: install-test
