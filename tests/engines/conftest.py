@@ -1,33 +1,21 @@
 """Fixtures for the engine integration tests: the tiny model's directories, a real thawd
-(tests/daemon's ThawdProcess, loaded by path), and real vLLM CPU engines shared per module
+(tests/daemon's ThawdProcess), and real vLLM CPU engines shared per module
 (each start costs 30-50 s on the 2-core CI box)."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.daemon.conftest import ThawdProcess, make_dir
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def daemon_fixtures() -> Any:
-    name = "_engines_tests_thawd_fixtures"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "daemon" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # What every test engine uses (docs/VLLM_NOTES.md §0): float32 (bf16 SIGILLs this CPU), no
@@ -53,9 +41,8 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 @pytest.fixture(scope="module")
 def module_thawd() -> Iterator[Any]:
-    fx = daemon_fixtures()
-    directory = fx.make_dir()
-    daemon = fx.ThawdProcess(directory).start()
+    directory = make_dir()
+    daemon = ThawdProcess(directory).start()
     yield daemon
     daemon.close()
     shutil.rmtree(directory, ignore_errors=True)

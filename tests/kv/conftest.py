@@ -1,11 +1,10 @@
-"""Fixtures for the KV-cache tests: a real thawd (tests/daemon's ThawdProcess, loaded by path)
+"""Fixtures for the KV-cache tests: a real thawd (tests/daemon's ThawdProcess)
 and vLLM engines, each in a fresh interpreter with its own PYTHONHASHSEED (engine_proc.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -18,23 +17,10 @@ from typing import Any
 
 import pytest
 
+from tests.daemon.conftest import ThawdProcess, make_dir
+
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE_TIMEOUT = 240.0
-
-
-def _daemon_fixtures() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "thaw_kv_daemon_fixtures", ROOT / "tests" / "daemon" / "conftest.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-daemon_fixtures = _daemon_fixtures()
-ThawdProcess = daemon_fixtures.ThawdProcess
-make_dir = daemon_fixtures.make_dir
 
 
 @pytest.fixture(scope="module")

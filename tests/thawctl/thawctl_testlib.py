@@ -3,38 +3,23 @@ a subprocess runner, file damage, and the --json schemas the tests hold thawctl 
 
 The daemon comes from tests/daemon/conftest.py (ThawdProcess: a real `python -m thawd`
 started on a temporary socket and config, ready when it sends READY=1): the same pattern, the
-same code, loaded by path so these tests run on their own too.
+same code.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.daemon.conftest import ThawdProcess, make_dir, random_tensors, write_snapshot
+
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _load_daemon_fixtures():  # type: ignore[no-untyped-def]
-    name = "_thawctl_tests_thawd_fixtures"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "daemon" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-daemon_fixtures = _load_daemon_fixtures()
-ThawdProcess = daemon_fixtures.ThawdProcess
-make_dir = daemon_fixtures.make_dir
-random_tensors = daemon_fixtures.random_tensors
-write_snapshot = daemon_fixtures.write_snapshot
+# Re-exported for thawctl's tests: the real daemon and its fixture snapshots.
+__all__ = ["ThawdProcess", "make_dir", "random_tensors", "write_snapshot"]
 
 
 @dataclasses.dataclass
