@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -179,6 +180,7 @@ def main() -> None:
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def freeze_into_daemon(
