@@ -38,34 +38,19 @@ def run(device: str | None = None, directory: str | None = None) -> DemoResult:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = tiny.build_tokenizer()
-    original_model: torch.nn.Module = tiny.build_model(seed=0)
-    fresh_model: torch.nn.Module = tiny.build_model(seed=1)
-    original_model.to(device)
-    fresh_model.to(device)
-    original = _greedy(original_model, tokenizer)
-    before = _greedy(fresh_model, tokenizer)
+    original_model = tiny.build_model(seed=0)
+    fresh_model = tiny.build_model(seed=1)
+    for model in (original_model, fresh_model):
+        torch.nn.Module.to(model, device)  # in place; transformers retypes its own .to()
+    original = tiny.generate_greedy(original_model, tokenizer, PROMPT)
+    before = tiny.generate_greedy(fresh_model, tokenizer, PROMPT)
     with tempfile.TemporaryDirectory(prefix="thaw-demo-", dir=directory) as tmp:
         path = Path(tmp) / "tiny.thaw"
         frozen = freeze_file(original_model, path)
         restored_stats = restore_file(fresh_model, path)
         size = path.stat().st_size
-    restored = _greedy(fresh_model, tokenizer)
+    restored = tiny.generate_greedy(fresh_model, tokenizer, PROMPT)
     return DemoResult(device, size, frozen, restored_stats, original, before, restored)
-
-
-def _greedy(model: torch.nn.Module, tokenizer: object) -> list[int]:
-    model_device = next(model.parameters()).device
-    enc = tokenizer(PROMPT, return_tensors="pt")  # type: ignore[operator]
-    with torch.no_grad():
-        out = model.generate(  # type: ignore[operator]
-            input_ids=enc["input_ids"].to(model_device),
-            attention_mask=enc["attention_mask"].to(model_device),
-            do_sample=False,
-            max_new_tokens=16,
-            min_new_tokens=16,
-            pad_token_id=tiny.PAD_ID,
-        )
-    return out[0, enc["input_ids"].shape[1] :].tolist()
 
 
 def report(result: DemoResult) -> str:

@@ -375,11 +375,12 @@ def generate_greedy(
     """
     enc = tokenizer(prompt, return_tensors="pt")
     prompt_len = enc["input_ids"].shape[1]
+    device = next(model.parameters()).device
     with torch.no_grad():
         # transformers 5 annotates generate()'s self as a protocol LlamaForCausalLM misses.
         out = model.generate(  # type: ignore[misc]
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
             do_sample=False,
             max_new_tokens=max_new_tokens,
             eos_token_id=None,
