@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
 import tracemalloc
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.format_spec import FIELDS, HEADER, MiB
 from thaw import _native, freeze_file, open_snapshot, restore_file
 from thaw.errors import (
     BadMagic,
@@ -28,14 +28,6 @@ from thaw.errors import (
 )
 from thaw.restore import read_tensor
 
-MiB = 1 << 20
-
-# The header as docs/FORMAT.md specifies it, written out here independently of thaw.format.
-HEADER = struct.Struct("<8sIIIIQQQQQQQ")
-FIELDS = (
-    "magic", "version", "flags", "header_size", "alignment", "payload_offset", "payload_length",
-    "manifest_offset", "manifest_length", "file_length", "manifest_checksum", "header_checksum",
-)  # fmt: skip
 SETTINGS = settings(
     max_examples=50,
     deadline=None,
@@ -505,6 +497,7 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
     max_leaves=8,
 )
+
 small_ints = st.integers(-1, 3) | st.integers(0, 8).map(lambda k: k * 4096) | st.integers(0, 2**20)
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import stat
-import struct
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.format_spec import FIELDS, HEADER, MiB
 from thaw import _native, freeze_file, open_snapshot, restore_file
 from thaw.errors import ThawError
 from thaw.fingerprint import Fingerprint
@@ -25,13 +25,6 @@ from thaw.format import (
     align_up,
     layout,
 )
-
-MiB = 1 << 20
-HEADER = struct.Struct("<8sIIIIQQQQQQQ")
-FIELDS = (
-    "magic", "version", "flags", "header_size", "alignment", "payload_offset", "payload_length",
-    "manifest_offset", "manifest_length", "file_length", "manifest_checksum", "header_checksum",
-)  # fmt: skip
 
 
 def read_header(path) -> dict:
