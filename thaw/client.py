@@ -209,6 +209,14 @@ class PinProgress:
 
 
 @dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    snapshot: SnapshotRecord
+    bytes: int
+    seconds: float
+    source: str  # "pool" or "file": where the daemon read the bytes it hashed
+
+
+@dataclasses.dataclass(frozen=True)
 class RestoreResult:
     name: str
     tier: str
@@ -350,12 +358,15 @@ class Client:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((fdpass.TOKEN_METADATA_KEY, self._token), ("x-request-id", uuid.uuid4().hex[:16]))
 
-    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        """A unary call; re-authenticates once if the daemon restarted and forgot our token."""
+    def _call(self, method: str, request: Any, timeout: float | str | None = "default") -> Any:
+        """A unary call; re-authenticates once if the daemon restarted and forgot our token.
+
+        `timeout`: seconds, None for no deadline (long work: verify, a waited-for freeze)."""
+        deadline = self.timeout if timeout == "default" else timeout
         for attempt in (0, 1):
             try:
                 return getattr(self._stub, method)(request, metadata=self._metadata(),
-                                                   timeout=timeout or self.timeout)  # fmt: skip
+                                                   timeout=deadline)  # fmt: skip
             except grpc.RpcError as e:
                 if attempt == 0 and e.code() is grpc.StatusCode.UNAUTHENTICATED:
                     self._authenticate()
@@ -445,6 +456,15 @@ class Client:
 
     def stat(self, name: str) -> SnapshotRecord:
         return SnapshotRecord.from_pb(self._call("Stat", pb.StatRequest(name=name)).snapshot)
+
+    def verify(self, name: str) -> VerifyResult:
+        """Have thawd re-check `name`'s checksums where its bytes are (pool, else file).
+
+        Raises SnapshotCorrupt naming the tensor when one does not match; the snapshot is then
+        marked corrupt. Takes as long as hashing the payload: no deadline."""
+        reply = self._call("Verify", pb.VerifyRequest(name=name), timeout=None)
+        return VerifyResult(SnapshotRecord.from_pb(reply.snapshot), reply.bytes, reply.duration_s,
+                            reply.source)  # fmt: skip
 
     def status(self) -> DaemonStatus:
         return DaemonStatus.from_pb(self._call("Status", pb.StatusRequest()))

@@ -143,6 +143,11 @@ class ThawdServicer(pb_grpc.ThawdServicer):
         return pb.StatResponse(snapshot=self.d.stat(request.name))
 
     @unary
+    async def Verify(self, request: pb.VerifyRequest, context: Any) -> pb.VerifyResponse:
+        self._accepting()
+        return await self.d.verify(request.name)
+
+    @unary
     async def OpenRestore(
         self, request: pb.OpenRestoreRequest, context: Any
     ) -> pb.OpenRestoreResponse:

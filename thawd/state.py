@@ -40,6 +40,7 @@ from thaw.format import (
     payload_fd,
     verify_tensor,
 )
+from thaw.pool import Mapping
 from thawd import metrics
 from thawd.buffers import PoolBuffer, VmmArena, WarmMapping, round_size
 from thawd.config import Config
@@ -81,7 +82,7 @@ class Entry:
     pool: PoolBuffer | None = None
     warm: WarmMapping | None = None
     clients: int = 0
-    busy: str = ""  # "pinning", "warming": one tier change at a time
+    busy: str = ""  # "pinning", "warming", "verifying": one at a time
     file_pending: bool = False
 
     def load(self, path: str) -> None:
@@ -386,6 +387,52 @@ class Daemon:
         entry.pool, entry.tier = buf, "pinned"
         entry.row.checksum_state = "verified"
         self.memory_locked &= buf.locked or not self.config.mlock
+
+    async def verify(self, name: str) -> pb.VerifyResponse:
+        """Re-check every tensor against its checksum where the bytes are now: the pool buffer
+        when pinned (bit rot in memory), else the file. A mismatch marks the snapshot corrupt
+        and raises ChecksumMismatch naming the tensor."""
+        entry = self._get(name)
+        if entry.manifest is None:
+            raise InvalidRequest(f"snapshot {name!r} is unusable: {entry.row.error}")
+        if entry.busy or entry.file_pending:
+            raise InvalidRequest(f"snapshot {name!r} is busy ({entry.busy or 'writing'}); retry")
+        manifest, pool, threads = entry.manifest, entry.pool, self.config.io_threads
+        path = entry.row.path
+
+        def work() -> str:
+            if pool is not None:
+                for t in manifest.tensors:
+                    verify_tensor(f"thawd:{name}", t, pool.addr + t.offset, threads)
+                return "pool"
+            snap = open_snapshot(path)
+            if snap.payload_length:
+                with (
+                    payload_fd(snap, direct=False) as fd,
+                    Mapping(fd, snap.payload_length, snap.payload_offset) as mapping,
+                ):
+                    for t in snap.tensors:
+                        verify_tensor(path, t, mapping.addr + t.offset, threads)
+            return "file"
+
+        t0 = time.monotonic()
+        entry.busy = "verifying"
+        try:
+            source = await asyncio.to_thread(work)
+        except ChecksumMismatch as e:
+            entry.row.checksum_state, entry.row.error = "corrupt", str(e)
+            self.registry.update(entry.row)
+            self.events.publish("verify_failed", name, str(e))
+            raise
+        finally:
+            entry.busy = ""
+        elapsed = time.monotonic() - t0
+        entry.row.checksum_state, entry.row.error = "verified", ""
+        self.registry.update(entry.row)
+        self.events.publish("verified", name, f"{human(entry.payload_length)} from the {source}",
+                            entry.payload_length, elapsed)  # fmt: skip
+        return pb.VerifyResponse(snapshot=self.record(entry), bytes=entry.payload_length,
+                                 duration_s=elapsed, source=source)  # fmt: skip
 
     async def unpin(self, peer: Peer, name: str) -> pb.Snapshot:
         entry = self._get(name)

@@ -141,6 +141,34 @@ def test_corrupt_snapshot_refused_at_pin_naming_the_tensor(shared_thawd: ThawdPr
         assert "layers.0.proj" in rec.error
 
 
+def test_verify_rechecks_the_pool_and_the_file(shared_thawd: ThawdProcess) -> None:
+    from thaw.format import open_snapshot
+
+    path = write_snapshot(shared_thawd.dir / "checked.thaw", random_tensors(8))
+    with connect(shared_thawd.socket) as c:
+        c.register(path, "checked")
+        cold = c.verify("checked")
+        assert (cold.source, cold.snapshot.checksum_state) == ("file", "verified")
+        assert cold.bytes == c.stat("checked").size_bytes > 0
+        c.pin("checked")
+        assert c.verify("checked").source == "pool"
+        c.unpin("checked")
+        snap = open_snapshot(path)
+        entry = snap.tensor("layers.0.proj")
+        with open(path, "r+b") as f:  # bit rot on disk after registration
+            f.seek(snap.payload_offset + entry.offset + 7)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0x01]))
+        with pytest.raises(errors.SnapshotCorrupt) as info:
+            c.verify("checked")
+        assert info.value.tensor == "layers.0.proj"
+        rec = c.stat("checked")
+        assert rec.checksum_state == "corrupt" and "layers.0.proj" in rec.error
+        with pytest.raises(errors.NotFound):
+            c.verify("no-such-snapshot")
+
+
 def test_watch_streams_events_and_metrics(shared_thawd: ThawdProcess) -> None:
     path = write_snapshot(shared_thawd.dir / "watched.thaw", random_tensors(6))
     with connect(shared_thawd.socket) as c:

@@ -201,6 +201,24 @@ class StatResponse(_message.Message):
     snapshot: Snapshot
     def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ...) -> None: ...
 
+class VerifyRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class VerifyResponse(_message.Message):
+    __slots__ = ("snapshot", "bytes", "duration_s", "source")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    snapshot: Snapshot
+    bytes: int
+    duration_s: float
+    source: str
+    def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., bytes: _Optional[int] = ..., duration_s: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+
 class OpenRestoreRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -65,6 +65,11 @@ class ThawdStub:
                 request_serializer=thaw_dot_v1_dot_thawd__pb2.StatRequest.SerializeToString,
                 response_deserializer=thaw_dot_v1_dot_thawd__pb2.StatResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/thaw.v1.Thawd/Verify',
+                request_serializer=thaw_dot_v1_dot_thawd__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=thaw_dot_v1_dot_thawd__pb2.VerifyResponse.FromString,
+                _registered_method=True)
         self.OpenRestore = channel.unary_unary(
                 '/thaw.v1.Thawd/OpenRestore',
                 request_serializer=thaw_dot_v1_dot_thawd__pb2.OpenRestoreRequest.SerializeToString,
@@ -136,6 +141,12 @@ class ThawdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,6 +226,11 @@ def add_ThawdServicer_to_server(servicer, server):
                     servicer.Stat,
                     request_deserializer=thaw_dot_v1_dot_thawd__pb2.StatRequest.FromString,
                     response_serializer=thaw_dot_v1_dot_thawd__pb2.StatResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=thaw_dot_v1_dot_thawd__pb2.VerifyRequest.FromString,
+                    response_serializer=thaw_dot_v1_dot_thawd__pb2.VerifyResponse.SerializeToString,
             ),
             'OpenRestore': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenRestore,
@@ -414,6 +430,33 @@ class Thawd:
             '/thaw.v1.Thawd/Stat',
             thaw_dot_v1_dot_thawd__pb2.StatRequest.SerializeToString,
             thaw_dot_v1_dot_thawd__pb2.StatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/thaw.v1.Thawd/Verify',
+            thaw_dot_v1_dot_thawd__pb2.VerifyRequest.SerializeToString,
+            thaw_dot_v1_dot_thawd__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
