@@ -60,6 +60,8 @@ class PinnedBuffer:
 
 
 class Stream:
+    """A non-blocking stream; thaw's streams live as long as the process (Staging caches them)."""
+
     def __init__(self) -> None:
         self.handle = check(
             cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
@@ -68,9 +70,6 @@ class Stream:
 
     def synchronize(self) -> None:
         check(cudart.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
-
-    def close(self) -> None:
-        check(cudart.cudaStreamDestroy(self.handle), "cudaStreamDestroy")
 
 
 class Event:
@@ -85,9 +84,6 @@ class Event:
 
     def synchronize(self) -> None:
         check(cudart.cudaEventSynchronize(self.handle), "cudaEventSynchronize")
-
-    def close(self) -> None:
-        check(cudart.cudaEventDestroy(self.handle), "cudaEventDestroy")
 
 
 _H2D = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
