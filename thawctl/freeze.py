@@ -23,7 +23,7 @@ from typing import Any
 from thawctl import exitcodes, render, schema
 from thawctl.cli import Context
 from thawctl.exitcodes import CommandError
-from thawctl.snapshots import label
+from thawctl.snapshots import add_label_option
 
 ENGINES = ("torch", "vllm", "sglang")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -70,14 +70,7 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         default="cpu",
         help="where --engine torch loads the model (default: cpu)",
     )
-    p.add_argument(
-        "--label",
-        type=label,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="label stored in the snapshot's fingerprint (repeatable)",
-    )
+    add_label_option(p, "label stored in the snapshot's fingerprint (repeatable)")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     p.set_defaults(func=run_freeze)
 

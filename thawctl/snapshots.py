@@ -26,6 +26,13 @@ def label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def add_label_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable --label KEY=VALUE option; its values land in args.label as pairs."""
+    parser.add_argument(
+        "--label", type=label, action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     both = [parents["json"], parents["socket"]]
 
@@ -37,14 +44,7 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print names only, one a line")
     p.add_argument("--tier", choices=["cold", "warm", "pinned"], help="only snapshots in TIER")
-    p.add_argument(
-        "--label",
-        type=label,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="only snapshots with this label (repeatable: all must match)",
-    )
+    add_label_option(p, "only snapshots with this label (repeatable: all must match)")
     p.set_defaults(func=run_ls)
 
     p = sub.add_parser(
@@ -69,14 +69,7 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--name", default="", help="snapshot name (default: the file name without .thaw)"
     )
-    p.add_argument(
-        "--label",
-        type=label,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="attach a label (repeatable)",
-    )
+    add_label_option(p, "attach a label (repeatable)")
     p.set_defaults(func=run_register)
 
     p = sub.add_parser(
@@ -92,14 +85,7 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         "--warm", action="store_true", help="keep it in the page cache instead (the warm tier)"
     )
     p.add_argument("--name", default="", help="name to register a PATH under")
-    p.add_argument(
-        "--label",
-        type=label,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="label for a PATH registered here (repeatable)",
-    )
+    add_label_option(p, "label for a PATH registered here (repeatable)")
     p.set_defaults(func=run_pin)
 
     p = sub.add_parser("unpin", parents=both, help="release a snapshot's memory (back to cold)")
