@@ -1,0 +1,119 @@
+"""The copy primitives under thaw's data path, each measured in one process on one GPU: which
+host memory, which copy size and how many streams reach the link's ceiling, both directions.
+
+    python benchmarks/copy_paths.py [--size-gb 4]
+
+Host memory kinds: cudaHostAlloc (the ceiling), VMM host memory in 256 MiB chunks as thawd's
+pool makes it (mapped with and without CPU access), and a memfd mapping registered with
+cudaHostRegister. Also the per-chunk costs a client pays to use a pool buffer: importing an
+exported fd, and mapping it with or without CPU access.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import mmap
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import timed
+
+from thaw import _native, cuda, vmm
+
+CHUNK = 256 << 20
+
+
+def copies(direction: str, host: int, dev: int, size: int, piece: int, nstreams: int,
+           streams: list[cuda.Stream]) -> Callable[[], None]:  # fmt: skip
+    copy = cuda.copy_h2d if direction == "H2D" else cuda.copy_d2h
+
+    def run() -> None:
+        for n, off in enumerate(range(0, size, piece)):
+            length = min(piece, size - off)
+            if direction == "H2D":
+                copy(dev + off, host + off, length, streams[n % nstreams])
+            else:
+                copy(host + off, dev + off, length, streams[n % nstreams])
+        for s in streams[:nstreams]:
+            s.synchronize()
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--size-gb", type=float, default=4.0)
+    args = p.parse_args()
+    size = int(args.size_gb * (1 << 30)) // CHUNK * CHUNK
+    dev_buf = torch.ones(size, dtype=torch.uint8, device="cuda")
+    dev = int(dev_buf.data_ptr())
+    streams = [cuda.Stream() for _ in range(4)]
+    print(f"{torch.cuda.get_device_name()}, {size / 2**30:.1f} GiB per copy", flush=True)
+
+    hosts: dict[str, tuple[int, Callable[[], None]]] = {}
+    pinned = cuda.PinnedBuffer(size)
+    _native.prefault(pinned.addr, size, 8)
+    hosts["cudaHostAlloc"] = (pinned.addr, pinned.close)
+
+    t0 = time.perf_counter()
+    chunks = [vmm.Chunk(CHUNK) for _ in range(size // CHUNK)]
+    create_s = time.perf_counter() - t0
+    for host_access in (True, False):
+        t0 = time.perf_counter()
+        buf = vmm.HostBuffer([c.handle for c in chunks], [CHUNK] * len(chunks), 0, owned=False,
+                             host_access=host_access)  # fmt: skip
+        map_s = time.perf_counter() - t0
+        label = "VMM host, CPU access" if host_access else "VMM host, GPU access only"
+        print(f"{label}: map {map_s / len(chunks) * 1e3:.2f} ms per 256 MiB chunk", flush=True)
+        hosts[label] = (buf.addr, buf.close)
+    print(f"VMM host: cuMemCreate {create_s / len(chunks) * 1e3:.1f} ms per 256 MiB chunk")
+
+    fds = [c.export_fd() for c in chunks]
+    t0 = time.perf_counter()
+    imported = vmm.HostBuffer.import_fds(fds, [CHUNK] * len(fds), 0, lazy=True, host_access=False)
+    import_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    imported.map_until(size)
+    imap_s = time.perf_counter() - t0
+    print(f"fd import: {import_s / len(fds) * 1e3:.2f} ms per chunk; "
+          f"map without CPU access {imap_s / len(fds) * 1e3:.2f} ms per chunk")  # fmt: skip
+    imported.close()
+    for fd in fds:
+        os.close(fd)
+
+    fd = os.memfd_create("thaw-probe")
+    os.ftruncate(fd, size)
+    m = mmap.mmap(fd, size)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    _native.prefault(addr, size, 8)
+    t0 = time.perf_counter()
+    cuda.register_host(addr, size)
+    rate = size / (time.perf_counter() - t0) / 1e9
+    print(f"cudaHostRegister of a memfd mapping: {rate:.1f} GB/s")
+    hosts["memfd + cudaHostRegister"] = (addr, lambda: cuda.unregister_host(addr))
+
+    print("\n| host memory | direction | copies | streams | GB/s |")
+    print("|---|---|---|---|---|")
+    for label, (host, _) in hosts.items():
+        for direction in ("H2D", "D2H"):
+            for piece, nstreams in ((size, 1), (64 << 20, 2), (256 << 20, 2), (64 << 20, 4),
+                                    (256 << 20, 1)):  # fmt: skip
+                run = copies(direction, host, dev, size, piece, nstreams, streams)
+                run()
+                best = min(timed(run) for _ in range(3))
+                what = "one" if piece == size else f"{piece >> 20} MB"
+                print(f"| {label} | {direction} | {what} | {nstreams} | {size / best / 1e9:.2f} |",
+                      flush=True)  # fmt: skip
+    for _, close in hosts.values():
+        close()
+
+
+if __name__ == "__main__":
+    main()
