@@ -22,9 +22,11 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import timed
+from common import llama_shaped, nbytes, timed
 
-from thaw import _native, cuda, vmm
+from thaw import _native, cuda, datapath, vmm
+from thaw.dtypes import dtype_name
+from thaw.format import layout
 
 CHUNK = 256 << 20
 
@@ -113,6 +115,40 @@ def main() -> None:
                       flush=True)  # fmt: skip
     for _, close in hosts.values():
         close()
+    del dev_buf
+    model_shaped(chunks, args.size_gb)
+
+
+def model_shaped(chunks: list[vmm.Chunk], size_gb: float) -> None:
+    """thaw's own loops (datapath) between Llama-shaped CUDA tensors and VMM host memory laid
+    out like a payload: mapped up front, or imported from fds and mapped as the copy goes
+    (a new process's first restore, every freeze into thawd)."""
+    tensors = llama_shaped(size_gb * 0.9, torch.bfloat16, "cuda")
+    entries = layout([(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()])
+    bindings = datapath.bind(entries, list(tensors.items()))
+    size = nbytes(tensors)
+    print(f"\nthaw's loops, {len(tensors)} Llama-shaped tensors, {size / 1e9:.2f} GB:")
+    print("| host memory | direction | GB/s |\n|---|---|---|")
+    fds = [c.export_fd() for c in chunks]
+    sizes = [c.size for c in chunks]
+    for how in ("mapped", "imported, mapped as the copy goes"):
+        for direction in ("H2D", "D2H"):
+            best = float("inf")
+            for _ in range(3):
+                lazy = how != "mapped"
+                buf = vmm.HostBuffer.import_fds(fds, sizes, 0, lazy=lazy, host_access=False)
+                ensure = buf.map_until if lazy else None
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                if direction == "H2D":
+                    datapath.copy_direct_to_cuda(bindings, buf.addr, ensure)
+                else:
+                    datapath.copy_direct_from_cuda(bindings, buf.addr, ensure)
+                best = min(best, time.perf_counter() - t0)
+                buf.close()
+            print(f"| VMM host, {how} | {direction} | {size / best / 1e9:.2f} |", flush=True)
+    for fd in fds:
+        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -86,17 +86,17 @@ def child(args: argparse.Namespace) -> None:
     for _ in range(args.repeat):
         sync()
         t0 = time.perf_counter()
-        client.restore(tensors, args.name)
+        client.restore(tensors, args.name, mode=args.mode)
         sync()
         results.append(time.perf_counter() - t0)
     print(json.dumps({"seconds": results, "bytes": nbytes(tensors), "digest": digest(tensors)}))
 
 
 def run_child(args: argparse.Namespace, socket: str, name: str, device: str, repeat: int,
-              start_at: float = 0.0) -> subprocess.Popen[str]:  # fmt: skip
+              start_at: float = 0.0, mode: str = "auto") -> subprocess.Popen[str]:  # fmt: skip
     cmd = [sys.executable, str(HERE), "--child", "--socket", socket, "--name", name,
            "--device", device, "--size-gb", str(args.size_gb), "--dtype", args.dtype,
-           "--repeat", str(repeat), "--start-at", str(start_at)]  # fmt: skip
+           "--repeat", str(repeat), "--start-at", str(start_at), "--mode", mode]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
 
 
@@ -125,6 +125,7 @@ def main() -> None:
     p.add_argument("--name", help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
@@ -157,6 +158,14 @@ def main() -> None:
         rows.append(Row("restore, pinned tier, new process, 1st", first, baseline, ceiling,
                         ">= 52 GB/s" if gpu else "", first >= 52 if gpu else None))  # fmt: skip
         rows.append(Row("restore, pinned tier, new process, 2nd", second, baseline, ceiling))
+        if gpu:  # CUDA IPC mode: thawd copies into the new process's tensors, nothing mapped
+            ipc = finish(run_child(args, socket, "bench", args.device, repeat=2, mode="ipc"))
+            first, second = (size / s / 1e9 for s in ipc["seconds"])
+            same = same and ipc["digest"] == expected
+            rows.append(Row("restore, daemon copy (CUDA IPC), new process, 1st", first,
+                            baseline, ceiling))  # fmt: skip
+            rows.append(Row("restore, daemon copy (CUDA IPC), new process, 2nd", second,
+                            baseline, ceiling))  # fmt: skip
 
         median_s = small_restore_latency(args, client, directory, sync)
         label = f"1 MB restore, median latency {median_s * 1e3:.2f} ms"

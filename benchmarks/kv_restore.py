@@ -67,10 +67,11 @@ def throughput(args: argparse.Namespace) -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     one = prefix_tensors(spec, args.prefix_tokens, 0)
     size = sum(t.numel() * t.element_size() for t in one.values())
-    total = size * (1 + args.batch)
     with tempfile.TemporaryDirectory(prefix="thaw-kvbench-") as tmp:
         directory = Path(tmp)
-        daemon = start_daemon(directory, int(total * 1.2) + (1 << 30))
+        # A VMM pool buffer is whole 256 MiB chunks (thawd's default vmm_chunk).
+        chunk = 256 << 20
+        daemon = start_daemon(directory, -(-size // chunk) * chunk * (1 + args.batch) + (1 << 30))
         try:
             client = thaw.connect(str(directory / "thawd.sock"))
             status = client.status()

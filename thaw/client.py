@@ -37,6 +37,7 @@ from thaw.format import TensorEntry
 from thaw.pool import Mapping as MemoryMapping
 
 SYSTEM_SOCKET = "/run/thawd/thawd.sock"
+RESTORE_MODES = ("auto", "ipc")
 HOW_TO_START = (
     "start it with `systemctl start thawd` (or run `thawd --config FILE` by hand), or point "
     "$THAW_SOCKET at its socket"
@@ -318,6 +319,14 @@ class Client:
             f"unix:{socket}", options=[("grpc.max_receive_message_length", 64 << 20)]
         )
         self._stub = pb_grpc.ThawdStub(self._channel)
+        # Connect now, not in the first call: an engine's first restore should not pay it.
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            self.close()
+            raise errors.DaemonUnavailable(
+                f"thawd at {socket} accepted the fd socket but not gRPC in {timeout} s"
+            ) from None
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -488,13 +497,19 @@ class Client:
 
     def restore(self, target: Any, name: str, *, strict: bool = True,
                 expect: Fingerprint | None = None,
-                progress: Callable[[int, int], None] | None = None) -> RestoreResult:  # fmt: skip
+                progress: Callable[[int, int], None] | None = None,
+                mode: str | None = None) -> RestoreResult:  # fmt: skip
         """Restore `target` (torch module, state dict or (name, tensor) pairs) from snapshot `name`.
 
         Names, dtypes and shapes (and the fingerprint, with `expect`) are checked before a byte
         moves. The restore counts only once the daemon confirms it: if thawd dies on the way,
         DaemonUnavailable is raised and the model must be restored again before use.
         `progress(done_bytes, total_bytes)` is called before and after the copy.
+
+        `mode` (default $THAW_RESTORE_MODE, else "auto"): "auto" maps the daemon's pool memory
+        and copies with this process's streams, falling back to a daemon copy when this process
+        cannot import it; "ipc" never maps pool memory: thawd copies into this process's CUDA
+        tensors over CUDA IPC (the file is mapped instead for unpinned snapshots).
         """
         if _is_vllm_llm(target):  # every rank of a live engine, through its workers
             from thaw.vllm import api as thaw_vllm
@@ -503,9 +518,20 @@ class Client:
             return swapped  # type: ignore[return-value]
         from thaw import datapath
 
+        mode = mode or os.environ.get("THAW_RESTORE_MODE") or "auto"
+        if mode not in RESTORE_MODES:
+            raise errors.InvalidRequest(f"restore mode {mode!r}: use one of {RESTORE_MODES}")
         t0 = time.perf_counter()
         named = datapath.model_tensors(target)
-        info = self._call("OpenRestore", pb.OpenRestoreRequest(name=name))
+        cuda_only = bool(named) and all(t.device.type == "cuda" for _, t in named)
+        if mode == "ipc" and not cuda_only:
+            raise errors.InvalidRequest("restore mode 'ipc' copies into CUDA tensors only; "
+                                        "use mode 'auto' for CPU tensors")  # fmt: skip
+        with self._maps_lock:
+            cached = self._mappings.get(name)
+        info = self._call("OpenRestore", pb.OpenRestoreRequest(
+            name=name, mapped_buffer=cached[0] if cached else 0, daemon_copy=mode == "ipc",
+            can_daemon_copy=cuda_only))  # fmt: skip
         t_open = time.perf_counter()
         total = sum(t.length for t in info.tensors)
         copied, failure = 0, ""
@@ -515,24 +541,33 @@ class Client:
             if expect is not None:
                 check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
             bindings = datapath.bind(entries, named, strict=strict)
-            base, gpu_accessible, release, ensure_mapped = self._map(name, info, bindings)
+            source = None if info.delivery == pb.DELIVERY_DAEMON_COPY else self._map(
+                name, info, bindings)  # fmt: skip
+            if source is None:  # the daemon copies: export our allocations to it
+                index = {t.name: i for i, t in enumerate(info.tensors)}
+                exported, finish = datapath.export_for_daemon(bindings, index)
             t_map = time.perf_counter()
+            if progress is not None:
+                progress(0, total)
             try:
-                if progress is not None:
-                    progress(0, total)
-                try:
-                    copied = datapath.copy_to_tensors(bindings, base, gpu_accessible=gpu_accessible,
-                                                      path=f"thawd:{name}",
-                                                      ensure_mapped=ensure_mapped)  # fmt: skip
-                except errors.ThawError as e:
-                    raise errors.RestoreIncomplete(
-                        f"restore of {name!r} failed part way: {e}; the model holds mixed "
-                        "weights: restore again or reload it before use"
-                    ) from e
-                if progress is not None:
-                    progress(copied, total)
-            finally:
-                release()
+                if source is None:
+                    self._copy_into(info.session_id, exported)
+                    copied = finish()
+                else:
+                    base, gpu_accessible, ensure_mapped, release = source
+                    try:
+                        copied = datapath.copy_to_tensors(
+                            bindings, base, gpu_accessible=gpu_accessible, path=f"thawd:{name}",
+                            ensure_mapped=ensure_mapped)  # fmt: skip
+                    finally:
+                        release()
+            except errors.ThawError as e:
+                raise errors.RestoreIncomplete(
+                    f"restore of {name!r} failed part way: {e}; the model holds mixed "
+                    "weights: restore again or reload it before use"
+                ) from e
+            if progress is not None:
+                progress(copied, total)
         except BaseException as e:
             failure = f"{type(e).__name__}: {e}"
             with contextlib.suppress(errors.DaemonError):  # the original error says more
@@ -540,67 +575,101 @@ class Client:
                     session_id=info.session_id, ok=False, error=failure[:1000]))  # fmt: skip
             raise
         t_copy = time.perf_counter()
-        seconds = t_copy - t0
-        log.debug("restore %s: open %.1f ms, map %.1f ms, copy %.1f ms (%.2f GB/s)", name,
-                  (t_open - t0) * 1e3, (t_map - t_open) * 1e3, (t_copy - t_map) * 1e3,
-                  copied / max(t_copy - t_map, 1e-9) / 1e9)  # fmt: skip
         try:
             self._call("CloseRestore", pb.CloseRestoreRequest(
-                session_id=info.session_id, ok=True, bytes=copied, duration_s=seconds))  # fmt: skip
+                session_id=info.session_id, ok=True, bytes=copied,
+                duration_s=t_copy - t0))  # fmt: skip
         except errors.DaemonError as e:
             raise errors.DaemonUnavailable(
                 f"thawd went away during the restore of {name!r} ({e}); the restore is not "
                 "confirmed: restore again (or reload the model) before serving"
             ) from e
+        seconds = time.perf_counter() - t0
+        log.debug("restore %s: open %.1f ms, map %.1f ms, copy %.1f ms (%.2f GB/s), close %.1f ms",
+                  name, (t_open - t0) * 1e3, (t_map - t_open) * 1e3, (t_copy - t_map) * 1e3,
+                  copied / max(t_copy - t_map, 1e-9) / 1e9,
+                  (seconds - (t_copy - t0)) * 1e3)  # fmt: skip
         return RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds)
 
-    def _map(self, name: str, info: pb.OpenRestoreResponse,
-             bindings: builtins.list[Any]) -> tuple[int, bool, Callable[[], None],
-                                                    Callable[[int], None] | None]:  # fmt: skip
-        """(payload address, whether CUDA can DMA from it, release function, and for a pool
-        buffer still being mapped, the function that maps it up to a payload offset)."""
+    def _copy_into(self, session_id: str, exported: Any) -> None:
+        """Have thawd copy the session's pool bytes into our exported GPU allocations."""
+        self._call("CopyInto", pb.CopyIntoRequest(
+            session_id=session_id, device_uuid=exported.device_uuid,
+            regions=[pb.GpuRegion(ipc_handle=h, size=n) for h, n in exported.regions],
+            copies=[pb.GpuCopy(tensor=t, region=r, offset=o) for t, r, o in exported.copies],
+        ), timeout=None)  # fmt: skip
+
+    def _map(self, name: str, info: pb.OpenRestoreResponse, bindings: builtins.list[Any],
+             ) -> _Source | None:  # fmt: skip
+        """Map what the session delivers: (payload address, whether CUDA can DMA from it, for
+        a pool buffer still being mapped the function that maps it up to a payload offset, and
+        the function to call after the copy). None: this process cannot import the pool
+        memory, a daemon copy must do."""
         from thaw import datapath
 
-        fds, sizes, buffer_id = self._redeem(info.session_id)
-        kind = _POOLS.get(info.pool_kind, "file")
         cuda = datapath.cuda_device(bindings) is not None
         cuda_only = all(b.tensor.device.type == "cuda" for b in bindings)
+        kind = _POOLS.get(info.pool_kind, "file")
+        if info.delivery == pb.DELIVERY_MAPPED:
+            with self._maps_lock:
+                cached = self._mappings.get(name)
+            if cached is None or cached[0] != info.buffer_id:
+                # Forgotten by another thread since we asked: the daemon copies instead.
+                if kind == "vmm" and cuda_only:
+                    return None
+                raise errors.DaemonError(f"the mapping of {name!r} was dropped during the "
+                                         "restore; restore again")  # fmt: skip
+            return self._use(cached[1], kind, cuda, cuda_only, info.pool_size)
+        fds, sizes, buffer_id = self._redeem(info.session_id)
         try:
             if kind == "file":
                 if not info.payload_length:
-                    return 0, False, lambda: None, None
+                    return 0, False, None, _nothing
                 mapping = MemoryMapping(fds[0], info.payload_length, info.payload_offset)
-                return mapping.addr, False, mapping.close, None
+                return mapping.addr, False, None, mapping.close
             # Pool buffers stay mapped (and CUDA-registered) for this process's next restore
             # of the same buffer: mapping and registration are paid once per process.
-            with self._maps_lock:
-                cached: tuple[int, Any] | None = self._mappings.get(name)
-                if cached is None or cached[0] != buffer_id:
-                    if cached is not None:
-                        _close_mapping(cached[1])
-                    if kind == "vmm":
-                        from thaw import vmm
+            if kind == "vmm":
+                from thaw import vmm
 
-                        device = datapath.cuda_device(bindings) or 0
-                        # Lazy: the copy maps chunk by chunk, overlapping mapping with DMA.
-                        buf = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True,
+                device = datapath.cuda_device(bindings) or 0
+                # Lazy: the copy imports and maps chunk by chunk, overlapping it with DMA.
+                holder: Any = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True,
                                                         host_access=not cuda_only)  # fmt: skip
-                        cached = (buffer_id, buf)
-                    else:
-                        cached = (buffer_id, MemoryMapping(fds[0], sizes[0], populate=True))
-                    self._mappings[name] = cached
-                holder: Any = cached[1]
-                if kind == "vmm" and not cuda_only:
-                    holder.enable_host_access()
-                if kind == "memfd" and cuda:
-                    from thaw import cuda as cuda_mod
-
-                    cuda_mod.register_host(holder.addr, sizes[0], read_only=True)
-            ensure = holder.map_until if kind == "vmm" and holder.mapped < holder.size else None
-            return holder.addr, kind == "vmm" or cuda, lambda: None, ensure
+                try:
+                    holder.map_until(1)  # the first chunk: proves this process can import
+                except errors.CudaError as e:
+                    holder.close()
+                    if not cuda_only:
+                        raise
+                    log.warning("cannot import thawd's pool memory (%s): daemon copy", e)
+                    return None
+            else:
+                holder = MemoryMapping(fds[0], sizes[0], populate=True)
+            with self._maps_lock:
+                self._replace(name, (buffer_id, holder))
+            return self._use(holder, kind, cuda, cuda_only, sizes[0] if kind == "memfd" else 0)
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _replace(self, name: str, cached: tuple[int, Any]) -> None:
+        """Cache `name`'s mapping, closing the one it replaces (call with _maps_lock held)."""
+        old = self._mappings.get(name)
+        if old is not None and old[1] is not cached[1]:
+            _close_mapping(old[1])
+        self._mappings[name] = cached
+
+    @staticmethod
+    def _use(holder: Any, kind: str, cuda: bool, cuda_only: bool, register: int) -> _Source:
+        if kind == "vmm" and not cuda_only:
+            holder.enable_host_access()
+        if kind == "memfd" and cuda:
+            from thaw import cuda as cuda_mod
+
+            cuda_mod.register_host(holder.addr, register, read_only=True)
+        ensure = holder.map_until if kind == "vmm" and holder.mapped < holder.size else None
+        return holder.addr, kind == "vmm" or cuda, ensure, _nothing
 
     def forget(self, name: str) -> None:
         """Drop this process's cached mapping of `name`'s pool buffer (if any)."""
@@ -642,6 +711,7 @@ class Client:
             name=name, path=os.path.abspath(path) if path else "", tensors=specs, pin=pin,
             fingerprint_json=json.dumps(fingerprint.to_json()),
             labels=dict(labels or {})))  # fmt: skip
+        t_rpc = time.perf_counter()
         try:
             entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length)
                        for t in begin.tensors]  # fmt: skip
@@ -663,10 +733,10 @@ class Client:
                     finally:
                         buf.close()
                     t_copy = time.perf_counter()
-                    marks = (t0, t_begin, t_map, t_copy, time.perf_counter())
+                    marks = (t0, t_rpc, t_begin, t_map, t_copy, time.perf_counter())
                     ms = [(b - a) * 1e3 for a, b in itertools.pairwise(marks)]
-                    log.debug("freeze %s: begin %.1f ms, map %.1f ms, copy %.1f ms, unmap %.1f ms",
-                              name, *ms)  # fmt: skip
+                    log.debug("freeze %s: begin %.1f ms, redeem %.1f ms, map %.1f ms, copy %.1f "
+                              "ms, unmap %.1f ms", name, *ms)  # fmt: skip
                 else:
                     with MemoryMapping(fds[0], sizes[0], writable=True) as m:
                         datapath.copy_from_tensors(bindings, m.addr)
@@ -700,6 +770,15 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# What a restore copies from: (payload address, whether CUDA can DMA from it, the function
+# that maps a lazily mapped pool buffer up to a payload offset, the function to call after).
+_Source = tuple[int, bool, Callable[[int], None] | None, Callable[[], None]]
+
+
+def _nothing() -> None:
+    pass
 
 
 def _is_vllm_llm(target: Any) -> bool:

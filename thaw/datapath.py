@@ -480,6 +480,35 @@ def _zero_gaps(addr: int, piece: Piece) -> None:
         ctypes.memset(addr + pos, 0, piece.length - pos)
 
 
+def export_for_daemon(
+    bindings: Sequence[Binding], index: Mapping[str, int]
+) -> tuple[Any, Callable[[], int]]:
+    """CUDA IPC mode, before any byte moves: export the allocations behind the bound CUDA
+    tensors for thawd to copy into. `index` maps a tensor name to its place in the daemon's
+    tensor list. Returns (thaw.ipc.Export, `finish`): call `finish()` once the daemon has
+    copied; it returns the bytes restored."""
+    from thaw import cuda, ipc
+
+    device = cuda_device(bindings)
+    if device is None or any(b.tensor.device.type != "cuda" for b in bindings):
+        raise ModelMismatch("CUDA IPC mode restores CUDA tensors only; CPU tensors need "
+                            "mode='auto' (they copy from pool memory or the file)")  # fmt: skip
+    targets = _Targets(bindings)
+    cuda.set_device(device)
+    cuda.device_synchronize()  # the tensors are allocated and idle before another process writes
+    exported = ipc.export(
+        [(index[b.entry.name], targets.tensors[i]) for i, b in enumerate(bindings)
+         if b.entry.length],
+        device,
+    )  # fmt: skip
+
+    def finish() -> int:
+        targets.finish()
+        return sum(b.entry.length for b in bindings)
+
+    return exported, finish
+
+
 # --- host memory laid out like the payload (pool buffers, mapped files) ----------------------
 
 

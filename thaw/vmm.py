@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -85,20 +86,29 @@ class Chunk:
         gran = granularity(device)
         self.size = (size + gran - 1) // gran * gran
         self.device = device
+        self._fd = -1
         self.handle = _check(
             cu.cuMemCreate(self.size, _prop(device), 0), f"cuMemCreate(HOST_NUMA, {self.size})"
         )
 
     def export_fd(self) -> int:
-        """A new fd for this memory, to send over a Unix socket (SCM_RIGHTS). Caller closes it."""
-        return int(
-            _check(
-                cu.cuMemExportToShareableHandle(self.handle, _POSIX_FD, 0),
-                "cuMemExportToShareableHandle",
+        """A new fd for this memory, to send over a Unix socket (SCM_RIGHTS). Caller closes it.
+
+        Exported once and duplicated after: a 16 GB buffer is 60 chunks, and every restore
+        hands out all of them."""
+        if self._fd < 0:
+            self._fd = int(
+                _check(
+                    cu.cuMemExportToShareableHandle(self.handle, _POSIX_FD, 0),
+                    "cuMemExportToShareableHandle",
+                )
             )
-        )
+        return os.dup(self._fd)
 
     def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         if self.handle is not None:
             _check(cu.cuMemRelease(self.handle), "cuMemRelease")
             self.handle = None
@@ -106,20 +116,24 @@ class Chunk:
 
 class HostBuffer:
     """Chunks of VMM host memory mapped at one contiguous address, readable and writable by
-    the CPU and by `device`. Imported handles are owned (released on close); the daemon's own
-    chunks stay with its pool.
+    the CPU and by `device` (and `peers`). Imported handles are owned (released on close); the
+    daemon's own chunks stay with its pool.
 
     Mapping costs about 27 ms per GB (cuMemMap + cuMemSetAccess, H200 host), more than the
-    18 ms per GB of copying it to the GPU, so a lazy buffer maps chunk by chunk (`map_until`)
-    and a first restore overlaps mapping the next chunks with the DMA of the mapped ones.
+    18 ms per GB of copying it to the GPU, so a lazy buffer imports and maps chunk by chunk
+    (`map_until`) and a first restore overlaps that with the DMA of the mapped chunks.
     """
 
     def __init__(self, handles: list[Any], sizes: list[int], device: int, owned: bool,
-                 lazy: bool = False, host_access: bool = True) -> None:  # fmt: skip
+                 lazy: bool = False, host_access: bool = True, peers: tuple[int, ...] = (),
+                 fds: list[int] | None = None) -> None:  # fmt: skip
         self.handles, self.sizes, self.device, self.owned = handles, sizes, device, owned
+        self.devices = (device, *(p for p in peers if p != device))
         # CPU access is optional: a process that only DMAs to its GPU skips the CPU page
         # tables of the whole buffer (`enable_host_access` adds them when a CPU copy needs them).
         self.host_access = host_access
+        # Exported fds still to import (lazy import): ours, closed once imported or on close.
+        self._fds = fds or []
         self.size = sum(sizes)
         self.mapped = 0  # bytes from `addr` that are mapped and accessible
         self._chunks_mapped = 0
@@ -133,21 +147,30 @@ class HostBuffer:
     def map_until(self, end: int) -> None:
         """Map chunks, in address order, until the first `end` bytes are accessible."""
         with self._lock:
-            while self.mapped < end and self._chunks_mapped < len(self.handles):
+            if not self.addr:
+                raise CudaError("the pool buffer was closed while a copy still needed it")
+            while self.mapped < end and self._chunks_mapped < len(self.sizes):
                 i = self._chunks_mapped
                 at, size = self.addr + self.mapped, self.sizes[i]
                 try:
+                    if i == len(self.handles):
+                        self.handles.append(_check(
+                            cu.cuMemImportFromShareableHandle(self._fds[i], _POSIX_FD),
+                            "cuMemImportFromShareableHandle",
+                        ))  # fmt: skip
+                        os.close(self._fds[i])
+                        self._fds[i] = -1
                     _check(cu.cuMemMap(at, size, 0, self.handles[i], 0), "cuMemMap")
                 except CudaError:
-                    self.close()
+                    self._close()
                     raise
                 self.mapped += size
                 self._chunks_mapped += 1
                 try:
-                    access = _access(self.device, self.host_access)
+                    access = _access(self.devices, self.host_access)
                     _check(cu.cuMemSetAccess(at, size, access, len(access)), "cuMemSetAccess")
                 except CudaError:
-                    self.close()
+                    self._close()
                     raise
 
     def enable_host_access(self) -> None:
@@ -155,15 +178,18 @@ class HostBuffer:
         self.map_until(self.size)
         with self._lock:
             if not self.host_access:
-                access = _access(self.device, True)
-                _check(cu.cuMemSetAccess(self.addr, self.size, access, 2), "cuMemSetAccess")
+                access = _access(self.devices, True)
+                _check(cu.cuMemSetAccess(self.addr, self.size, access, len(access)),
+                       "cuMemSetAccess")  # fmt: skip
                 self.host_access = True
 
     @classmethod
-    def of_chunks(cls, chunks: list[Chunk], device: int = 0) -> HostBuffer:
-        """Map the daemon's own chunks (which stay owned by the pool)."""
+    def of_chunks(cls, chunks: list[Chunk], device: int = 0,
+                  peers: tuple[int, ...] = ()) -> HostBuffer:  # fmt: skip
+        """Map the daemon's own chunks (which stay owned by the pool), for `device` and `peers`."""
         _context(device)
-        return cls([c.handle for c in chunks], [c.size for c in chunks], device, owned=False)
+        return cls([c.handle for c in chunks], [c.size for c in chunks], device, owned=False,
+                   peers=peers)  # fmt: skip
 
     @classmethod
     def create(cls, size: int, device: int = 0) -> HostBuffer:
@@ -175,28 +201,22 @@ class HostBuffer:
     def import_fds(cls, fds: list[int], sizes: list[int], device: int = 0, lazy: bool = False,
                    host_access: bool = True) -> HostBuffer:  # fmt: skip
         """Map chunks another process exported, in order; the fds stay owned by the caller.
-        `lazy`: import now, map on `map_until`."""
+        `lazy`: import and map each chunk on `map_until` (importing 60 chunks up front costs
+        a first restore tens of milliseconds)."""
         t0 = time.perf_counter()
         _context(device)
-        handles = []
+        own = []
         try:
             for fd in fds:
-                handles.append(
-                    _check(
-                        cu.cuMemImportFromShareableHandle(fd, _POSIX_FD),
-                        "cuMemImportFromShareableHandle",
-                    )
-                )
-            t1 = time.perf_counter()
-            buf = cls(handles, sizes, device, owned=True, lazy=lazy, host_access=host_access)
-            mapped = (time.perf_counter() - t1) * 1e3
-            log.debug("imported %d chunks (%d bytes): import %.1f ms, mapped %d bytes in %.1f ms",
-                      len(fds), buf.size, (t1 - t0) * 1e3, buf.mapped, mapped)  # fmt: skip
-            return buf
-        except CudaError:
-            for h in handles:
-                cu.cuMemRelease(h)
+                own.append(os.dup(fd))
+            buf = cls([], sizes, device, owned=True, lazy=lazy, host_access=host_access, fds=own)
+        except BaseException:
+            for fd in own:
+                os.close(fd)
             raise
+        log.debug("imported %d chunks (%d bytes): %d bytes mapped in %.1f ms", len(fds),
+                  buf.size, buf.mapped, (time.perf_counter() - t0) * 1e3)  # fmt: skip
+        return buf
 
     def export_fd(self) -> int:
         """An fd for a single-chunk buffer (tests and tools). Caller closes it."""
@@ -209,6 +229,14 @@ class HostBuffer:
         )
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        for fd in self._fds:
+            if fd >= 0:
+                os.close(fd)
+        self._fds = []
         if not self.addr:
             return
         _context(self.device)
@@ -220,18 +248,22 @@ class HostBuffer:
         if self.owned:
             for h in self.handles:
                 cu.cuMemRelease(h)
+        self.handles = []
         self.addr = self.mapped = self._chunks_mapped = 0
 
 
-def _access(device: int, host: bool) -> list[Any]:
-    """Read-write access for `device`, and for the CPU when `host`."""
-    gpu = cu.CUmemAccessDesc()
-    gpu.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-    gpu.location.id = device
-    gpu.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+def _access(devices: tuple[int, ...], host: bool) -> list[Any]:
+    """Read-write access for `devices`, and for the CPU when `host`."""
+    gpus = []
+    for device in devices:
+        gpu = cu.CUmemAccessDesc()
+        gpu.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        gpu.location.id = device
+        gpu.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        gpus.append(gpu)
     if not host:
-        return [gpu]
+        return gpus
     cpu = cu.CUmemAccessDesc()
     cpu.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_HOST_NUMA
     cpu.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-    return [cpu, gpu]
+    return [cpu, *gpus]

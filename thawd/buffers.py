@@ -57,17 +57,20 @@ class VmmArena:
     """
 
     def __init__(self, budget: int, chunk: int, device: int = 0) -> None:
-        from thaw import vmm
+        from thaw import cuda, vmm
 
         self.chunk = round_size(chunk)
         self.device = device
+        # Every GPU may DMA from the daemon's mapping: CUDA IPC copies go to any of them.
+        self.peers = tuple(range(cuda.device_count()))
         self.chunks: list[Any] = []
         self.view: Any = None
         try:
             for _ in range(budget // self.chunk):
                 self.chunks.append(vmm.Chunk(self.chunk, device))
+                os.close(self.chunks[-1].export_fd())  # exported now, not in a client's wait
             if self.chunks:
-                self.view = vmm.HostBuffer.of_chunks(self.chunks, device)
+                self.view = vmm.HostBuffer.of_chunks(self.chunks, device, self.peers)
         except BaseException:
             self.close()
             raise
@@ -137,7 +140,7 @@ class PoolBuffer:
 
                 try:
                     chunks = [arena.chunks[i] for i in self._chunks]
-                    self._host = vmm.HostBuffer.of_chunks(chunks, arena.device)
+                    self._host = vmm.HostBuffer.of_chunks(chunks, arena.device, arena.peers)
                 except BaseException:
                     arena.give(self._chunks)
                     raise

@@ -55,6 +55,11 @@ class Config:
     allow_uids: tuple[int, ...] = ()
     allow_gids: tuple[int, ...] = ()
     repin_on_start: bool = True
+    # Hand VMM pool memory to clients as fds (fastest). A VMM mapping is writable by whoever
+    # imports it, so with false, CUDA clients get CUDA IPC copies by the daemon and CPU
+    # clients the file: no client maps pinned bytes others restore. (A memfd pool is sealed
+    # read-only: always shared.)
+    share_pool: bool = True
     io_threads: int = 8
     drain_grace_s: float = 10.0
     mlock: bool = True
@@ -101,7 +106,7 @@ def load(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None =
                 values[key] = int(value)
             elif key == "drain_grace_s":
                 values[key] = float(value)
-            elif key in ("repin_on_start", "mlock"):
+            elif key in ("repin_on_start", "mlock", "share_pool"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{key} must be true or false")
                 values[key] = value

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 from pathlib import Path
@@ -95,7 +96,11 @@ async def run(config: Config) -> int:
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    # 3. Allocate: pool backend, registry, re-pins.
+    # 3. Allocate: pool backend, registry, re-pins. A VMM pool keeps one exported fd per
+    #    chunk (4096 for a 1 TiB budget): the soft fd limit goes up to the hard one.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     pool_kind = await asyncio.to_thread(choose_pool_kind, config.pool)
     gpus = await asyncio.to_thread(hostinfo.gpus)
     daemon = Daemon(config, pool_kind, events, gpus)

@@ -152,7 +152,11 @@ class ThawdServicer(pb_grpc.ThawdServicer):
         self, request: pb.OpenRestoreRequest, context: Any
     ) -> pb.OpenRestoreResponse:
         self._accepting()
-        return self.d.open_restore(PEER.get(), TOKEN.get(), request.name)
+        return self.d.open_restore(PEER.get(), TOKEN.get(), request)
+
+    @unary
+    async def CopyInto(self, request: pb.CopyIntoRequest, context: Any) -> pb.CopyIntoResponse:
+        return await self.d.copy_into(PEER.get(), TOKEN.get(), request)
 
     @unary
     async def CloseRestore(

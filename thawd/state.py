@@ -16,6 +16,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from thaw import _native
 from thaw._proto import thawd_pb2 as pb
@@ -83,6 +84,7 @@ class Entry:
     warm: WarmMapping | None = None
     clients: int = 0
     busy: str = ""  # "pinning", "warming", "verifying": one at a time
+    copying: int = 0  # CUDA IPC copies from its pool buffer in flight (the buffer must stay)
     file_pending: bool = False
 
     def load(self, path: str) -> None:
@@ -97,7 +99,13 @@ class Entry:
         """Held above the tier the operator asked for, and nobody is using it right now."""
         rank = {"cold": 0, "warm": 1, "pinned": 2}
         return (rank[self.tier] > rank[self.row.wanted_tier] and self.clients == 0
-                and not self.busy and not self.file_pending)  # fmt: skip
+                and not self.busy and not self.copying and not self.file_pending)  # fmt: skip
+
+    def check_idle(self) -> None:
+        """Refuse to drop the entry's memory while something uses it."""
+        if self.busy or self.file_pending or self.copying:
+            doing = self.busy or ("writing" if self.file_pending else "copying to a client")
+            raise InvalidRequest(f"snapshot {self.row.name!r} is busy ({doing}); retry")
 
 
 @dataclasses.dataclass
@@ -117,6 +125,7 @@ class Session:
     path: str = ""
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     pin: bool = True
+    delivery: int = pb.DELIVERY_FDS
 
 
 class Daemon:
@@ -140,6 +149,11 @@ class Daemon:
         self.arena = (
             VmmArena(config.pinned_budget, config.vmm_chunk) if pool_kind == "vmm" else None
         )
+        self.copier: Any = None  # CUDA IPC copies into clients' GPUs (VMM pool only)
+        if pool_kind == "vmm":
+            from thaw.ipc import Copier
+
+            self.copier = Copier()
         for row in self.registry.rows():
             entry = Entry(row)
             try:
@@ -193,6 +207,7 @@ class Daemon:
             active_freezes=sum(s.kind == "freeze" for s in self.sessions.values()),
             restores_total=self.restores_total, bytes_restored_total=self.bytes_restored_total,
             memory_locked=self.memory_locked, socket=self.config.socket,
+            share_pool=self.config.share_pool,
         )  # fmt: skip
 
     def list(self) -> builtins.list[pb.Snapshot]:
@@ -233,8 +248,7 @@ class Daemon:
 
     async def unregister(self, peer: Peer, name: str) -> None:
         entry = self._get(name)
-        if entry.busy or entry.file_pending:
-            raise InvalidRequest(f"snapshot {name!r} is busy ({entry.busy or 'writing'}); retry")
+        entry.check_idle()
         self._release(entry)
         del self.entries[name]
         self.registry.remove(name)
@@ -436,10 +450,7 @@ class Daemon:
 
     async def unpin(self, peer: Peer, name: str) -> pb.Snapshot:
         entry = self._get(name)
-        if entry.busy:
-            raise InvalidRequest(f"snapshot {name!r} is {entry.busy}; retry when it is done")
-        if entry.file_pending:
-            raise InvalidRequest(f"snapshot {name!r} is still being written to disk; retry")
+        entry.check_idle()
         entry.row.wanted_tier = "cold"
         self.registry.update(entry.row)
         self._release(entry)
@@ -449,23 +460,51 @@ class Daemon:
 
     # --- restore ----------------------------------------------------------------------------
 
-    def open_restore(self, peer: Peer, token: str, name: str) -> pb.OpenRestoreResponse:
-        entry = self._get(name)
+    def open_restore(self, peer: Peer, token: str, request: pb.OpenRestoreRequest,
+                     ) -> pb.OpenRestoreResponse:  # fmt: skip
+        """A restore session, delivered one of three ways (docs/DAEMON.md, "Data path"):
+        the pool buffer's fds (or none, when the client maps that buffer already), a CUDA IPC
+        copy by the daemon (`copy_into`), or the file's fd (not pinned, or pool memory this
+        daemon does not share and the client cannot take a daemon copy)."""
+        entry = self._get(request.name)
+        name = request.name
         if entry.manifest is None:
             raise InvalidRequest(f"snapshot {name!r} is unusable: {entry.row.error}")
-        if entry.pool is not None:
-            fds, sizes = entry.pool.export()
-            kind, size, offset, buffer_id = entry.pool.kind, entry.pool.size, 0, entry.pool.id
+        pool = entry.pool
+        fds: builtins.list[int] = []
+        sizes: builtins.list[int] = []
+        if (
+            pool is not None
+            and pool.kind == "vmm"
+            and (request.daemon_copy or (not self.config.share_pool and request.can_daemon_copy))
+        ):
+            delivery = pb.DELIVERY_DAEMON_COPY
+        elif (
+            pool is not None
+            and (pool.kind == "memfd" or self.config.share_pool)
+            and not (request.daemon_copy)
+        ):
+            delivery = pb.DELIVERY_FDS
+            if request.mapped_buffer == pool.id:
+                delivery = pb.DELIVERY_MAPPED
+            else:
+                fds, sizes = pool.export()
         else:
+            pool, delivery = None, pb.DELIVERY_FDS
+            if entry.file_pending:
+                raise InvalidRequest(f"snapshot {name!r} is still being written to disk; retry")
             try:
                 fds = [os.open(entry.row.path, os.O_RDONLY | os.O_CLOEXEC)]
             except OSError as e:
                 raise InvalidRequest(f"snapshot {name!r}: cannot open {entry.row.path}: "
                                      f"{e.strerror}") from e  # fmt: skip
-            kind, size, offset, buffer_id = "file", entry.file_length, entry.payload_offset, 0
-            sizes = [size]
+            sizes = [entry.file_length]
+        kind = pool.kind if pool is not None else "file"
+        size = pool.size if pool is not None else entry.file_length
+        offset = 0 if pool is not None else entry.payload_offset
+        buffer_id = pool.id if pool is not None else 0
         session = Session(secrets.token_hex(16), "restore", token, peer.uid, name, fds, sizes,
-                          buffer_id, time.monotonic())  # fmt: skip
+                          buffer_id, time.monotonic(), delivery=delivery)  # fmt: skip
         self.sessions[session.id] = session
         entry.clients += 1
         entry.row.last_used = time.time()
@@ -475,8 +514,43 @@ class Daemon:
             pool_size=size, payload_offset=offset, payload_length=entry.payload_length,
             tensors=[_entry_pb(t) for t in entry.manifest.tensors],
             fingerprint_json=json.dumps(entry.manifest.fingerprint.to_json()),
-            path=entry.row.path,
+            path=entry.row.path, delivery=delivery, buffer_id=buffer_id,
         )  # fmt: skip
+
+    async def copy_into(self, peer: Peer, token: str,
+                        request: pb.CopyIntoRequest) -> pb.CopyIntoResponse:  # fmt: skip
+        """CUDA IPC mode: copy a restore session's pool bytes into the client's GPU memory."""
+        session = self._session(peer, request.session_id, "restore")
+        entry = self.entries.get(session.name)
+        pool = entry.pool if entry is not None else None
+        if entry is None or pool is None or pool.kind != "vmm" or self.copier is None:
+            raise InvalidRequest(f"snapshot {session.name!r} is not in this thawd's VMM pool: "
+                                 "CUDA IPC copies need it pinned on a GPU host")  # fmt: skip
+        if pool.id != session.buffer_id:
+            raise InvalidRequest(f"snapshot {session.name!r} was re-pinned since this restore "
+                                 "opened; restore again")  # fmt: skip
+        # Any delivery may end here: a client whose import of the fds failed falls back to a
+        # daemon copy on the same session.
+        from thaw.ipc import Job
+
+        assert entry.manifest is not None
+        tensors = entry.manifest.tensors
+        regions = [(r.ipc_handle, r.size) for r in request.regions]
+        jobs = []
+        for c in request.copies:
+            if c.tensor >= len(tensors):
+                raise InvalidRequest(f"no tensor {c.tensor} in {session.name!r}")
+            t = tensors[c.tensor]
+            jobs.append(Job(t.offset, c.region, c.offset, t.length))
+        t0 = time.monotonic()
+        entry.copying += 1
+        try:
+            await asyncio.to_thread(self.copier.copy, token, request.device_uuid, pool.addr,
+                                    regions, jobs)  # fmt: skip
+        finally:
+            entry.copying -= 1
+        return pb.CopyIntoResponse(bytes=sum(j.length for j in jobs),
+                                   duration_s=time.monotonic() - t0)  # fmt: skip
 
     def redeem(
         self, session_id: str, uid: int
@@ -534,6 +608,8 @@ class Daemon:
 
     def drop_token(self, token: str) -> None:
         """The client's fd-socket connection closed: end whatever it left open."""
+        if self.copier is not None:
+            asyncio.get_running_loop().run_in_executor(None, self.copier.forget, token)
         for session in [s for s in self.sessions.values() if s.token == token]:
             self._end_session(session)
             kind = "restore_failed" if session.kind == "restore" else "freeze_failed"
@@ -691,6 +767,8 @@ class Daemon:
             self._end_session(session)
         for entry in self.entries.values():
             self._release(entry)
+        if self.copier is not None:
+            self.copier.close()
         if self.arena is not None:
             self.arena.close()
         self.registry.close()

@@ -104,6 +104,40 @@ def test_warm_and_cold_restores(shared_thawd: ThawdProcess) -> None:
         assert c.status().warm_used >= rec.size_bytes
 
 
+def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
+    """A client that maps the pool buffer already gets no fds again; asking for no shared
+    memory (CUDA IPC mode) on a host without a VMM pool gets the file; the daemon refuses a
+    daemon copy it cannot make."""
+    from thaw._proto import thawd_pb2 as pb
+
+    tensors = random_tensors(4)
+    path = write_snapshot(shared_thawd.dir / "modes.thaw", tensors)
+    with connect(shared_thawd.socket) as c:
+        c.register(path, "modes")
+        c.pin("modes")
+        for _ in range(2):  # the second restore reuses the mapping of the first
+            out = zeros_like(tensors)
+            assert c.restore(out, "modes").tier == "pinned" and same(out, tensors)
+        buffer_id = c._mappings["modes"][0]
+        again = c._call("OpenRestore", pb.OpenRestoreRequest(name="modes", mapped_buffer=buffer_id))
+        assert (again.delivery, again.buffer_id) == (pb.DELIVERY_MAPPED, buffer_id)
+        with pytest.raises(errors.NotFound):  # nothing waits on the fd socket
+            c._redeem(again.session_id)
+        c._call("CloseRestore", pb.CloseRestoreRequest(session_id=again.session_id, ok=False))
+
+        no_share = c._call("OpenRestore", pb.OpenRestoreRequest(name="modes", daemon_copy=True))
+        assert (no_share.delivery, no_share.pool_kind) == (pb.DELIVERY_FDS, pb.POOL_KIND_FILE)
+        with pytest.raises(errors.InvalidRequest, match="VMM pool"):
+            c._call("CopyInto", pb.CopyIntoRequest(session_id=no_share.session_id))
+        c._call("CloseRestore", pb.CloseRestoreRequest(session_id=no_share.session_id, ok=False))
+
+        with pytest.raises(errors.InvalidRequest, match="CUDA tensors only"):
+            c.restore(zeros_like(tensors), "modes", mode="ipc")
+        with pytest.raises(errors.InvalidRequest, match="restore mode 'fast'"):
+            c.restore(zeros_like(tensors), "modes", mode="fast")
+        assert c.stat("modes").clients == 0
+
+
 def test_mismatch_is_refused_before_any_copy(shared_thawd: ThawdProcess) -> None:
     tensors = random_tensors(4)
     path = write_snapshot(shared_thawd.dir / "mm.thaw", tensors)

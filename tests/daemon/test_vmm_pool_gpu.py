@@ -55,3 +55,66 @@ def test_freeze_restore_and_fragmented_pool(thawd_factory) -> None:  # type: ign
             out = run_client(RESTORE.format(seed=seed, n=n, socket=d.socket, name=name))
             assert out.returncode == 0, out.stderr
             assert json.loads(out.stdout.strip().splitlines()[-1]) == ["pinned", True]
+
+
+DAEMON_COPY = """
+g = torch.Generator(device="cuda").manual_seed({seed})
+expected = {{f"t{{i}}": torch.randn(1 << 20, generator=g, device="cuda") for i in range({n})}}
+target = {{k: torch.zeros_like(v) for k, v in expected.items()}}
+# A non-contiguous target goes through a temporary the daemon copies into.
+target["t0"] = torch.zeros(2 << 20, device="cuda")[::2]
+c = thaw.client.connect({socket!r})
+results = [c.restore(target, {name!r}, mode={mode!r}).tier for _ in range(2)]
+cpu = {{k: torch.zeros(v.shape, dtype=v.dtype) for k, v in expected.items()}}
+cpu_tier = c.restore(cpu, {name!r}).tier if {cpu} else "skipped"
+print(json.dumps([results, all(torch.equal(target[k], expected[k]) for k in expected),
+                  all(torch.equal(cpu[k], expected[k].cpu()) for k in expected) if {cpu} else True,
+                  sorted(c._mappings), cpu_tier]))
+"""
+
+
+def test_daemon_copies_over_cuda_ipc_when_asked(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
+    from thaw.client import connect
+
+    with connect(d.socket) as c:
+        c.freeze(cuda_tensors(4, 3), "a")
+    code = DAEMON_COPY.format(seed=4, n=3, socket=d.socket, name="a", mode="ipc", cpu=False)
+    out = run_client(code)
+    assert out.returncode == 0, out.stderr
+    # Both restores copied by the daemon: this process mapped no pool memory.
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [
+        ["pinned", "pinned"], True, True, [], "skipped"]  # fmt: skip
+
+
+def test_share_pool_false_maps_no_pool_memory(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK,
+                                    share_pool=False)  # fmt: skip
+    from thaw.client import connect
+
+    with connect(d.socket) as c:
+        assert c.status().share_pool is False
+        c.freeze(cuda_tensors(5, 2), "b", wait=True)  # CPU clients read the file
+    code = DAEMON_COPY.format(seed=5, n=2, socket=d.socket, name="b", mode="auto", cpu=True)
+    out = run_client(code)
+    assert out.returncode == 0, out.stderr
+    # CUDA tensors: daemon copies; CPU tensors: the file, mapped for the copy and dropped.
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [
+        ["pinned", "pinned"], True, True, [], "pinned"]  # fmt: skip
+
+
+def test_expandable_segments_cannot_take_a_daemon_copy(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
+    from thaw.client import connect
+
+    with connect(d.socket) as c:
+        c.freeze(cuda_tensors(6, 1), "e")
+    code = (
+        "os.environ['PYTORCH_CUDA_ALLOC_CONF'] = 'expandable_segments:True'\n"
+        + DAEMON_COPY.format(seed=6, n=1, socket=d.socket, name="e", mode="ipc", cpu=False)
+    )
+    out = run_client(code)
+    assert out.returncode != 0
+    assert "CudaError" in out.stderr and "expandable_segments" in out.stderr, out.stderr
+    with connect(d.socket) as c:
+        assert c.stat("e").clients == 0

@@ -28,6 +28,13 @@ class PoolKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POOL_KIND_MEMFD: _ClassVar[PoolKind]
     POOL_KIND_VMM: _ClassVar[PoolKind]
     POOL_KIND_FILE: _ClassVar[PoolKind]
+
+class Delivery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELIVERY_UNSPECIFIED: _ClassVar[Delivery]
+    DELIVERY_FDS: _ClassVar[Delivery]
+    DELIVERY_MAPPED: _ClassVar[Delivery]
+    DELIVERY_DAEMON_COPY: _ClassVar[Delivery]
 TIER_UNSPECIFIED: Tier
 TIER_COLD: Tier
 TIER_WARM: Tier
@@ -40,6 +47,10 @@ POOL_KIND_UNSPECIFIED: PoolKind
 POOL_KIND_MEMFD: PoolKind
 POOL_KIND_VMM: PoolKind
 POOL_KIND_FILE: PoolKind
+DELIVERY_UNSPECIFIED: Delivery
+DELIVERY_FDS: Delivery
+DELIVERY_MAPPED: Delivery
+DELIVERY_DAEMON_COPY: Delivery
 
 class TensorEntry(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset", "length", "checksum")
@@ -220,13 +231,19 @@ class VerifyResponse(_message.Message):
     def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., bytes: _Optional[int] = ..., duration_s: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
 class OpenRestoreRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "mapped_buffer", "daemon_copy", "can_daemon_copy")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    DAEMON_COPY_FIELD_NUMBER: _ClassVar[int]
+    CAN_DAEMON_COPY_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    mapped_buffer: int
+    daemon_copy: bool
+    can_daemon_copy: bool
+    def __init__(self, name: _Optional[str] = ..., mapped_buffer: _Optional[int] = ..., daemon_copy: _Optional[bool] = ..., can_daemon_copy: _Optional[bool] = ...) -> None: ...
 
 class OpenRestoreResponse(_message.Message):
-    __slots__ = ("session_id", "tier", "pool_kind", "pool_size", "payload_offset", "payload_length", "tensors", "fingerprint_json", "path")
+    __slots__ = ("session_id", "tier", "pool_kind", "pool_size", "payload_offset", "payload_length", "tensors", "fingerprint_json", "path", "delivery", "buffer_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     POOL_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +253,8 @@ class OpenRestoreResponse(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_JSON_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tier: Tier
     pool_kind: PoolKind
@@ -245,7 +264,47 @@ class OpenRestoreResponse(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
     fingerprint_json: str
     path: str
-    def __init__(self, session_id: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., pool_kind: _Optional[_Union[PoolKind, str]] = ..., pool_size: _Optional[int] = ..., payload_offset: _Optional[int] = ..., payload_length: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., fingerprint_json: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+    delivery: Delivery
+    buffer_id: int
+    def __init__(self, session_id: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., pool_kind: _Optional[_Union[PoolKind, str]] = ..., pool_size: _Optional[int] = ..., payload_offset: _Optional[int] = ..., payload_length: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., fingerprint_json: _Optional[str] = ..., path: _Optional[str] = ..., delivery: _Optional[_Union[Delivery, str]] = ..., buffer_id: _Optional[int] = ...) -> None: ...
+
+class GpuRegion(_message.Message):
+    __slots__ = ("ipc_handle", "size")
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ipc_handle: bytes
+    size: int
+    def __init__(self, ipc_handle: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
+
+class GpuCopy(_message.Message):
+    __slots__ = ("tensor", "region", "offset")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    tensor: int
+    region: int
+    offset: int
+    def __init__(self, tensor: _Optional[int] = ..., region: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class CopyIntoRequest(_message.Message):
+    __slots__ = ("session_id", "device_uuid", "regions", "copies")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    device_uuid: str
+    regions: _containers.RepeatedCompositeFieldContainer[GpuRegion]
+    copies: _containers.RepeatedCompositeFieldContainer[GpuCopy]
+    def __init__(self, session_id: _Optional[str] = ..., device_uuid: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[GpuRegion, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[GpuCopy, _Mapping]]] = ...) -> None: ...
+
+class CopyIntoResponse(_message.Message):
+    __slots__ = ("bytes", "duration_s")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    duration_s: float
+    def __init__(self, bytes: _Optional[int] = ..., duration_s: _Optional[float] = ...) -> None: ...
 
 class CloseRestoreRequest(_message.Message):
     __slots__ = ("session_id", "ok", "bytes", "duration_s", "error")
@@ -345,7 +404,7 @@ class Gpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_used: _Optional[int] = ..., link: _Optional[str] = ...) -> None: ...
 
 class DaemonStatus(_message.Message):
-    __slots__ = ("version", "api_version", "pid", "started_unix", "uptime_s", "pool_kind", "pinned_budget", "pinned_used", "warm_budget", "warm_used", "host_memory_total", "host_memory_available", "gpus", "snapshots", "active_restores", "active_freezes", "restores_total", "bytes_restored_total", "memory_locked", "socket")
+    __slots__ = ("version", "api_version", "pid", "started_unix", "uptime_s", "pool_kind", "pinned_budget", "pinned_used", "warm_budget", "warm_used", "host_memory_total", "host_memory_available", "gpus", "snapshots", "active_restores", "active_freezes", "restores_total", "bytes_restored_total", "memory_locked", "socket", "share_pool")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -366,6 +425,7 @@ class DaemonStatus(_message.Message):
     BYTES_RESTORED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LOCKED_FIELD_NUMBER: _ClassVar[int]
     SOCKET_FIELD_NUMBER: _ClassVar[int]
+    SHARE_POOL_FIELD_NUMBER: _ClassVar[int]
     version: str
     api_version: str
     pid: int
@@ -386,7 +446,8 @@ class DaemonStatus(_message.Message):
     bytes_restored_total: int
     memory_locked: bool
     socket: str
-    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., pid: _Optional[int] = ..., started_unix: _Optional[float] = ..., uptime_s: _Optional[float] = ..., pool_kind: _Optional[_Union[PoolKind, str]] = ..., pinned_budget: _Optional[int] = ..., pinned_used: _Optional[int] = ..., warm_budget: _Optional[int] = ..., warm_used: _Optional[int] = ..., host_memory_total: _Optional[int] = ..., host_memory_available: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., snapshots: _Optional[int] = ..., active_restores: _Optional[int] = ..., active_freezes: _Optional[int] = ..., restores_total: _Optional[int] = ..., bytes_restored_total: _Optional[int] = ..., memory_locked: _Optional[bool] = ..., socket: _Optional[str] = ...) -> None: ...
+    share_pool: bool
+    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., pid: _Optional[int] = ..., started_unix: _Optional[float] = ..., uptime_s: _Optional[float] = ..., pool_kind: _Optional[_Union[PoolKind, str]] = ..., pinned_budget: _Optional[int] = ..., pinned_used: _Optional[int] = ..., warm_budget: _Optional[int] = ..., warm_used: _Optional[int] = ..., host_memory_total: _Optional[int] = ..., host_memory_available: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., snapshots: _Optional[int] = ..., active_restores: _Optional[int] = ..., active_freezes: _Optional[int] = ..., restores_total: _Optional[int] = ..., bytes_restored_total: _Optional[int] = ..., memory_locked: _Optional[bool] = ..., socket: _Optional[str] = ..., share_pool: _Optional[bool] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("interval_s",)

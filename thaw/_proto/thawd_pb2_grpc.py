@@ -75,6 +75,11 @@ class ThawdStub:
                 request_serializer=thaw_dot_v1_dot_thawd__pb2.OpenRestoreRequest.SerializeToString,
                 response_deserializer=thaw_dot_v1_dot_thawd__pb2.OpenRestoreResponse.FromString,
                 _registered_method=True)
+        self.CopyInto = channel.unary_unary(
+                '/thaw.v1.Thawd/CopyInto',
+                request_serializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoRequest.SerializeToString,
+                response_deserializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoResponse.FromString,
+                _registered_method=True)
         self.CloseRestore = channel.unary_unary(
                 '/thaw.v1.Thawd/CloseRestore',
                 request_serializer=thaw_dot_v1_dot_thawd__pb2.CloseRestoreRequest.SerializeToString,
@@ -158,6 +163,12 @@ class ThawdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CopyInto(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseRestore(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -236,6 +247,11 @@ def add_ThawdServicer_to_server(servicer, server):
                     servicer.OpenRestore,
                     request_deserializer=thaw_dot_v1_dot_thawd__pb2.OpenRestoreRequest.FromString,
                     response_serializer=thaw_dot_v1_dot_thawd__pb2.OpenRestoreResponse.SerializeToString,
+            ),
+            'CopyInto': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyInto,
+                    request_deserializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoRequest.FromString,
+                    response_serializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoResponse.SerializeToString,
             ),
             'CloseRestore': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseRestore,
@@ -484,6 +500,33 @@ class Thawd:
             '/thaw.v1.Thawd/OpenRestore',
             thaw_dot_v1_dot_thawd__pb2.OpenRestoreRequest.SerializeToString,
             thaw_dot_v1_dot_thawd__pb2.OpenRestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyInto(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/thaw.v1.Thawd/CopyInto',
+            thaw_dot_v1_dot_thawd__pb2.CopyIntoRequest.SerializeToString,
+            thaw_dot_v1_dot_thawd__pb2.CopyIntoResponse.FromString,
             options,
             channel_credentials,
             insecure,
