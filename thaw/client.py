@@ -262,7 +262,9 @@ def _error(e: grpc.RpcError, socket: str) -> errors.DaemonError:
     if code is grpc.StatusCode.DATA_LOSS or (
         isinstance(snapshot_error, type) and issubclass(snapshot_error, errors.SnapshotError)
     ):
-        return errors.SnapshotCorrupt(details, trailers.get("thaw-tensor", ""))
+        checksums = trailers.get("thaw-checksums", "").split()
+        return errors.SnapshotCorrupt(details, trailers.get("thaw-tensor", ""),
+                                      *(int(c, 16) for c in checksums[:2]))  # fmt: skip
     if code is grpc.StatusCode.UNAVAILABLE and not cls_name:
         return errors.DaemonUnavailable(f"thawd at {socket} is not answering ({details}); "
                                         + HOW_TO_START)  # fmt: skip

@@ -140,9 +140,13 @@ class CudaError(ThawError):
 class SnapshotCorrupt(DaemonError):
     """thawd found a snapshot damaged (a checksum mismatch at pin time, or not a snapshot).
 
-    `tensor` names the first damaged tensor, "" when the damage is not in a tensor.
+    `tensor` names the first damaged tensor, "" when the damage is not in a tensor;
+    `expected` and `found` are its recorded and computed checksums (None when not a mismatch).
     """
 
-    def __init__(self, message: str, tensor: str = "") -> None:
+    def __init__(self, message: str, tensor: str = "", expected: int | None = None,
+                 found: int | None = None) -> None:  # fmt: skip
         self.tensor = tensor
+        self.expected = expected
+        self.found = found
         super().__init__(message)

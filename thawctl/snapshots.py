@@ -107,8 +107,10 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         parents=both,
         help="recompute a snapshot's checksums",
         description="Read every tensor and compare it with the checksum recorded "
-        "at freeze time. A PATH is read here, without the daemon; a NAME is "
-        "looked up in thawd and its file read here. Exit code 7 on a mismatch.",
+        "at freeze time. A PATH is read here, without the daemon, reporting every "
+        "mismatch; for a NAME, thawd re-hashes the bytes where they are (its pinned "
+        "pool buffer, else the file), records the outcome and stops at the first "
+        "mismatch. Exit code 7 on a mismatch.",
     )
     p.add_argument("ref", metavar="NAME|PATH")
     p.set_defaults(func=run_verify)
@@ -425,33 +427,21 @@ def run_rm(ctx: Context) -> int:
 
 
 def run_verify(ctx: Context) -> int:
+    ref = ctx.args.ref
+    if not looks_like_path(ref):
+        return _verify_in_daemon(ctx, ref)
     from thawctl import local
 
-    ref = ctx.args.ref
-    record = None
-    if looks_like_path(ref):
-        path = ref
-    else:
-        with ctx.connect() as client:
-            record = client.stat(ref)
-        path = record.path
-    bar = Progress(f"verifying {record.name if record else path}", ctx.out, enabled=not ctx.json)
+    bar = Progress(f"verifying {ref}", ctx.out, enabled=not ctx.json)
     try:
-        result = local.verify_file(path, on_progress=bar.update)
+        result = local.verify_file(ref, on_progress=bar.update)
     except BaseException:
         bar.abandon()
         raise
     bar.finish(result.bytes, result.bytes, result.seconds)
     if ctx.json:
-        doc = result.to_json()
-        if record is not None:
-            doc["source"] = "daemon"
-            doc["name"] = record.name
-            doc["daemon_checksum_state"] = record.checksum_state
-        else:
-            doc["name"] = None
-            doc["daemon_checksum_state"] = None
-        render.emit_json(doc, ctx.out)
+        render.emit_json({**result.to_json(), "name": None, "daemon_checksum_state": None,
+                          "read_from": "file"}, ctx.out)  # fmt: skip
     elif result.ok:
         ctx.print(
             f"ok: {result.tensors} tensors verified, {render.size(result.bytes)} in "
@@ -464,4 +454,45 @@ def run_verify(ctx: Context) -> int:
         from thawctl.cli import report
 
         return report(result.error(), ctx.err)
+    return exitcodes.OK
+
+
+def _verify_in_daemon(ctx: Context, name: str) -> int:
+    """thawd re-hashes the snapshot where its bytes are (its pool buffer when pinned, else the
+    file) and records the outcome in its checksum_state; it stops at the first mismatch."""
+    from thaw.errors import SnapshotCorrupt
+
+    with ctx.connect() as client:
+        if not ctx.json:
+            ctx.print(f"verifying {name} in thawd…")
+        try:
+            result = client.verify(name)
+            error: SnapshotCorrupt | None = None
+        except SnapshotCorrupt as e:
+            error = e
+        record = client.stat(name)
+    mismatches = []
+    if error is not None and error.tensor:
+        hexed = [f"{c:016x}" if c is not None else None for c in (error.expected, error.found)]
+        mismatches.append({"tensor": error.tensor, "expected": hexed[0], "found": hexed[1]})
+    if ctx.json:
+        render.emit_json({
+            "source": "daemon", "name": name, "path": record.path, "ok": error is None,
+            "tensor_count": record.tensor_count,
+            "bytes": result.bytes if error is None else 0,
+            "seconds": round(result.seconds, 6) if error is None else 0.0,
+            "read_from": result.source if error is None else None,
+            "mismatches": mismatches, "daemon_checksum_state": record.checksum_state,
+        }, ctx.out)  # fmt: skip
+    elif error is None:
+        ctx.print(f"ok: {record.tensor_count} tensors verified by thawd, "
+                  f"{render.size(result.bytes)} from its {result.source} in "
+                  f"{result.seconds:.2f}s")  # fmt: skip
+    else:
+        for m in mismatches:
+            ctx.print(f"CORRUPT {m['tensor']}: recorded {m['expected']}, computed {m['found']}")
+    if error is not None:
+        from thawctl.cli import report
+
+        return report(error, ctx.err)
     return exitcodes.OK

@@ -33,6 +33,7 @@ TOKEN: contextvars.ContextVar[str] = contextvars.ContextVar("token", default="")
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 ERROR_CLASS_KEY = "thaw-error"
 ERROR_TENSOR_KEY = "thaw-tensor"
+ERROR_CHECKSUMS_KEY = "thaw-checksums"  # "recorded computed", 16 hex digits each
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 # Most specific first: the first match wins.
@@ -63,9 +64,11 @@ async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> No
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error in request %s", REQUEST_ID.get(), exc_info=exc)
         message = f"internal error in thawd ({type(exc).__name__}: {exc}); see its log"
-    trailers = ((ERROR_CLASS_KEY, type(exc).__name__),
-                (ERROR_TENSOR_KEY, str(getattr(exc, "tensor", ""))))  # fmt: skip
-    await context.abort(code, message, trailing_metadata=trailers)
+    trailers = [(ERROR_CLASS_KEY, type(exc).__name__),
+                (ERROR_TENSOR_KEY, str(getattr(exc, "tensor", "")))]  # fmt: skip
+    if isinstance(exc, errors.ChecksumMismatch):
+        trailers.append((ERROR_CHECKSUMS_KEY, f"{exc.expected:016x} {exc.found:016x}"))
+    await context.abort(code, message, trailing_metadata=tuple(trailers))
 
 
 def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -154,20 +154,32 @@ def test_info_of_a_registered_snapshot(thawctl, thawd, snapshot_file):
     assert "pinned" in human and "layers.0.index" in human and "verified" in human
 
 
-def test_verify_by_name(thawctl, thawd, snapshot_file):
+def test_verify_by_name_is_done_by_thawd(thawctl, thawd, snapshot_file):
     thawctl("register", str(snapshot_file), "--name", "v")
     result = thawctl("verify", "v", "--json")
     assert result.code == 0, result.err
     doc = result.json()
     assert_keys(doc, VERIFY_KEYS)
-    assert doc["source"] == "daemon" and doc["name"] == "v"
-    assert doc["daemon_checksum_state"] == "unverified"
-    assert doc["ok"] is True
+    assert (doc["source"], doc["name"], doc["read_from"]) == ("daemon", "v", "file")
+    assert doc["daemon_checksum_state"] == "verified"  # thawd recorded the outcome
+    assert doc["ok"] is True and doc["bytes"] > 0
     corrupt_payload(snapshot_file, "layers.0.norm")
     bad = thawctl("verify", "v")
     assert bad.code == exitcodes.SNAPSHOT_CORRUPT
     assert "layers.0.norm" in one_error_line(bad.err)
-    assert "CORRUPT layers.0.norm" in bad.out
+    assert "CORRUPT layers.0.norm: recorded " in bad.out
+    doc = thawctl("verify", "v", "--json").json()
+    assert doc["ok"] is False and doc["daemon_checksum_state"] == "corrupt"
+    assert [m["tensor"] for m in doc["mismatches"]] == ["layers.0.norm"]
+    assert all(len(m[k]) == 16 for m in doc["mismatches"] for k in ("expected", "found"))
+
+
+def test_verify_of_a_pinned_name_hashes_the_pool(thawctl, thawd, snapshot_file):
+    thawctl("pin", str(snapshot_file))
+    name = snapshot_file.stem
+    corrupt_payload(snapshot_file, "layers.0.norm")  # the pool holds the bytes read at pin
+    doc = thawctl("verify", name, "--json").json()
+    assert (doc["ok"], doc["read_from"]) == (True, "pool")
 
 
 def test_pin_of_a_corrupt_file_exits_7(thawctl, thawd, snapshot_file):

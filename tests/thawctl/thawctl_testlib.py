@@ -125,6 +125,7 @@ VERIFY_KEYS = {
     "seconds",
     "mismatches",
     "daemon_checksum_state",
+    "read_from",
 }
 PIN_KEYS = {"snapshot", "seconds", "bytes", "registered"}
 BENCH_KEYS = {"device", "snapshot", "repeat", "results", "skipped"}

@@ -45,7 +45,7 @@ class Source(Protocol):
 
     def remove(self, name: str) -> None: ...
 
-    def verify(self, path: str, progress: Callable[[int, int], None]) -> Any: ...
+    def verify(self, name: str) -> Any: ...
 
 
 class DaemonSource:
@@ -123,7 +123,6 @@ class DaemonSource:
         with self._connect() as client:
             client.unregister(name)
 
-    def verify(self, path: str, progress: Callable[[int, int], None]) -> Any:
-        from thawctl.local import verify_file
-
-        return verify_file(path, on_progress=progress)
+    def verify(self, name: str) -> Any:
+        with self._connect() as client:
+            return client.verify(name)
