@@ -157,6 +157,7 @@ class DaemonStatus:
     bytes_restored_total: int
     memory_locked: bool
     socket: str
+    share_pool: bool  # pool memory is handed to clients (false: CUDA IPC copies only)
 
     @classmethod
     def from_pb(cls, m: pb.DaemonStatus) -> DaemonStatus:
@@ -170,7 +171,7 @@ class DaemonStatus:
             host_memory_available=m.host_memory_available, gpus=gpus, snapshots=m.snapshots,
             active_restores=m.active_restores, active_freezes=m.active_freezes,
             restores_total=m.restores_total, bytes_restored_total=m.bytes_restored_total,
-            memory_locked=m.memory_locked, socket=m.socket,
+            memory_locked=m.memory_locked, socket=m.socket, share_pool=m.share_pool,
         )  # fmt: skip
 
 
@@ -301,7 +302,9 @@ def _load_cuda_data_path() -> None:
     (~0.1 s), at connect time, rather than inside the first restore."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        from thaw import vmm  # noqa: F401
+        from thaw import vmm
+
+        vmm.warm_up()
 
 
 class Client:
@@ -708,51 +711,82 @@ class Client:
             )
         specs = [pb.TensorSpec(name=n, dtype=dtype_name(t.dtype), shape=list(t.shape))
                  for n, t in named]  # fmt: skip
-        t0 = time.perf_counter()
-        begin = self._call("BeginFreeze", pb.BeginFreezeRequest(
-            name=name, path=os.path.abspath(path) if path else "", tensors=specs, pin=pin,
-            fingerprint_json=json.dumps(fingerprint.to_json()),
-            labels=dict(labels or {})))  # fmt: skip
-        t_rpc = time.perf_counter()
-        try:
-            entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length)
-                       for t in begin.tensors]  # fmt: skip
-            bindings = datapath.bind(entries, named, strict=True)
-            fds, sizes, _ = self._redeem(begin.session_id)
+        cuda_only = bool(named) and all(t.device.type == "cuda" for _, t in named)
+        # CUDA tensors: the daemon copies them into pool memory it mapped at start (CopyOut);
+        # a process mapping a fresh pool buffer pays for it during the copy.
+        for daemon_copy in (cuda_only, False) if cuda_only else (False,):
+            t0 = time.perf_counter()
+            begin = self._call("BeginFreeze", pb.BeginFreezeRequest(
+                name=name, path=os.path.abspath(path) if path else "", tensors=specs, pin=pin,
+                fingerprint_json=json.dumps(fingerprint.to_json()),
+                labels=dict(labels or {}), daemon_copy=daemon_copy))  # fmt: skip
             try:
-                if begin.pool_kind == pb.POOL_KIND_VMM:
-                    from thaw import vmm
-
-                    device = datapath.cuda_device(bindings) or 0
-                    t_begin = time.perf_counter()
-                    cuda_only = all(b.tensor.device.type == "cuda" for b in bindings)
-                    buf = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True,
-                                                    host_access=not cuda_only)  # fmt: skip
-                    t_map = time.perf_counter()
+                entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length)
+                           for t in begin.tensors]  # fmt: skip
+                bindings = datapath.bind(entries, named, strict=True)
+                if daemon_copy and begin.pool_kind == pb.POOL_KIND_VMM:
+                    index = {t.name: i for i, t in enumerate(begin.tensors)}
                     try:
-                        datapath.copy_from_tensors(bindings, buf.addr, gpu_accessible=True,
-                                                   ensure_mapped=buf.map_until)  # fmt: skip
-                    finally:
-                        buf.close()
-                    t_copy = time.perf_counter()
-                    marks = (t0, t_rpc, t_begin, t_map, t_copy, time.perf_counter())
-                    ms = [(b - a) * 1e3 for a, b in itertools.pairwise(marks)]
-                    log.debug("freeze %s: begin %.1f ms, redeem %.1f ms, map %.1f ms, copy %.1f "
-                              "ms, unmap %.1f ms", name, *ms)  # fmt: skip
+                        exported, finish = datapath.export_for_daemon(bindings, index, freeze=True)
+                    except errors.CudaError as e:  # e.g. expandable segments: map instead
+                        log.info("freeze %s: no daemon copy (%s); mapping the pool", name, e)
+                        self._call("AbortFreeze", pb.AbortFreezeRequest(
+                            session_id=begin.session_id))  # fmt: skip
+                        continue
+                    t_export = time.perf_counter()
+                    self._call("CopyOut", pb.CopyOutRequest(
+                        session_id=begin.session_id, device_uuid=exported.device_uuid,
+                        regions=[pb.GpuRegion(ipc_handle=h, size=n) for h, n in exported.regions],
+                        copies=[pb.GpuCopy(tensor=t, region=r, offset=o)
+                                for t, r, o in exported.copies],
+                    ), timeout=None)  # fmt: skip
+                    finish()
+                    log.debug("freeze %s: begin and export %.1f ms, daemon copy %.1f ms", name,
+                              (t_export - t0) * 1e3,
+                              (time.perf_counter() - t_export) * 1e3)  # fmt: skip
                 else:
-                    with MemoryMapping(fds[0], sizes[0], writable=True) as m:
-                        datapath.copy_from_tensors(bindings, m.addr)
-            finally:
-                for fd in fds:
-                    os.close(fd)
-        except BaseException:
-            with contextlib.suppress(errors.DaemonError):
-                self._call("AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id))
-            raise
+                    self._freeze_mapped(name, begin, bindings)
+            except BaseException:
+                with contextlib.suppress(errors.DaemonError):
+                    self._call("AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id))
+                raise
+            break
         reply = self._call("CommitFreeze",
                            pb.CommitFreezeRequest(session_id=begin.session_id, wait=wait),
                            timeout=None if wait else self.timeout)  # fmt: skip
         return SnapshotRecord.from_pb(reply.snapshot)
+
+    def _freeze_mapped(self, name: str, begin: pb.BeginFreezeResponse,
+                       bindings: builtins.list[Any]) -> None:  # fmt: skip
+        """Copy the tensors into the freeze session's pool buffer, mapped here."""
+        from thaw import datapath
+
+        t0 = time.perf_counter()
+        fds, sizes, _ = self._redeem(begin.session_id)
+        try:
+            if begin.pool_kind == pb.POOL_KIND_VMM:
+                from thaw import vmm
+
+                device = datapath.cuda_device(bindings) or 0
+                t_redeem = time.perf_counter()
+                cuda_only = all(b.tensor.device.type == "cuda" for b in bindings)
+                buf = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True,
+                                                host_access=not cuda_only)  # fmt: skip
+                t_map = time.perf_counter()
+                try:
+                    datapath.copy_from_tensors(bindings, buf.addr, gpu_accessible=True,
+                                               ensure_mapped=buf.map_until)  # fmt: skip
+                finally:
+                    buf.close()
+                marks = (t0, t_redeem, t_map, time.perf_counter())
+                ms = [(b - a) * 1e3 for a, b in itertools.pairwise(marks)]
+                log.debug("freeze %s: redeem %.1f ms, map %.1f ms, copy %.1f ms", name, *ms)
+            else:
+                with MemoryMapping(fds[0], sizes[0], writable=True) as m:
+                    datapath.copy_from_tensors(bindings, m.addr)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     # --- lifetime -----------------------------------------------------------------------------
 

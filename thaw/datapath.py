@@ -140,11 +140,14 @@ def cuda_device(bindings: Sequence[Binding]) -> int | None:
 class _Targets:
     """Contiguous destinations for bindings; non-contiguous tensors go through a temporary."""
 
-    def __init__(self, bindings: Sequence[Binding]) -> None:
+    def __init__(self, bindings: Sequence[Binding], copy_in: bool = False) -> None:
+        """`copy_in`: the temporaries start as copies of the tensors (sources, not targets)."""
         self.bindings = bindings
         self.tensors = [
             b.tensor
             if b.tensor.is_contiguous()
+            else b.tensor.contiguous()
+            if copy_in
             else torch.empty_like(b.tensor, memory_format=torch.contiguous_format)
             for b in bindings
         ]
@@ -481,21 +484,22 @@ def _zero_gaps(addr: int, piece: Piece) -> None:
 
 
 def export_for_daemon(
-    bindings: Sequence[Binding], index: Mapping[str, int]
+    bindings: Sequence[Binding], index: Mapping[str, int], freeze: bool = False
 ) -> tuple[Any, Callable[[], int]]:
     """CUDA IPC mode, before any byte moves: export the allocations behind the bound CUDA
-    tensors for thawd to copy into. `index` maps a tensor name to its place in the daemon's
-    tensor list. Returns (thaw.ipc.Export, `finish`): call `finish()` once the daemon has
-    copied; it returns the bytes restored."""
+    tensors for thawd to copy into (`freeze`: to copy from). `index` maps a tensor name to its
+    place in the daemon's tensor list. Returns (thaw.ipc.Export, `finish`): call `finish()`
+    once the daemon has copied; it returns the bytes moved."""
     from thaw import cuda, ipc
 
     device = cuda_device(bindings)
     if device is None or any(b.tensor.device.type != "cuda" for b in bindings):
         raise ModelMismatch("CUDA IPC mode restores CUDA tensors only; CPU tensors need "
                             "mode='auto' (they copy from pool memory or the file)")  # fmt: skip
-    targets = _Targets(bindings)
+    # Non-contiguous tensors go through contiguous temporaries, alive until `finish`.
+    targets = _Targets(bindings, copy_in=freeze)
     cuda.set_device(device)
-    cuda.device_synchronize()  # the tensors are allocated and idle before another process writes
+    cuda.device_synchronize()  # the tensors are final and idle before another process copies
     exported = ipc.export(
         [(index[b.entry.name], targets.tensors[i]) for i, b in enumerate(bindings)
          if b.entry.length],
@@ -503,7 +507,8 @@ def export_for_daemon(
     )  # fmt: skip
 
     def finish() -> int:
-        targets.finish()
+        if not freeze:
+            targets.finish()
         return sum(b.entry.length for b in bindings)
 
     return exported, finish

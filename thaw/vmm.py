@@ -22,6 +22,7 @@ from thaw.errors import CudaError
 
 log = logging.getLogger("thaw.vmm")
 _POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+GIB = 1 << 30
 
 
 def _check(result: tuple[Any, ...], call: str) -> Any:
@@ -49,6 +50,14 @@ def _prop(device: int) -> Any:
     prop.location.id = max(0, numa)
     prop.requestedHandleTypes = _POSIX_FD
     return prop
+
+
+def warm_up() -> None:
+    """Make the first driver and runtime calls now: cuda.bindings resolves its entry points on
+    first use (milliseconds), which a first restore should not pay."""
+    cu.cuDriverGetVersion()
+    cuda.cudart.cudaGetDevice()
+    cu.cuMemAddressFree(_check(cu.cuMemAddressReserve(GIB, 0, 0, 0), "cuMemAddressReserve"), GIB)
 
 
 def granularity(device: int = 0) -> int:

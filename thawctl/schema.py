@@ -69,6 +69,7 @@ def status(s: Any) -> dict[str, Any]:
         "socket": s.socket,
         "pool_kind": s.pool_kind,
         "memory_locked": s.memory_locked,
+        "share_pool": s.share_pool,
         "pinned": {"budget_bytes": s.pinned_budget, "used_bytes": s.pinned_used},
         "warm": {"budget_bytes": s.warm_budget, "used_bytes": s.warm_used},
         "host_memory": {

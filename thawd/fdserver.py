@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 
 from thaw import fdpass
 from thaw.errors import ThawError
@@ -82,6 +83,7 @@ class FdServer:
                         fdpass.send(conn, reply)
                     elif op == "fd":
                         assert self.daemon is not None
+                        t0 = time.perf_counter()
                         fds, sizes, kind, buffer_id = self.daemon.redeem(
                             str(message.get("session")), uid
                         )
@@ -91,6 +93,8 @@ class FdServer:
                         finally:
                             for fd in fds:
                                 os.close(fd)
+                        log.debug("fd socket: %d fds to pid %d in %.2f ms", len(fds), pid,
+                                  (time.perf_counter() - t0) * 1e3)  # fmt: skip
                     else:
                         fdpass.send(conn, {"ok": False, "error": "InvalidRequest",
                                            "message": f"unknown op {op!r}"})  # fmt: skip

@@ -162,6 +162,10 @@ class ThawdServicer(pb_grpc.ThawdServicer):
         return await self.d.copy_into(PEER.get(), TOKEN.get(), request)
 
     @unary
+    async def CopyOut(self, request: pb.CopyOutRequest, context: Any) -> pb.CopyOutResponse:
+        return await self.d.copy_out(PEER.get(), TOKEN.get(), request)
+
+    @unary
     async def CloseRestore(
         self, request: pb.CloseRestoreRequest, context: Any
     ) -> pb.CloseRestoreResponse:
@@ -177,7 +181,7 @@ class ThawdServicer(pb_grpc.ThawdServicer):
         specs = [(t.name, t.dtype, tuple(t.shape)) for t in request.tensors]
         return self.d.begin_freeze(PEER.get(), TOKEN.get(), request.name, request.path,
                                    request.fingerprint_json, specs, dict(request.labels),
-                                   request.pin)  # fmt: skip
+                                   request.pin, request.daemon_copy)  # fmt: skip
 
     @unary
     async def CommitFreeze(

@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from thaw import _native
@@ -126,6 +126,7 @@ class Session:
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     pin: bool = True
     delivery: int = pb.DELIVERY_FDS
+    copying: bool = False  # a daemon copy into `buffer` runs: the buffer must stay
 
 
 class Daemon:
@@ -531,26 +532,50 @@ class Daemon:
                                  "opened; restore again")  # fmt: skip
         # Any delivery may end here: a client whose import of the fds failed falls back to a
         # daemon copy on the same session.
+        assert entry.manifest is not None
+        entry.copying += 1
+        try:
+            tensors = entry.manifest.tensors
+            nbytes, seconds = await self._daemon_copy(token, request, pool.addr, tensors,
+                                                      to_host=False)  # fmt: skip
+        finally:
+            entry.copying -= 1
+        return pb.CopyIntoResponse(bytes=nbytes, duration_s=seconds)
+
+    async def copy_out(self, peer: Peer, token: str,
+                       request: pb.CopyOutRequest) -> pb.CopyOutResponse:  # fmt: skip
+        """CUDA IPC mode of a freeze: copy the client's GPU tensors into the session's buffer."""
+        session = self._session(peer, request.session_id, "freeze")
+        buf = session.buffer
+        if buf is None or buf.kind != "vmm" or self.copier is None:
+            raise InvalidRequest("CUDA IPC copies need thawd's VMM pool (a GPU host)")
+        session.copying = True  # an abort or a disconnect leaves the buffer to us
+        try:
+            nbytes, seconds = await self._daemon_copy(token, request, buf.addr, session.entries,
+                                                      to_host=True)  # fmt: skip
+        finally:
+            session.copying = False
+            if self.sessions.get(session.id) is not session:  # ended while we copied
+                buf.close()
+                session.buffer = None
+        return pb.CopyOutResponse(bytes=nbytes, duration_s=seconds)
+
+    async def _daemon_copy(self, token: str, request: pb.CopyIntoRequest | pb.CopyOutRequest,
+                           host: int, tensors: Sequence[TensorEntry],
+                           to_host: bool) -> tuple[int, float]:  # fmt: skip
         from thaw.ipc import Job
 
-        assert entry.manifest is not None
-        tensors = entry.manifest.tensors
         regions = [(r.ipc_handle, r.size) for r in request.regions]
         jobs = []
         for c in request.copies:
             if c.tensor >= len(tensors):
-                raise InvalidRequest(f"no tensor {c.tensor} in {session.name!r}")
+                raise InvalidRequest(f"no tensor {c.tensor} in this session's {len(tensors)}")
             t = tensors[c.tensor]
             jobs.append(Job(t.offset, c.region, c.offset, t.length))
         t0 = time.monotonic()
-        entry.copying += 1
-        try:
-            await asyncio.to_thread(self.copier.copy, token, request.device_uuid, pool.addr,
-                                    regions, jobs)  # fmt: skip
-        finally:
-            entry.copying -= 1
-        return pb.CopyIntoResponse(bytes=sum(j.length for j in jobs),
-                                   duration_s=time.monotonic() - t0)  # fmt: skip
+        await asyncio.to_thread(self.copier.copy, token, request.device_uuid, host, regions,
+                                jobs, to_host)  # fmt: skip
+        return sum(j.length for j in jobs), time.monotonic() - t0
 
     def redeem(
         self, session_id: str, uid: int
@@ -602,7 +627,7 @@ class Daemon:
             entry = self.entries.get(session.name)
             if entry is not None:
                 entry.clients = max(0, entry.clients - 1)
-        elif session.buffer is not None:
+        elif session.buffer is not None and not session.copying:
             session.buffer.close()
             session.buffer = None
 
@@ -619,7 +644,7 @@ class Daemon:
 
     def begin_freeze(self, peer: Peer, token: str, name: str, path: str, fingerprint_json: str,
                      specs: builtins.list[tuple[str, str, tuple[int, ...]]], labels: dict[str, str],
-                     pin: bool) -> pb.BeginFreezeResponse:  # fmt: skip
+                     pin: bool, daemon_copy: bool = False) -> pb.BeginFreezeResponse:  # fmt: skip
         validate_name(name)
         validate_labels(labels)
         if name in self.entries or any(s.name == name for s in self.sessions.values()
@@ -651,7 +676,8 @@ class Daemon:
         length = Manifest(fingerprint, tuple(entries)).payload_length
         self._make_room("pinned", self.pool_size(length), name)
         buf = PoolBuffer(self.pool_kind, name, length, self.config.mlock, self.arena)
-        fds, sizes = buf.export()
+        # A daemon copy (CopyOut) needs no fds; without one the client maps the buffer.
+        fds, sizes = ([], []) if daemon_copy and buf.kind == "vmm" else buf.export()
         session = Session(secrets.token_hex(16), "freeze", token, peer.uid, name, fds, sizes,
                           buf.id, time.monotonic(), buf, entries, fingerprint, str(target),
                           labels, pin)  # fmt: skip

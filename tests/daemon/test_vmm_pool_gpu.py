@@ -118,3 +118,22 @@ def test_expandable_segments_cannot_take_a_daemon_copy(thawd_factory) -> None:  
     assert "CudaError" in out.stderr and "expandable_segments" in out.stderr, out.stderr
     with connect(d.socket) as c:
         assert c.stat("e").clients == 0
+
+
+FREEZE_EXPANDABLE = """
+os.environ['PYTORCH_CUDA_ALLOC_CONF'] = 'expandable_segments:True'
+g = torch.Generator(device="cuda").manual_seed(7)
+tensors = {{f"t{{i}}": torch.randn(1 << 20, generator=g, device="cuda") for i in range(2)}}
+c = thaw.client.connect({socket!r})
+c.freeze(tensors, "x")  # no IPC handle for these allocations: the client maps the pool instead
+target = {{k: torch.zeros_like(v) for k, v in tensors.items()}}
+c.restore(target, "x")
+print(json.dumps(all(torch.equal(target[k], tensors[k]) for k in tensors)))
+"""
+
+
+def test_freeze_of_expandable_segments_maps_the_pool(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
+    out = run_client(FREEZE_EXPANDABLE.format(socket=d.socket))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) is True

@@ -91,6 +91,7 @@ STATUS_KEYS = {
     "socket",
     "pool_kind",
     "memory_locked",
+    "share_pool",
     "pinned",
     "warm",
     "host_memory",

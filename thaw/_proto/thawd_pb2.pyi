@@ -306,6 +306,26 @@ class CopyIntoResponse(_message.Message):
     duration_s: float
     def __init__(self, bytes: _Optional[int] = ..., duration_s: _Optional[float] = ...) -> None: ...
 
+class CopyOutRequest(_message.Message):
+    __slots__ = ("session_id", "device_uuid", "regions", "copies")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    device_uuid: str
+    regions: _containers.RepeatedCompositeFieldContainer[GpuRegion]
+    copies: _containers.RepeatedCompositeFieldContainer[GpuCopy]
+    def __init__(self, session_id: _Optional[str] = ..., device_uuid: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[GpuRegion, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[GpuCopy, _Mapping]]] = ...) -> None: ...
+
+class CopyOutResponse(_message.Message):
+    __slots__ = ("bytes", "duration_s")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    duration_s: float
+    def __init__(self, bytes: _Optional[int] = ..., duration_s: _Optional[float] = ...) -> None: ...
+
 class CloseRestoreRequest(_message.Message):
     __slots__ = ("session_id", "ok", "bytes", "duration_s", "error")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -325,7 +345,7 @@ class CloseRestoreResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BeginFreezeRequest(_message.Message):
-    __slots__ = ("name", "path", "fingerprint_json", "tensors", "labels", "pin")
+    __slots__ = ("name", "path", "fingerprint_json", "tensors", "labels", "pin", "daemon_copy")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -339,13 +359,15 @@ class BeginFreezeRequest(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
+    DAEMON_COPY_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     fingerprint_json: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     labels: _containers.ScalarMap[str, str]
     pin: bool
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., fingerprint_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., pin: _Optional[bool] = ...) -> None: ...
+    daemon_copy: bool
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., fingerprint_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., pin: _Optional[bool] = ..., daemon_copy: _Optional[bool] = ...) -> None: ...
 
 class BeginFreezeResponse(_message.Message):
     __slots__ = ("session_id", "pool_kind", "pool_size", "tensors", "path")

@@ -80,6 +80,11 @@ class ThawdStub:
                 request_serializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoRequest.SerializeToString,
                 response_deserializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoResponse.FromString,
                 _registered_method=True)
+        self.CopyOut = channel.unary_unary(
+                '/thaw.v1.Thawd/CopyOut',
+                request_serializer=thaw_dot_v1_dot_thawd__pb2.CopyOutRequest.SerializeToString,
+                response_deserializer=thaw_dot_v1_dot_thawd__pb2.CopyOutResponse.FromString,
+                _registered_method=True)
         self.CloseRestore = channel.unary_unary(
                 '/thaw.v1.Thawd/CloseRestore',
                 request_serializer=thaw_dot_v1_dot_thawd__pb2.CloseRestoreRequest.SerializeToString,
@@ -169,6 +174,12 @@ class ThawdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CopyOut(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseRestore(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -252,6 +263,11 @@ def add_ThawdServicer_to_server(servicer, server):
                     servicer.CopyInto,
                     request_deserializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoRequest.FromString,
                     response_serializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoResponse.SerializeToString,
+            ),
+            'CopyOut': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyOut,
+                    request_deserializer=thaw_dot_v1_dot_thawd__pb2.CopyOutRequest.FromString,
+                    response_serializer=thaw_dot_v1_dot_thawd__pb2.CopyOutResponse.SerializeToString,
             ),
             'CloseRestore': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseRestore,
@@ -527,6 +543,33 @@ class Thawd:
             '/thaw.v1.Thawd/CopyInto',
             thaw_dot_v1_dot_thawd__pb2.CopyIntoRequest.SerializeToString,
             thaw_dot_v1_dot_thawd__pb2.CopyIntoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/thaw.v1.Thawd/CopyOut',
+            thaw_dot_v1_dot_thawd__pb2.CopyOutRequest.SerializeToString,
+            thaw_dot_v1_dot_thawd__pb2.CopyOutResponse.FromString,
             options,
             channel_credentials,
             insecure,
