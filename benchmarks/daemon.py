@@ -39,7 +39,6 @@ def start_daemon(directory: Path, budget: int) -> subprocess.Popen[bytes]:
     (directory / "thawd.toml").write_text(
         f'socket = "{sock}"\nstate_dir = "{directory / "state"}"\n'
         f"pinned_budget = {budget}\nwarm_budget = {budget}\nio_threads = 16\n"
-        'log_level = "debug"\n'
     )
     with open(directory / "thawd.log", "wb") as log:
         proc = subprocess.Popen(
@@ -190,9 +189,6 @@ def main() -> None:
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
-        for line in (directory / "thawd.log").read_text().splitlines():
-            if "fd socket:" in line:  # the daemon's side of handing over memory
-                print(f"  thawd: {line}")
         shutil.rmtree(directory, ignore_errors=True)
 
 

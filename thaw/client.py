@@ -625,7 +625,9 @@ class Client:
                 raise errors.DaemonError(f"the mapping of {name!r} was dropped during the "
                                          "restore; restore again")  # fmt: skip
             return self._use(cached[1], kind, cuda, cuda_only, info.pool_size)
+        t0 = time.perf_counter()
         fds, sizes, buffer_id = self._redeem(info.session_id)
+        t_redeem = time.perf_counter()
         try:
             if kind == "file":
                 if not info.payload_length:
@@ -641,8 +643,12 @@ class Client:
                 # Lazy: the copy imports and maps chunk by chunk, overlapping it with DMA.
                 holder: Any = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True,
                                                         host_access=not cuda_only)  # fmt: skip
+                t_import = time.perf_counter()
                 try:
                     holder.map_until(1)  # the first chunk: proves this process can import
+                    log.debug("pool %s: redeem %.1f ms, import %.1f ms, first chunk %.1f ms",
+                              name, (t_redeem - t0) * 1e3, (t_import - t_redeem) * 1e3,
+                              (time.perf_counter() - t_import) * 1e3)  # fmt: skip
                 except errors.CudaError as e:
                     holder.close()
                     if not cuda_only:
@@ -725,6 +731,7 @@ class Client:
                            for t in begin.tensors]  # fmt: skip
                 bindings = datapath.bind(entries, named, strict=True)
                 if daemon_copy and begin.pool_kind == pb.POOL_KIND_VMM:
+                    t_begin = time.perf_counter()
                     index = {t.name: i for i, t in enumerate(begin.tensors)}
                     try:
                         exported, finish = datapath.export_for_daemon(bindings, index, freeze=True)
@@ -734,16 +741,18 @@ class Client:
                             session_id=begin.session_id))  # fmt: skip
                         continue
                     t_export = time.perf_counter()
-                    self._call("CopyOut", pb.CopyOutRequest(
+                    out = self._call("CopyOut", pb.CopyOutRequest(
                         session_id=begin.session_id, device_uuid=exported.device_uuid,
                         regions=[pb.GpuRegion(ipc_handle=h, size=n) for h, n in exported.regions],
                         copies=[pb.GpuCopy(tensor=t, region=r, offset=o)
                                 for t, r, o in exported.copies],
                     ), timeout=None)  # fmt: skip
                     finish()
-                    log.debug("freeze %s: begin and export %.1f ms, daemon copy %.1f ms", name,
-                              (t_export - t0) * 1e3,
-                              (time.perf_counter() - t_export) * 1e3)  # fmt: skip
+                    log.debug("freeze %s: begin %.1f ms, export %.1f ms (%d allocations), daemon "
+                              "copy %.1f ms (%.1f ms in thawd)", name, (t_begin - t0) * 1e3,
+                              (t_export - t_begin) * 1e3, len(exported.regions),
+                              (time.perf_counter() - t_export) * 1e3,
+                              out.duration_s * 1e3)  # fmt: skip
                 else:
                     self._freeze_mapped(name, begin, bindings)
             except BaseException:

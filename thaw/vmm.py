@@ -214,6 +214,7 @@ class HostBuffer:
         a first restore tens of milliseconds)."""
         t0 = time.perf_counter()
         _context(device)
+        t_context = time.perf_counter()
         own = []
         try:
             for fd in fds:
@@ -223,8 +224,9 @@ class HostBuffer:
             for fd in own:
                 os.close(fd)
             raise
-        log.debug("imported %d chunks (%d bytes): %d bytes mapped in %.1f ms", len(fds),
-                  buf.size, buf.mapped, (time.perf_counter() - t0) * 1e3)  # fmt: skip
+        log.debug("%d chunks (%d bytes): context %.1f ms, %d bytes mapped in %.1f ms", len(fds),
+                  buf.size, (t_context - t0) * 1e3, buf.mapped,
+                  (time.perf_counter() - t_context) * 1e3)  # fmt: skip
         return buf
 
     def export_fd(self) -> int:
