@@ -293,15 +293,20 @@ def default_socket() -> str:
 def connect(socket: str | None = None, *, timeout: float = 30.0) -> Client:
     """Connect to the local thawd; raises DaemonUnavailable (with how to start it) if none runs."""
     client = Client(socket or default_socket(), timeout=timeout)
-    _load_cuda_data_path()
+    _load_data_path()
     return client
 
 
-def _load_cuda_data_path() -> None:
-    """In a process that already uses CUDA, load the driver bindings the pinned tier needs now
-    (~0.1 s), at connect time, rather than inside the first restore."""
+def _load_data_path() -> None:
+    """In a process with torch, import the data path now, at connect time, rather than inside
+    the first restore (milliseconds that an engine's first restore would pay); in one that
+    already uses CUDA, also the driver bindings the pinned tier needs."""
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
+    if torch is None:
+        return
+    from thaw import datapath  # noqa: F401
+
+    if torch.cuda.is_initialized():
         from thaw import vmm
 
         vmm.warm_up()
@@ -550,14 +555,15 @@ class Client:
                 name, info, bindings)  # fmt: skip
             if source is None:  # the daemon copies: export our allocations to it
                 index = {t.name: i for i, t in enumerate(info.tensors)}
-                exported, finish = datapath.export_for_daemon(bindings, index)
+                batches = datapath.batches_for_daemon(bindings, index)
+                first = next(batches, None)  # a refusal here is before any byte moved
             t_map = time.perf_counter()
             if progress is not None:
                 progress(0, total)
             try:
                 if source is None:
-                    self._copy_into(info.session_id, exported)
-                    copied = finish()
+                    rest = itertools.chain([first] if first else [], batches)
+                    copied = self._daemon_copy("CopyInto", info.session_id, rest)
                 else:
                     base, gpu_accessible, ensure_mapped, release = source
                     try:
@@ -596,13 +602,30 @@ class Client:
                   (seconds - (t_copy - t0)) * 1e3)  # fmt: skip
         return RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds)
 
-    def _copy_into(self, session_id: str, exported: Any) -> None:
-        """Have thawd copy the session's pool bytes into our exported GPU allocations."""
-        self._call("CopyInto", pb.CopyIntoRequest(
-            session_id=session_id, device_uuid=exported.device_uuid,
-            regions=[pb.GpuRegion(ipc_handle=h, size=n) for h, n in exported.regions],
-            copies=[pb.GpuCopy(tensor=t, region=r, offset=o) for t, r, o in exported.copies],
-        ), timeout=None)  # fmt: skip
+    def _daemon_copy(self, method: str, session_id: str,
+                     batches: Iterator[tuple[Any, Callable[[], int]]]) -> int:  # fmt: skip
+        """Have thawd copy between its pool and our exported GPU allocations (`CopyInto` for a
+        restore, `CopyOut` for a freeze), one call per batch: each batch is sent before the
+        next is exported, so exporting overlaps the daemon's copies. Returns bytes moved."""
+        request = pb.CopyIntoRequest if method == "CopyInto" else pb.CopyOutRequest
+        calls, finishes = [], []
+        try:
+            for exported, finish in batches:
+                calls.append(getattr(self._stub, method).future(request(
+                    session_id=session_id, device_uuid=exported.device_uuid,
+                    regions=[pb.GpuRegion(ipc_handle=h, size=n) for h, n in exported.regions],
+                    copies=[pb.GpuCopy(tensor=t, region=r, offset=o)
+                            for t, r, o in exported.copies],
+                ), metadata=self._metadata()))  # fmt: skip
+                finishes.append(finish)
+            for call in calls:
+                call.result()
+        except grpc.RpcError as e:
+            raise _error(e, self.socket) from None
+        finally:
+            for call in calls:  # after a failure, the batches still in flight
+                call.cancel()
+        return sum(finish() for finish in finishes)
 
     def _map(self, name: str, info: pb.OpenRestoreResponse, bindings: builtins.list[Any],
              ) -> _Source | None:  # fmt: skip
@@ -733,26 +756,20 @@ class Client:
                 if daemon_copy and begin.pool_kind == pb.POOL_KIND_VMM:
                     t_begin = time.perf_counter()
                     index = {t.name: i for i, t in enumerate(begin.tensors)}
+                    batches = datapath.batches_for_daemon(bindings, index, freeze=True)
                     try:
-                        exported, finish = datapath.export_for_daemon(bindings, index, freeze=True)
+                        first = next(batches, None)
                     except errors.CudaError as e:  # e.g. expandable segments: map instead
                         log.info("freeze %s: no daemon copy (%s); mapping the pool", name, e)
                         self._call("AbortFreeze", pb.AbortFreezeRequest(
                             session_id=begin.session_id))  # fmt: skip
                         continue
                     t_export = time.perf_counter()
-                    out = self._call("CopyOut", pb.CopyOutRequest(
-                        session_id=begin.session_id, device_uuid=exported.device_uuid,
-                        regions=[pb.GpuRegion(ipc_handle=h, size=n) for h, n in exported.regions],
-                        copies=[pb.GpuCopy(tensor=t, region=r, offset=o)
-                                for t, r, o in exported.copies],
-                    ), timeout=None)  # fmt: skip
-                    finish()
-                    log.debug("freeze %s: begin %.1f ms, export %.1f ms (%d allocations), daemon "
-                              "copy %.1f ms (%.1f ms in thawd)", name, (t_begin - t0) * 1e3,
-                              (t_export - t_begin) * 1e3, len(exported.regions),
-                              (time.perf_counter() - t_export) * 1e3,
-                              out.duration_s * 1e3)  # fmt: skip
+                    rest = itertools.chain([first] if first else [], batches)
+                    self._daemon_copy("CopyOut", begin.session_id, rest)
+                    log.debug("freeze %s: begin %.1f ms, first export %.1f ms, daemon copy "
+                              "%.1f ms", name, (t_begin - t0) * 1e3, (t_export - t_begin) * 1e3,
+                              (time.perf_counter() - t_export) * 1e3)  # fmt: skip
                 else:
                     self._freeze_mapped(name, begin, bindings)
             except BaseException:

@@ -126,7 +126,7 @@ class Session:
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     pin: bool = True
     delivery: int = pb.DELIVERY_FDS
-    copying: bool = False  # a daemon copy into `buffer` runs: the buffer must stay
+    copying: int = 0  # daemon copies into `buffer` running: the buffer must stay
 
 
 class Daemon:
@@ -549,13 +549,14 @@ class Daemon:
         buf = session.buffer
         if buf is None or buf.kind != "vmm" or self.copier is None:
             raise InvalidRequest("CUDA IPC copies need thawd's VMM pool (a GPU host)")
-        session.copying = True  # an abort or a disconnect leaves the buffer to us
+        session.copying += 1  # an abort or a disconnect leaves the buffer to the last copy
         try:
             nbytes, seconds = await self._daemon_copy(token, request, buf.addr, session.entries,
                                                       to_host=True)  # fmt: skip
         finally:
-            session.copying = False
-            if self.sessions.get(session.id) is not session:  # ended while we copied
+            session.copying -= 1
+            ended = self.sessions.get(session.id) is not session
+            if ended and not session.copying and session.buffer is not None:
                 buf.close()
                 session.buffer = None
         return pb.CopyOutResponse(bytes=nbytes, duration_s=seconds)
@@ -694,6 +695,8 @@ class Daemon:
         Checksums and the file come behind (`_write`), so the engine is free as soon as its
         device-to-host copy is done; `wait=True` returns once the file is durable instead."""
         session = self._session(peer, session_id, "freeze")
+        if session.copying:
+            raise InvalidRequest("a daemon copy into this freeze is still running; commit after it")
         buf = session.buffer
         assert buf is not None and session.fingerprint is not None
         # Out of the sessions table first: a commit cannot race an abort or a disconnect.
