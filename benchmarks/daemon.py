@@ -139,6 +139,8 @@ def main() -> None:
     socket = str(directory / "thawd.sock")
     rows: list[Row] = []
     try:
+        if gpu:  # an engine connects with CUDA up (thaw warms its data path then)
+            torch.cuda.init()
         client = thaw.connect(socket)
         status = client.status()
         card = torch.cuda.get_device_name() if gpu else "cpu"

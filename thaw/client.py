@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -526,81 +526,163 @@ class Client:
 
             swapped = thaw_vllm.restore(target, name, socket=self.socket, daemon="require")
             return swapped  # type: ignore[return-value]
+        return self._restore([(target, name)], strict, expect, progress, mode)[0]
+
+    def restore_many(self, items: Sequence[tuple[Any, str]], *, strict: bool = True,
+                     mode: str | None = None) -> builtins.list[RestoreResult]:  # fmt: skip
+        """Restore several snapshots, each `(target, name)` as `restore` would, with the
+        control calls of all of them overlapped: one round trip to thawd to open them all and
+        one to confirm them all, instead of two per snapshot (KV prefixes of many requests, a
+        model's parts). The copies run one after the other. When one fails, the ones before
+        it are restored and confirmed, the rest are not, and the error names them."""
+        return self._restore(list(items), strict, None, None, mode)
+
+    def _restore(self, items: builtins.list[tuple[Any, str]], strict: bool,
+                 expect: Fingerprint | None, progress: Callable[[int, int], None] | None,
+                 mode: str | None) -> builtins.list[RestoreResult]:  # fmt: skip
         from thaw import datapath
 
         mode = mode or os.environ.get("THAW_RESTORE_MODE") or "auto"
         if mode not in RESTORE_MODES:
             raise errors.InvalidRequest(f"restore mode {mode!r}: use one of {RESTORE_MODES}")
         t0 = time.perf_counter()
-        named = datapath.model_tensors(target)
-        cuda_only = bool(named) and all(t.device.type == "cuda" for _, t in named)
-        if mode == "ipc" and not cuda_only:
-            raise errors.InvalidRequest("restore mode 'ipc' copies into CUDA tensors only; "
-                                        "use mode 'auto' for CPU tensors")  # fmt: skip
-        with self._maps_lock:
-            cached = self._mappings.get(name)
-        info = self._call("OpenRestore", pb.OpenRestoreRequest(
-            name=name, mapped_buffer=cached[0] if cached else 0, daemon_copy=mode == "ipc",
-            can_daemon_copy=cuda_only))  # fmt: skip
+        plans, requests = [], []
+        for target, name in items:
+            named = datapath.model_tensors(target)
+            cuda_only = bool(named) and all(t.device.type == "cuda" for _, t in named)
+            if mode == "ipc" and not cuda_only:
+                raise errors.InvalidRequest("restore mode 'ipc' copies into CUDA tensors only; "
+                                            "use mode 'auto' for CPU tensors")  # fmt: skip
+            with self._maps_lock:
+                cached = self._mappings.get(name)
+            plans.append((name, named))
+            requests.append(pb.OpenRestoreRequest(
+                name=name, mapped_buffer=cached[0] if cached else 0, daemon_copy=mode == "ipc",
+                can_daemon_copy=cuda_only))  # fmt: skip
+        infos = self._open_many(requests)
         t_open = time.perf_counter()
-        total = sum(t.length for t in info.tensors)
-        copied, failure = 0, ""
+        closes: builtins.list[pb.CloseRestoreRequest] = []
+        results = []
         try:
-            entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length, t.checksum)
-                       for t in info.tensors]  # fmt: skip
-            if expect is not None:
-                check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
-            bindings = datapath.bind(entries, named, strict=strict)
-            source = None if info.delivery == pb.DELIVERY_DAEMON_COPY else self._map(
-                name, info, bindings)  # fmt: skip
-            if source is None:  # the daemon copies: export our allocations to it
-                index = {t.name: i for i, t in enumerate(info.tensors)}
-                batches = datapath.batches_for_daemon(bindings, index)
-                first = next(batches, None)  # a refusal here is before any byte moved
-            t_map = time.perf_counter()
-            if progress is not None:
-                progress(0, total)
-            try:
-                if source is None:
-                    rest = itertools.chain([first] if first else [], batches)
-                    copied = self._daemon_copy("CopyInto", info.session_id, rest)
-                else:
-                    base, gpu_accessible, ensure_mapped, release = source
-                    try:
-                        copied = datapath.copy_to_tensors(
-                            bindings, base, gpu_accessible=gpu_accessible, path=f"thawd:{name}",
-                            ensure_mapped=ensure_mapped)  # fmt: skip
-                    finally:
-                        release()
-            except errors.ThawError as e:
-                raise errors.RestoreIncomplete(
-                    f"restore of {name!r} failed part way: {e}; the model holds mixed "
-                    "weights: restore again or reload it before use"
-                ) from e
-            if progress is not None:
-                progress(copied, total)
+            for (name, named), info in zip(plans, infos, strict=True):
+                started = time.perf_counter()
+                copied = self._copy_session(name, info, named, strict, expect, progress)
+                seconds = time.perf_counter() - started
+                closes.append(pb.CloseRestoreRequest(session_id=info.session_id, ok=True,
+                                                     bytes=copied, duration_s=seconds))  # fmt: skip
+                results.append(RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds))
         except BaseException as e:
-            failure = f"{type(e).__name__}: {e}"
+            failure = f"{type(e).__name__}: {e}"[:1000]
+            done = {c.session_id for c in closes}
+            closes += [pb.CloseRestoreRequest(session_id=i.session_id, ok=False, error=failure)
+                       for i in infos if i.session_id not in done]  # fmt: skip
             with contextlib.suppress(errors.DaemonError):  # the original error says more
-                self._call("CloseRestore", pb.CloseRestoreRequest(
-                    session_id=info.session_id, ok=False, error=failure[:1000]))  # fmt: skip
+                self._call_many("CloseRestore", closes)
+            if len(items) > 1:
+                restored = ", ".join(repr(r.name) for r in results) or "none"
+                e.add_note(f"restored and confirmed before it: {restored}; the rest are not")
             raise
         t_copy = time.perf_counter()
         try:
-            self._call("CloseRestore", pb.CloseRestoreRequest(
-                session_id=info.session_id, ok=True, bytes=copied,
-                duration_s=t_copy - t0))  # fmt: skip
+            self._call_many("CloseRestore", closes)
         except errors.DaemonError as e:
+            names = ", ".join(repr(r.name) for r in results)
             raise errors.DaemonUnavailable(
-                f"thawd went away during the restore of {name!r} ({e}); the restore is not "
+                f"thawd went away during the restore of {names} ({e}); the restore is not "
                 "confirmed: restore again (or reload the model) before serving"
             ) from e
         seconds = time.perf_counter() - t0
-        log.debug("restore %s: open %.1f ms, map %.1f ms, copy %.1f ms (%.2f GB/s), close %.1f ms",
-                  name, (t_open - t0) * 1e3, (t_map - t_open) * 1e3, (t_copy - t_map) * 1e3,
-                  copied / max(t_copy - t_map, 1e-9) / 1e9,
+        total = sum(r.bytes for r in results)
+        log.debug("restore %s: open %.1f ms, copy %.1f ms (%.2f GB/s), close %.1f ms",
+                  ", ".join(r.name for r in results), (t_open - t0) * 1e3,
+                  (t_copy - t_open) * 1e3, total / max(t_copy - t_open, 1e-9) / 1e9,
                   (seconds - (t_copy - t0)) * 1e3)  # fmt: skip
-        return RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds)
+        if len(results) == 1:  # the whole call, control path included
+            results[0] = dataclasses.replace(results[0], seconds=seconds)
+        return results
+
+    def _open_many(self, requests: builtins.list[pb.OpenRestoreRequest],
+                   ) -> builtins.list[pb.OpenRestoreResponse]:  # fmt: skip
+        """OpenRestore for each request, all in flight at once; on any failure the sessions
+        that did open are closed and the first error is raised."""
+        if len(requests) == 1:
+            return [self._call("OpenRestore", requests[0])]
+        for attempt in (0, 1):
+            calls = [self._stub.OpenRestore.future(r, metadata=self._metadata(),
+                                                   timeout=self.timeout)
+                     for r in requests]  # fmt: skip
+            infos, failures = [], []
+            for call in calls:
+                try:
+                    infos.append(call.result())
+                except grpc.RpcError as e:
+                    failures.append(e)
+            if not failures:
+                return infos
+            with contextlib.suppress(errors.DaemonError):
+                self._call_many("CloseRestore", [pb.CloseRestoreRequest(
+                    session_id=i.session_id, ok=False, error="not restored: another of the "
+                    "batch failed to open") for i in infos])  # fmt: skip
+            if attempt == 0 and not infos and failures[0].code() is grpc.StatusCode.UNAUTHENTICATED:
+                self._authenticate()  # the daemon restarted and forgot our token
+                continue
+            raise _error(failures[0], self.socket) from None
+        raise AssertionError("unreachable")
+
+    def _call_many(self, method: str, requests: builtins.list[Any]) -> None:
+        """A unary call per request, all in flight at once; raises the first failure."""
+        if len(requests) == 1:
+            self._call(method, requests[0])
+            return
+        call = getattr(self._stub, method)
+        calls = [call.future(r, metadata=self._metadata(), timeout=self.timeout)
+                 for r in requests]  # fmt: skip
+        for future in calls:
+            try:
+                future.result()
+            except grpc.RpcError as e:
+                raise _error(e, self.socket) from None
+
+    def _copy_session(self, name: str, info: pb.OpenRestoreResponse, named: Any, strict: bool,
+                      expect: Fingerprint | None,
+                      progress: Callable[[int, int], None] | None) -> int:  # fmt: skip
+        """Check and copy one opened restore into its tensors; returns bytes copied."""
+        from thaw import datapath
+
+        total = sum(t.length for t in info.tensors)
+        entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length, t.checksum)
+                   for t in info.tensors]  # fmt: skip
+        if expect is not None:
+            check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
+        bindings = datapath.bind(entries, named, strict=strict)
+        source = None if info.delivery == pb.DELIVERY_DAEMON_COPY else self._map(
+            name, info, bindings)  # fmt: skip
+        if source is None:  # the daemon copies: export our allocations to it
+            index = {t.name: i for i, t in enumerate(info.tensors)}
+            batches = datapath.batches_for_daemon(bindings, index)
+            first = next(batches, None)  # a refusal here is before any byte moved
+        if progress is not None:
+            progress(0, total)
+        try:
+            if source is None:
+                rest = itertools.chain([first] if first else [], batches)
+                copied = self._daemon_copy("CopyInto", info.session_id, rest)
+            else:
+                base, gpu_accessible, ensure_mapped, release = source
+                try:
+                    copied = datapath.copy_to_tensors(
+                        bindings, base, gpu_accessible=gpu_accessible, path=f"thawd:{name}",
+                        ensure_mapped=ensure_mapped)  # fmt: skip
+                finally:
+                    release()
+        except errors.ThawError as e:
+            raise errors.RestoreIncomplete(
+                f"restore of {name!r} failed part way: {e}; the model holds mixed "
+                "weights: restore again or reload it before use"
+            ) from e
+        if progress is not None:
+            progress(copied, total)
+        return copied
 
     def _daemon_copy(self, method: str, session_id: str,
                      batches: Iterator[tuple[Any, Callable[[], int]]]) -> int:  # fmt: skip

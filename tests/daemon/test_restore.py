@@ -138,6 +138,32 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
         assert c.stat("modes").clients == 0
 
 
+def test_restore_many_overlaps_the_control_calls(shared_thawd: ThawdProcess) -> None:
+    sets = {f"many{i}": random_tensors(20 + i) for i in range(3)}
+    with connect(shared_thawd.socket) as c:
+        for name, tensors in sets.items():
+            c.register(write_snapshot(shared_thawd.dir / f"{name}.thaw", tensors), name)
+        c.pin("many0")  # pinned, warm and cold in one batch
+        c.pin("many1", warm=True)
+        outs = {name: zeros_like(t) for name, t in sets.items()}
+        results = c.restore_many([(outs[n], n) for n in sets])
+        assert [(r.name, r.tier) for r in results] == [
+            ("many0", "pinned"), ("many1", "warm"), ("many2", "cold")]  # fmt: skip
+        assert all(same(outs[n], sets[n]) for n in sets)
+        # The second fails its checks: the first is restored and confirmed, the third is not.
+        wrong = {k: torch.zeros(3) for k in sets["many1"]}
+        with pytest.raises(errors.TensorMismatch) as info:
+            c.restore_many([(zeros_like(sets["many0"]), "many0"), (wrong, "many1"),
+                            (zeros_like(sets["many2"]), "many2")])  # fmt: skip
+        assert "before it: 'many0'" in "".join(info.value.__notes__)
+        records = {n: c.stat(n) for n in sets}
+        assert {n: r.restores for n, r in records.items()} == {"many0": 2, "many1": 1, "many2": 1}
+        assert all(r.clients == 0 for r in records.values())
+        with pytest.raises(errors.NotFound):  # nothing stays open when one does not exist
+            c.restore_many([(zeros_like(sets["many0"]), "many0"), ({}, "nope")])
+        assert c.stat("many0").clients == 0
+
+
 def test_mismatch_is_refused_before_any_copy(shared_thawd: ThawdProcess) -> None:
     tensors = random_tensors(4)
     path = write_snapshot(shared_thawd.dir / "mm.thaw", tensors)
