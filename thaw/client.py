@@ -563,15 +563,26 @@ class Client:
         t_open = time.perf_counter()
         closes: builtins.list[pb.CloseRestoreRequest] = []
         results = []
+        # A batch leaves each snapshot's GPU copies in flight and waits once, at the end: no
+        # idle link between one snapshot's copies and the next one's.
+        in_flight = len(items) > 1
+        devices = {t.device.index or 0 for _, named in plans for _, t in named
+                   if t.device.type == "cuda"}  # fmt: skip
         try:
             for (name, named), info in zip(plans, infos, strict=True):
                 started = time.perf_counter()
-                copied = self._copy_session(name, info, named, strict, expect, progress)
+                copied = self._copy_session(name, info, named, strict, expect, progress,
+                                            in_flight)  # fmt: skip
                 seconds = time.perf_counter() - started
                 closes.append(pb.CloseRestoreRequest(session_id=info.session_id, ok=True,
                                                      bytes=copied, duration_s=seconds))  # fmt: skip
                 results.append(RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds))
+            for device in devices if in_flight else ():
+                datapath.finish_copies(device)
         except BaseException as e:
+            for device in devices if in_flight else ():
+                with contextlib.suppress(errors.ThawError):
+                    datapath.finish_copies(device)
             failure = f"{type(e).__name__}: {e}"[:1000]
             done = {c.session_id for c in closes}
             closes += [pb.CloseRestoreRequest(session_id=i.session_id, ok=False, error=failure)
@@ -644,9 +655,10 @@ class Client:
                 raise _error(e, self.socket) from None
 
     def _copy_session(self, name: str, info: pb.OpenRestoreResponse, named: Any, strict: bool,
-                      expect: Fingerprint | None,
-                      progress: Callable[[int, int], None] | None) -> int:  # fmt: skip
-        """Check and copy one opened restore into its tensors; returns bytes copied."""
+                      expect: Fingerprint | None, progress: Callable[[int, int], None] | None,
+                      in_flight: bool = False) -> int:  # fmt: skip
+        """Check and copy one opened restore into its tensors; returns bytes copied.
+        `in_flight`: direct GPU copies may still run on return (datapath.finish_copies)."""
         from thaw import datapath
 
         total = sum(t.length for t in info.tensors)
@@ -672,7 +684,7 @@ class Client:
                 try:
                     copied = datapath.copy_to_tensors(
                         bindings, base, gpu_accessible=gpu_accessible, path=f"thawd:{name}",
-                        ensure_mapped=ensure_mapped)  # fmt: skip
+                        ensure_mapped=ensure_mapped, in_flight=in_flight)  # fmt: skip
                 finally:
                     release()
         except errors.ThawError as e:

@@ -152,6 +152,10 @@ class _Targets:
             for b in bindings
         ]
 
+    @property
+    def temporaries(self) -> bool:
+        return any(t is not b.tensor for b, t in zip(self.bindings, self.tensors, strict=True))
+
     def ptr(self, index: int) -> int:
         return int(self.tensors[index].data_ptr())
 
@@ -198,6 +202,7 @@ class Staging:
         self.device = device
         self.lock = threading.Lock()  # one pipeline at a time uses these slots
         self.streams = [cuda.Stream(), cuda.Stream()]
+        self.in_flight = False  # direct copies issued and not yet waited for (finish_copies)
         self.events = [cuda.Event() for _ in range(SLOTS)]
         self._slots: list[Any] = []
 
@@ -349,11 +354,13 @@ def _copy_direct(
     bindings: Sequence[Binding],
     ensure_mapped: Callable[[int], None] | None,
     issue: Callable[[Segment, int, Any], None],
+    in_flight: bool = False,
 ) -> None:
     """The loop of both direct copies: 64 MB copies alternating two streams (the measured way
     to reach the link's ceiling), `issue(segment, payload_offset, stream)` for each. With
     `ensure_mapped(end)`, each copy is issued once the host memory it touches is mapped: a
-    buffer still being mapped maps on while the earlier copies run."""
+    buffer still being mapped maps on while the earlier copies run. `in_flight`: return once
+    issued, after copies this thread left in flight before (see `finish_copies`)."""
     from thaw import cuda
 
     device = cuda_device(bindings)
@@ -361,7 +368,11 @@ def _copy_direct(
     staging = Staging.for_device(device)
     with staging.lock:
         cuda.set_device(device)
-        cuda.device_synchronize()  # the tensors are final (freeze) or unused (restore)
+        # The tensors are final (freeze) or unused (restore); copies that continue a batch left
+        # in flight need no wait: our own streams order them after the batch's earlier ones.
+        if not (in_flight and staging.in_flight):
+            cuda.device_synchronize()
+        staging.in_flight = in_flight
         for n, piece in enumerate(plan([b.entry for b in bindings], SLOT_SIZE)):
             stream = staging.streams[n % 2]
             for seg in piece.segments:
@@ -370,25 +381,40 @@ def _copy_direct(
                     if ensure_mapped is not None:
                         ensure_mapped(offset + seg.length)
                     issue(seg, offset, stream)
+        if not in_flight:
+            for stream in staging.streams:
+                stream.synchronize()
+
+
+def finish_copies(device: int) -> None:
+    """Wait for the direct copies left in flight on `device` (`in_flight=True`)."""
+    staging = Staging.for_device(device)
+    with staging.lock:
         for stream in staging.streams:
             stream.synchronize()
+        staging.in_flight = False
 
 
 def copy_direct_to_cuda(
     bindings: Sequence[Binding],
     base_addr: int,
     ensure_mapped: Callable[[int], None] | None = None,
+    in_flight: bool = False,
 ) -> int:
-    """H2D straight from GPU-accessible host memory laid out like the payload (a pool buffer)."""
+    """H2D straight from GPU-accessible host memory laid out like the payload (a pool buffer).
+    `in_flight`: return once the copies are issued, when no temporaries need them done; the
+    caller calls `finish_copies(device)` before the tensors are used."""
     from thaw import cuda
 
     targets = _Targets(bindings)
+    in_flight = in_flight and not targets.temporaries
     _copy_direct(
         bindings,
         ensure_mapped,
         lambda seg, offset, stream: cuda.copy_h2d(
             targets.ptr(seg.index) + seg.tensor_offset, base_addr + offset, seg.length, stream
         ),
+        in_flight,
     )
     targets.finish()
     return sum(b.entry.length for b in bindings)
@@ -545,12 +571,14 @@ def copy_to_tensors(
     path: object = "<memory>",
     threads: int = DEFAULT_THREADS,
     ensure_mapped: Callable[[int], None] | None = None,
+    in_flight: bool = False,
 ) -> int:
     """Restore bound tensors from host memory where tensor i lies at base_addr + entry.offset.
 
     `gpu_accessible`: the memory is VMM-mapped or registered with CUDA, so H2D runs from it
     directly; otherwise CUDA tensors are staged through pinned slots. `ensure_mapped(end)`:
     the memory is still being mapped; call before reading up to payload offset `end`.
+    `in_flight`: direct copies to CUDA may still run on return; `finish_copies(device)` waits.
     Returns bytes copied.
     """
     cpu = [b for b in bindings if b.tensor.device.type == "cpu"]
@@ -574,7 +602,7 @@ def copy_to_tensors(
         total += sum(b.entry.length for b in cpu)
     if gpu:
         if gpu_accessible and not verify:
-            total += copy_direct_to_cuda(gpu, base_addr, ensure_mapped)
+            total += copy_direct_to_cuda(gpu, base_addr, ensure_mapped, in_flight)
         else:
             per_worker = max(1, threads // PIPELINE_WORKERS)
             gpu_digests = Digests([b.entry for b in gpu], path, per_worker) if verify else None

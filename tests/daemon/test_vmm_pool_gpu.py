@@ -137,3 +137,34 @@ def test_freeze_of_expandable_segments_maps_the_pool(thawd_factory) -> None:  # 
     out = run_client(FREEZE_EXPANDABLE.format(socket=d.socket))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) is True
+
+
+RESTORE_MANY = """
+expected = {{}}
+for seed in range(3):
+    g = torch.Generator(device="cuda").manual_seed(10 + seed)
+    expected[f"m{{seed}}"] = {{f"t{{i}}": torch.randn(1 << 20, generator=g, device="cuda")
+                             for i in range(2)}}
+targets = {{n: {{k: torch.zeros_like(v) for k, v in t.items()}} for n, t in expected.items()}}
+targets["m1"]["t1"] = torch.zeros(2 << 20, device="cuda")[::2]  # a temporary: waited for
+c = thaw.client.connect({socket!r})
+for _ in range(2):  # fds and mapping the first time, the mapped buffers the second
+    results = c.restore_many([(targets[n], n) for n in expected])
+    ok = all(torch.equal(targets[n][k], expected[n][k]) for n in expected for k in expected[n])
+    print(json.dumps([[r.name for r in results], ok]))
+"""
+
+
+def test_restore_many_into_cuda_tensors(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
+    from thaw.client import connect
+
+    with connect(d.socket) as c:
+        for seed in range(3):
+            g = torch.Generator(device="cuda").manual_seed(10 + seed)
+            c.freeze({f"t{i}": torch.randn(1 << 20, generator=g, device="cuda")
+                      for i in range(2)}, f"m{seed}")  # fmt: skip
+    out = run_client(RESTORE_MANY.format(socket=d.socket))
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
+    assert lines == [[["m0", "m1", "m2"], True]] * 2
