@@ -701,11 +701,10 @@ class Client:
         """Have thawd copy between its pool and our exported GPU allocations (`CopyInto` for a
         restore, `CopyOut` for a freeze), one call per batch: each batch is sent before the
         next is exported, so exporting overlaps the daemon's copies. Returns bytes moved."""
-        request = pb.CopyIntoRequest if method == "CopyInto" else pb.CopyOutRequest
         calls, finishes = [], []
         try:
             for exported, finish in batches:
-                calls.append(getattr(self._stub, method).future(request(
+                calls.append(getattr(self._stub, method).future(pb.DaemonCopyRequest(
                     session_id=session_id, device_uuid=exported.device_uuid,
                     regions=[pb.GpuRegion(ipc_handle=h, size=n) for h, n in exported.regions],
                     copies=[pb.GpuCopy(tensor=t, region=r, offset=o)

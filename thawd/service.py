@@ -158,11 +158,13 @@ class ThawdServicer(pb_grpc.ThawdServicer):
         return self.d.open_restore(PEER.get(), TOKEN.get(), request)
 
     @unary
-    async def CopyInto(self, request: pb.CopyIntoRequest, context: Any) -> pb.CopyIntoResponse:
+    async def CopyInto(self, request: pb.DaemonCopyRequest,
+                       context: Any) -> pb.DaemonCopyResponse:  # fmt: skip
         return await self.d.copy_into(PEER.get(), TOKEN.get(), request)
 
     @unary
-    async def CopyOut(self, request: pb.CopyOutRequest, context: Any) -> pb.CopyOutResponse:
+    async def CopyOut(self, request: pb.DaemonCopyRequest,
+                      context: Any) -> pb.DaemonCopyResponse:  # fmt: skip
         return await self.d.copy_out(PEER.get(), TOKEN.get(), request)
 
     @unary

@@ -519,7 +519,7 @@ class Daemon:
         )  # fmt: skip
 
     async def copy_into(self, peer: Peer, token: str,
-                        request: pb.CopyIntoRequest) -> pb.CopyIntoResponse:  # fmt: skip
+                        request: pb.DaemonCopyRequest) -> pb.DaemonCopyResponse:  # fmt: skip
         """CUDA IPC mode: copy a restore session's pool bytes into the client's GPU memory."""
         session = self._session(peer, request.session_id, "restore")
         entry = self.entries.get(session.name)
@@ -540,10 +540,10 @@ class Daemon:
                                                       to_host=False)  # fmt: skip
         finally:
             entry.copying -= 1
-        return pb.CopyIntoResponse(bytes=nbytes, duration_s=seconds)
+        return pb.DaemonCopyResponse(bytes=nbytes, duration_s=seconds)
 
     async def copy_out(self, peer: Peer, token: str,
-                       request: pb.CopyOutRequest) -> pb.CopyOutResponse:  # fmt: skip
+                       request: pb.DaemonCopyRequest) -> pb.DaemonCopyResponse:  # fmt: skip
         """CUDA IPC mode of a freeze: copy the client's GPU tensors into the session's buffer."""
         session = self._session(peer, request.session_id, "freeze")
         buf = session.buffer
@@ -559,9 +559,9 @@ class Daemon:
             if ended and not session.copying and session.buffer is not None:
                 buf.close()
                 session.buffer = None
-        return pb.CopyOutResponse(bytes=nbytes, duration_s=seconds)
+        return pb.DaemonCopyResponse(bytes=nbytes, duration_s=seconds)
 
-    async def _daemon_copy(self, token: str, request: pb.CopyIntoRequest | pb.CopyOutRequest,
+    async def _daemon_copy(self, token: str, request: pb.DaemonCopyRequest,
                            host: int, tensors: Sequence[TensorEntry],
                            to_host: bool) -> tuple[int, float]:  # fmt: skip
         from thaw.ipc import Job

@@ -128,8 +128,15 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
         no_share = c._call("OpenRestore", pb.OpenRestoreRequest(name="modes", daemon_copy=True))
         assert (no_share.delivery, no_share.pool_kind) == (pb.DELIVERY_FDS, pb.POOL_KIND_FILE)
         with pytest.raises(errors.InvalidRequest, match="VMM pool"):
-            c._call("CopyInto", pb.CopyIntoRequest(session_id=no_share.session_id))
+            c._call("CopyInto", pb.DaemonCopyRequest(session_id=no_share.session_id))
         c._call("CloseRestore", pb.CloseRestoreRequest(session_id=no_share.session_id, ok=False))
+
+        begin = c._call("BeginFreeze", pb.BeginFreezeRequest(
+            name="modes-out", tensors=[pb.TensorSpec(name="w", dtype="float32", shape=[4])],
+            daemon_copy=True))  # fmt: skip
+        with pytest.raises(errors.InvalidRequest, match="VMM pool"):
+            c._call("CopyOut", pb.DaemonCopyRequest(session_id=begin.session_id))
+        c._call("AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id))
 
         with pytest.raises(errors.InvalidRequest, match="CUDA tensors only"):
             c.restore(zeros_like(tensors), "modes", mode="ipc")

@@ -286,7 +286,7 @@ class GpuCopy(_message.Message):
     offset: int
     def __init__(self, tensor: _Optional[int] = ..., region: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
-class CopyIntoRequest(_message.Message):
+class DaemonCopyRequest(_message.Message):
     __slots__ = ("session_id", "device_uuid", "regions", "copies")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
@@ -298,27 +298,7 @@ class CopyIntoRequest(_message.Message):
     copies: _containers.RepeatedCompositeFieldContainer[GpuCopy]
     def __init__(self, session_id: _Optional[str] = ..., device_uuid: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[GpuRegion, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[GpuCopy, _Mapping]]] = ...) -> None: ...
 
-class CopyIntoResponse(_message.Message):
-    __slots__ = ("bytes", "duration_s")
-    BYTES_FIELD_NUMBER: _ClassVar[int]
-    DURATION_S_FIELD_NUMBER: _ClassVar[int]
-    bytes: int
-    duration_s: float
-    def __init__(self, bytes: _Optional[int] = ..., duration_s: _Optional[float] = ...) -> None: ...
-
-class CopyOutRequest(_message.Message):
-    __slots__ = ("session_id", "device_uuid", "regions", "copies")
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
-    REGIONS_FIELD_NUMBER: _ClassVar[int]
-    COPIES_FIELD_NUMBER: _ClassVar[int]
-    session_id: str
-    device_uuid: str
-    regions: _containers.RepeatedCompositeFieldContainer[GpuRegion]
-    copies: _containers.RepeatedCompositeFieldContainer[GpuCopy]
-    def __init__(self, session_id: _Optional[str] = ..., device_uuid: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[GpuRegion, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[GpuCopy, _Mapping]]] = ...) -> None: ...
-
-class CopyOutResponse(_message.Message):
+class DaemonCopyResponse(_message.Message):
     __slots__ = ("bytes", "duration_s")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]

@@ -77,13 +77,13 @@ class ThawdStub:
                 _registered_method=True)
         self.CopyInto = channel.unary_unary(
                 '/thaw.v1.Thawd/CopyInto',
-                request_serializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoRequest.SerializeToString,
-                response_deserializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoResponse.FromString,
+                request_serializer=thaw_dot_v1_dot_thawd__pb2.DaemonCopyRequest.SerializeToString,
+                response_deserializer=thaw_dot_v1_dot_thawd__pb2.DaemonCopyResponse.FromString,
                 _registered_method=True)
         self.CopyOut = channel.unary_unary(
                 '/thaw.v1.Thawd/CopyOut',
-                request_serializer=thaw_dot_v1_dot_thawd__pb2.CopyOutRequest.SerializeToString,
-                response_deserializer=thaw_dot_v1_dot_thawd__pb2.CopyOutResponse.FromString,
+                request_serializer=thaw_dot_v1_dot_thawd__pb2.DaemonCopyRequest.SerializeToString,
+                response_deserializer=thaw_dot_v1_dot_thawd__pb2.DaemonCopyResponse.FromString,
                 _registered_method=True)
         self.CloseRestore = channel.unary_unary(
                 '/thaw.v1.Thawd/CloseRestore',
@@ -261,13 +261,13 @@ def add_ThawdServicer_to_server(servicer, server):
             ),
             'CopyInto': grpc.unary_unary_rpc_method_handler(
                     servicer.CopyInto,
-                    request_deserializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoRequest.FromString,
-                    response_serializer=thaw_dot_v1_dot_thawd__pb2.CopyIntoResponse.SerializeToString,
+                    request_deserializer=thaw_dot_v1_dot_thawd__pb2.DaemonCopyRequest.FromString,
+                    response_serializer=thaw_dot_v1_dot_thawd__pb2.DaemonCopyResponse.SerializeToString,
             ),
             'CopyOut': grpc.unary_unary_rpc_method_handler(
                     servicer.CopyOut,
-                    request_deserializer=thaw_dot_v1_dot_thawd__pb2.CopyOutRequest.FromString,
-                    response_serializer=thaw_dot_v1_dot_thawd__pb2.CopyOutResponse.SerializeToString,
+                    request_deserializer=thaw_dot_v1_dot_thawd__pb2.DaemonCopyRequest.FromString,
+                    response_serializer=thaw_dot_v1_dot_thawd__pb2.DaemonCopyResponse.SerializeToString,
             ),
             'CloseRestore': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseRestore,
@@ -541,8 +541,8 @@ class Thawd:
             request,
             target,
             '/thaw.v1.Thawd/CopyInto',
-            thaw_dot_v1_dot_thawd__pb2.CopyIntoRequest.SerializeToString,
-            thaw_dot_v1_dot_thawd__pb2.CopyIntoResponse.FromString,
+            thaw_dot_v1_dot_thawd__pb2.DaemonCopyRequest.SerializeToString,
+            thaw_dot_v1_dot_thawd__pb2.DaemonCopyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -568,8 +568,8 @@ class Thawd:
             request,
             target,
             '/thaw.v1.Thawd/CopyOut',
-            thaw_dot_v1_dot_thawd__pb2.CopyOutRequest.SerializeToString,
-            thaw_dot_v1_dot_thawd__pb2.CopyOutResponse.FromString,
+            thaw_dot_v1_dot_thawd__pb2.DaemonCopyRequest.SerializeToString,
+            thaw_dot_v1_dot_thawd__pb2.DaemonCopyResponse.FromString,
             options,
             channel_credentials,
             insecure,
