@@ -293,6 +293,7 @@ def fixed_items() -> list[Any]:
         warm_used=52 * GIB, host_memory_total=512 * GIB, host_memory_available=301 * GIB,
         gpus=gpus, snapshots=5, active_restores=1, active_freezes=0, restores_total=57,
         bytes_restored_total=912 * GIB, memory_locked=True, socket="/run/thawd/thawd.sock",
+        share_pool=True,
     )  # fmt: skip
     snapshots = (
         _snapshot("llama-8b", "pinned", 16 * GIB, restores=41, clients=1, last_used=now - 12),
