@@ -36,18 +36,26 @@ def make_llm(job: dict, **extra: object) -> object:
 
 
 def greedy(llm: object, prompt: str, n: int = 32) -> dict:
+    return greedy_many(llm, [prompt], n)[0]
+
+
+def greedy_many(llm: object, prompts: list[str], n: int = 32) -> list[dict]:
+    """One generate call: prompts scheduled together load their KV in the same steps."""
     from vllm import SamplingParams
 
     t0 = time.perf_counter()
-    out = llm.generate(
-        [prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False
-    )[0]
-    return {
-        "tokens": list(out.outputs[0].token_ids),
-        "cached": out.num_cached_tokens,
-        "prompt_len": len(out.prompt_token_ids),
-        "seconds": time.perf_counter() - t0,
-    }
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False
+    )
+    return [
+        {
+            "tokens": list(out.outputs[0].token_ids),
+            "cached": out.num_cached_tokens,
+            "prompt_len": len(out.prompt_token_ids),
+            "seconds": time.perf_counter() - t0,
+        }
+        for out in outs
+    ]
 
 
 def shutdown(llm: object) -> None:
@@ -73,6 +81,10 @@ def main(job: dict) -> dict:
         # Same engine, local prefix cache emptied: the connector brings the blocks back.
         llm.reset_prefix_cache()
         result["reloaded"] = greedy(llm, prompt)
+        # A second prompt, saved automatically; then both together, from the store at once.
+        result["second"] = greedy(llm, job["prompt2"])
+        llm.reset_prefix_cache()
+        result["both"] = greedy_many(llm, [prompt, job["prompt2"]])
     elif role == "restore":
         result["lazy"] = greedy(llm, prompt)
         llm.reset_prefix_cache()

@@ -90,6 +90,28 @@ def test_store_round_trip_and_index_from_token_ids(
         s.close()
 
 
+@pytest.mark.parametrize("backend", ["thawd", "files"])
+def test_load_many_stages_several_prefixes_at_once(
+    backend: str, tmp_path: Any, kv_thawd: Any
+) -> None:
+    socket = kv_thawd.socket if backend == "thawd" else None
+    store = KVStore(SPEC, socket=socket, directory=str(tmp_path / "kv"))
+    saved = {}
+    for seed in range(3):
+        tokens = list(range(200 + 8 * seed, 208 + 8 * seed))
+        name = f"many-{seed}-{backend}"
+        saved[name] = (blocks(2, seed), tokens)
+        store.save(name, saved[name][0], torch.tensor(tokens).view(2, 4), labels_for(tokens))
+    refs = [BlockRef(name, 0, 2, store.path_for(name)) for name in saved]
+    first = store.load_many([*refs, refs[0]])  # a prefix twice: restored once
+    assert first[0] is first[3]
+    for got, (layers, tokens) in zip(first, saved.values(), strict=False):
+        assert torch.equal(got[TOKEN_IDS].flatten(), torch.tensor(tokens))
+        assert all(torch.equal(got[f"kv.layer{i}"], layer) for i, layer in enumerate(layers))
+    assert [t is f for t, f in zip(store.load_many(refs), first, strict=False)] == [True] * 3
+    store.close()
+
+
 def test_files_written_without_daemon_are_registered_later(tmp_path: Any, kv_thawd: Any) -> None:
     directory = str(tmp_path / "kv")
     tokens = list(range(8))

@@ -27,10 +27,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory, kv_thawd: Any) -> dict[str, 
 
     root = tmp_path_factory.mktemp("kv")
     model = thaw.tiny.write_model_dir(root / "tiny")
-    prompt = thaw.tiny.make_prompt(thaw.tiny.build_tokenizer(), PROMPT_TOKENS, seed=3)
+    tokenizer = thaw.tiny.build_tokenizer()
     return {
         "model": str(model),
-        "prompt": prompt,
+        "prompt": thaw.tiny.make_prompt(tokenizer, PROMPT_TOKENS, seed=3),
+        "prompt2": thaw.tiny.make_prompt(tokenizer, PROMPT_TOKENS, seed=4),
         "socket": kv_thawd.socket,
         "name": "sess-a",
         "snapshot_dir": str(root / "kv"),
@@ -51,6 +52,12 @@ def test_engine_a_captures_and_its_connector_reloads(engine_a: dict[str, Any]) -
     # Local prefix cache emptied: all 896 tokens came back through the connector.
     assert engine_a["reloaded"]["cached"] == FULL_PREFIX
     assert engine_a["reloaded"]["tokens"] == engine_a["first"]["tokens"]
+    # Two stored prompts in one generate call: both prefixes come back (loaded together when
+    # scheduled in the same step, through restore_many), with the same greedy tokens.
+    both = engine_a["both"]
+    assert [b["cached"] for b in both] == [FULL_PREFIX, FULL_PREFIX]
+    assert [b["tokens"] for b in both] == [engine_a["first"]["tokens"],
+                                           engine_a["second"]["tokens"]]  # fmt: skip
 
 
 def test_kv_snapshot_in_thawd_and_on_disk(setup: dict[str, Any], engine_a: dict[str, Any]) -> None:

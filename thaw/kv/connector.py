@@ -149,19 +149,26 @@ class ThawKVConnector(KVConnectorBase_V1):
         return layer if self.spec.layout.startswith("cpu") else layer.transpose(0, 1)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        from thaw.kv.store import BlockRef
+
         meta = self._get_connector_metadata()
         assert isinstance(meta, ThawKVMetadata)
-        for item in meta.loads:
+        refs = [BlockRef(item.name, 0, item.n_blocks, item.path) for item in meta.loads]
+        staged: list[dict[str, torch.Tensor] | None] = [None] * len(refs)
+        if len(refs) > 1:  # the step's loads in one restore_many; one by one if that fails
             try:
-                self._load(item)
+                staged = list(self.store.load_many(refs))
+            except Exception as e:
+                log.warning("thaw KV: loading %d prefixes together failed (%s); one by one",
+                            len(refs), e)  # fmt: skip
+        for item, ref, stored in zip(meta.loads, refs, staged, strict=True):
+            try:
+                self._load(item, stored if stored is not None else self.store.load(ref))
             except Exception as e:
                 log.error("thaw KV load of %s for request %s failed: %s", item.name, item.req_id, e)
                 self._load_errors.update(item.dst)
 
-    def _load(self, item: LoadItem) -> None:
-        from thaw.kv.store import BlockRef
-
-        stored = self.store.load(BlockRef(item.name, 0, item.n_blocks, item.path))
+    def _load(self, item: LoadItem, stored: dict[str, torch.Tensor]) -> None:
         src = torch.tensor(item.src, dtype=torch.int64)
         expected = torch.tensor(item.token_ids, dtype=torch.int64).view(len(item.src), -1)
         if not torch.equal(stored[TOKEN_IDS].index_select(0, src), expected):

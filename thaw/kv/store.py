@@ -456,32 +456,46 @@ class KVStore:
 
     def load(self, ref: BlockRef) -> dict[str, torch.Tensor]:
         """All tensors of the snapshot `ref` points into, in host memory (a small LRU)."""
+        return self.load_many([ref])[0]
+
+    def load_many(self, refs: Sequence[BlockRef]) -> list[dict[str, torch.Tensor]]:
+        """`load` for several snapshots: the ones not staged come from thawd in one
+        `restore_many` (their control calls overlapped), or from their files."""
+        out: list[dict[str, torch.Tensor] | None] = []
         with self._lock:
-            cached = self._staging.get(ref.name)
-            if cached is not None:
-                self._staging.move_to_end(ref.name)
-                return cached
-        dtype = getattr(torch, self.spec.dtype)
-        tensors = {
-            layer_tensor_name(i): torch.empty(ref.n_blocks, *self.spec.block_shape, dtype=dtype)
-            for i in range(self.spec.num_layers)
-        }
-        tensors[TOKEN_IDS] = torch.empty(ref.n_blocks, self.spec.block_size, dtype=torch.int64)
-        if self.client is not None:
-            self.client.restore(tensors, ref.name)
+            for ref in refs:
+                cached = self._staging.get(ref.name)
+                if cached is not None:
+                    self._staging.move_to_end(ref.name)
+                out.append(cached)
+        missing = {ref.name: ref for ref, got in zip(refs, out, strict=True) if got is None}
+        fresh = {name: self._empty(ref.n_blocks) for name, ref in missing.items()}
+        if fresh and self.client is not None:
+            self.client.restore_many([(fresh[name], name) for name in fresh])
         else:
             from thaw.restore import restore_file
 
-            restore_file(tensors, ref.path)
-        if self.staging_limit <= 0:
-            return tensors
-        with self._lock:
-            self._staging[ref.name] = tensors
-            while (
-                sum(_nbytes(v) for v in self._staging.values()) > self.staging_limit
-                and len(self._staging) > 1
-            ):
-                self._staging.popitem(last=False)
+            for name, tensors in fresh.items():
+                restore_file(tensors, missing[name].path)
+        if self.staging_limit > 0:
+            with self._lock:
+                for name, tensors in fresh.items():
+                    self._staging[name] = tensors
+                while (
+                    sum(_nbytes(v) for v in self._staging.values()) > self.staging_limit
+                    and len(self._staging) > 1
+                ):
+                    self._staging.popitem(last=False)
+        return [got if got is not None else fresh[ref.name]
+                for ref, got in zip(refs, out, strict=True)]  # fmt: skip
+
+    def _empty(self, n_blocks: int) -> dict[str, torch.Tensor]:
+        dtype = getattr(torch, self.spec.dtype)
+        tensors = {
+            layer_tensor_name(i): torch.empty(n_blocks, *self.spec.block_shape, dtype=dtype)
+            for i in range(self.spec.num_layers)
+        }
+        tensors[TOKEN_IDS] = torch.empty(n_blocks, self.spec.block_size, dtype=torch.int64)
         return tensors
 
     def close(self) -> None:
