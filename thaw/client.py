@@ -619,15 +619,7 @@ class Client:
         if len(requests) == 1:
             return [self._call("OpenRestore", requests[0])]
         for attempt in (0, 1):
-            calls = [self._stub.OpenRestore.future(r, metadata=self._metadata(),
-                                                   timeout=self.timeout)
-                     for r in requests]  # fmt: skip
-            infos, failures = [], []
-            for call in calls:
-                try:
-                    infos.append(call.result())
-                except grpc.RpcError as e:
-                    failures.append(e)
+            infos, failures = self._in_flight("OpenRestore", requests)
             if not failures:
                 return infos
             with contextlib.suppress(errors.DaemonError):
@@ -645,14 +637,23 @@ class Client:
         if len(requests) == 1:
             self._call(method, requests[0])
             return
+        _, failures = self._in_flight(method, requests)
+        if failures:
+            raise _error(failures[0], self.socket)
+
+    def _in_flight(self, method: str, requests: builtins.list[Any],
+                   ) -> tuple[builtins.list[Any], builtins.list[grpc.RpcError]]:  # fmt: skip
+        """Send every request at once; (the replies that came, the failures), once all ended."""
         call = getattr(self._stub, method)
-        calls = [call.future(r, metadata=self._metadata(), timeout=self.timeout)
-                 for r in requests]  # fmt: skip
-        for future in calls:
+        futures = [call.future(r, metadata=self._metadata(), timeout=self.timeout)
+                   for r in requests]  # fmt: skip
+        replies, failures = [], []
+        for future in futures:
             try:
-                future.result()
+                replies.append(future.result())
             except grpc.RpcError as e:
-                raise _error(e, self.socket) from None
+                failures.append(e)
+        return replies, failures
 
     def _copy_session(self, name: str, info: pb.OpenRestoreResponse, named: Any, strict: bool,
                       expect: Fingerprint | None, progress: Callable[[int, int], None] | None,
@@ -836,7 +837,7 @@ class Client:
         cuda_only = bool(named) and all(t.device.type == "cuda" for _, t in named)
         # CUDA tensors: the daemon copies them into pool memory it mapped at start (CopyOut);
         # a process mapping a fresh pool buffer pays for it during the copy.
-        for daemon_copy in (cuda_only, False) if cuda_only else (False,):
+        for daemon_copy in (True, False) if cuda_only else (False,):
             t0 = time.perf_counter()
             begin = self._call("BeginFreeze", pb.BeginFreezeRequest(
                 name=name, path=os.path.abspath(path) if path else "", tensors=specs, pin=pin,

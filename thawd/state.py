@@ -332,9 +332,7 @@ class Daemon:
                 self.memory_locked &= entry.warm.locked or not self.config.mlock
                 entry.tier = "warm"
         except ChecksumMismatch as e:
-            entry.row.checksum_state, entry.row.error = "corrupt", str(e)
-            self.registry.update(entry.row)
-            self.events.publish("pin_failed", name, str(e))
+            self._mark_corrupt(entry, "pin_failed", e)
             raise
         finally:
             entry.busy = ""
@@ -403,6 +401,12 @@ class Daemon:
         entry.row.checksum_state = "verified"
         self.memory_locked &= buf.locked or not self.config.mlock
 
+    def _mark_corrupt(self, entry: Entry, event: str, error: ChecksumMismatch) -> None:
+        """A tensor did not match its checksum: record it, durably, and tell the watchers."""
+        entry.row.checksum_state, entry.row.error = "corrupt", str(error)
+        self.registry.update(entry.row)
+        self.events.publish(event, entry.row.name, str(error))
+
     async def verify(self, name: str) -> pb.VerifyResponse:
         """Re-check every tensor against its checksum where the bytes are now: the pool buffer
         when pinned (bit rot in memory), else the file. A mismatch marks the snapshot corrupt
@@ -435,9 +439,7 @@ class Daemon:
         try:
             source = await asyncio.to_thread(work)
         except ChecksumMismatch as e:
-            entry.row.checksum_state, entry.row.error = "corrupt", str(e)
-            self.registry.update(entry.row)
-            self.events.publish("verify_failed", name, str(e))
+            self._mark_corrupt(entry, "verify_failed", e)
             raise
         finally:
             entry.busy = ""
