@@ -168,3 +168,29 @@ def test_restore_many_into_cuda_tensors(thawd_factory) -> None:  # type: ignore[
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
     assert lines == [[["m0", "m1", "m2"], True]] * 2
+
+
+def test_daemon_copy_refuses_bad_requests(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+    """An unknown GPU and a copy past the end of its region are refused by name."""
+    from thaw import errors, ipc
+    from thaw._proto import thawd_pb2 as pb
+    from thaw.client import connect
+
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
+    with connect(d.socket) as c:
+        c.freeze(cuda_tensors(8, 1), "r")
+        small = torch.zeros(1 << 10, device="cuda")  # far smaller than the 4 MiB tensor
+        exported = ipc.export([(0, small)], 0)
+        ((handle, _),) = exported.regions
+        for uuid, region_size, match in (
+            ("GPU-00000000-0000-0000-0000-000000000000", 4 << 20, "does not see GPU"),
+            (exported.device_uuid, 4 << 10, "does not fit region 0"),
+        ):
+            info = c._call("OpenRestore", pb.OpenRestoreRequest(name="r", daemon_copy=True))
+            with pytest.raises(errors.InvalidRequest, match=match):
+                c._call("CopyInto", pb.DaemonCopyRequest(
+                    session_id=info.session_id, device_uuid=uuid,
+                    regions=[pb.GpuRegion(ipc_handle=handle, size=region_size)],
+                    copies=[pb.GpuCopy(tensor=0, region=0, offset=0)]))  # fmt: skip
+            c._call("CloseRestore", pb.CloseRestoreRequest(session_id=info.session_id))
+        assert c.stat("r").clients == 0
