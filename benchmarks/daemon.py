@@ -73,13 +73,22 @@ def child(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.DEBUG, format="  child: %(name)s: %(message)s")
     logging.getLogger("grpc").setLevel(logging.WARNING)
     torch.cuda.init() if args.device.startswith("cuda") else None
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    # As thaw's vLLM loader does, connect before the model is built (the pool is mapped
+    # meanwhile), unless --connect-late: connect, then restore at once.
+    t0 = time.perf_counter()
+    client = None if args.connect_late else thaw.connect(args.socket)
+    connect_s = time.perf_counter() - t0
     shapes = llama_shaped(args.size_gb, getattr(torch, args.dtype), "meta")
     # zeros, not empty: an engine's weights are allocated and written before any restore
     tensors = {
         k: torch.zeros(v.shape, dtype=v.dtype, device=args.device) for k, v in shapes.items()
     }
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    client = thaw.connect(args.socket)
+    sync()
+    if client is None:
+        t0 = time.perf_counter()
+        client = thaw.connect(args.socket)
+        connect_s = time.perf_counter() - t0
     if args.start_at:
         time.sleep(max(0.0, args.start_at - time.time()))
     results = []
@@ -89,14 +98,18 @@ def child(args: argparse.Namespace) -> None:
         client.restore(tensors, args.name, mode=args.mode)
         sync()
         results.append(time.perf_counter() - t0)
-    print(json.dumps({"seconds": results, "bytes": nbytes(tensors), "digest": digest(tensors)}))
+    print(json.dumps({"seconds": results, "bytes": nbytes(tensors), "digest": digest(tensors),
+                      "connect_s": connect_s}))  # fmt: skip
 
 
 def run_child(args: argparse.Namespace, socket: str, name: str, device: str, repeat: int,
-              start_at: float = 0.0, mode: str = "auto") -> subprocess.Popen[str]:  # fmt: skip
+              start_at: float = 0.0, mode: str = "auto",
+              connect_late: bool = False) -> subprocess.Popen[str]:  # fmt: skip
     cmd = [sys.executable, str(HERE), "--child", "--socket", socket, "--name", name,
            "--device", device, "--size-gb", str(args.size_gb), "--dtype", args.dtype,
            "--repeat", str(repeat), "--start-at", str(start_at), "--mode", mode]  # fmt: skip
+    if connect_late:
+        cmd.append("--connect-late")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
 
 
@@ -126,6 +139,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--connect-late", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
@@ -160,6 +174,14 @@ def main() -> None:
         rows.append(Row("restore, pinned tier, new process, 1st", first, baseline, ceiling,
                         ">= 52 GB/s" if gpu else "", first >= 52 if gpu else None))  # fmt: skip
         rows.append(Row("restore, pinned tier, new process, 2nd", second, baseline, ceiling))
+        connect_ms = [result["connect_s"] * 1e3]
+        if gpu:  # the worst case: connect, then restore at once (the pool still being mapped)
+            late = finish(run_child(args, socket, "bench", args.device, repeat=1,
+                                    connect_late=True))  # fmt: skip
+            same = same and late["digest"] == expected
+            connect_ms.append(late["connect_s"] * 1e3)
+            rows.append(Row("restore, pinned tier, new process, connect then restore",
+                            size / late["seconds"][0] / 1e9, baseline, ceiling))  # fmt: skip
         if gpu:  # CUDA IPC mode: thawd copies into the new process's tensors, nothing mapped
             ipc = finish(run_child(args, socket, "bench", args.device, repeat=2, mode="ipc"))
             first, second = (size / s / 1e9 for s in ipc["seconds"])
@@ -187,6 +209,8 @@ def main() -> None:
             rows += tensor_parallel(args, client, socket, directory)
         title = f"thawd, {size / 1e9:.1f} GB {args.dtype}, {card}, pool {status.pool_kind}"
         print_table(title, rows)
+        print("connect() in the new process (before the model is built; connect then "
+              f"restore): {', '.join(f'{ms:.1f} ms' for ms in connect_ms)}")  # fmt: skip
         print(f"bit-identical (sampled digest) in the new processes: {same}")
     finally:
         daemon.terminate()

@@ -170,7 +170,7 @@ def throughput(args: argparse.Namespace) -> None:
                 )
 
             rows = [
-                row("1 prefix: first restore, maps pool", size, first),
+                row("1 prefix: first restore in this process", size, first),
                 row("1 prefix: restore, pinned tier", size, warm, check=True),
                 row("1 prefix: restore + scatter", size, warm + scatter_s),
                 row(f"{args.batch} prefixes, restore_many", bsize, batch_restore_s, check=True),

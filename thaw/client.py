@@ -34,6 +34,7 @@ from thaw._proto import thawd_pb2 as pb
 from thaw._proto import thawd_pb2_grpc as pb_grpc
 from thaw.fingerprint import Fingerprint, check
 from thaw.format import TensorEntry
+from thaw.mirror import PoolMap
 from thaw.pool import Mapping as MemoryMapping
 
 SYSTEM_SOCKET = "/run/thawd/thawd.sock"
@@ -77,6 +78,7 @@ _CHECKSUM = {
     pb.CHECKSUM_STATE_CORRUPT: "corrupt",
 }
 _POOLS = {pb.POOL_KIND_MEMFD: "memfd", pb.POOL_KIND_VMM: "vmm", pb.POOL_KIND_FILE: "file"}
+_DELIVERIES = {pb.DELIVERY_POOL: "pool", pb.DELIVERY_MAPPED: "mapped", pb.DELIVERY_FDS: "fds"}
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -224,6 +226,10 @@ class RestoreResult:
     tier: str
     bytes: int
     seconds: float
+    # How the bytes came (docs/DAEMON.md, "Deliveries"): "pool" (this process maps thawd's
+    # whole pool), "mapped" (an earlier restore mapped the buffer), "fds" (the buffer's fds
+    # were handed over now), "file" (not pinned: the snapshot file), "daemon_copy" (CUDA IPC).
+    delivery: str = ""
 
     @property
     def gbps(self) -> float:
@@ -294,6 +300,9 @@ def connect(socket: str | None = None, *, timeout: float = 30.0) -> Client:
     """Connect to the local thawd; raises DaemonUnavailable (with how to start it) if none runs."""
     client = Client(socket or default_socket(), timeout=timeout)
     _load_data_path()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        client.map_pool(torch.cuda.current_device())
     return client
 
 
@@ -324,6 +333,8 @@ class Client:
         self._token = ""
         self._pid = os.getpid()
         self._mappings: dict[str, tuple[int, Any]] = {}  # name -> (buffer id, mapping)
+        self._pool: dict[str, int] | None = None  # the VMM pool thawd lets clients map whole
+        self._pool_map: PoolMap | None = None
         self._authenticate()
         self._channel = grpc.insecure_channel(
             f"unix:{socket}", options=[("grpc.max_receive_message_length", 64 << 20)]
@@ -373,6 +384,32 @@ class Client:
                     reply.get("message", "")
                 )
             self._fd_sock, self._token = sock, reply["token"]
+            self._pool = reply.get("pool")
+            old = self._pool_map
+            if old is not None and (self._pool is None or self._pool["id"] != old.pool_id):
+                # thawd restarted: its old pool goes (once copies from it end), its new one
+                # comes.
+                self._pool_map = None
+                old.close()
+                self._map_pool(old.device)
+
+    def map_pool(self, device: int) -> bool:
+        """Map thawd's whole pinned pool for CUDA device `device`, in the background, so that
+        no restore to that GPU maps memory or takes fds (docs/DAEMON.md, "Deliveries").
+        `connect()` does this in a process that uses CUDA. False where thawd shares no pool."""
+        with self._lock:
+            return self._map_pool(device)
+
+    def _map_pool(self, device: int) -> bool:
+        if self._pool is None:
+            return False
+        if self._pool_map is None:
+            try:
+                self._pool_map = PoolMap(fdpass.fd_socket_path(self.socket), self._pool, device)
+            except OSError as e:
+                log.info("not mapping thawd's pool (%s)", e)
+                return False
+        return True
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((fdpass.TOKEN_METADATA_KEY, self._token), ("x-request-id", uuid.uuid4().hex[:16]))
@@ -555,10 +592,12 @@ class Client:
                                             "use mode 'auto' for CPU tensors")  # fmt: skip
             with self._maps_lock:
                 cached = self._mappings.get(name)
-            plans.append((name, named))
+            devices = {t.device.index or 0 for _, t in named}
+            mirror = self._mapped_pool(devices.pop()) if cuda_only and len(devices) == 1 else None
+            plans.append((name, named, mirror))
             requests.append(pb.OpenRestoreRequest(
                 name=name, mapped_buffer=cached[0] if cached else 0, daemon_copy=mode == "ipc",
-                can_daemon_copy=cuda_only))  # fmt: skip
+                can_daemon_copy=cuda_only, pool_id=mirror.id if mirror else 0))  # fmt: skip
         infos = self._open_many(requests)
         t_open = time.perf_counter()
         closes: builtins.list[pb.CloseRestoreRequest] = []
@@ -566,17 +605,18 @@ class Client:
         # A batch leaves each snapshot's GPU copies in flight and waits once, at the end: no
         # idle link between one snapshot's copies and the next one's.
         in_flight = len(items) > 1
-        devices = {t.device.index or 0 for _, named in plans for _, t in named
+        devices = {t.device.index or 0 for _, named, _ in plans for _, t in named
                    if t.device.type == "cuda"}  # fmt: skip
         try:
-            for (name, named), info in zip(plans, infos, strict=True):
+            for (name, named, mirror), info in zip(plans, infos, strict=True):
                 started = time.perf_counter()
-                copied = self._copy_session(name, info, named, strict, expect, progress,
-                                            in_flight)  # fmt: skip
+                copied, delivery = self._copy_session(name, info, named, strict, expect,
+                                                      progress, in_flight, mirror)  # fmt: skip
                 seconds = time.perf_counter() - started
                 closes.append(pb.CloseRestoreRequest(session_id=info.session_id, ok=True,
                                                      bytes=copied, duration_s=seconds))  # fmt: skip
-                results.append(RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds))
+                results.append(RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds,
+                                             delivery))  # fmt: skip
             for device in devices if in_flight else ():
                 datapath.finish_copies(device)
         except BaseException as e:
@@ -657,9 +697,11 @@ class Client:
 
     def _copy_session(self, name: str, info: pb.OpenRestoreResponse, named: Any, strict: bool,
                       expect: Fingerprint | None, progress: Callable[[int, int], None] | None,
-                      in_flight: bool = False) -> int:  # fmt: skip
-        """Check and copy one opened restore into its tensors; returns bytes copied.
-        `in_flight`: direct GPU copies may still run on return (datapath.finish_copies)."""
+                      in_flight: bool = False, mirror: Any = None) -> tuple[int, str]:  # fmt: skip
+        """Check and copy one opened restore into its tensors; returns (bytes copied, how they
+        came: RestoreResult.delivery).
+        `in_flight`: direct GPU copies may still run on return (datapath.finish_copies).
+        `mirror`: our map of the whole pool, when the request offered it."""
         from thaw import datapath
 
         total = sum(t.length for t in info.tensors)
@@ -669,7 +711,7 @@ class Client:
             check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
         bindings = datapath.bind(entries, named, strict=strict)
         source = None if info.delivery == pb.DELIVERY_DAEMON_COPY else self._map(
-            name, info, bindings)  # fmt: skip
+            name, info, bindings, mirror)  # fmt: skip
         if source is None:  # the daemon copies: export our allocations to it
             index = {t.name: i for i, t in enumerate(info.tensors)}
             batches = datapath.batches_for_daemon(bindings, index)
@@ -695,7 +737,11 @@ class Client:
             ) from e
         if progress is not None:
             progress(copied, total)
-        return copied
+        if source is None:
+            return copied, "daemon_copy"
+        if info.pool_kind == pb.POOL_KIND_FILE:
+            return copied, "file"
+        return copied, _DELIVERIES.get(info.delivery, "fds")
 
     def _daemon_copy(self, method: str, session_id: str,
                      batches: Iterator[tuple[Any, Callable[[], int]]]) -> int:  # fmt: skip
@@ -722,7 +768,7 @@ class Client:
         return sum(finish() for finish in finishes)
 
     def _map(self, name: str, info: pb.OpenRestoreResponse, bindings: builtins.list[Any],
-             ) -> _Source | None:  # fmt: skip
+             mirror: Any = None) -> _Source | None:  # fmt: skip
         """Map what the session delivers: (payload address, whether CUDA can DMA from it, for
         a pool buffer still being mapped the function that maps it up to a payload offset, and
         the function to call after the copy). None: this process cannot import the pool
@@ -731,6 +777,8 @@ class Client:
 
         cuda = datapath.cuda_device(bindings) is not None
         cuda_only = all(b.tensor.device.type == "cuda" for b in bindings)
+        if info.delivery == pb.DELIVERY_POOL:
+            return _from_pool(name, info, mirror)
         kind = _POOLS.get(info.pool_kind, "file")
         if info.delivery == pb.DELIVERY_MAPPED:
             with self._maps_lock:
@@ -780,6 +828,12 @@ class Client:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _mapped_pool(self, device: int) -> Any:
+        """This process's map of thawd's whole pool (vmm.PoolMirror) for `device`, else None;
+        waits for the chunks' import when map_pool() is still at it."""
+        pool_map = self._pool_map
+        return pool_map.get(device, self.timeout) if pool_map is not None else None
 
     def _replace(self, name: str, cached: tuple[int, Any]) -> None:
         """Cache `name`'s mapping, closing the one it replaces (call with _maps_lock held)."""
@@ -911,6 +965,10 @@ class Client:
     # --- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
+        with self._lock:
+            pool_map, self._pool_map = self._pool_map, None
+        if pool_map is not None:
+            pool_map.close()
         with self._maps_lock:
             mappings, self._mappings = list(self._mappings.values()), {}
         for _, holder in mappings:
@@ -935,6 +993,24 @@ _Source = tuple[int, bool, Callable[[int], None] | None, Callable[[], None]]
 
 def _nothing() -> None:
     pass
+
+
+def _from_pool(name: str, info: pb.OpenRestoreResponse, mirror: Any) -> _Source:
+    """DELIVERY_POOL: the buffer lies at info.pool_offset in our map of thawd's whole pool
+    (the vmm.PoolMirror whose id the request carried)."""
+    try:
+        if mirror is None:
+            raise errors.CudaError("this process maps no pool")
+        mirror.acquire()
+    except errors.CudaError as e:
+        raise errors.DaemonUnavailable(f"restore of {name!r}: {e}; restore again") from None
+    start = info.pool_offset
+    return (
+        mirror.addr + start,
+        True,
+        lambda end: mirror.map_range(start, start + end),
+        mirror.release,
+    )
 
 
 def _is_vllm_llm(target: Any) -> bool:

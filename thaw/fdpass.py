@@ -7,10 +7,15 @@ SO_PEERCRED of the connection (which gRPC's Python API cannot expose; docs/DAEMO
 
     {"op": "auth"}                     -> {"ok": true, "token": T, "uid": U, ...}
     {"op": "fd", "session": S}         -> {"ok": true, "sizes": [N...], ...} + one fd per size
+    {"op": "pool", "start": I}         -> {"ok": true, "pool": P, "start": I, "sizes": [N...]}
+                                          + the fds of the VMM pool's chunks I, I+1, ... (at
+                                          most MAX_FDS; "auth" says how many there are)
     failure                            -> {"ok": false, "error": "PermissionDenied", "message": M}
 
 The token goes into the metadata of every gRPC call and is valid while the connection that
-issued it stays open. Both sides import this module; it has no other dependency.
+issued it stays open. Where clients may map the whole VMM pool (share_pool), the "auth" reply
+also carries `"pool": {"id": P, "chunk": BYTES, "chunks": N}`. Both sides import this
+module; it has no other dependency.
 """
 
 from __future__ import annotations

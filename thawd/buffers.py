@@ -76,6 +76,15 @@ class VmmArena:
             raise
         self.free = [True] * len(self.chunks)
         self.total = len(self.chunks) * self.chunk
+        # Names this arena to clients that map it whole (`export_all`); random, so a client
+        # never mistakes a restarted daemon's arena for the one it maps.
+        self.id = secrets.randbits(62) + 1
+
+    def export_all(self, start: int, count: int) -> tuple[list[int], list[int]]:
+        """New fds for chunks start..start+count (fewer at the end), and their sizes: a client
+        maps the whole pool once and then restores any contiguous buffer with no fds at all."""
+        chunks = self.chunks[start : start + count]
+        return [c.export_fd() for c in chunks], [c.size for c in chunks]
 
     def size_for(self, n: int) -> int:
         """The bytes of budget a buffer of `n` bytes takes: whole chunks."""
@@ -128,13 +137,15 @@ class PoolBuffer:
         self._rw: Mapping | None = None
         self._ro: Mapping | None = None
         self.fd = -1
+        self.pool_offset: int | None = None  # where a contiguous VMM buffer starts in the arena
         if kind == "vmm":
             assert arena is not None
             self._chunks = arena.take(size)
             self.size = len(self._chunks) * arena.chunk
             first = self._chunks[0]
             if self._chunks == list(range(first, first + len(self._chunks))):
-                self.addr = arena.view.addr + first * arena.chunk
+                self.pool_offset = first * arena.chunk
+                self.addr = arena.view.addr + self.pool_offset
             else:  # a fragmented pool: map this buffer's chunks on their own
                 from thaw import vmm
 

@@ -2,8 +2,9 @@
 
 Protocol in thaw/fdpass.py. One connection per client: its first message is usually "auth"
 (a token for gRPC metadata, valid while this connection lives); "fd" redeems a session
-opened over gRPC, only for the uid that opened it. When the connection closes, the token dies
-and the sessions it opened end.
+opened over gRPC, only for the uid that opened it; "pool" hands out the whole VMM pool's
+chunks (share_pool only). When the connection closes, the token dies and the sessions it
+opened end.
 """
 
 from __future__ import annotations
@@ -80,7 +81,21 @@ class FdServer:
                     if op == "auth":
                         token = token or self.tokens.issue(peer)
                         reply = {"ok": True, "token": token, "uid": uid, "gid": gid, "pid": pid}
+                        arena = self.daemon.shared_arena() if self.daemon else None
+                        if arena is not None and arena.chunks:
+                            reply["pool"] = {"id": arena.id, "chunk": arena.chunk,
+                                             "chunks": len(arena.chunks)}  # fmt: skip
                         fdpass.send(conn, reply)
+                    elif op == "pool":
+                        assert self.daemon is not None
+                        start = int(message.get("start", 0))
+                        fds, sizes, pool_id = self.daemon.pool_fds(start, fdpass.MAX_FDS)
+                        try:
+                            reply = {"ok": True, "pool": pool_id, "start": start, "sizes": sizes}
+                            fdpass.send(conn, reply, fds)
+                        finally:
+                            for fd in fds:
+                                os.close(fd)
                     elif op == "fd":
                         assert self.daemon is not None
                         t0 = time.perf_counter()
@@ -101,7 +116,7 @@ class FdServer:
                 except ThawError as e:
                     log.info("fd socket: pid %d uid %d refused: %s", pid, uid, e)
                     fdpass.send(conn, {"ok": False, "error": type(e).__name__, "message": str(e)})
-                except ValueError as e:
+                except (ValueError, TypeError) as e:
                     fdpass.send(conn, {"ok": False, "error": "InvalidRequest", "message": str(e)})
         except (ConnectionError, OSError) as e:
             log.debug("fd socket connection ended: %s", e)

@@ -22,7 +22,7 @@ from tests.daemon.conftest import (
     write_snapshot,
     zeros_like,
 )
-from thaw import errors
+from thaw import errors, fdpass
 from thaw.client import Event, Metrics, connect
 
 
@@ -115,9 +115,13 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
     with connect(shared_thawd.socket) as c:
         c.register(path, "modes")
         c.pin("modes")
+        deliveries = []
         for _ in range(2):  # the second restore reuses the mapping of the first
             out = zeros_like(tensors)
-            assert c.restore(out, "modes").tier == "pinned" and same(out, tensors)
+            result = c.restore(out, "modes")
+            assert result.tier == "pinned" and same(out, tensors)
+            deliveries.append(result.delivery)
+        assert deliveries == ["fds", "mapped"]
         buffer_id = c._mappings["modes"][0]
         again = c._call("OpenRestore", pb.OpenRestoreRequest(name="modes", mapped_buffer=buffer_id))
         assert (again.delivery, again.buffer_id) == (pb.DELIVERY_MAPPED, buffer_id)
@@ -143,6 +147,22 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
         with pytest.raises(errors.InvalidRequest, match="restore mode 'fast'"):
             c.restore(zeros_like(tensors), "modes", mode="fast")
         assert c.stat("modes").clients == 0
+
+        # A memfd pool is not one to map whole: no pool in the auth reply, "pool" refused.
+        assert c._pool is None and not c.map_pool(0)
+        sock = fdpass.connect(fdpass.fd_socket_path(shared_thawd.socket))
+        with sock:
+            fdpass.send(sock, {"op": "pool", "start": 0})
+            reply, fds = fdpass.recv(sock)
+        assert (reply["ok"], reply["error"], fds) == (False, "InvalidRequest", [])
+        assert "shares no VMM pool" in reply["message"]
+        # A pool id the daemon does not have changes nothing: the buffer's fds, as before.
+        c.forget("modes")
+        opened = c._call("OpenRestore", pb.OpenRestoreRequest(name="modes", pool_id=12345))
+        assert opened.delivery == pb.DELIVERY_FDS
+        c._call("CloseRestore", pb.CloseRestoreRequest(session_id=opened.session_id, ok=False))
+        c.unpin("modes")
+        assert c.restore(zeros_like(tensors), "modes").delivery == "file"
 
 
 def test_restore_many_overlaps_the_control_calls(shared_thawd: ThawdProcess) -> None:

@@ -37,7 +37,8 @@ target = {{k: torch.zeros_like(v) for k, v in expected.items()}}
 c = thaw.client.connect({socket!r})
 first = c.restore(target, {name!r})
 second = c.restore(target, {name!r})
-print(json.dumps([first.tier, all(torch.equal(target[k], expected[k]) for k in expected)]))
+print(json.dumps([first.tier, first.delivery, second.delivery,
+                  all(torch.equal(target[k], expected[k]) for k in expected)]))
 """
 
 
@@ -51,10 +52,14 @@ def test_freeze_restore_and_fragmented_pool(thawd_factory) -> None:  # type: ign
         c.freeze(cuda_tensors(2, 2), "b")  # chunks 3-4
         c.unregister("a")  # frees 0-2; with 5-7 free too, 20 MiB is no single run of 8 chunks
         c.freeze(cuda_tensors(3, 5), "c")
-        for name, seed, n in (("b", 2, 2), ("c", 3, 5)):
+        # A new CUDA process maps the whole pool at connect: "b", one run of chunks, needs no
+        # fds; "c" is not one run, its fds come with the first restore.
+        for name, seed, n, how in (("b", 2, 2, "pool"), ("c", 3, 5, "fds")):
             out = run_client(RESTORE.format(seed=seed, n=n, socket=d.socket, name=name))
             assert out.returncode == 0, out.stderr
-            assert json.loads(out.stdout.strip().splitlines()[-1]) == ["pinned", True]
+            second = "mapped" if how == "fds" else how
+            assert json.loads(out.stdout.strip().splitlines()[-1]) == [
+                "pinned", how, second, True]  # fmt: skip
 
 
 DAEMON_COPY = """
@@ -94,6 +99,7 @@ def test_share_pool_false_maps_no_pool_memory(thawd_factory) -> None:  # type: i
 
     with connect(d.socket) as c:
         assert c.status().share_pool is False
+        assert c._pool is None and not c.map_pool(0)  # no pool to map whole either
         c.freeze(cuda_tensors(5, 2), "b", wait=True)  # CPU clients read the file
     code = DAEMON_COPY.format(seed=5, n=2, socket=d.socket, name="b", mode="auto", cpu=True)
     out = run_client(code)
@@ -148,10 +154,10 @@ for seed in range(3):
 targets = {{n: {{k: torch.zeros_like(v) for k, v in t.items()}} for n, t in expected.items()}}
 targets["m1"]["t1"] = torch.zeros(2 << 20, device="cuda")[::2]  # a temporary: waited for
 c = thaw.client.connect({socket!r})
-for _ in range(2):  # fds and mapping the first time, the mapped buffers the second
+for _ in range(2):  # from the whole pool, mapped at connect, both times
     results = c.restore_many([(targets[n], n) for n in expected])
     ok = all(torch.equal(targets[n][k], expected[n][k]) for n in expected for k in expected[n])
-    print(json.dumps([[r.name for r in results], ok]))
+    print(json.dumps([[(r.name, r.delivery) for r in results], ok]))
 """
 
 
@@ -167,7 +173,7 @@ def test_restore_many_into_cuda_tensors(thawd_factory) -> None:  # type: ignore[
     out = run_client(RESTORE_MANY.format(socket=d.socket))
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
-    assert lines == [[["m0", "m1", "m2"], True]] * 2
+    assert lines == [[[["m0", "pool"], ["m1", "pool"], ["m2", "pool"]], True]] * 2
 
 
 def test_daemon_copy_refuses_bad_requests(thawd_factory) -> None:  # type: ignore[no-untyped-def]
@@ -194,3 +200,35 @@ def test_daemon_copy_refuses_bad_requests(thawd_factory) -> None:  # type: ignor
                     copies=[pb.GpuCopy(tensor=0, region=0, offset=0)]))  # fmt: skip
             c._call("CloseRestore", pb.CloseRestoreRequest(session_id=info.session_id))
         assert c.stat("r").clients == 0
+
+
+def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+    """A client's map of the whole pool goes when thawd stops (its pinned memory is not held
+    by former clients) and a new one comes with the restarted thawd's pool."""
+    import time
+
+    from thaw.client import connect
+
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
+    torch.cuda.init()  # connect() maps the pool in a process that uses CUDA
+    with connect(d.socket) as c:
+        tensors = cuda_tensors(20, 2)
+        c.freeze(tensors, "p", wait=True)
+        target = {k: torch.zeros_like(v) for k, v in tensors.items()}
+        assert c.restore(target, "p").delivery == "pool"
+        assert all(torch.equal(target[k], tensors[k]) for k in tensors)
+        first = c._pool_map
+        assert first is not None and first.alive
+        d.restart()  # re-pins "p" into a new pool
+        deadline = time.monotonic() + 10
+        while first.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not first.alive  # thawd's EOF released the map
+        # The first call re-authenticates and maps the new pool; this restore opened before
+        # that takes the buffer's fds, and later ones, with no cached mapping, the new pool.
+        assert c.restore(target, "p").delivery == "fds"
+        c.forget("p")
+        target = {k: torch.zeros_like(v) for k, v in tensors.items()}
+        assert c.restore(target, "p").delivery == "pool"
+        assert all(torch.equal(target[k], tensors[k]) for k in tensors)
+        assert c._pool_map is not None and c._pool_map.pool_id != first.pool_id

@@ -35,6 +35,7 @@ class Delivery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DELIVERY_FDS: _ClassVar[Delivery]
     DELIVERY_MAPPED: _ClassVar[Delivery]
     DELIVERY_DAEMON_COPY: _ClassVar[Delivery]
+    DELIVERY_POOL: _ClassVar[Delivery]
 TIER_UNSPECIFIED: Tier
 TIER_COLD: Tier
 TIER_WARM: Tier
@@ -51,6 +52,7 @@ DELIVERY_UNSPECIFIED: Delivery
 DELIVERY_FDS: Delivery
 DELIVERY_MAPPED: Delivery
 DELIVERY_DAEMON_COPY: Delivery
+DELIVERY_POOL: Delivery
 
 class TensorEntry(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset", "length", "checksum")
@@ -231,19 +233,21 @@ class VerifyResponse(_message.Message):
     def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., bytes: _Optional[int] = ..., duration_s: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
 class OpenRestoreRequest(_message.Message):
-    __slots__ = ("name", "mapped_buffer", "daemon_copy", "can_daemon_copy")
+    __slots__ = ("name", "mapped_buffer", "daemon_copy", "can_daemon_copy", "pool_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAPPED_BUFFER_FIELD_NUMBER: _ClassVar[int]
     DAEMON_COPY_FIELD_NUMBER: _ClassVar[int]
     CAN_DAEMON_COPY_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     mapped_buffer: int
     daemon_copy: bool
     can_daemon_copy: bool
-    def __init__(self, name: _Optional[str] = ..., mapped_buffer: _Optional[int] = ..., daemon_copy: _Optional[bool] = ..., can_daemon_copy: _Optional[bool] = ...) -> None: ...
+    pool_id: int
+    def __init__(self, name: _Optional[str] = ..., mapped_buffer: _Optional[int] = ..., daemon_copy: _Optional[bool] = ..., can_daemon_copy: _Optional[bool] = ..., pool_id: _Optional[int] = ...) -> None: ...
 
 class OpenRestoreResponse(_message.Message):
-    __slots__ = ("session_id", "tier", "pool_kind", "pool_size", "payload_offset", "payload_length", "tensors", "fingerprint_json", "path", "delivery", "buffer_id")
+    __slots__ = ("session_id", "tier", "pool_kind", "pool_size", "payload_offset", "payload_length", "tensors", "fingerprint_json", "path", "delivery", "buffer_id", "pool_offset")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     POOL_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +259,7 @@ class OpenRestoreResponse(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_FIELD_NUMBER: _ClassVar[int]
     BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_OFFSET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tier: Tier
     pool_kind: PoolKind
@@ -266,7 +271,8 @@ class OpenRestoreResponse(_message.Message):
     path: str
     delivery: Delivery
     buffer_id: int
-    def __init__(self, session_id: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., pool_kind: _Optional[_Union[PoolKind, str]] = ..., pool_size: _Optional[int] = ..., payload_offset: _Optional[int] = ..., payload_length: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., fingerprint_json: _Optional[str] = ..., path: _Optional[str] = ..., delivery: _Optional[_Union[Delivery, str]] = ..., buffer_id: _Optional[int] = ...) -> None: ...
+    pool_offset: int
+    def __init__(self, session_id: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., pool_kind: _Optional[_Union[PoolKind, str]] = ..., pool_size: _Optional[int] = ..., payload_offset: _Optional[int] = ..., payload_length: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., fingerprint_json: _Optional[str] = ..., path: _Optional[str] = ..., delivery: _Optional[_Union[Delivery, str]] = ..., buffer_id: _Optional[int] = ..., pool_offset: _Optional[int] = ...) -> None: ...
 
 class GpuRegion(_message.Message):
     __slots__ = ("ipc_handle", "size")

@@ -21,7 +21,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from thaw.vllm import model as vmodel
 from thaw.vllm.common import Options, RankTransfer, resolve
-from thaw.vllm.transfer import locate, read_rank, write_rank
+from thaw.vllm.transfer import client_for, locate, read_rank, write_rank
 
 # Under "vllm." so that vLLM's log handlers (and format, and VLLM_LOGGING_LEVEL) apply.
 logger = init_logger("vllm.thaw")
@@ -52,6 +52,9 @@ class ThawModelLoader(BaseModelLoader):
 
     def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> torch.nn.Module:
         self._vllm_config = vllm_config
+        # Connect before the model is built: in a CUDA worker, connect() maps thawd's pool in
+        # the background while vLLM builds the model, and the restore then maps nothing.
+        client_for(self.options)
         return super().load_model(vllm_config, model_config, prefix)
 
     def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
