@@ -275,6 +275,9 @@ def _error(e: grpc.RpcError, socket: str) -> errors.DaemonError:
     if code is grpc.StatusCode.UNAVAILABLE and not cls_name:
         return errors.DaemonUnavailable(f"thawd at {socket} is not answering ({details}); "
                                         + HOW_TO_START)  # fmt: skip
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED and not cls_name:
+        return errors.DaemonUnavailable(f"thawd at {socket} did not answer in time: stopped "
+                                        "or stuck? check `systemctl status thawd`")  # fmt: skip
     cls = _BY_NAME.get(cls_name) or _BY_CODE.get(code, errors.DaemonError)
     return cls(details)
 
@@ -368,9 +371,18 @@ class Client:
                     f"uid {os.getuid()} may not connect to {path}: join the thawd socket group "
                     "(socket_group in the thawd config) or ask for allow_uids"
                 ) from None
+            # A thawd that is stopped or stuck accepts connections but never answers: a call
+            # on the fd socket waits `timeout` seconds at most, never forever.
+            sock.settimeout(self.timeout)
             try:
                 fdpass.send(sock, {"op": "auth"})
                 reply, fds = fdpass.recv(sock)
+            except TimeoutError:
+                sock.close()
+                raise errors.DaemonUnavailable(
+                    f"thawd at {self.socket} did not answer on its fd socket in {self.timeout} s "
+                    "(stopped or stuck?): check `systemctl status thawd`"
+                ) from None
             except (ConnectionError, OSError) as e:
                 sock.close()
                 raise errors.DaemonUnavailable(

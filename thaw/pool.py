@@ -80,7 +80,8 @@ class Mapping:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        if _libc is not None:  # None at interpreter exit, when the process unmaps anyway
+            self.close()
 
 
 def create_memfd(name: str, size: int) -> int:

@@ -273,6 +273,24 @@ def test_watch_streams_events_and_metrics(shared_thawd: ThawdProcess) -> None:
         assert ("registered", "watched") in kinds
 
 
+def test_a_stopped_thawd_is_a_clear_error_not_a_hang(thawd: ThawdProcess) -> None:
+    """A stopped (or stuck) thawd accepts connections but answers nothing: connecting and
+    calling give up after the client's timeout, saying so."""
+    c = connect(thawd.socket, timeout=1)
+    os.kill(thawd.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(errors.DaemonUnavailable, match="did not answer on its fd socket"):
+            connect(thawd.socket, timeout=1)
+        with pytest.raises(errors.DaemonUnavailable, match="did not answer in time"):
+            c.status()
+        assert time.monotonic() - t0 < 10
+    finally:
+        os.kill(thawd.pid, signal.SIGCONT)
+    assert c.status().version  # and it serves again once it runs
+    c.close()
+
+
 def test_daemon_killed_mid_restore_is_never_a_success(thawd: ThawdProcess) -> None:
     tensors = random_tensors(7)
     path = write_snapshot(thawd.dir / "k.thaw", tensors)
