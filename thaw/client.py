@@ -302,26 +302,27 @@ def default_socket() -> str:
 def connect(socket: str | None = None, *, timeout: float = 30.0) -> Client:
     """Connect to the local thawd; raises DaemonUnavailable (with how to start it) if none runs."""
     client = Client(socket or default_socket(), timeout=timeout)
-    _load_data_path()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        client.map_pool(torch.cuda.current_device())
+    _prepare(client)
     return client
 
 
-def _load_data_path() -> None:
-    """In a process with torch, import the data path now, at connect time, rather than inside
-    the first restore (milliseconds that an engine's first restore would pay); in one that
-    already uses CUDA, also the driver bindings the pinned tier needs."""
+def _prepare(client: Client) -> None:
+    """In a process with torch, import the data path now rather than inside the first
+    restore (milliseconds that an engine's first restore would pay); in one that already
+    uses CUDA, also map thawd's pool for its GPU (in the background) and make the driver
+    calls a restore makes once, so that their bindings are resolved."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
-    from thaw import datapath  # noqa: F401
+    from thaw import datapath
 
     if torch.cuda.is_initialized():
         from thaw import vmm
 
+        device = torch.cuda.current_device()
+        client.map_pool(device)
         vmm.warm_up()
+        datapath.warm_up(device)
 
 
 class Client:
@@ -1020,7 +1021,7 @@ def _from_pool(name: str, info: pb.OpenRestoreResponse, mirror: Any) -> _Source:
     return (
         mirror.addr + start,
         True,
-        lambda end: mirror.map_range(start, start + end),
+        mirror.mapper(start),
         mirror.release,
     )
 

@@ -224,6 +224,22 @@ class Staging:
             return cls._cache[device]
 
 
+def warm_up(device: int) -> None:
+    """Create `device`'s streams and make each call of a direct copy once, with nothing to
+    copy: cuda.bindings resolves an entry point on its first call, and a process's first
+    restore should not pay for it (connect() calls this in a process that uses CUDA)."""
+    from thaw import cuda
+
+    staging = Staging.for_device(device)
+    with staging.lock:
+        cuda.set_device(device)
+        cuda.cudart.cudaMemcpyAsync(0, 0, 0, cuda.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                    staging.streams[0].handle)  # fmt: skip
+        for stream in staging.streams:
+            stream.synchronize()
+        cuda.device_synchronize()
+
+
 class _Workers:
     """Host-side workers of a pipeline: each takes a piece and a free slot, does its part
     (read + verify, or hash + write) and hands the slot on. Several pieces are in flight at

@@ -73,7 +73,7 @@ class PoolMap:
         self._ready.set()
         try:
             for i in range(self._chunks):
-                if self._stop.is_set():
+                if self._stop.is_set() or not mirror.wait_idle():
                     break
                 mirror.map_range(i * self._chunk, (i + 1) * self._chunk)
             log.debug("pool %d: %d chunks imported in %.1f ms, mapped in %.1f ms", self.pool_id,

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cuda.bindings import driver as cu
@@ -270,15 +271,19 @@ class PoolMirror:
     imports or maps (DELIVERY_POOL): the ~19 ms that a 16 GB buffer's first restore in a new
     process otherwise spends on them (H200). The chunks are imported up front (`add`) and
     mapped in the background (`map_range`, about 2.8 ms per 256 MiB chunk without CPU
-    access); a restore that gets to a chunk first maps it itself. GPU access only: CPU copies
-    use the per-buffer mapping.
+    access), which waits while a restore holds the map (`acquire`): that restore maps the
+    chunks it reaches first itself, and neither waits on the other's driver calls. GPU access
+    only: CPU copies use the per-buffer mapping.
     """
 
     def __init__(self, pool_id: int, chunk: int, count: int, device: int) -> None:
         self.id, self.chunk, self.device = pool_id, chunk, device
         self.size = chunk * count
         self._handles: list[Any] = [None] * count
+        # Set once a chunk is mapped and accessible, read without a lock: the copy loop asks
+        # about every piece it issues, and only a chunk not mapped yet takes its lock.
         self._mapped = [False] * count
+        self._locks = [threading.Lock() for _ in range(count)]
         self._users = 0
         self._closing = False
         self._cond = threading.Condition()
@@ -296,16 +301,43 @@ class PoolMirror:
     def map_range(self, start: int, end: int) -> None:
         """Make pool bytes start..end readable by the GPU, mapping the chunks not yet mapped."""
         for i in range(start // self.chunk, -(-end // self.chunk)):
-            with self._cond:
-                if self._closing:
-                    raise CudaError("thawd's pool mapping was released (thawd went away)")
+            if self._mapped[i]:
+                continue
+            with self._locks[i]:
                 if self._mapped[i]:
                     continue
+                if self._closing:
+                    raise CudaError("thawd's pool mapping was released (thawd went away)")
                 at = self.addr + i * self.chunk
                 _check(cu.cuMemMap(at, self.chunk, 0, self._handles[i], 0), "cuMemMap")
-                self._mapped[i] = True
                 access = _access((self.device,), False)
-                _check(cu.cuMemSetAccess(at, self.chunk, access, len(access)), "cuMemSetAccess")
+                try:
+                    _check(cu.cuMemSetAccess(at, self.chunk, access, len(access)),
+                           "cuMemSetAccess")  # fmt: skip
+                except CudaError:
+                    cu.cuMemUnmap(at, self.chunk)
+                    raise
+                self._mapped[i] = True
+
+    def mapper(self, start: int) -> Callable[[int], None]:
+        """`ensure_mapped(end)` for a buffer at pool offset `start`: maps up to start + end,
+        looking only at chunks past those it already made sure of."""
+        done = start
+
+        def ensure(end: int) -> None:
+            nonlocal done
+            if start + end > done:
+                self.map_range(done, start + end)
+                done = start + end
+
+        return ensure
+
+    def wait_idle(self) -> bool:
+        """Wait while restores hold the map; False once it is closing."""
+        with self._cond:
+            while self._users and not self._closing:
+                self._cond.wait()
+            return not self._closing
 
     def acquire(self) -> None:
         """Hold the mapping for a copy: `close` waits until every holder has released it."""
@@ -323,6 +355,7 @@ class PoolMirror:
         """Unmap and release everything, once the copies holding the mapping are done."""
         with self._cond:
             self._closing = True
+            self._cond.notify_all()
             while self._users:
                 self._cond.wait()
             if not self.addr:
@@ -330,15 +363,16 @@ class PoolMirror:
             _context(self.device)
             # Copies left in flight (restore_many) may still read it: never unmap under DMA.
             cuda.device_synchronize()
-            for i, mapped in enumerate(self._mapped):
-                if mapped:
-                    cu.cuMemUnmap(self.addr + i * self.chunk, self.chunk)
+            for i, lock in enumerate(self._locks):
+                with lock:  # after a map in progress on another thread
+                    if self._mapped[i]:
+                        cu.cuMemUnmap(self.addr + i * self.chunk, self.chunk)
+                        self._mapped[i] = False
             cu.cuMemAddressFree(self.addr, self.size)
             for handle in self._handles:
                 if handle is not None:
                     cu.cuMemRelease(handle)
             self._handles = []
-            self._mapped = []
             self.addr = 0
 
 
