@@ -7,6 +7,9 @@ SO_PEERCRED of the connection (which gRPC's Python API cannot expose; docs/DAEMO
 
     {"op": "auth"}                     -> {"ok": true, "token": T, "uid": U, ...}
     {"op": "fd", "session": S}         -> {"ok": true, "sizes": [N...], ...} + one fd per size
+    {"op": "close", "sessions": [{"id": S, "ok": B, "bytes": N, "seconds": F, "error": E}...]}
+                                       -> {"ok": true}: restore sessions ended, each confirmed
+                                          (ok) or failed (error), as CloseRestore would
     {"op": "pool", "start": I}         -> {"ok": true, "pool": P, "start": I, "sizes": [N...]}
                                           + the fds of the VMM pool's chunks I, I+1, ... (at
                                           most MAX_FDS; "auth" says how many there are)
@@ -28,6 +31,7 @@ from typing import Any
 
 MAX_MESSAGE = 64 << 10
 MAX_FDS = 253  # SCM_MAX_FD: a VMM pool buffer is one fd per chunk
+MAX_CLOSES = 32  # sessions per "close" message: each error text is at most ~1 KB
 TOKEN_METADATA_KEY = "thaw-token"
 
 

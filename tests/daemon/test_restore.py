@@ -148,6 +148,12 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
             c.restore(zeros_like(tensors), "modes", mode="fast")
         assert c.stat("modes").clients == 0
 
+        # Confirmations go on the fd socket; unknown and malformed ones are refused by name.
+        reply = c._fd_call({"op": "close", "sessions": [{"id": "nope", "ok": True}]})
+        assert (reply["ok"], reply["error"]) == (False, "NotFound")
+        reply = c._fd_call({"op": "close", "sessions": "nope"})
+        assert (reply["ok"], reply["error"]) == (False, "InvalidRequest")
+
         # A memfd pool is not one to map whole: no pool in the auth reply, "pool" refused.
         assert c._pool is None and not c.map_pool(0)
         sock = fdpass.connect(fdpass.fd_socket_path(shared_thawd.socket))

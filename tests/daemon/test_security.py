@@ -93,10 +93,13 @@ from thaw import fdpass
 s = fdpass.connect({fdpass.fd_socket_path(open_thawd.socket)!r})
 fdpass.send(s, {{"op": "fd", "session": {info.session_id!r}}})
 reply, fds = fdpass.recv(s)
-print(json.dumps([reply.get("error"), len(fds)]))
+fdpass.send(s, {{"op": "close", "sessions": [{{"id": {info.session_id!r}, "ok": True}}]}})
+closed, _ = fdpass.recv(s)
+print(json.dumps([reply.get("error"), len(fds), closed.get("error")]))
 """
     out = run_client(code, uid=ALLOWED)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["PermissionDenied", 0], out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [
+        "PermissionDenied", 0, "PermissionDenied"], out.stderr  # fmt: skip
     fds, sizes, _ = c._redeem(info.session_id)  # its owner still gets it, once
     assert len(fds) == len(sizes) == 1 and sizes[0] > 0
     import os as _os
