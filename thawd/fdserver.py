@@ -96,24 +96,16 @@ class FdServer:
                         assert self.daemon is not None
                         start = int(message.get("start", 0))
                         fds, sizes, pool_id = self.daemon.pool_fds(start, fdpass.MAX_FDS)
-                        try:
-                            reply = {"ok": True, "pool": pool_id, "start": start, "sizes": sizes}
-                            fdpass.send(conn, reply, fds)
-                        finally:
-                            for fd in fds:
-                                os.close(fd)
+                        _hand_over(conn, {"ok": True, "pool": pool_id, "start": start,
+                                          "sizes": sizes}, fds)  # fmt: skip
                     elif op == "fd":
                         assert self.daemon is not None
                         t0 = time.perf_counter()
                         fds, sizes, kind, buffer_id = self.daemon.redeem(
                             str(message.get("session")), uid
                         )
-                        try:
-                            reply = {"ok": True, "sizes": sizes, "kind": kind, "buffer": buffer_id}
-                            fdpass.send(conn, reply, fds)
-                        finally:
-                            for fd in fds:
-                                os.close(fd)
+                        _hand_over(conn, {"ok": True, "sizes": sizes, "kind": kind,
+                                          "buffer": buffer_id}, fds)  # fmt: skip
                         log.debug("fd socket: %d fds to pid %d in %.2f ms", len(fds), pid,
                                   (time.perf_counter() - t0) * 1e3)  # fmt: skip
                     else:
@@ -165,3 +157,12 @@ class FdServer:
         for task in list(self._conns):
             task.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
+
+
+def _hand_over(conn: socket.socket, reply: dict[str, Any], fds: list[int]) -> None:
+    """Send `reply` with `fds` attached (the peer gets its own duplicates), then close ours."""
+    try:
+        fdpass.send(conn, reply, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
