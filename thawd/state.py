@@ -117,9 +117,17 @@ class Entry:
         return response
 
     def check_idle(self) -> None:
-        """Refuse to drop the entry's memory while something uses it."""
-        if self.busy or self.file_pending or self.copying:
-            doing = self.busy or ("writing" if self.file_pending else "copying to a client")
+        """Refuse to drop the entry's memory while something uses it. Open restores count:
+        a VMM pool buffer's chunks go back to the arena, and a pin or freeze may write them
+        while a client still copies from them."""
+        if self.busy or self.file_pending or self.copying or self.clients:
+            doing = self.busy or (
+                "writing"
+                if self.file_pending
+                else "copying to a client"
+                if self.copying
+                else f"{self.clients} restore(s) open"
+            )
             raise InvalidRequest(f"snapshot {self.row.name!r} is busy ({doing}); retry")
 
 
@@ -482,9 +490,9 @@ class Daemon:
                      ) -> pb.OpenRestoreResponse:  # fmt: skip
         """A restore session, delivered one of three ways (docs/DAEMON.md, "Data path"):
         the pool buffer's fds (or none, when the client maps that buffer or the whole pool
-        already), a CUDA IPC
-        copy by the daemon (`copy_into`), or the file's fd (not pinned, or pool memory this
-        daemon does not share and the client cannot take a daemon copy)."""
+        already), a CUDA IPC copy by the daemon (`copy_into`), or the file's fd (not pinned,
+        or pool memory this daemon does not share and the client cannot take a daemon copy).
+        Until the session ends, the entry's memory stays (`check_idle`)."""
         entry = self._get(request.name)
         name = request.name
         if entry.manifest is None:

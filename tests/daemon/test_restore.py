@@ -171,6 +171,27 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
         assert c.restore(zeros_like(tensors), "modes").delivery == "file"
 
 
+def test_memory_under_an_open_restore_is_not_dropped(shared_thawd: ThawdProcess) -> None:
+    """Unpin and unregister wait for open restores: a pool buffer's memory goes back to the
+    pool, and another pin could overwrite it under a client still copying from it."""
+    from thaw._proto import thawd_pb2 as pb
+
+    tensors = random_tensors(5)
+    path = write_snapshot(shared_thawd.dir / "held.thaw", tensors)
+    with connect(shared_thawd.socket) as c:
+        c.register(path, "held")
+        c.pin("held")
+        opened = c._call("OpenRestore", pb.OpenRestoreRequest(name="held"))
+        with pytest.raises(errors.InvalidRequest, match=r"busy \(1 restore\(s\) open\)"):
+            c.unpin("held")
+        with pytest.raises(errors.InvalidRequest, match="busy"):
+            c.unregister("held")
+        assert c.stat("held").tier == "pinned"
+        c._close_sessions([pb.CloseRestoreRequest(session_id=opened.session_id, ok=False)])
+        assert c.unpin("held").tier == "cold"
+        c.unregister("held")
+
+
 def test_restore_many_overlaps_the_control_calls(shared_thawd: ThawdProcess) -> None:
     sets = {f"many{i}": random_tensors(20 + i) for i in range(3)}
     with connect(shared_thawd.socket) as c:
