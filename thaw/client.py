@@ -399,16 +399,17 @@ class Client:
             self._fd_sock, self._token = sock, reply["token"]
             self._pool = reply.get("pool")
             old = self._pool_map
-            if old is not None and (self._pool is None or self._pool["id"] != old.pool_id):
-                # thawd restarted: its old pool goes (once copies from it end), its new one
-                # comes.
-                self._pool_map = None
-                old.close()
-                self._map_pool(old.device)
+            if old is None or (self._pool is not None and self._pool["id"] == old.pool_id):
+                return
+            self._pool_map = None
+        # thawd restarted: its old pool goes and its new one comes. Outside the lock: the old
+        # map waits for restores still holding it, which may need the fd socket to finish.
+        old.close()
+        self.map_pool(old.device)
 
     def map_pool(self, device: int) -> bool:
-        """Map thawd's whole pinned pool for CUDA device `device`, in the background, so that
-        no restore to that GPU maps memory or takes fds (docs/DAEMON.md, "Deliveries").
+        """Map thawd's whole pinned pool for CUDA device `device` (imported now, mapped in the
+        background), so that no restore to that GPU maps memory or takes fds (docs/DAEMON.md).
         `connect()` does this in a process that uses CUDA. False where thawd shares no pool."""
         with self._lock:
             return self._map_pool(device)
@@ -419,8 +420,8 @@ class Client:
         if self._pool_map is None:
             try:
                 self._pool_map = PoolMap(fdpass.fd_socket_path(self.socket), self._pool, device)
-            except OSError as e:
-                log.info("not mapping thawd's pool (%s)", e)
+            except (OSError, errors.ThawError) as e:
+                log.info("not mapping thawd's pool (%s): restores map their own buffers", e)
                 return False
         return True
 
@@ -874,9 +875,9 @@ class Client:
     def _hold_pool(self) -> Any:
         """Our map of thawd's whole pool (vmm.PoolMirror), held for one restore or freeze:
         its background mapping pauses meanwhile (mapping beside a copy slows the copy). None
-        when this process maps no pool. Waits for the chunks' import when it is under way."""
+        when this process maps no pool."""
         pool_map = self._pool_map
-        mirror = pool_map.get(pool_map.device, self.timeout) if pool_map is not None else None
+        mirror = pool_map.get(pool_map.device) if pool_map is not None else None
         if mirror is None:
             return None
         try:

@@ -1,9 +1,10 @@
 """A client's map of thawd's whole VMM pool, kept for exactly as long as that thawd lives.
 
 Where thawd shares its pool (`share_pool`, the default on GPU hosts), a CUDA process maps all
-of it once, at connect, on a thread of its own: its chunks' fds come over a second fd-socket
-connection, are imported at once, and are mapped for the process's GPU in the background.
-A restore of any pinned snapshot then needs no fds, imports or maps (DELIVERY_POOL).
+of it once, at connect: its chunks' fds come over a second fd-socket connection and are
+imported there and then (tens of milliseconds), and a thread of its own maps them for the
+process's GPU while the engine goes on building its model. A restore of any pinned snapshot
+then needs no fds, imports or maps (DELIVERY_POOL).
 
 That connection stays open and idle: when it reaches EOF, thawd has gone away, and the map is
 released (once the copies using it finish), so a stopped or restarted thawd's page-locked
@@ -26,68 +27,46 @@ log = logging.getLogger("thaw.mirror")
 
 
 class PoolMap:
-    """The background work of mapping the pool and watching thawd; `get` hands out the map."""
+    """The pool's import (at construction), its background mapping, and the watch on thawd.
+
+    Raises OSError, ConnectionError or ThawError when the pool cannot be imported here (the
+    caller restores without it)."""
 
     def __init__(self, fd_socket: str, pool: dict[str, int], device: int) -> None:
+        from thaw import vmm
+
         self.pool_id = int(pool["id"])
         self.device = device
         self._chunk, self._chunks = int(pool["chunk"]), int(pool["chunks"])
-        # Connected now (it cannot block): close() can always shut it down.
-        self._sock = fdpass.connect(fd_socket)
-        self._mirror: Any = None
-        self._ready = threading.Event()
         self._stop = threading.Event()
+        t0 = time.perf_counter()
+        self._sock = fdpass.connect(fd_socket)
+        try:
+            self._sock.settimeout(30.0)  # a stuck thawd: give up, restore without the map
+            mirror = vmm.PoolMirror(self.pool_id, self._chunk, self._chunks, device)
+            try:
+                self._import(mirror)
+            except BaseException:
+                mirror.close()
+                raise
+            self._sock.settimeout(None)  # from now on it only waits for thawd's EOF
+        except BaseException:
+            self._sock.close()
+            raise
+        self._mirror: Any = mirror
+        log.debug("pool %d: %d chunks imported in %.1f ms", self.pool_id, self._chunks,
+                  (time.perf_counter() - t0) * 1e3)  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="thaw-pool-map", daemon=True)
         self._thread.start()
 
-    def get(self, device: int, timeout: float) -> Any:
-        """The pool's mapping (a vmm.PoolMirror) for restores to `device`, once imported;
-        None when this process does not map the pool for that GPU (or could not)."""
-        if device != self.device or not self._ready.wait(timeout):
-            return None
-        return self._mirror
+    def get(self, device: int) -> Any:
+        """The pool's mapping (a vmm.PoolMirror) for restores to `device`; None when this
+        process does not map the pool for that GPU, or no longer (thawd went away)."""
+        return self._mirror if device == self.device else None
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
-
-    def _run(self) -> None:
-        from thaw import vmm
-
-        t0 = time.perf_counter()
-        try:
-            mirror = vmm.PoolMirror(self.pool_id, self._chunk, self._chunks, self.device)
-        except errors.CudaError as e:
-            log.info("not mapping thawd's pool (%s): restores map their own buffers", e)
-            self._ready.set()
-            return
-        try:
-            self._import(mirror)
-        except (OSError, ConnectionError, errors.ThawError) as e:
-            log.info("not mapping thawd's pool (%s): restores map their own buffers", e)
-            mirror.close()
-            self._ready.set()
-            return
-        t_import = time.perf_counter()
-        self._mirror = mirror
-        self._ready.set()
-        try:
-            for i in range(self._chunks):
-                if self._stop.is_set() or not mirror.wait_idle():
-                    break
-                mirror.map_range(i * self._chunk, (i + 1) * self._chunk)
-            log.debug("pool %d: %d chunks imported in %.1f ms, mapped in %.1f ms", self.pool_id,
-                      self._chunks, (t_import - t0) * 1e3,
-                      (time.perf_counter() - t_import) * 1e3)  # fmt: skip
-            # Idle until thawd closes the connection (it stopped) or close() shuts it down.
-            while self._sock.recv(1):
-                pass
-        except (OSError, errors.CudaError) as e:
-            log.debug("pool %d: %s", self.pool_id, e)
-        finally:
-            self._mirror = None
-            mirror.close()
-            log.debug("pool %d: mapping released", self.pool_id)
 
     def _import(self, mirror: Any) -> None:
         start = 0
@@ -104,6 +83,25 @@ class PoolMap:
                 for fd in fds:
                     os.close(fd)
             start += len(fds)
+
+    def _run(self) -> None:
+        mirror = self._mirror
+        t0 = time.perf_counter()
+        try:
+            for i in range(self._chunks):
+                if self._stop.is_set() or not mirror.wait_idle():
+                    break
+                mirror.map_range(i * self._chunk, (i + 1) * self._chunk)
+            log.debug("pool %d: mapped in %.1f ms", self.pool_id, (time.perf_counter() - t0) * 1e3)
+            # Idle until thawd closes the connection (it stopped) or close() shuts it down.
+            while self._sock.recv(1):
+                pass
+        except (OSError, errors.CudaError) as e:
+            log.debug("pool %d: %s", self.pool_id, e)
+        finally:
+            self._mirror = None
+            mirror.close()
+            log.debug("pool %d: mapping released", self.pool_id)
 
     def close(self) -> None:
         """Stop mapping, release the map (after the copies using it) and end the thread."""

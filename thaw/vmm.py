@@ -271,8 +271,8 @@ class PoolMirror:
     imports or maps (DELIVERY_POOL): the ~19 ms that a 16 GB buffer's first restore in a new
     process otherwise spends on them (H200). The chunks are imported up front (`add`) and
     mapped in the background (`map_range`, about 2.8 ms per 256 MiB chunk without CPU
-    access), which waits while a restore holds the map (`acquire`): that restore maps the
-    chunks it reaches first itself, and neither waits on the other's driver calls. GPU access
+    access), which waits while a restore or freeze holds the map (`acquire`): mapping beside
+    a copy slows the copy, and a restore maps the chunks it reaches first itself. GPU access
     only: CPU copies use the per-buffer mapping.
     """
 
@@ -287,6 +287,7 @@ class PoolMirror:
         self._users = 0
         self._closing = False
         self._cond = threading.Condition()
+        self._access = _access((device,), False)
         _context(device)
         self.addr = int(
             _check(cu.cuMemAddressReserve(self.size, 0, 0, 0), f"cuMemAddressReserve({self.size})")
@@ -310,9 +311,8 @@ class PoolMirror:
                     raise CudaError("thawd's pool mapping was released (thawd went away)")
                 at = self.addr + i * self.chunk
                 _check(cu.cuMemMap(at, self.chunk, 0, self._handles[i], 0), "cuMemMap")
-                access = _access((self.device,), False)
                 try:
-                    _check(cu.cuMemSetAccess(at, self.chunk, access, len(access)),
+                    _check(cu.cuMemSetAccess(at, self.chunk, self._access, len(self._access)),
                            "cuMemSetAccess")  # fmt: skip
                 except CudaError:
                     cu.cuMemUnmap(at, self.chunk)
