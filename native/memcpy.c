@@ -6,9 +6,47 @@
 #include "args.h"
 #include "methods.h"
 
+#include <stdint.h>
 #include <string.h>
 
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
+
 #define COPY_MIN_CHUNK ((size_t)2 << 20)
+/* Copies of at least this many bytes write with non-temporal stores (below). */
+#define STREAM_MIN ((size_t)1 << 20)
+
+/* memcpy, with non-temporal stores for large copies on x86-64. A cached store first reads
+ * the destination line (read-for-ownership), so a copy moves three bytes per byte copied;
+ * a streaming store skips that read. glibc's memcpy streams only above a threshold tied to
+ * the cache size, so the 8 MiB tasks of copy_many were copied with cached stores: 10.0
+ * against 16.9 GB/s for the same bytes in one call on the 2-core dev box, and a CPU client
+ * restoring 291 tensors got 47 GB/s where a 4 GB memcpy got 74 (H200 host). */
+static void bulk_copy(char *dst, const char *src, size_t n)
+{
+#if defined(__x86_64__)
+    if (n >= STREAM_MIN) {
+        size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+        memcpy(dst, src, head);
+        dst += head;
+        src += head;
+        n -= head;
+        for (; n >= 64; n -= 64, dst += 64, src += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)src);
+            __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(src + 48));
+            _mm_stream_si128((__m128i *)dst, a);
+            _mm_stream_si128((__m128i *)(dst + 16), b);
+            _mm_stream_si128((__m128i *)(dst + 32), c);
+            _mm_stream_si128((__m128i *)(dst + 48), d);
+        }
+        _mm_sfence(); /* streaming stores are weakly ordered: done before we return */
+    }
+#endif
+    memcpy(dst, src, n);
+}
 /* Touch 4 KiB pages: the smallest page size on x86-64, so every page of any
  * mapping (4 KiB or huge) is hit at least once. */
 #define PREFAULT_PAGE ((size_t)4096)
@@ -35,7 +73,7 @@ static int copy_chunk(void *ctx, size_t task, thaw_err_t *err)
     const copy_job *j = ctx;
     size_t start = task * j->chunk;
     size_t len = j->length - start < j->chunk ? j->length - start : j->chunk;
-    memcpy(j->dst + start, j->src + start, len);
+    bulk_copy(j->dst + start, j->src + start, len);
     return 0;
 }
 
@@ -154,7 +192,7 @@ static int copy_many_task(void *ctx, size_t task, thaw_err_t *err)
 {
     (void)err;
     const copy_task *t = (const copy_task *)ctx + task;
-    memcpy(t->dst, t->src, t->length);
+    bulk_copy(t->dst, t->src, t->length);
     return 0;
 }
 

@@ -399,6 +399,22 @@ def test_copy_many_copies_every_segment() -> None:
         assert d.raw[:n] == s.raw[:n]
 
 
+@pytest.mark.parametrize("dst_offset", [0, 1, 8, 15])
+@pytest.mark.parametrize("length", [MiB, MiB + 63, 3 * MiB + 17])
+def test_large_copies_land_exactly(dst_offset: int, length: int) -> None:
+    """Copies of 1 MiB and more write with non-temporal stores from a 16-byte-aligned start:
+    every destination alignment and tail length lands exactly, and nothing beside it."""
+    src = bytearray(random_bytes(length + 3, seed=length))
+    dst = bytearray(length + 64)
+    start = addr_of(dst) + 16 + dst_offset
+    _native.copy_many([start], [addr_of(src) + 3], [length], 2)
+    at = 16 + dst_offset
+    assert dst[at : at + length] == src[3:]
+    assert dst[:at] == bytes(at) and dst[at + length :] == bytes(len(dst) - at - length)
+    _native.copy(start, addr_of(src) + 3, length, threads=1)
+    assert dst[at : at + length] == src[3:]
+
+
 def test_copy_many_refuses_bad_arguments() -> None:
     import ctypes
 
