@@ -940,46 +940,10 @@ class Client:
         specs = [pb.TensorSpec(name=n, dtype=dtype_name(t.dtype), shape=list(t.shape))
                  for n, t in named]  # fmt: skip
         cuda_only = bool(named) and all(t.device.type == "cuda" for _, t in named)
-        # CUDA tensors: the daemon copies them into pool memory it mapped at start (CopyOut);
-        # a process mapping a fresh pool buffer pays for it during the copy.
         held = self._hold_pool()  # no background mapping beside the copy
         try:
-            for daemon_copy in (True, False) if cuda_only else (False,):
-                t0 = time.perf_counter()
-                begin = self._call("BeginFreeze", pb.BeginFreezeRequest(
-                    name=name, path=os.path.abspath(path) if path else "", tensors=specs, pin=pin,
-                    fingerprint_json=json.dumps(fingerprint.to_json()),
-                    labels=dict(labels or {}), daemon_copy=daemon_copy))  # fmt: skip
-                try:
-                    entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length)
-                               for t in begin.tensors]  # fmt: skip
-                    bindings = datapath.bind(entries, named, strict=True)
-                    if daemon_copy and begin.pool_kind == pb.POOL_KIND_VMM:
-                        t_begin = time.perf_counter()
-                        index = {t.name: i for i, t in enumerate(begin.tensors)}
-                        batches = datapath.batches_for_daemon(bindings, index, freeze=True)
-                        try:
-                            first = next(batches, None)
-                        except errors.CudaError as e:  # e.g. expandable segments: map instead
-                            log.info("freeze %s: no daemon copy (%s); mapping the pool", name, e)
-                            self._call("AbortFreeze", pb.AbortFreezeRequest(
-                                session_id=begin.session_id))  # fmt: skip
-                            continue
-                        t_export = time.perf_counter()
-                        rest = itertools.chain([first] if first else [], batches)
-                        self._daemon_copy("CopyOut", begin.session_id, rest)
-                        log.debug("freeze %s: begin %.1f ms, first export %.1f ms, daemon copy "
-                                  "%.1f ms", name, (t_begin - t0) * 1e3, (t_export - t_begin) * 1e3,
-                                  (time.perf_counter() - t_export) * 1e3)  # fmt: skip
-                    else:
-                        self._freeze_mapped(name, begin, bindings)
-                except BaseException:
-                    with contextlib.suppress(errors.DaemonError):
-                        self._call(
-                            "AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id)
-                        )
-                    raise
-                break
+            begin = self._freeze_copy(name, path, specs, fingerprint, labels, pin, named,
+                                      cuda_only)  # fmt: skip
         finally:
             if held is not None:
                 held.release()
@@ -987,6 +951,51 @@ class Client:
                            pb.CommitFreezeRequest(session_id=begin.session_id, wait=wait),
                            timeout=None if wait else self.timeout)  # fmt: skip
         return SnapshotRecord.from_pb(reply.snapshot)
+
+    def _freeze_copy(self, name: str, path: str | None, specs: builtins.list[Any],
+                     fingerprint: Fingerprint, labels: Mapping[str, str] | None, pin: bool,
+                     named: Any, cuda_only: bool) -> pb.BeginFreezeResponse:  # fmt: skip
+        """Open a freeze session and copy the tensors into it: by daemon copy for CUDA
+        tensors on a VMM pool, else into the pool buffer mapped here. Returns the session."""
+        from thaw import datapath
+
+        # CUDA tensors: the daemon copies them into pool memory it mapped at start (CopyOut);
+        # a process mapping a fresh pool buffer pays for it during the copy.
+        for daemon_copy in (True, False) if cuda_only else (False,):
+            t0 = time.perf_counter()
+            begin = self._call("BeginFreeze", pb.BeginFreezeRequest(
+                name=name, path=os.path.abspath(path) if path else "", tensors=specs, pin=pin,
+                fingerprint_json=json.dumps(fingerprint.to_json()),
+                labels=dict(labels or {}), daemon_copy=daemon_copy))  # fmt: skip
+            try:
+                entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length)
+                           for t in begin.tensors]  # fmt: skip
+                bindings = datapath.bind(entries, named, strict=True)
+                if daemon_copy and begin.pool_kind == pb.POOL_KIND_VMM:
+                    t_begin = time.perf_counter()
+                    index = {t.name: i for i, t in enumerate(begin.tensors)}
+                    batches = datapath.batches_for_daemon(bindings, index, freeze=True)
+                    try:
+                        first = next(batches, None)
+                    except errors.CudaError as e:  # e.g. expandable segments: map instead
+                        log.info("freeze %s: no daemon copy (%s); mapping the pool", name, e)
+                        self._call("AbortFreeze", pb.AbortFreezeRequest(
+                            session_id=begin.session_id))  # fmt: skip
+                        continue
+                    t_export = time.perf_counter()
+                    rest = itertools.chain([first] if first else [], batches)
+                    self._daemon_copy("CopyOut", begin.session_id, rest)
+                    log.debug("freeze %s: begin %.1f ms, first export %.1f ms, daemon copy "
+                              "%.1f ms", name, (t_begin - t0) * 1e3, (t_export - t_begin) * 1e3,
+                              (time.perf_counter() - t_export) * 1e3)  # fmt: skip
+                else:
+                    self._freeze_mapped(name, begin, bindings)
+            except BaseException:
+                with contextlib.suppress(errors.DaemonError):
+                    self._call("AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id))
+                raise
+            break
+        return begin
 
     def _freeze_mapped(self, name: str, begin: pb.BeginFreezeResponse,
                        bindings: builtins.list[Any]) -> None:  # fmt: skip
