@@ -331,7 +331,7 @@ class Client:
     def __init__(self, socket: str, *, timeout: float = 30.0) -> None:
         self.socket = socket
         self.timeout = timeout
-        self._lock = threading.Lock()  # the fd socket: one request/reply at a time
+        self._lock = threading.Lock()  # the fd socket (one request/reply at a time), the pool map
         self._maps_lock = threading.Lock()
         self._fd_sock: Any = None
         self._token = ""

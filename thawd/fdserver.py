@@ -128,11 +128,11 @@ class FdServer:
     def _close_sessions(self, peer: Peer, sessions: list[dict[str, Any]]) -> None:
         """End each restore session (as CloseRestore), then raise the first refusal."""
         assert self.daemon is not None
-        first: ThawError | None = None
         if not isinstance(sessions, list) or not all(
             isinstance(s, dict) and "id" in s for s in sessions
         ):
             raise InvalidRequest("close: sessions must be a list of {id, ok, bytes, ...}")
+        first: ThawError | None = None
         for s in sessions:
             try:
                 self.daemon.close_restore(peer, str(s["id"]), bool(s.get("ok")),

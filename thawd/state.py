@@ -120,15 +120,17 @@ class Entry:
         """Refuse to drop the entry's memory while something uses it. Open restores count:
         a VMM pool buffer's chunks go back to the arena, and a pin or freeze may write them
         while a client still copies from them."""
-        if self.busy or self.file_pending or self.copying or self.clients:
-            doing = self.busy or (
-                "writing"
-                if self.file_pending
-                else "copying to a client"
-                if self.copying
-                else f"{self.clients} restore(s) open"
-            )
-            raise InvalidRequest(f"snapshot {self.row.name!r} is busy ({doing}); retry")
+        if self.busy:
+            doing = self.busy
+        elif self.file_pending:
+            doing = "writing"
+        elif self.copying:
+            doing = "copying to a client"
+        elif self.clients:
+            doing = f"{self.clients} restore(s) open"
+        else:
+            return
+        raise InvalidRequest(f"snapshot {self.row.name!r} is busy ({doing}); retry")
 
 
 @dataclasses.dataclass
@@ -518,7 +520,7 @@ class Daemon:
             elif (
                 (arena := self.shared_arena()) is not None
                 and request.pool_id == arena.id
-                and (pool.pool_offset is not None)
+                and pool.pool_offset is not None
             ):
                 delivery, pool_offset = pb.DELIVERY_POOL, pool.pool_offset
             else:
