@@ -464,16 +464,8 @@ class Client:
     def _redeem(self, session_id: str) -> tuple[list[int], list[int], int]:
         """The fds of an open session, over the fd socket (checked against our SO_PEERCRED):
         (fds, bytes each maps, the daemon's buffer id). The caller closes the fds."""
-        with self._lock:
-            if self._fd_sock is None:
-                raise errors.DaemonUnavailable("not connected to thawd")
-            try:
-                fdpass.send(self._fd_sock, {"op": "fd", "session": session_id})
-                reply, fds = fdpass.recv(self._fd_sock)
-            except (ConnectionError, OSError) as e:
-                raise errors.DaemonUnavailable(
-                    f"thawd at {self.socket} went away while handing over memory ({e})"
-                ) from None
+        reply, fds = self._fd_call({"op": "fd", "session": session_id},
+                                   "while handing over memory")  # fmt: skip
         sizes = [int(n) for n in reply.get("sizes", [])]
         if not reply.get("ok") or not fds or len(fds) != len(sizes):
             for fd in fds:
@@ -704,25 +696,29 @@ class Client:
             sessions = [{"id": c.session_id, "ok": c.ok, "bytes": c.bytes,
                          "seconds": c.duration_s, "error": c.error}
                         for c in closes[at : at + fdpass.MAX_CLOSES]]  # fmt: skip
-            reply = self._fd_call({"op": "close", "sessions": sessions})
+            reply, fds = self._fd_call({"op": "close", "sessions": sessions})
+            for fd in fds:  # none are sent with a close
+                os.close(fd)
             if not reply.get("ok"):
                 raise _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(
                     reply.get("message", "")
                 )
 
-    def _fd_call(self, message: dict[str, Any]) -> dict[str, Any]:
-        """One request and its reply on the fd socket, for a reply without fds."""
+    def _fd_call(self, message: dict[str, Any], doing: str = "",
+                 ) -> tuple[dict[str, Any], builtins.list[int]]:  # fmt: skip
+        """One request and its reply on the fd socket: (reply, the fds attached, which the
+        caller closes). DaemonUnavailable when thawd is gone (`doing` says when)."""
         with self._lock:
             if self._fd_sock is None:
                 raise errors.DaemonUnavailable("not connected to thawd")
             try:
                 fdpass.send(self._fd_sock, message)
-                reply, fds = fdpass.recv(self._fd_sock)
+                return fdpass.recv(self._fd_sock)
             except (ConnectionError, OSError) as e:
-                raise errors.DaemonUnavailable(f"thawd at {self.socket} went away ({e})") from None
-        for fd in fds:
-            os.close(fd)
-        return reply
+                when = f" {doing}" if doing else ""
+                raise errors.DaemonUnavailable(
+                    f"thawd at {self.socket} went away{when} ({e})"
+                ) from None
 
     def _in_flight(self, method: str, requests: builtins.list[Any],
                    ) -> tuple[builtins.list[Any], builtins.list[grpc.RpcError]]:  # fmt: skip

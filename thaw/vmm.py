@@ -170,18 +170,12 @@ class HostBuffer:
                         ))  # fmt: skip
                         os.close(self._fds[i])
                         self._fds[i] = -1
-                    _check(cu.cuMemMap(at, size, 0, self.handles[i], 0), "cuMemMap")
+                    _map(at, size, self.handles[i], _access(self.devices, self.host_access))
                 except CudaError:
                     self._close()
                     raise
                 self.mapped += size
                 self._chunks_mapped += 1
-                try:
-                    access = _access(self.devices, self.host_access)
-                    _check(cu.cuMemSetAccess(at, size, access, len(access)), "cuMemSetAccess")
-                except CudaError:
-                    self._close()
-                    raise
 
     def enable_host_access(self) -> None:
         """Map the whole buffer with CPU access too (for CPU copies and checksums)."""
@@ -309,14 +303,7 @@ class PoolMirror:
                     continue
                 if self._closing:
                     raise CudaError("thawd's pool mapping was released (thawd went away)")
-                at = self.addr + i * self.chunk
-                _check(cu.cuMemMap(at, self.chunk, 0, self._handles[i], 0), "cuMemMap")
-                try:
-                    _check(cu.cuMemSetAccess(at, self.chunk, self._access, len(self._access)),
-                           "cuMemSetAccess")  # fmt: skip
-                except CudaError:
-                    cu.cuMemUnmap(at, self.chunk)
-                    raise
+                _map(self.addr + i * self.chunk, self.chunk, self._handles[i], self._access)
                 self._mapped[i] = True
 
     def mapper(self, start: int) -> Callable[[int], None]:
@@ -374,6 +361,16 @@ class PoolMirror:
                     cu.cuMemRelease(handle)
             self._handles = []
             self.addr = 0
+
+
+def _map(at: int, size: int, handle: Any, access: list[Any]) -> None:
+    """Map `handle` at address `at` and grant `access`; nothing stays mapped if either fails."""
+    _check(cu.cuMemMap(at, size, 0, handle, 0), "cuMemMap")
+    try:
+        _check(cu.cuMemSetAccess(at, size, access, len(access)), "cuMemSetAccess")
+    except CudaError:
+        cu.cuMemUnmap(at, size)
+        raise
 
 
 def _access(devices: tuple[int, ...], host: bool) -> list[Any]:

@@ -101,8 +101,7 @@ class Entry:
     def demotable(self) -> bool:
         """Held above the tier the operator asked for, and nobody is using it right now."""
         rank = {"cold": 0, "warm": 1, "pinned": 2}
-        return (rank[self.tier] > rank[self.row.wanted_tier] and self.clients == 0
-                and not self.busy and not self.copying and not self.file_pending)  # fmt: skip
+        return rank[self.tier] > rank[self.row.wanted_tier] and not self.in_use()
 
     def manifest_pb(self) -> pb.OpenRestoreResponse:
         """A new response holding the manifest's tensors and fingerprint."""
@@ -116,21 +115,24 @@ class Entry:
         response.CopyFrom(self._manifest_pb[1])
         return response
 
-    def check_idle(self) -> None:
-        """Refuse to drop the entry's memory while something uses it. Open restores count:
-        a VMM pool buffer's chunks go back to the arena, and a pin or freeze may write them
-        while a client still copies from them."""
+    def in_use(self) -> str:
+        """What uses the entry's memory now ("" when nothing). Open restores count: a VMM
+        pool buffer's chunks go back to the arena, and a pin or freeze may write them while a
+        client still copies from them."""
         if self.busy:
-            doing = self.busy
-        elif self.file_pending:
-            doing = "writing"
-        elif self.copying:
-            doing = "copying to a client"
-        elif self.clients:
-            doing = f"{self.clients} restore(s) open"
-        else:
-            return
-        raise InvalidRequest(f"snapshot {self.row.name!r} is busy ({doing}); retry")
+            return self.busy
+        if self.file_pending:
+            return "writing"
+        if self.copying:
+            return "copying to a client"
+        if self.clients:
+            return f"{self.clients} restore(s) open"
+        return ""
+
+    def check_idle(self) -> None:
+        """Refuse to drop the entry's memory while something uses it."""
+        if doing := self.in_use():
+            raise InvalidRequest(f"snapshot {self.row.name!r} is busy ({doing}); retry")
 
 
 @dataclasses.dataclass

@@ -149,9 +149,9 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
         assert c.stat("modes").clients == 0
 
         # Confirmations go on the fd socket; unknown and malformed ones are refused by name.
-        reply = c._fd_call({"op": "close", "sessions": [{"id": "nope", "ok": True}]})
+        reply, _ = c._fd_call({"op": "close", "sessions": [{"id": "nope", "ok": True}]})
         assert (reply["ok"], reply["error"]) == (False, "NotFound")
-        reply = c._fd_call({"op": "close", "sessions": "nope"})
+        reply, _ = c._fd_call({"op": "close", "sessions": "nope"})
         assert (reply["ok"], reply["error"]) == (False, "InvalidRequest")
 
         # A memfd pool is not one to map whole: no pool in the auth reply, "pool" refused.
