@@ -153,6 +153,7 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
         assert (reply["ok"], reply["error"]) == (False, "NotFound")
         reply, _ = c._fd_call({"op": "close", "sessions": "nope"})
         assert (reply["ok"], reply["error"]) == (False, "InvalidRequest")
+        assert "sessions must be a list" in reply["message"]
 
         # A memfd pool is not one to map whole: no pool in the auth reply, "pool" refused.
         assert c._pool is None and not c.map_pool(0)
@@ -160,8 +161,12 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
         with sock:
             fdpass.send(sock, {"op": "pool", "start": 0})
             reply, fds = fdpass.recv(sock)
+            fdpass.send(sock, {"op": "pool", "start": [0]})  # not a number
+            bad, bad_fds = fdpass.recv(sock)
         assert (reply["ok"], reply["error"], fds) == (False, "InvalidRequest", [])
         assert "shares no VMM pool" in reply["message"]
+        assert (bad["ok"], bad["error"], bad_fds) == (False, "InvalidRequest", [])
+        assert "int()" in bad["message"]
         # A pool id the daemon does not have changes nothing: the buffer's fds, as before.
         c.forget("modes")
         opened = c._call("OpenRestore", pb.OpenRestoreRequest(name="modes", pool_id=12345))
