@@ -11,7 +11,7 @@ like vLLM's GPU cache (per layer [2, num_blocks, 16, 8, 128]) at random block id
 prefix, then a batch of prefixes in one `restore_many`. The ceiling: one pinned buffer of the same
 size copied H2D (CUDA) or memcpy'd (CPU), in the same process.
 
-Part 2 (CPU, needs vLLM): time to first token of a ~1.9k-token prompt with the tiny model:
+Part 2 (CPU, needs vLLM): time to first token of a 4100-token prompt with the tiny model:
 full prefill vs a prefix restored through ThawKVConnector from thawd vs vLLM's own local
 prefix-cache hit.
 """
@@ -198,11 +198,14 @@ def ttft(args: argparse.Namespace) -> None:
         try:
             model = thaw.tiny.write_model_dir(directory / "tiny")
             prompt = thaw.tiny.make_prompt(thaw.tiny.build_tokenizer(), args.ttft_tokens, seed=7)
+            # The tiny model's config says 2048 positions; its random weights serve any (RoPE).
+            positions = args.ttft_tokens + 128
             llm = LLM(
                 model=str(model),
                 dtype="float32",
                 enforce_eager=True,
-                max_model_len=2048,
+                max_model_len=positions,
+                hf_overrides={"max_position_embeddings": positions},
                 kv_cache_memory_bytes=64 << 20,
                 kv_transfer_config=thaw.kv.kv_transfer_config(
                     socket=str(directory / "thawd.sock"), save=False, staging_bytes=0
@@ -257,7 +260,12 @@ def main() -> None:
         help="prefixes in the batch run (default: 8 on cuda, 2 on cpu)",
     )
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--ttft-tokens", type=int, default=1900)
+    parser.add_argument(
+        "--ttft-tokens",
+        type=int,
+        default=4100,
+        help="prompt length of the TTFT part (4096 of 4100 in full blocks)",
+    )
     parser.add_argument("--no-ttft", action="store_true", help="skip the vLLM CPU TTFT part")
     args = parser.parse_args()
     if args.batch is None:

@@ -13,6 +13,7 @@ the sentinel `NA`, never None.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import contextlib
 import dataclasses
@@ -358,9 +359,7 @@ class Client:
     def _authenticate(self) -> None:
         path = fdpass.fd_socket_path(self.socket)
         with self._lock:
-            if self._fd_sock is not None:
-                self._fd_sock.close()
-                self._fd_sock = None
+            self._drop_fd_sock()
             try:
                 sock = fdpass.connect(path)
             except (FileNotFoundError, ConnectionRefusedError) as e:
@@ -670,8 +669,24 @@ class Client:
 
     def _open_many(self, requests: builtins.list[pb.OpenRestoreRequest],
                    ) -> builtins.list[pb.OpenRestoreResponse]:  # fmt: skip
-        """OpenRestore for each request, all in flight at once; on any failure the sessions
-        that did open are closed and the first error is raised."""
+        """Open a restore session for each request: in one packet on the fd socket (a tenth of
+        a gRPC call's latency), or, where their manifests do not fit one, with OpenRestore
+        calls all in flight at once. On any failure no session stays open and the first
+        error is raised."""
+        if len(requests) <= fdpass.MAX_OPENS:
+            reply, fds = self._fd_call(
+                {"op": "open",
+                 "restores": [base64.b64encode(r.SerializeToString()).decode() for r in requests]},
+                "while opening a restore", reconnect=True)  # fmt: skip
+            for fd in fds:  # none are sent with an open
+                os.close(fd)
+            if reply.get("ok"):
+                return [pb.OpenRestoreResponse.FromString(base64.b64decode(o))
+                        for o in reply["opened"]]  # fmt: skip
+            if reply.get("error") != fdpass.TOO_LARGE:
+                raise _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(
+                    reply.get("message", "")
+                )
         if len(requests) == 1:
             return [self._call("OpenRestore", requests[0])]
         for attempt in (0, 1):
@@ -704,21 +719,44 @@ class Client:
                     reply.get("message", "")
                 )
 
-    def _fd_call(self, message: dict[str, Any], doing: str = "",
+    def _fd_call(self, message: dict[str, Any], doing: str = "", reconnect: bool = False,
                  ) -> tuple[dict[str, Any], builtins.list[int]]:  # fmt: skip
         """One request and its reply on the fd socket: (reply, the fds attached, which the
-        caller closes). DaemonUnavailable when thawd is gone (`doing` says when)."""
-        with self._lock:
-            if self._fd_sock is None:
-                raise errors.DaemonUnavailable("not connected to thawd")
-            try:
-                fdpass.send(self._fd_sock, message)
-                return fdpass.recv(self._fd_sock)
-            except (ConnectionError, OSError) as e:
-                when = f" {doing}" if doing else ""
-                raise errors.DaemonUnavailable(
-                    f"thawd at {self.socket} went away{when} ({e})"
-                ) from None
+        caller closes). DaemonUnavailable when thawd is gone (`doing` says when).
+        `reconnect`: connect anew when the connection is gone or broke (thawd restarted) and
+        send the request again, once; only for requests that change nothing when lost."""
+        when = f" {doing}" if doing else ""
+        for attempt in (0, 1):
+            if reconnect and self._fd_sock is None:
+                self._authenticate()
+            with self._lock:
+                sock = self._fd_sock
+                if sock is None:
+                    raise errors.DaemonUnavailable("not connected to thawd")
+                try:
+                    fdpass.send(sock, message)
+                    return fdpass.recv(sock)
+                except TimeoutError:
+                    self._drop_fd_sock()
+                    raise errors.DaemonUnavailable(
+                        f"thawd at {self.socket} did not answer{when} in {self.timeout} s "
+                        "(stopped or stuck?): check `systemctl status thawd`"
+                    ) from None
+                except (ConnectionError, OSError) as e:
+                    # A reply may still come on this connection: never read it as another's.
+                    self._drop_fd_sock()
+                    if not reconnect or attempt:
+                        raise errors.DaemonUnavailable(
+                            f"thawd at {self.socket} went away{when} ({e})"
+                        ) from None
+        raise AssertionError("unreachable")
+
+    def _drop_fd_sock(self) -> None:
+        """Close the fd socket (thawd revokes its token with it: the next gRPC call is refused
+        and re-authenticates). Called with the lock held."""
+        if self._fd_sock is not None:
+            self._fd_sock.close()
+            self._fd_sock = None
 
     def _in_flight(self, method: str, requests: builtins.list[Any],
                    ) -> tuple[builtins.list[Any], builtins.list[grpc.RpcError]]:  # fmt: skip
@@ -1037,9 +1075,7 @@ class Client:
         for _, holder in mappings:
             _close_mapping(holder)
         with self._lock:
-            if self._fd_sock is not None:
-                self._fd_sock.close()
-                self._fd_sock = None
+            self._drop_fd_sock()
         self._channel.close()
 
     def __enter__(self) -> Client:

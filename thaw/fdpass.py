@@ -2,11 +2,15 @@
 
 thawd listens on a second Unix socket beside its gRPC socket (`thawd.sock` -> `thawd.fd.sock`,
 same directory, same mode). It is SOCK_SEQPACKET, so one message is one packet and the fds
-travel with the message that names them. It does two things, both bound to the kernel's
-SO_PEERCRED of the connection (which gRPC's Python API cannot expose; docs/DAEMON.md):
+travel with the message that names them. Every request is bound to the kernel's SO_PEERCRED
+of the connection (which gRPC's Python API cannot expose; docs/DAEMON.md):
 
     {"op": "auth"}                     -> {"ok": true, "token": T, "uid": U, ...}
     {"op": "fd", "session": S}         -> {"ok": true, "sizes": [N...], ...} + one fd per size
+    {"op": "open", "restores": [R...]} -> {"ok": true, "opened": [O...]}: restore sessions opened
+                                          as OpenRestore would; R and O are base64 serialized
+                                          OpenRestoreRequest/Response, at most MAX_OPENS, or
+                                          {"ok": false, "error": TOO_LARGE}: use gRPC
     {"op": "close", "sessions": [{"id": S, "ok": B, "bytes": N, "seconds": F, "error": E}...]}
                                        -> {"ok": true}: restore sessions ended, each confirmed
                                           (ok) or failed (error), as CloseRestore would
@@ -32,6 +36,8 @@ from typing import Any
 MAX_MESSAGE = 64 << 10
 MAX_FDS = 253  # SCM_MAX_FD: a VMM pool buffer is one fd per chunk
 MAX_CLOSES = 32  # sessions per "close" message: each error text is at most ~1 KB
+MAX_OPENS = 64  # restores per "open" message
+TOO_LARGE = "TooLarge"  # an "open" refused: its replies would not fit one message
 TOKEN_METADATA_KEY = "thaw-token"
 
 
@@ -40,6 +46,11 @@ def fd_socket_path(grpc_socket: str | os.PathLike[str]) -> str:
     path = os.fspath(grpc_socket)
     stem = path[: -len(".sock")] if path.endswith(".sock") else path
     return stem + ".fd.sock"
+
+
+def open_reply_size(response_sizes: list[int]) -> int:
+    """At most the bytes of an "open" reply carrying responses of these serialized sizes."""
+    return 32 + sum(-(-n // 3) * 4 + 3 for n in response_sizes)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -114,7 +114,7 @@ async def run(config: Config) -> int:
     await server.start()
     os.chown(config.socket, -1, gid)
     os.chmod(config.socket, config.socket_mode)
-    fdserver.start(daemon)
+    fdserver.start(daemon, stop)
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 

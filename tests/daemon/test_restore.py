@@ -223,6 +223,74 @@ def test_restore_many_overlaps_the_control_calls(shared_thawd: ThawdProcess) -> 
         assert c.stat("many0").clients == 0
 
 
+def test_restores_open_on_the_fd_socket(shared_thawd: ThawdProcess) -> None:
+    """Restores open with one packet on the fd socket. Malformed or unauthenticated opens are
+    refused by name; a batch whose manifests do not fit a packet opens nothing there and the
+    client opens it over gRPC instead."""
+    import base64
+
+    from thaw._proto import thawd_pb2 as pb
+
+    def encoded(*names: str) -> list[str]:
+        return [base64.b64encode(pb.OpenRestoreRequest(name=n).SerializeToString()).decode()
+                for n in names]  # fmt: skip
+
+    small = random_tensors(40)
+    # 1500 tensors with long names: a manifest of ~100 KB, over the 64 KiB packet.
+    large = {f"model.layers.{i}.a_rather_long_parameter_name.weight": torch.full((2,), float(i))
+             for i in range(1500)}  # fmt: skip
+    with connect(shared_thawd.socket) as c:
+        c.register(write_snapshot(shared_thawd.dir / "fd-small.thaw", small), "fd-small")
+        c.register(write_snapshot(shared_thawd.dir / "fd-large.thaw", large), "fd-large")
+        reply, _ = c._fd_call({"op": "open", "restores": encoded("fd-small")})
+        assert reply["ok"] and len(reply["opened"]) == 1
+        opened = pb.OpenRestoreResponse.FromString(base64.b64decode(reply["opened"][0]))
+        assert {t.name for t in opened.tensors} == set(small) and opened.session_id
+        assert c.stat("fd-small").clients == 1
+        c._close_sessions([pb.CloseRestoreRequest(session_id=opened.session_id, ok=False)])
+        assert c.stat("fd-small").clients == 0
+
+        for restores, error, says in (
+            (encoded("nope"), "NotFound", "no snapshot named 'nope'"),
+            ("fd-small", "InvalidRequest", "a list of 1 to 64"),
+            ([], "InvalidRequest", "a list of 1 to 64"),
+            (encoded("fd-small") * 65, "InvalidRequest", "a list of 1 to 64"),
+            (["not base64!"], "InvalidRequest", ""),
+            (encoded("fd-small", "fd-large"), fdpass.TOO_LARGE, "open over gRPC"),
+        ):
+            reply, _ = c._fd_call({"op": "open", "restores": restores})
+            assert (reply["ok"], reply["error"]) == (False, error), reply
+            assert says in reply["message"]
+        # A batch that fails part way leaves nothing open.
+        reply, _ = c._fd_call({"op": "open", "restores": encoded("fd-small", "nope")})
+        assert reply["error"] == "NotFound" and c.stat("fd-small").clients == 0
+
+        out = {k: torch.zeros_like(v) for k, v in large.items()}
+        assert c.restore(out, "fd-large").bytes == 1500 * 8  # opened over gRPC
+        assert all(torch.equal(out[k], large[k]) for k in large)
+        assert c.stat("fd-large").clients == 0
+
+    sock = fdpass.connect(fdpass.fd_socket_path(shared_thawd.socket))
+    with sock:  # a connection that never authenticated opens nothing
+        fdpass.send(sock, {"op": "open", "restores": encoded("fd-small")})
+        reply, _ = fdpass.recv(sock)
+    assert (reply["ok"], reply["error"]) == (False, "PermissionDenied")
+    assert "authenticate this connection first" in reply["message"]
+
+
+def test_a_client_restores_again_after_thawd_restarts(thawd: ThawdProcess) -> None:
+    """The restart ends the client's fd-socket connection: its next restore connects anew."""
+    tensors = random_tensors(41)
+    path = write_snapshot(thawd.dir / "r.thaw", tensors)
+    with connect(thawd.socket) as c:
+        c.register(path, "r")
+        c.pin("r")
+        c.restore(zeros_like(tensors), "r")
+        thawd.restart()
+        out = zeros_like(tensors)
+        assert c.restore(out, "r").tier == "pinned" and same(out, tensors)
+
+
 def test_mismatch_is_refused_before_any_copy(shared_thawd: ThawdProcess) -> None:
     tensors = random_tensors(4)
     path = write_snapshot(shared_thawd.dir / "mm.thaw", tensors)
