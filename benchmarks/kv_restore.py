@@ -11,19 +11,26 @@ like vLLM's GPU cache (per layer [2, num_blocks, 16, 8, 128]) at random block id
 prefix, then a batch of prefixes in one `restore_many`. The ceiling: one pinned buffer of the same
 size copied H2D (CUDA) or memcpy'd (CPU), in the same process.
 
-Part 2 (CPU, needs vLLM): time to first token of a 4100-token prompt with the tiny model:
+Part 2, CPU (needs vLLM): time to first token of a 4100-token prompt with the tiny model:
 full prefill vs a prefix restored through ThawKVConnector from thawd vs vLLM's own local
 prefix-cache hit.
+
+Part 2, CUDA (no vLLM there): time to first token of a 4097-token prompt with a
+Llama-3-8B-shaped model in plain torch (llama_forward.py, random bf16 weights): full prefill
+vs the 4096-token prefix's KV restored from thawd's pinned tier plus the one token computed
+on it; the logits must equal those computed on the model's own cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -248,6 +255,101 @@ def ttft(args: argparse.Namespace) -> None:
             daemon.wait(timeout=60)
 
 
+def ttft_forward(args: argparse.Namespace, shape: Any = None) -> None:
+    """CUDA: first-token time of a prompt whose prefix is in thawd, with a Llama-3-8B-shaped
+    torch model (llama_forward.py): a full prefill vs the prefix's KV restored from the pinned
+    tier plus the one token computed on it. The restored cache must give the very logits the
+    model's own cache gives."""
+    from llama_forward import Llama, Shape
+
+    shape = shape or Shape()
+    device, tokens = args.device, args.prefix_tokens
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    dtype = getattr(torch, args.dtype)
+    spec = dataclasses.replace(
+        kv_spec(args.dtype),
+        model=f"bench-llama-{shape.layers}x{shape.hidden}",
+        block_shape=(2, BLOCK, shape.kv_heads, shape.head),
+        num_layers=shape.layers,
+    )
+    n = tokens // BLOCK
+    model = Llama(shape, dtype, device)
+    ids = torch.randint(0, shape.vocab, (n * BLOCK + 1,), device=device)
+    prefix, last = ids[:-1], ids[-1:]
+
+    def prefill() -> None:
+        model.forward(ids)[0].argmax()
+
+    prefill()  # warm-up: kernels chosen, workspaces allocated
+    prefill_s = min(timed(prefill, sync) for _ in range(args.repeat))
+    with torch.no_grad():
+        _, own = model.forward(prefix)  # the engine's own cache of the prefix
+    kv = {
+        # Block-major, as a KV snapshot stores vLLM's GPU cache: [blocks, K/V, 16, heads, head].
+        layer_tensor_name(i): torch.stack([k.transpose(0, 1), v.transpose(0, 1)], dim=1)
+        .reshape(n, BLOCK, 2, shape.kv_heads, shape.head)
+        .transpose(1, 2)
+        .contiguous()
+        for i, (k, v) in enumerate(own)
+    }
+    kv[TOKEN_IDS] = prefix.view(n, BLOCK).to(torch.int64)
+    size = sum(t.numel() * t.element_size() for t in kv.values())
+    with tempfile.TemporaryDirectory(prefix="thaw-kvttft-") as tmp:
+        directory = Path(tmp)
+        chunk = 256 << 20
+        daemon = start_daemon(directory, -(-size // chunk) * chunk + (1 << 30))
+        try:
+            client = thaw.connect(str(directory / "thawd.sock"))
+            labels = {**spec.labels(), "kv.blocks": str(n)}
+            fingerprint = thaw.Fingerprint(model=spec.model, dtype=spec.dtype, labels=labels)
+            client.freeze(kv, "prefix", str(directory / "prefix.thaw"), fingerprint,
+                          labels=labels, pin=True)  # fmt: skip
+            staging = {k: torch.empty_like(v) for k, v in kv.items()}
+
+            def cache_of(t: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                """The model's cache from block-major KV: [heads, positions, head] per K/V."""
+                out = []
+                for i in range(shape.layers):
+                    blocks = t[layer_tensor_name(i)]
+                    k, v = (blocks[:, j].reshape(n * BLOCK, shape.kv_heads, shape.head)
+                            .transpose(0, 1) for j in (0, 1))  # fmt: skip
+                    out.append((k, v))
+                return out
+
+            def restored() -> torch.Tensor:
+                client.restore(staging, "prefix")
+                return model.forward(last, cache_of(staging))[0]
+
+            def decode_only() -> None:
+                model.forward(last, own)[0].argmax()
+
+            restored()
+            restored_s = min(timed(restored, sync) for _ in range(args.repeat))
+            restore_s = min(timed(lambda: client.restore(staging, "prefix"), sync)
+                            for _ in range(args.repeat))  # fmt: skip
+            decode_only()
+            decode_s = min(timed(decode_only, sync) for _ in range(args.repeat))
+            same = torch.equal(restored(), model.forward(last, cache_of(kv))[0])
+            client.close()
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=60)
+    print(
+        f"\nTTFT, Llama shape {shape.layers} layers x {shape.hidden}, {args.dtype}, {device} "
+        f"(torch forward, random weights; no vLLM): {n * BLOCK + 1}-token prompt, "
+        f"{n * BLOCK} tokens of KV ({size / 1e9:.2f} GB) in thawd; best of {args.repeat}"
+    )
+    for label, seconds in (
+        ("full prefill", prefill_s),
+        ("restored from thawd + 1 token", restored_s),
+        ("  of which: restore (pinned tier)", restore_s),
+        ("  one token on the model's own cache", decode_s),
+    ):
+        print(f"  {label:38s} {seconds * 1e3:8.1f} ms")
+    print(f"  speed-up restored vs prefill: {prefill_s / restored_s:.2f}x")
+    print(f"  logits from the restored cache equal those from the model's own: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -266,11 +368,14 @@ def main() -> None:
         default=4100,
         help="prompt length of the TTFT part (4096 of 4100 in full blocks)",
     )
-    parser.add_argument("--no-ttft", action="store_true", help="skip the vLLM CPU TTFT part")
+    parser.add_argument("--no-ttft", action="store_true", help="skip the TTFT part")
     args = parser.parse_args()
     if args.batch is None:
         args.batch = 8 if args.device == "cuda" else 2
     throughput(args)
+    if args.device == "cuda" and not args.no_ttft:
+        with torch.no_grad():
+            ttft_forward(args)
     if args.device == "cpu" and not args.no_ttft:
         try:
             import vllm  # noqa: F401
