@@ -6,8 +6,9 @@
 Part 1 (any device): KV snapshots shaped like an 8B model's (Llama-3-8B: 32 layers, 8 KV
 heads of 128, bf16, vLLM GPU block size 16: 128 KiB per token, a 4k-token prefix = 0.54 GB)
 are frozen into a fresh thawd, pinned, and restored with `thaw.connect().restore` into
-device tensors in the snapshot's block-major shape; then scattered into a KV cache laid out
-like vLLM's GPU cache (per layer [2, num_blocks, 16, 8, 128]) at random block ids. One
+device tensors in the snapshot's block-major shape; then, as the connector does, their token
+ids checked and their blocks copied into a KV cache laid out like vLLM's GPU cache (per layer
+[2, num_blocks, 16, 8, 128]) at random block ids (`thaw.kv.store.copy_blocks`). One
 prefix, then a batch of prefixes in one `restore_many`. The ceiling: one pinned buffer of the same
 size copied H2D (CUDA) or memcpy'd (CPU), in the same process.
 
@@ -40,7 +41,7 @@ from common import Row, pinned_h2d_ceiling, print_table, timed
 from daemon import memcpy_rate, start_daemon
 
 import thaw
-from thaw.kv.store import TOKEN_IDS, KVSpec, layer_tensor_name
+from thaw.kv.store import TOKEN_IDS, KVSpec, copy_blocks, layer_tensor_name
 
 # Llama-3-8B KV on vLLM GPU (flash attention, NHD), block size 16.
 LAYERS, KV_HEADS, HEAD, BLOCK = 32, 8, 128, 16
@@ -124,7 +125,8 @@ def throughput(args: argparse.Namespace) -> None:
                 torch.empty(2, num_blocks, BLOCK, KV_HEADS, HEAD, dtype=dtype, device=device)
                 for _ in range(LAYERS)
             ]
-            perm = torch.randperm(num_blocks, device=device)
+            perm = torch.randperm(num_blocks).tolist()
+            views = [layer.transpose(0, 1) for layer in cache]  # block index first
 
             first = timed(lambda: client.restore(targets[0], names[0]), sync)
             warm = min(
@@ -133,22 +135,25 @@ def throughput(args: argparse.Namespace) -> None:
             )
             ok = all(torch.equal(targets[0][k].cpu(), one[k]) for k in one)
 
-            def scatter(t: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
-                for i, layer in enumerate(cache):
-                    layer.index_copy_(1, ids, t[layer_tensor_name(i)].transpose(0, 1))
-
-            ids0 = perm[:n]
-            scatter_s = min(timed(lambda: scatter(targets[0], ids0), sync) for _ in range(3))
             for name, t in zip(names[1:], targets[1:], strict=True):  # map each buffer once
                 client.restore(t, name)
+            # What the connector does with a loaded prefix: check its token ids against the
+            # index's (here: the stored ones) and copy its blocks into the cache (copy_blocks).
+            tokens = [t[TOKEN_IDS].flatten().tolist() for t in targets]
+
+            def scatter(k: int) -> None:
+                dst = perm[n * k : n * (k + 1)]
+                copy_blocks(targets[k], names[k], range(n), dst, tokens[k], views)
+
+            scatter_s = min(timed(lambda: scatter(0), sync) for _ in range(3))
 
             # The batch: all prefixes in one restore_many (their control calls overlapped).
             batch_items = list(zip(targets[1:], names[1:], strict=True))
 
             def batch() -> None:
                 client.restore_many(batch_items)
-                for k, t in enumerate(targets[1:]):
-                    scatter(t, perm[n * (k + 1) : n * (k + 2)])
+                for k in range(1, len(targets)):
+                    scatter(k)
 
             def batch_restore_only() -> None:
                 client.restore_many(batch_items)

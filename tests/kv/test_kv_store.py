@@ -10,7 +10,15 @@ import torch
 
 import thaw
 from thaw.errors import KVMismatch, ModelMismatch, ThawError
-from thaw.kv.store import TOKEN_IDS, BlockRef, KVSpec, KVStore, auto_name, chain_keys
+from thaw.kv.store import (
+    TOKEN_IDS,
+    BlockRef,
+    KVSpec,
+    KVStore,
+    auto_name,
+    chain_keys,
+    copy_blocks,
+)
 
 SPEC = KVSpec(
     model="m1",
@@ -136,6 +144,55 @@ def test_load_refuses_a_snapshot_of_other_shape(tmp_path: Any) -> None:
     wider = KVStore(KVSpec(**{**SPEC.__dict__, "block_shape": (2, 4, 16)}), directory=directory)
     with pytest.raises(ModelMismatch):
         wider.load(BlockRef("p", 0, 2, str(tmp_path / "kv" / "p.thaw")))
+
+
+def test_copy_blocks_checks_the_tokens_before_writing() -> None:
+    layers = blocks(3, 5)
+    tokens = torch.arange(12).view(3, 4)
+    stored = {"kv.layer0": layers[0], "kv.layer1": layers[1], TOKEN_IDS: tokens}
+    cache = [torch.zeros(6, *SPEC.block_shape) for _ in range(SPEC.num_layers)]
+    copy_blocks(stored, "p", [2, 0], [5, 1], [*range(8, 12), *range(4)], cache)
+    for layer, out in zip(layers, cache, strict=True):
+        assert torch.equal(out[5], layer[2]) and torch.equal(out[1], layer[0])
+        assert not out[[0, 2, 3, 4]].any()
+    with pytest.raises(KVMismatch, match="other tokens than its index says"):
+        copy_blocks(stored, "p", [1], [3], [9, 9, 9, 9], cache)
+    assert not any(out[3].any() for out in cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["thawd", "files"])
+def test_a_gpu_engine_saves_and_loads_in_gpu_memory(
+    backend: str, tmp_path: Any, kv_thawd: Any
+) -> None:
+    """A GPU engine's blocks go to the store from GPU memory and come back into it, with no
+    host staging; copy_blocks then places them in a cache laid out like vLLM's GPU cache."""
+    spec = KVSpec(model="m-gpu", dtype="bfloat16", layout="gpu-2NBHD", block_size=16,
+                  block_shape=(2, 16, 8, 128), num_layers=2)  # fmt: skip
+    socket = kv_thawd.socket if backend == "thawd" else None
+    store = KVStore(spec, socket=socket, directory=str(tmp_path / "kv"))
+    store.device = torch.device("cuda")
+    # vLLM's GPU cache: per layer [2 (K, V), num_blocks, 16, 8, 128]; blocks index dim 1.
+    cache = [torch.randn(2, 40, 16, 8, 128, device="cuda").bfloat16() for _ in range(2)]
+    used = torch.tensor([7, 3, 21], device="cuda")
+    tokens = list(range(1000, 1048))
+    keys = chain_keys(spec.key, tokens, 16)
+    name = f"gpu-prefix-{backend}"
+    store.save(name, [layer.transpose(0, 1).index_select(0, used) for layer in cache],
+               torch.tensor(tokens, device="cuda").view(3, 16),
+               {"kv.blocks": "3", "kv.tokens": "48", "kv.chain": keys[-1]})  # fmt: skip
+    (loaded,) = store.load_many([BlockRef(name, 0, 3, store.path_for(name))])
+    assert {t.device.type for t in loaded.values()} == {"cuda"}
+    target = [torch.zeros_like(layer) for layer in cache]
+    copy_blocks(loaded, name, [0, 1, 2], [30, 31, 5], tokens,
+                [layer.transpose(0, 1) for layer in target])  # fmt: skip
+    for layer, out in zip(cache, target, strict=True):
+        assert torch.equal(out[:, [30, 31, 5]], layer[:, [7, 3, 21]])
+        assert not out[:, [0, 7, 3, 21]].any()
+    # GPU memory outside vLLM's KV budget is not kept: the next load restores again.
+    assert store.load(BlockRef(name, 0, 3, store.path_for(name))) is not loaded
+    store.close()
 
 
 def test_importing_thaw_kv_imports_neither_torch_nor_vllm() -> None:

@@ -28,12 +28,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from thaw.errors import KVMismatch
 from thaw.kv.store import (
-    TOKEN_IDS,
     KVStore,
     auto_name,
     chain_keys,
+    copy_blocks,
     engine_labels,
-    layer_tensor_name,
     rank_name,
     spec_from_vllm_config,
 )
@@ -143,6 +142,7 @@ class ThawKVConnector(KVConnectorBase_V1):
                 f"for layout {self.spec.layout}; this vLLM build's KV layout is not supported"
             )
         self._layers = layers
+        self.store.device = layers[0].device  # loads land beside the KV cache
 
     def _blocks(self, layer: torch.Tensor) -> torch.Tensor:
         """View of one layer's KV with the block index first."""
@@ -169,15 +169,8 @@ class ThawKVConnector(KVConnectorBase_V1):
                 self._load_errors.update(item.dst)
 
     def _load(self, item: LoadItem, stored: dict[str, torch.Tensor]) -> None:
-        src = torch.tensor(item.src, dtype=torch.int64)
-        expected = torch.tensor(item.token_ids, dtype=torch.int64).view(len(item.src), -1)
-        if not torch.equal(stored[TOKEN_IDS].index_select(0, src), expected):
-            raise KVMismatch(f"KV snapshot {item.name!r} holds other tokens than its index says")
-        dst = torch.tensor(item.dst, dtype=torch.int64)
-        for i, layer in enumerate(self._layers):
-            blocks = self._blocks(layer)
-            data = stored[layer_tensor_name(i)].index_select(0, src).to(layer.device)
-            blocks.index_copy_(0, dst.to(layer.device), data)
+        copy_blocks(stored, item.name, item.src, item.dst, item.token_ids,
+                    [self._blocks(layer) for layer in self._layers])  # fmt: skip
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous in start_load_kv
@@ -193,12 +186,12 @@ class ThawKVConnector(KVConnectorBase_V1):
             return
         for item in meta.saves:
             try:
-                ids = torch.tensor(item.block_ids, dtype=torch.int64)
-                layers = [
-                    self._blocks(layer).index_select(0, ids.to(layer.device)).cpu()
-                    for layer in self._layers
-                ]
-                tokens = torch.tensor(item.token_ids, dtype=torch.int64).view(len(ids), -1)
+                # Gathered where the cache is: thawd takes a GPU engine's blocks by DMA.
+                device = self._layers[0].device
+                ids = torch.tensor(item.block_ids, dtype=torch.int64, device=device)
+                layers = [self._blocks(layer).index_select(0, ids) for layer in self._layers]
+                tokens = torch.tensor(item.token_ids, dtype=torch.int64, device=device)
+                tokens = tokens.view(len(ids), -1)
                 self.store.save(rank_name(item.name, self.spec), layers, tokens, item.labels)
             except Exception as e:  # the engine serves on; this prefix is just not stored
                 log.error("thaw KV save of %s failed: %s", item.name, e)

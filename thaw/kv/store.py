@@ -302,6 +302,10 @@ class KVStore:
         self._refreshed = 0.0
         self._staging: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.staging_limit = 256 << 20
+        # Where loads land: the engine's KV device (the connector sets it). A GPU engine's
+        # loads come from thawd's pinned tier straight into its GPU memory; only host staging
+        # is kept in the LRU (GPU memory outside vLLM's KV budget is not ours to hold).
+        self.device = torch.device("cpu")
         if directory:
             os.makedirs(directory, exist_ok=True)
 
@@ -455,7 +459,7 @@ class KVStore:
                 freeze_file(tensors, path, fingerprint=fingerprint)
 
     def load(self, ref: BlockRef) -> dict[str, torch.Tensor]:
-        """All tensors of the snapshot `ref` points into, in host memory (a small LRU)."""
+        """All tensors of the snapshot `ref` points into, on `device` (host memory: an LRU)."""
         return self.load_many([ref])[0]
 
     def load_many(self, refs: Sequence[BlockRef]) -> list[dict[str, torch.Tensor]]:
@@ -477,7 +481,7 @@ class KVStore:
 
             for name, tensors in fresh.items():
                 restore_file(tensors, missing[name].path)
-        if self.staging_limit > 0:
+        if self.staging_limit > 0 and self.device.type == "cpu":
             with self._lock:
                 for name, tensors in fresh.items():
                     self._staging[name] = tensors
@@ -491,17 +495,44 @@ class KVStore:
 
     def _empty(self, n_blocks: int) -> dict[str, torch.Tensor]:
         dtype = getattr(torch, self.spec.dtype)
+        shape, device = self.spec.block_shape, self.device
         tensors = {
-            layer_tensor_name(i): torch.empty(n_blocks, *self.spec.block_shape, dtype=dtype)
+            layer_tensor_name(i): torch.empty(n_blocks, *shape, dtype=dtype, device=device)
             for i in range(self.spec.num_layers)
         }
-        tensors[TOKEN_IDS] = torch.empty(n_blocks, self.spec.block_size, dtype=torch.int64)
+        # On the same device as the layers: a restore into CUDA tensors only takes the
+        # direct path from thawd's pool (docs/DAEMON.md).
+        tensors[TOKEN_IDS] = torch.empty(
+            n_blocks, self.spec.block_size, dtype=torch.int64, device=device
+        )
         return tensors
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def copy_blocks(
+    stored: Mapping[str, torch.Tensor],
+    name: str,
+    src: Sequence[int],
+    dst: Sequence[int],
+    token_ids: Sequence[int],
+    layers: Sequence[torch.Tensor],
+) -> None:
+    """Copy blocks `src` of a loaded snapshot into blocks `dst` of the engine's KV `layers`
+    (views with the block index first), after checking that the snapshot's blocks hold
+    `token_ids`; KVMismatch, before any write, if they do not."""
+    device = stored[TOKEN_IDS].device
+    src_ids = torch.tensor(src, dtype=torch.int64, device=device)
+    expected = torch.tensor(token_ids, dtype=torch.int64, device=device).view(len(src), -1)
+    if not torch.equal(stored[TOKEN_IDS].index_select(0, src_ids), expected):
+        raise KVMismatch(f"KV snapshot {name!r} holds other tokens than its index says")
+    dst_ids = torch.tensor(dst, dtype=torch.int64)
+    for i, blocks in enumerate(layers):
+        data = stored[layer_tensor_name(i)].index_select(0, src_ids).to(blocks.device)
+        blocks.index_copy_(0, dst_ids.to(blocks.device), data)
 
 
 def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
