@@ -158,6 +158,10 @@ def test_copy_blocks_checks_the_tokens_before_writing() -> None:
     with pytest.raises(KVMismatch, match="other tokens than its index says"):
         copy_blocks(stored, "p", [1], [3], [9, 9, 9, 9], cache)
     assert not any(out[3].any() for out in cache)
+    whole = [torch.zeros(6, *SPEC.block_shape) for _ in range(SPEC.num_layers)]
+    copy_blocks(stored, "p", [0, 1, 2], [4, 0, 2], list(range(12)), whole)  # the whole snapshot
+    for layer, out in zip(layers, whole, strict=True):
+        assert torch.equal(out[[4, 0, 2]], layer) and not out[[1, 3, 5]].any()
 
 
 @pytest.mark.gpu

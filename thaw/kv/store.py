@@ -524,15 +524,21 @@ def copy_blocks(
     """Copy blocks `src` of a loaded snapshot into blocks `dst` of the engine's KV `layers`
     (views with the block index first), after checking that the snapshot's blocks hold
     `token_ids`; KVMismatch, before any write, if they do not."""
-    device = stored[TOKEN_IDS].device
-    src_ids = torch.tensor(src, dtype=torch.int64, device=device)
-    expected = torch.tensor(token_ids, dtype=torch.int64, device=device).view(len(src), -1)
-    if not torch.equal(stored[TOKEN_IDS].index_select(0, src_ids), expected):
+    stored_tokens = stored[TOKEN_IDS]
+    # The usual load is a whole snapshot, in order: its blocks go without a gather.
+    whole = list(src) == list(range(stored_tokens.shape[0]))
+    src_ids = None if whole else torch.tensor(src, dtype=torch.int64, device=stored_tokens.device)
+    if src_ids is not None:
+        stored_tokens = stored_tokens.index_select(0, src_ids)
+    expected = torch.tensor(token_ids, dtype=torch.int64).view(len(src), -1)
+    if not torch.equal(stored_tokens.cpu(), expected):
         raise KVMismatch(f"KV snapshot {name!r} holds other tokens than its index says")
-    dst_ids = torch.tensor(dst, dtype=torch.int64)
+    dst_ids = torch.tensor(dst, dtype=torch.int64, device=layers[0].device)
     for i, blocks in enumerate(layers):
-        data = stored[layer_tensor_name(i)].index_select(0, src_ids).to(blocks.device)
-        blocks.index_copy_(0, dst_ids.to(blocks.device), data)
+        data = stored[layer_tensor_name(i)]
+        if src_ids is not None:
+            data = data.index_select(0, src_ids)
+        blocks.index_copy_(0, dst_ids, data.to(blocks.device))
 
 
 def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
