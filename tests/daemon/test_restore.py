@@ -391,6 +391,16 @@ def test_a_stopped_thawd_is_a_clear_error_not_a_hang(thawd: ThawdProcess) -> Non
     c.close()
 
 
+def test_an_fd_socket_without_grpc_is_a_clear_error(thawd: ThawdProcess) -> None:
+    """The gRPC socket's file is gone (removed by hand, another daemon's cleanup) while thawd
+    still answers its fd socket: connect() says which half failed, after its timeout."""
+    os.unlink(thawd.socket)
+    t0 = time.monotonic()
+    with pytest.raises(errors.DaemonUnavailable, match="accepted the fd socket but not gRPC"):
+        connect(thawd.socket, timeout=1)
+    assert time.monotonic() - t0 < 10
+
+
 def test_daemon_killed_mid_restore_is_never_a_success(thawd: ThawdProcess) -> None:
     tensors = random_tensors(7)
     path = write_snapshot(thawd.dir / "k.thaw", tensors)

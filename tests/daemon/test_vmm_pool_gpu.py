@@ -4,6 +4,7 @@ and a fragmented pool (buffers that are not one run of chunks)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -200,6 +201,27 @@ def test_daemon_copy_refuses_bad_requests(thawd_factory) -> None:  # type: ignor
                     copies=[pb.GpuCopy(tensor=0, region=0, offset=0)]))  # fmt: skip
             c._call("CloseRestore", pb.CloseRestoreRequest(session_id=info.session_id))
         assert c.stat("r").clients == 0
+
+
+def test_pool_op_refuses_chunks_out_of_range(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+    from thaw import fdpass
+
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
+    sock = fdpass.connect(fdpass.fd_socket_path(d.socket))
+    with sock:
+        fdpass.send(sock, {"op": "auth"})
+        auth, _ = fdpass.recv(sock)
+        chunks = auth["pool"]["chunks"]
+        replies = []
+        for start in (chunks - 1, chunks, -1):
+            fdpass.send(sock, {"op": "pool", "start": start})
+            reply, fds = fdpass.recv(sock)
+            for fd in fds:
+                os.close(fd)
+            replies.append((reply["ok"], len(fds), reply.get("message", "")))
+    assert chunks == 8 and replies[0] == (True, 1, "")
+    for ok, n, message in replies[1:]:
+        assert (ok, n) == (False, 0) and f"out of range 0..{chunks - 1}" in message
 
 
 def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ caller) and nothing of vLLM stays in the pytest process.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -21,6 +22,15 @@ def make_llm(job: dict, **extra: object) -> object:
 
     import thaw.kv
 
+    tp = job.get("tp", 1)
+    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vLLM CPU binds each rank's threads to cores of a NUMA node of its own, and a CI box
+        # has one node: give each rank its share of this process's CPUs by hand.
+        cpus = sorted(os.sched_getaffinity(0))
+        share = max(1, len(cpus) // tp)
+        groups = [cpus[r * share : (r + 1) * share] or cpus[-1:] for r in range(tp)]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)
+
     return LLM(
         model=job["model"],
         dtype=job.get("dtype", "float32"),
@@ -28,6 +38,7 @@ def make_llm(job: dict, **extra: object) -> object:
         max_model_len=2048,
         kv_cache_memory_bytes=64 << 20,
         prefix_caching_hash_algo=job.get("hash_algo", "sha256"),
+        tensor_parallel_size=tp,
         kv_transfer_config=thaw.kv.kv_transfer_config(
             socket=job.get("socket"), snapshot_dir=job.get("snapshot_dir")
         ),
@@ -118,6 +129,4 @@ if __name__ == "__main__":
         out = {"error": traceback.format_exc()}
     print(RESULT + json.dumps(out), flush=True)
     sys.stdout.flush()
-    import os
-
     os._exit(0)  # vLLM's shutdown hooks add seconds; the engine processes die with us

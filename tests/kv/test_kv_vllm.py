@@ -3,7 +3,8 @@
 Engine A (PYTHONHASHSEED=1, sha256 block hashes) serves a 1000-token prompt, its KV goes into
 thawd; thawd restarts; engine B (a new process, PYTHONHASHSEED=2, sha256_cbor block hashes) gets
 the same prompt from the store: 896 tokens cached (7 full blocks of 128) and the same greedy
-tokens. An engine of another model and dtype is refused. Three engines, ~40 s each here.
+tokens. An engine of another model and dtype is refused. Three engines, ~40 s each here; then
+two tensor-parallel engines (TP=2), whose ranks store and load their own shards.
 """
 
 from __future__ import annotations
@@ -114,3 +115,31 @@ def test_mismatched_engine_is_refused(
     assert c["refused"].startswith("KVMismatch")
     assert "dtype" in c["refused"] and "model" in c["refused"]
     assert "unfinished requests" in c["busy"]
+
+
+def test_tensor_parallel_ranks_store_and_load_their_own_shards(
+    setup: dict[str, Any], engine: Any
+) -> None:
+    """TP=2: each rank stores its shard of the prompt's KV (rank 0 as `name`, rank 1 as
+    `name.tp1`, each labelled with its rank), and a new TP=2 engine loads each rank's own
+    shard: the prompt is cached and its greedy tokens are the first engine's."""
+    import thaw
+    import thaw.tiny
+
+    prompt = thaw.tiny.make_prompt(thaw.tiny.build_tokenizer(), PROMPT_TOKENS, seed=5)
+    job = {k: v for k, v in setup.items() if k != "root"}
+    job = {**job, "prompt": prompt, "name": "sess-tp", "tp": 2}
+    a = engine({**job, "role": "capture"}, hash_seed=5)
+    assert a["captured"] == FULL_PREFIX
+    assert a["reloaded"]["cached"] == FULL_PREFIX
+    assert a["reloaded"]["tokens"] == a["first"]["tokens"]
+    with thaw.connect(setup["socket"]) as client:
+        shards = {name: dict(client.stat(name).labels) for name in ("sess-tp", "sess-tp.tp1")}
+    assert [labels["kv.tp"] for labels in shards.values()] == ["0/2", "1/2"]
+    # tiny: 2 KV heads, one per rank -> CPU block [1, 128, 128]
+    assert {labels["kv.block_shape"] for labels in shards.values()} == {"1x128x128"}
+    b = engine({**job, "role": "restore", "hash_algo": "sha256_cbor"}, hash_seed=6)
+    assert b["lazy"]["cached"] == FULL_PREFIX
+    assert b["lazy"]["tokens"] == a["first"]["tokens"]
+    assert b["restored"] == FULL_PREFIX
+    assert b["after_restore"]["tokens"] == a["first"]["tokens"]

@@ -192,8 +192,10 @@ def restore(llm: Any, name: str) -> KVPrefix:
         from thaw.client import connect
 
         with connect(socket) as client:
-            if client.stat(name).tier != "pinned":
-                client.pin(name)
+            # Every rank's shard: tensor-parallel ranks other than 0 store `name.tp<rank>`.
+            for shard in [name, *(f"{name}.tp{r}" for r in range(1, stored.tp_size))]:
+                if client.stat(shard).tier != "pinned":
+                    client.pin(shard)
             client.restore({TOKEN_IDS: ids}, name, strict=False)
     else:
         from thaw.restore import restore_file

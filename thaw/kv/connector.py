@@ -153,7 +153,12 @@ class ThawKVConnector(KVConnectorBase_V1):
 
         meta = self._get_connector_metadata()
         assert isinstance(meta, ThawKVMetadata)
-        refs = [BlockRef(item.name, 0, item.n_blocks, item.path) for item in meta.loads]
+        # The scheduler names rank 0's snapshot; every other rank loads its own shard.
+        refs = []
+        for item in meta.loads:
+            name = rank_name(item.name, self.spec)
+            path = item.path if name == item.name else self.store.path_for(name)
+            refs.append(BlockRef(name, 0, item.n_blocks, path))
         staged: list[dict[str, torch.Tensor] | None] = [None] * len(refs)
         if len(refs) > 1:  # the step's loads in one restore_many; one by one if that fails
             try:
