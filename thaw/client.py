@@ -375,14 +375,10 @@ class Client:
             # on the fd socket waits `timeout` seconds at most, never forever.
             sock.settimeout(self.timeout)
             try:
-                fdpass.send(sock, {"op": "auth"})
-                reply, fds = fdpass.recv(sock)
-            except TimeoutError:
+                reply, fds = self._exchange(sock, {"op": "auth"}, "on its fd socket")
+            except errors.DaemonUnavailable:
                 sock.close()
-                raise errors.DaemonUnavailable(
-                    f"thawd at {self.socket} did not answer on its fd socket in {self.timeout} s "
-                    "(stopped or stuck?): check `systemctl status thawd`"
-                ) from None
+                raise
             except (ConnectionError, OSError) as e:
                 sock.close()
                 raise errors.DaemonUnavailable(
@@ -711,7 +707,8 @@ class Client:
             sessions = [{"id": c.session_id, "ok": c.ok, "bytes": c.bytes,
                          "seconds": c.duration_s, "error": c.error}
                         for c in closes[at : at + fdpass.MAX_CLOSES]]  # fmt: skip
-            reply, fds = self._fd_call({"op": "close", "sessions": sessions})
+            reply, fds = self._fd_call({"op": "close", "sessions": sessions},
+                                       "while confirming a restore")  # fmt: skip
             for fd in fds:  # none are sent with a close
                 os.close(fd)
             if not reply.get("ok"):
@@ -734,14 +731,10 @@ class Client:
                 if sock is None:
                     raise errors.DaemonUnavailable("not connected to thawd")
                 try:
-                    fdpass.send(sock, message)
-                    return fdpass.recv(sock)
-                except TimeoutError:
+                    return self._exchange(sock, message, doing)
+                except errors.DaemonUnavailable:
                     self._drop_fd_sock()
-                    raise errors.DaemonUnavailable(
-                        f"thawd at {self.socket} did not answer{when} in {self.timeout} s "
-                        "(stopped or stuck?): check `systemctl status thawd`"
-                    ) from None
+                    raise
                 except (ConnectionError, OSError) as e:
                     # A reply may still come on this connection: never read it as another's.
                     self._drop_fd_sock()
@@ -750,6 +743,20 @@ class Client:
                             f"thawd at {self.socket} went away{when} ({e})"
                         ) from None
         raise AssertionError("unreachable")
+
+    def _exchange(self, sock: Any, message: dict[str, Any], doing: str,
+                  ) -> tuple[dict[str, Any], builtins.list[int]]:  # fmt: skip
+        """Send `message` on an fd-socket connection and receive the reply: DaemonUnavailable
+        when thawd does not answer within the timeout; a broken connection raises as it is."""
+        try:
+            fdpass.send(sock, message)
+            return fdpass.recv(sock)
+        except TimeoutError:
+            what = f" {doing}" if doing else ""
+            raise errors.DaemonUnavailable(
+                f"thawd at {self.socket} did not answer{what} in {self.timeout} s "
+                "(stopped or stuck?): check `systemctl status thawd`"
+            ) from None
 
     def _drop_fd_sock(self) -> None:
         """Close the fd socket (thawd revokes its token with it: the next gRPC call is refused
