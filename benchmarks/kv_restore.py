@@ -41,10 +41,10 @@ from common import Row, pinned_h2d_ceiling, print_table, timed
 from daemon import memcpy_rate, start_daemon
 
 import thaw
-from thaw.kv.store import TOKEN_IDS, KVSpec, copy_blocks, layer_tensor_name
+from thaw.kv.store import LAYERS, TOKEN_IDS, KVSpec, copy_blocks
 
 # Llama-3-8B KV on vLLM GPU (flash attention, NHD), block size 16.
-LAYERS, KV_HEADS, HEAD, BLOCK = 32, 8, 128, 16
+NUM_LAYERS, KV_HEADS, HEAD, BLOCK = 32, 8, 128, 16
 
 
 def kv_spec(dtype: str) -> KVSpec:
@@ -54,7 +54,7 @@ def kv_spec(dtype: str) -> KVSpec:
         layout="gpu-2NBHD",
         block_size=BLOCK,
         block_shape=(2, BLOCK, KV_HEADS, HEAD),
-        num_layers=LAYERS,
+        num_layers=NUM_LAYERS,
     )
 
 
@@ -62,12 +62,10 @@ def prefix_tensors(spec: KVSpec, tokens: int, seed: int) -> dict[str, torch.Tens
     n = tokens // BLOCK
     g = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, spec.dtype)
-    out = {
-        layer_tensor_name(i): torch.randn(n, *spec.block_shape, generator=g).to(dtype)
-        for i in range(LAYERS)
+    return {
+        LAYERS: torch.randn(NUM_LAYERS, n, *spec.block_shape, generator=g).to(dtype),
+        TOKEN_IDS: torch.randint(0, 128000, (n, BLOCK), generator=g, dtype=torch.int64),
     }
-    out[TOKEN_IDS] = torch.randint(0, 128000, (n, BLOCK), generator=g, dtype=torch.int64)
-    return out
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -110,20 +108,18 @@ def throughput(args: argparse.Namespace) -> None:
             dtype = getattr(torch, spec.dtype)
             targets = [
                 {
-                    layer_tensor_name(i): torch.empty(
-                        n, *spec.block_shape, dtype=dtype, device=device
-                    )
-                    for i in range(LAYERS)
+                    LAYERS: torch.empty(
+                        NUM_LAYERS, n, *spec.block_shape, dtype=dtype, device=device
+                    ),
+                    TOKEN_IDS: torch.empty(n, BLOCK, dtype=torch.int64, device=device),
                 }
                 for _ in range(1 + args.batch)
             ]
-            for t in targets:
-                t[TOKEN_IDS] = torch.empty(n, BLOCK, dtype=torch.int64, device=device)
             # The engine's KV cache: room for every prefix, prefixes land on random blocks.
             num_blocks = n * (1 + args.batch) + 64
             cache = [
                 torch.empty(2, num_blocks, BLOCK, KV_HEADS, HEAD, dtype=dtype, device=device)
-                for _ in range(LAYERS)
+                for _ in range(NUM_LAYERS)
             ]
             perm = torch.randperm(num_blocks).tolist()
             views = [layer.transpose(0, 1) for layer in cache]  # block index first
@@ -293,15 +289,16 @@ def ttft_forward(args: argparse.Namespace, shape: Any = None) -> None:
     prefill_s = min(timed(prefill, sync) for _ in range(args.repeat))
     with torch.no_grad():
         _, own = model.forward(prefix)  # the engine's own cache of the prefix
-    kv = {
-        # Block-major, as a KV snapshot stores vLLM's GPU cache: [blocks, K/V, 16, heads, head].
-        layer_tensor_name(i): torch.stack([k.transpose(0, 1), v.transpose(0, 1)], dim=1)
+    # Block-major, as a KV snapshot stores vLLM's GPU cache: per layer
+    # [blocks, K/V, 16, heads, head].
+    layers = [
+        torch.stack([k.transpose(0, 1), v.transpose(0, 1)], dim=1)
         .reshape(n, BLOCK, 2, shape.kv_heads, shape.head)
         .transpose(1, 2)
-        .contiguous()
-        for i, (k, v) in enumerate(own)
-    }
-    kv[TOKEN_IDS] = prefix.view(n, BLOCK).to(torch.int64)
+        for k, v in own
+    ]
+    kv = {LAYERS: torch.stack(layers), TOKEN_IDS: prefix.view(n, BLOCK).to(torch.int64)}
+    del layers
     size = sum(t.numel() * t.element_size() for t in kv.values())
     with tempfile.TemporaryDirectory(prefix="thaw-kvttft-") as tmp:
         directory = Path(tmp)
@@ -324,9 +321,9 @@ def ttft_forward(args: argparse.Namespace, shape: Any = None) -> None:
 
             def load(blocks: dict[str, torch.Tensor]) -> None:
                 """Block-major KV into the cache: one device copy per layer."""
-                for i, layer in enumerate(store):
+                for layer, stored in zip(store, blocks[LAYERS], strict=True):
                     layer.view(2, n, BLOCK, shape.kv_heads, shape.head).copy_(
-                        blocks[layer_tensor_name(i)].transpose(0, 1)
+                        stored.transpose(0, 1)
                     )
 
             load(kv)

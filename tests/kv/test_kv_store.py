@@ -11,6 +11,7 @@ import torch
 import thaw
 from thaw.errors import KVMismatch, ModelMismatch, ThawError
 from thaw.kv.store import (
+    LAYERS,
     TOKEN_IDS,
     BlockRef,
     KVSpec,
@@ -30,9 +31,10 @@ SPEC = KVSpec(
 )
 
 
-def blocks(n: int, seed: int) -> list[torch.Tensor]:
+def blocks(n: int, seed: int) -> torch.Tensor:
+    """KV blocks as a snapshot stores them: [layers, n, *block_shape]."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, *SPEC.block_shape, generator=g) for _ in range(SPEC.num_layers)]
+    return torch.randn(SPEC.num_layers, n, *SPEC.block_shape, generator=g)
 
 
 def labels_for(tokens: list[int]) -> dict[str, str]:
@@ -61,6 +63,9 @@ def test_spec_check_names_every_difference() -> None:
     assert "model" in str(e.value) and "block_size" in str(e.value)
     with pytest.raises(ThawError, match="not a KV-cache snapshot"):
         KVSpec.from_labels({})
+    # A format 1 snapshot (a tensor per layer) is refused by name, not misread.
+    with pytest.raises(KVMismatch, match="KV snapshot format 1: this thaw reads format 2"):
+        KVSpec.from_labels({**SPEC.labels(), "kv.format": "1"})
 
 
 @pytest.mark.parametrize("backend", ["thawd", "files"])
@@ -82,8 +87,7 @@ def test_store_round_trip_and_index_from_token_ids(
     assert [(r.name, r.index) for r in refs] == [(name, 0), (name, 1)]
     loaded = reader.load(refs[0])
     assert torch.equal(loaded[TOKEN_IDS].flatten(), torch.tensor(tokens[:12]))
-    for i, layer in enumerate(layers):
-        assert torch.equal(loaded[f"kv.layer{i}"], layer)
+    assert torch.equal(loaded[LAYERS], layers)
     # Another spec sees none of it.
     stranger = KVStore(
         KVSpec(**{**SPEC.__dict__, "model": "m2"}), socket=socket, directory=directory
@@ -115,7 +119,7 @@ def test_load_many_stages_several_prefixes_at_once(
     assert first[0] is first[3]
     for got, (layers, tokens) in zip(first, saved.values(), strict=False):
         assert torch.equal(got[TOKEN_IDS].flatten(), torch.tensor(tokens))
-        assert all(torch.equal(got[f"kv.layer{i}"], layer) for i, layer in enumerate(layers))
+        assert torch.equal(got[LAYERS], layers)
     assert [t is f for t, f in zip(store.load_many(refs), first, strict=False)] == [True] * 3
     store.close()
 
@@ -149,7 +153,7 @@ def test_load_refuses_a_snapshot_of_other_shape(tmp_path: Any) -> None:
 def test_copy_blocks_checks_the_tokens_before_writing() -> None:
     layers = blocks(3, 5)
     tokens = torch.arange(12).view(3, 4)
-    stored = {"kv.layer0": layers[0], "kv.layer1": layers[1], TOKEN_IDS: tokens}
+    stored = {LAYERS: layers, TOKEN_IDS: tokens}
     cache = [torch.zeros(6, *SPEC.block_shape) for _ in range(SPEC.num_layers)]
     copy_blocks(stored, "p", [2, 0], [5, 1], [*range(8, 12), *range(4)], cache)
     for layer, out in zip(layers, cache, strict=True):
@@ -183,7 +187,7 @@ def test_a_gpu_engine_saves_and_loads_in_gpu_memory(
     tokens = list(range(1000, 1048))
     keys = chain_keys(spec.key, tokens, 16)
     name = f"gpu-prefix-{backend}"
-    store.save(name, [layer.transpose(0, 1).index_select(0, used) for layer in cache],
+    store.save(name, torch.stack([layer.transpose(0, 1).index_select(0, used) for layer in cache]),
                torch.tensor(tokens, device="cuda").view(3, 16),
                {"kv.blocks": "3", "kv.tokens": "48", "kv.chain": keys[-1]})  # fmt: skip
     (loaded,) = store.load_many([BlockRef(name, 0, 3, store.path_for(name))])

@@ -74,11 +74,8 @@ def test_kv_snapshot_in_thawd_and_on_disk(setup: dict[str, Any], engine_a: dict[
     snap = thaw.open_snapshot(Path(setup["snapshot_dir"]) / "sess-a.thaw")
     shapes = {e.name: e.shape for e in snap.tensors}
     # tiny: 2 layers, 2 KV heads, head 64 -> CPU block [2, 128, 128]
-    assert shapes == {
-        "kv.layer0": (7, 2, 128, 128),
-        "kv.layer1": (7, 2, 128, 128),
-        "kv.token_ids": (7, 128),
-    }
+    assert shapes == {"kv.layers": (2, 7, 2, 128, 128), "kv.token_ids": (7, 128)}
+    assert labels["kv.format"] == "2"
     assert snap.fingerprint.dtype == "float32" and snap.fingerprint.engine == "vllm"
 
 

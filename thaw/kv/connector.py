@@ -191,13 +191,17 @@ class ThawKVConnector(KVConnectorBase_V1):
             return
         for item in meta.saves:
             try:
-                # Gathered where the cache is: thawd takes a GPU engine's blocks by DMA.
+                # Gathered where the cache is, into one tensor: thawd takes a GPU engine's
+                # blocks by DMA.
                 device = self._layers[0].device
                 ids = torch.tensor(item.block_ids, dtype=torch.int64, device=device)
-                layers = [self._blocks(layer).index_select(0, ids) for layer in self._layers]
+                first = self._blocks(self._layers[0])
+                blocks = first.new_empty(len(self._layers), len(ids), *first.shape[1:])
+                for layer, out in zip(self._layers, blocks, strict=True):
+                    torch.index_select(self._blocks(layer), 0, ids, out=out)
                 tokens = torch.tensor(item.token_ids, dtype=torch.int64, device=device)
                 tokens = tokens.view(len(ids), -1)
-                self.store.save(rank_name(item.name, self.spec), layers, tokens, item.labels)
+                self.store.save(rank_name(item.name, self.spec), blocks, tokens, item.labels)
             except Exception as e:  # the engine serves on; this prefix is just not stored
                 log.error("thaw KV save of %s failed: %s", item.name, e)
 

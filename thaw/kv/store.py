@@ -1,11 +1,14 @@
 """KV-cache snapshots in thaw's container format, keyed by token ids, and the index over them.
 
-A KV snapshot holds one prefix of full blocks:
+A KV snapshot holds one prefix of full blocks (format 2):
 
-    kv.layer{L}     [n_blocks, *block_shape]   the engine's KV bytes for layer L, block by block
-    kv.token_ids    int64 [n_blocks, block_size]  the tokens behind each block
+    kv.layers       [num_layers, n_blocks, *block_shape]  the engine's KV bytes, layer by layer,
+                                                          block by block
+    kv.token_ids    int64 [n_blocks, block_size]          the tokens behind each block
 
-and records in its fingerprint labels what the bytes mean (model fingerprint, dtype, layout,
+(two tensors, not one per layer: a restore's fixed cost grows with its tensor count, and a
+4k-token prefix of an 8B model is only ~10 ms of copying), and records in its fingerprint
+labels what the bytes mean (model fingerprint, dtype, layout,
 block size and shape, layers) plus, for the record only, vLLM's prefix-cache hash algorithm and
 seed of the engine that wrote it. Blocks are looked up by *our* chain key: SHA-256 over the
 KV spec and the token ids of the block and all blocks before it. The key is a function of the
@@ -42,13 +45,11 @@ log = logging.getLogger("thaw.kv")
 
 KIND_LABEL = "thaw.kind"
 KIND = "kv"
+FORMAT = 2  # format 1 stored a tensor per layer (kv.layer{L}); its snapshots are not read
+LAYERS = "kv.layers"
 TOKEN_IDS = "kv.token_ids"
 # Spec fields compared between a snapshot and an engine, in the order errors name them.
 SPEC_FIELDS = ("model", "dtype", "layout", "block_size", "block_shape", "num_layers")
-
-
-def layer_tensor_name(index: int) -> str:
-    return f"kv.layer{index}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,7 @@ class KVSpec:
         fields = {f: getattr(self, f) for f in SPEC_FIELDS}
         fields["block_shape"] = list(self.block_shape)
         fields["tp"] = [self.tp_rank, self.tp_size]
+        fields["format"] = FORMAT
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
     @property
@@ -90,12 +92,16 @@ class KVSpec:
             "kv.block_shape": "x".join(map(str, self.block_shape)),
             "kv.num_layers": str(self.num_layers),
             "kv.tp": f"{self.tp_rank}/{self.tp_size}",
+            "kv.format": str(FORMAT),
         }
 
     @classmethod
     def from_labels(cls, labels: Mapping[str, str]) -> KVSpec:
         if labels.get(KIND_LABEL) != KIND:
             raise ThawError("not a KV-cache snapshot (no thaw.kind=kv label)")
+        if labels.get("kv.format", "1") != str(FORMAT):
+            raise KVMismatch(f"KV snapshot format {labels.get('kv.format', '1')}: this thaw "
+                             f"reads format {FORMAT}; capture the prefix again")  # fmt: skip
         try:
             rank, size = labels.get("kv.tp", "0/1").split("/")
             return cls(
@@ -431,13 +437,12 @@ class KVStore:
     def save(
         self,
         name: str,
-        layers: Sequence[torch.Tensor],
+        blocks: torch.Tensor,
         token_ids: torch.Tensor,
         labels: Mapping[str, str],
     ) -> None:
-        """Store `layers` ([n, *block_shape] each) and their token ids as snapshot `name`."""
-        tensors = {layer_tensor_name(i): t.contiguous() for i, t in enumerate(layers)}
-        tensors[TOKEN_IDS] = token_ids.to(torch.int64).contiguous()
+        """Store `blocks` ([num_layers, n, *block_shape]) and their token ids as `name`."""
+        tensors = {LAYERS: blocks.contiguous(), TOKEN_IDS: token_ids.to(torch.int64).contiguous()}
         fingerprint = self.fingerprint(labels)
         if self.client is not None:
             try:
@@ -495,17 +500,14 @@ class KVStore:
 
     def _empty(self, n_blocks: int) -> dict[str, torch.Tensor]:
         dtype = getattr(torch, self.spec.dtype)
-        shape, device = self.spec.block_shape, self.device
-        tensors = {
-            layer_tensor_name(i): torch.empty(n_blocks, *shape, dtype=dtype, device=device)
-            for i in range(self.spec.num_layers)
-        }
-        # On the same device as the layers: a restore into CUDA tensors only takes the
-        # direct path from thawd's pool (docs/DAEMON.md).
-        tensors[TOKEN_IDS] = torch.empty(
-            n_blocks, self.spec.block_size, dtype=torch.int64, device=device
-        )
-        return tensors
+        spec, device = self.spec, self.device
+        # Both on the engine's device: a restore into CUDA tensors only takes the direct path
+        # from thawd's pool (docs/DAEMON.md).
+        return {
+            LAYERS: torch.empty(spec.num_layers, n_blocks, *spec.block_shape, dtype=dtype,
+                                device=device),
+            TOKEN_IDS: torch.empty(n_blocks, spec.block_size, dtype=torch.int64, device=device),
+        }  # fmt: skip
 
     def close(self) -> None:
         if self._client is not None:
@@ -534,8 +536,7 @@ def copy_blocks(
     if not torch.equal(stored_tokens.cpu(), expected):
         raise KVMismatch(f"KV snapshot {name!r} holds other tokens than its index says")
     dst_ids = torch.tensor(dst, dtype=torch.int64, device=layers[0].device)
-    for i, blocks in enumerate(layers):
-        data = stored[layer_tensor_name(i)]
+    for blocks, data in zip(layers, stored[LAYERS], strict=True):
         if src_ids is not None:
             data = data.index_select(0, src_ids)
         blocks.index_copy_(0, dst_ids, data.to(blocks.device))
