@@ -397,9 +397,10 @@ class Client:
             if old is None or (self._pool is not None and self._pool["id"] == old.pool_id):
                 return
             self._pool_map = None
-        # thawd restarted: its old pool goes and its new one comes. Outside the lock: the old
-        # map waits for restores still holding it, which may need the fd socket to finish.
-        old.close()
+        # thawd restarted: its old pool goes and its new one comes. The old map goes once the
+        # restores holding it end, on its own thread: this thread may be one of them (its
+        # open found the restart), and waiting here would wait for itself.
+        old.close(wait=False)
         self.map_pool(old.device)
 
     def map_pool(self, device: int) -> bool:

@@ -101,12 +101,15 @@ class PoolMap:
         finally:
             self._mirror = None
             mirror.close()
+            self._sock.close()
             log.debug("pool %d: mapping released", self.pool_id)
 
-    def close(self) -> None:
-        """Stop mapping, release the map (after the copies using it) and end the thread."""
+    def close(self, wait: bool = True) -> None:
+        """Stop mapping and release the map once the copies using it are done; `wait` for
+        that. Without waiting, the map's own thread releases it: the caller may hold the map
+        itself (a restore that finds thawd restarted and re-authenticates)."""
         self._stop.set()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # the idle recv returns: the map goes
-        self._thread.join()
-        self._sock.close()
+        if wait:
+            self._thread.join()

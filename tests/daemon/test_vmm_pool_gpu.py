@@ -254,3 +254,34 @@ def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore
         assert c.restore(target, "p").delivery == "pool"
         assert all(torch.equal(target[k], tensors[k]) for k in tensors)
         assert c._pool_map is not None and c._pool_map.pool_id != first.pool_id
+
+
+def test_a_restore_holding_the_map_survives_a_thawd_restart(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+    """thawd restarts while a restore holds the pool map: the restore's next call finds the
+    restart and re-authenticates, and the old map must go once that restore lets it go, not
+    wait for it in the same thread (a deadlock before)."""
+    import threading
+
+    from thaw.client import connect
+
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
+    torch.cuda.init()
+    with connect(d.socket) as c:
+        c.freeze(cuda_tensors(21, 2), "p", wait=True)
+        first = c._pool_map
+        held = c._hold_pool()  # as a restore does before it opens
+        assert first is not None and held is not None
+        d.restart()
+        done = threading.Event()
+
+        def reauthenticate() -> None:
+            c._authenticate()  # what the restore's open does when it finds the restart
+            done.set()
+
+        worker = threading.Thread(target=reauthenticate, daemon=True)
+        worker.start()
+        assert done.wait(20), "re-authentication waited for the map its own thread holds"
+        assert c._pool_map is not None and c._pool_map.pool_id != first.pool_id
+        held.release()  # the restore ends: now the old map goes
+        first._thread.join(20)
+        assert not first.alive
