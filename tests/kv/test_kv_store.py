@@ -3,6 +3,7 @@ over plain files, the index rebuilt from stored token ids."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import thaw
 from thaw.errors import KVMismatch, ModelMismatch, ThawError
 from thaw.kv.store import (
+    AUTO_LABEL,
     LAYERS,
     TOKEN_IDS,
     BlockRef,
@@ -137,6 +139,54 @@ def test_files_written_without_daemon_are_registered_later(tmp_path: Any, kv_tha
     with thaw.connect(kv_thawd.socket) as client:
         assert client.stat("offline-prefix").path.endswith("offline-prefix.thaw")
     online.close()
+
+
+def test_a_full_pinned_budget_unpins_the_oldest_automatic_saves(tmp_path: Any) -> None:
+    """Room for two 8 MiB prefixes: a third automatic save unpins the least recently used
+    automatic one (it stays in the store, cold, and still loads); a capture is never unpinned,
+    and when only captures hold the budget the save fails with BudgetExceeded."""
+    from tests.daemon.conftest import ThawdProcess, make_dir
+    from thaw.errors import BudgetExceeded
+
+    spec = KVSpec(model="m-big", dtype="float32", layout="cpu-LBHNC", block_size=4,
+                  block_shape=(1024, 1024), num_layers=2)  # fmt: skip
+    daemon = ThawdProcess(make_dir(), pinned_budget="24MiB").start()
+    try:
+        store = KVStore(spec, socket=daemon.socket, directory=str(tmp_path / "kv"))
+
+        def save(name: str, seed: int, auto: bool) -> torch.Tensor:
+            g = torch.Generator().manual_seed(seed)
+            data = torch.randn(2, 1, 1024, 1024, generator=g)
+            tokens = list(range(seed * 4, seed * 4 + 4))
+            labels = {"kv.blocks": "1", "kv.tokens": "4",
+                      "kv.chain": chain_keys(spec.key, tokens, 4)[-1]}  # fmt: skip
+            if auto:
+                labels[AUTO_LABEL] = "1"
+            store.save(name, data, torch.tensor(tokens).view(1, 4), labels)
+            with thaw.connect(daemon.socket) as client:  # written behind: wait for the file,
+                deadline = time.monotonic() + 30  # or unpin would find the snapshot busy
+                while client.stat(name).file_pending and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            return data
+
+        first = save("auto-1", 1, auto=True)
+        save("auto-2", 2, auto=True)
+        with thaw.connect(daemon.socket) as client:
+            client.restore(store._empty(1), "auto-2")  # used since: auto-1 is the oldest
+            save("auto-3", 3, auto=True)
+            tiers = {n: client.stat(n).tier for n in ("auto-1", "auto-2", "auto-3")}
+            assert tiers == {"auto-1": "cold", "auto-2": "pinned", "auto-3": "pinned"}
+            loaded = store.load(BlockRef("auto-1", 0, 1, store.path_for("auto-1")))
+            assert torch.equal(loaded[LAYERS], first)  # from its file now
+            save("capture-1", 4, auto=False)  # room made by unpinning auto-2
+            save("capture-2", 5, auto=False)  # and auto-3
+            assert client.stat("auto-3").tier == "cold"
+            with pytest.raises(BudgetExceeded):  # only captures left pinned
+                save("auto-4", 6, auto=True)
+            assert {client.stat(n).tier for n in ("capture-1", "capture-2")} == {"pinned"}
+        store.close()
+    finally:
+        daemon.close()
 
 
 def test_load_refuses_a_snapshot_of_other_shape(tmp_path: Any) -> None:

@@ -28,6 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from thaw.errors import KVMismatch
 from thaw.kv.store import (
+    AUTO_LABEL,
     KVStore,
     auto_name,
     chain_keys,
@@ -317,6 +318,8 @@ class ThawKVConnector(KVConnectorBase_V1):
             "kv.tokens": str(len(tokens)),
             "kv.chain": keys[-1],
         }
+        if state.capture is None:
+            labels[AUTO_LABEL] = "1"  # may be unpinned for room (KVStore._freeze_pinned)
         self.store.note_saved(name, tokens, {**self.spec.labels(), **labels})
         return SaveItem(req_id, name, state.block_ids[:n], tokens, labels)
 

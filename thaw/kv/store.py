@@ -38,7 +38,14 @@ from typing import Any
 
 import torch
 
-from thaw.errors import AlreadyExists, KVMismatch, NotFound, ThawError
+from thaw.errors import (
+    AlreadyExists,
+    BudgetExceeded,
+    InvalidRequest,
+    KVMismatch,
+    NotFound,
+    ThawError,
+)
 from thaw.fingerprint import Fingerprint
 
 log = logging.getLogger("thaw.kv")
@@ -48,6 +55,8 @@ KIND = "kv"
 FORMAT = 2  # format 1 stored a tensor per layer (kv.layer{L}); its snapshots are not read
 LAYERS = "kv.layers"
 TOKEN_IDS = "kv.token_ids"
+# On automatic saves (the connector's), not on captures: thawd may unpin them for room.
+AUTO_LABEL = "kv.auto"
 # Spec fields compared between a snapshot and an engine, in the order errors name them.
 SPEC_FIELDS = ("model", "dtype", "layout", "block_size", "block_shape", "num_layers")
 
@@ -446,14 +455,7 @@ class KVStore:
         fingerprint = self.fingerprint(labels)
         if self.client is not None:
             try:
-                self.client.freeze(
-                    tensors,
-                    name,
-                    self.path_for(name) or None,
-                    fingerprint,
-                    labels=fingerprint.labels,
-                    pin=True,
-                )
+                self._freeze_pinned(tensors, name, fingerprint)
             except AlreadyExists:
                 log.debug("KV snapshot %s already stored", name)
         else:
@@ -462,6 +464,38 @@ class KVStore:
             path = self.path_for(name)
             if not os.path.exists(path):
                 freeze_file(tensors, path, fingerprint=fingerprint)
+
+    def _freeze_pinned(
+        self, tensors: dict[str, torch.Tensor], name: str, fingerprint: Fingerprint
+    ) -> None:
+        """Freeze into thawd's pinned tier. When the pinned budget is full, unpin this spec's
+        automatic saves, least recently used first, until the new one fits: they stay in
+        the store, cold (loads read their files). Captures are never unpinned here."""
+        tried: set[str] = set()
+        while True:
+            try:
+                self.client.freeze(tensors, name, self.path_for(name) or None, fingerprint,
+                                   labels=fingerprint.labels, pin=True)  # fmt: skip
+                return
+            except BudgetExceeded:
+                victim = self._least_recent_save(tried)
+                if victim is None:
+                    raise
+                tried.add(victim)
+                with contextlib.suppress(InvalidRequest):  # busy: restored or written now
+                    self.client.unpin(victim)
+                    log.info("KV snapshot %s unpinned to make room for %s", victim, name)
+
+    def _least_recent_save(self, skip: set[str]) -> str | None:
+        """The pinned automatic save of this spec used longest ago, not in use, not in `skip`."""
+        candidates = [
+            r for r in self.client.list()
+            if r.labels.get("kv.spec") == self.spec.key and r.labels.get(AUTO_LABEL) == "1"
+            and r.tier == "pinned" and not r.clients and r.name not in skip
+        ]  # fmt: skip
+        if not candidates:
+            return None
+        return min(candidates, key=lambda r: r.last_used or r.registered).name
 
     def load(self, ref: BlockRef) -> dict[str, torch.Tensor]:
         """All tensors of the snapshot `ref` points into, on `device` (host memory: an LRU)."""
