@@ -283,6 +283,11 @@ def _error(e: grpc.RpcError, socket: str) -> errors.DaemonError:
     return cls(details)
 
 
+def _refused(reply: Mapping[str, Any]) -> errors.DaemonError:
+    """The exception for an fd-socket reply that is not ok: the class thawd names."""
+    return _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(reply.get("message", ""))
+
+
 # --- the client ---------------------------------------------------------------------------------
 
 
@@ -375,7 +380,7 @@ class Client:
             # on the fd socket waits `timeout` seconds at most, never forever.
             sock.settimeout(self.timeout)
             try:
-                reply, fds = self._exchange(sock, {"op": "auth"}, "on its fd socket")
+                reply, fds = self._exchange(sock, {"op": "auth"}, " on its fd socket")
             except errors.DaemonUnavailable:
                 sock.close()
                 raise
@@ -388,9 +393,7 @@ class Client:
                 os.close(fd)
             if not reply.get("ok"):
                 sock.close()
-                raise _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(
-                    reply.get("message", "")
-                )
+                raise _refused(reply)
             self._fd_sock, self._token = sock, reply["token"]
             self._pool = reply.get("pool")
             old = self._pool_map
@@ -466,7 +469,7 @@ class Client:
         if not reply.get("ok") or not fds or len(fds) != len(sizes):
             for fd in fds:
                 os.close(fd)
-            raise _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(reply.get("message", ""))
+            raise _refused(reply)
         return fds, sizes, int(reply.get("buffer", 0))
 
     # --- snapshots ----------------------------------------------------------------------------
@@ -671,19 +674,15 @@ class Client:
         calls all in flight at once. On any failure no session stays open and the first
         error is raised."""
         if len(requests) <= fdpass.MAX_OPENS:
-            reply, fds = self._fd_call(
+            reply = self._fd_request(
                 {"op": "open",
                  "restores": [base64.b64encode(r.SerializeToString()).decode() for r in requests]},
                 "while opening a restore", reconnect=True)  # fmt: skip
-            for fd in fds:  # none are sent with an open
-                os.close(fd)
             if reply.get("ok"):
                 return [pb.OpenRestoreResponse.FromString(base64.b64decode(o))
                         for o in reply["opened"]]  # fmt: skip
             if reply.get("error") != fdpass.TOO_LARGE:
-                raise _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(
-                    reply.get("message", "")
-                )
+                raise _refused(reply)
         if len(requests) == 1:
             return [self._call("OpenRestore", requests[0])]
         for attempt in (0, 1):
@@ -708,14 +707,18 @@ class Client:
             sessions = [{"id": c.session_id, "ok": c.ok, "bytes": c.bytes,
                          "seconds": c.duration_s, "error": c.error}
                         for c in closes[at : at + fdpass.MAX_CLOSES]]  # fmt: skip
-            reply, fds = self._fd_call({"op": "close", "sessions": sessions},
-                                       "while confirming a restore")  # fmt: skip
-            for fd in fds:  # none are sent with a close
-                os.close(fd)
+            reply = self._fd_request({"op": "close", "sessions": sessions},
+                                     "while confirming a restore")  # fmt: skip
             if not reply.get("ok"):
-                raise _BY_NAME.get(reply.get("error", ""), errors.DaemonError)(
-                    reply.get("message", "")
-                )
+                raise _refused(reply)
+
+    def _fd_request(self, message: dict[str, Any], doing: str, reconnect: bool = False,
+                    ) -> dict[str, Any]:  # fmt: skip
+        """`_fd_call` for a request whose reply carries no fds (any that come are closed)."""
+        reply, fds = self._fd_call(message, doing, reconnect)
+        for fd in fds:
+            os.close(fd)
+        return reply
 
     def _fd_call(self, message: dict[str, Any], doing: str = "", reconnect: bool = False,
                  ) -> tuple[dict[str, Any], builtins.list[int]]:  # fmt: skip
@@ -732,7 +735,7 @@ class Client:
                 if sock is None:
                     raise errors.DaemonUnavailable("not connected to thawd")
                 try:
-                    return self._exchange(sock, message, doing)
+                    return self._exchange(sock, message, when)
                 except errors.DaemonUnavailable:
                     self._drop_fd_sock()
                     raise
@@ -745,17 +748,17 @@ class Client:
                         ) from None
         raise AssertionError("unreachable")
 
-    def _exchange(self, sock: Any, message: dict[str, Any], doing: str,
+    def _exchange(self, sock: Any, message: dict[str, Any], when: str,
                   ) -> tuple[dict[str, Any], builtins.list[int]]:  # fmt: skip
         """Send `message` on an fd-socket connection and receive the reply: DaemonUnavailable
-        when thawd does not answer within the timeout; a broken connection raises as it is."""
+        when thawd does not answer within the timeout (`when`: " while ...", or "");
+        a broken connection raises as it is."""
         try:
             fdpass.send(sock, message)
             return fdpass.recv(sock)
         except TimeoutError:
-            what = f" {doing}" if doing else ""
             raise errors.DaemonUnavailable(
-                f"thawd at {self.socket} did not answer{what} in {self.timeout} s "
+                f"thawd at {self.socket} did not answer{when} in {self.timeout} s "
                 "(stopped or stuck?): check `systemctl status thawd`"
             ) from None
 

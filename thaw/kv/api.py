@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from thaw.errors import AlreadyExists, NotFound, ThawError
-from thaw.kv.store import KVSpec, read_labels, spec_from_vllm_config
+from thaw.kv.store import KVSpec, rank_name, read_labels, spec_from_vllm_config
 
 CONNECTOR = "ThawKVConnector"
 MODULE = "thaw.kv.connector"
@@ -192,8 +192,7 @@ def restore(llm: Any, name: str) -> KVPrefix:
         from thaw.client import connect
 
         with connect(socket) as client:
-            # Every rank's shard: tensor-parallel ranks other than 0 store `name.tp<rank>`.
-            for shard in [name, *(f"{name}.tp{r}" for r in range(1, stored.tp_size))]:
+            for shard in (rank_name(name, rank) for rank in range(stored.tp_size)):  # every rank
                 if client.stat(shard).tier != "pinned":
                     client.pin(shard)
             client.restore({TOKEN_IDS: ids}, name, strict=False)
