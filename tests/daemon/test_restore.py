@@ -255,7 +255,8 @@ def test_restores_open_on_the_fd_socket(shared_thawd: ThawdProcess) -> None:
             ("fd-small", "InvalidRequest", "a list of 1 to 64"),
             ([], "InvalidRequest", "a list of 1 to 64"),
             (encoded("fd-small") * 65, "InvalidRequest", "a list of 1 to 64"),
-            (["not base64!"], "InvalidRequest", ""),
+            (["not base64!"], "InvalidRequest", "Only base64 data is allowed"),
+            ([base64.b64encode(b"\xff\xff\xff").decode()], "InvalidRequest", "Error parsing"),
             (encoded("fd-small", "fd-large"), fdpass.TOO_LARGE, "open over gRPC"),
         ):
             reply, _ = c._fd_call({"op": "open", "restores": restores})
@@ -276,6 +277,29 @@ def test_restores_open_on_the_fd_socket(shared_thawd: ThawdProcess) -> None:
         reply, _ = fdpass.recv(sock)
     assert (reply["ok"], reply["error"]) == (False, "PermissionDenied")
     assert "authenticate this connection first" in reply["message"]
+
+
+def test_a_stopping_thawd_opens_no_restore(thawd: ThawdProcess) -> None:
+    """While thawd drains (SIGTERM, restores still open), the fd socket opens nothing new."""
+    import base64
+
+    from thaw._proto import thawd_pb2 as pb
+
+    c = connect(thawd.socket)
+    c.register(write_snapshot(thawd.dir / "d.thaw", random_tensors(42)), "d")
+    opening = pb.OpenRestoreRequest(name="d").SerializeToString()
+    request = {"op": "open", "restores": [base64.b64encode(opening).decode()]}
+    assert c._fd_call(request)[0]["ok"]  # an open restore: the drain waits for it
+    os.kill(thawd.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 1.5  # within drain_grace_s (2 s)
+    reply = c._fd_call(request)[0]
+    while reply["ok"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+        reply = c._fd_call(request)[0]
+    assert (reply["ok"], reply["error"]) == (False, "DaemonUnavailable")
+    assert "thawd is stopping" in reply["message"]
+    thawd.proc.wait(timeout=30)
+    c.close()
 
 
 def test_a_client_restores_again_after_thawd_restarts(thawd: ThawdProcess) -> None:
