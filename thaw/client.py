@@ -248,6 +248,7 @@ _BY_NAME: dict[str, type[errors.DaemonError]] = {
         errors.BudgetExceeded,
         errors.InvalidRequest,
         errors.DaemonUnavailable,
+        errors.SnapshotChanged,
     )
 }
 _BY_CODE: dict[grpc.StatusCode, type[errors.DaemonError]] = {
@@ -798,6 +799,8 @@ class Client:
         if expect is not None:
             check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
         bindings = datapath.bind(entries, named, strict=strict)
+        if info.pool_kind == pb.POOL_KIND_FILE:
+            return self._copy_file(name, info, bindings, total, progress), "file"
         source = None if info.delivery == pb.DELIVERY_DAEMON_COPY else self._map(
             name, info, bindings, mirror)  # fmt: skip
         if source is None:  # the daemon copies: export our allocations to it
@@ -827,9 +830,27 @@ class Client:
             progress(copied, total)
         if source is None:
             return copied, "daemon_copy"
-        if info.pool_kind == pb.POOL_KIND_FILE:
-            return copied, "file"
         return copied, _DELIVERIES.get(info.delivery, "fds")
+
+    def _copy_file(self, name: str, info: pb.OpenRestoreResponse, bindings: builtins.list[Any],
+                   total: int, progress: Callable[[int, int], None] | None) -> int:  # fmt: skip
+        """A snapshot that is not pinned: thawd hands over the registered file's fd, which is
+        read with pread and verified against the manifest thawd registered, tensor by tensor,
+        as the bytes land (the file is the one part of the path thawd does not hold)."""
+        from thaw import restore
+
+        fds, _, _ = self._redeem(info.session_id)
+        if progress is not None:
+            progress(0, total)
+        try:
+            copied, _ = restore.read_payload(bindings, fds[0], info.payload_offset,
+                                             info.payload_length, f"{info.path} (thawd:{name})")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if progress is not None:
+            progress(copied, total)
+        return copied
 
     def _daemon_copy(self, method: str, session_id: str,
                      batches: Iterator[tuple[Any, Callable[[], int]]]) -> int:  # fmt: skip
@@ -882,11 +903,6 @@ class Client:
         fds, sizes, buffer_id = self._redeem(info.session_id)
         t_redeem = time.perf_counter()
         try:
-            if kind == "file":
-                if not info.payload_length:
-                    return 0, False, None, _nothing
-                mapping = MemoryMapping(fds[0], info.payload_length, info.payload_offset)
-                return mapping.addr, False, None, mapping.close
             # Pool buffers stay mapped (and CUDA-registered) for this process's next restore
             # of the same buffer: mapping and registration are paid once per process.
             if kind == "vmm":

@@ -133,6 +133,12 @@ class InvalidRequest(DaemonError):
     """A request's arguments are invalid (a bad name, a bad label)."""
 
 
+class SnapshotChanged(DaemonError):
+    """The file of a registered snapshot was modified, replaced or removed since it was
+    registered: thawd no longer serves it from the file. Register it again to adopt the new
+    file (its pinned copy, verified when pinned, is still the registered snapshot's)."""
+
+
 class CudaError(ThawError):
     """A CUDA call failed; the message names the call and CUDA's error."""
 

@@ -8,6 +8,10 @@ from typing import Any
 
 from thaw.errors import FingerprintMismatch
 
+# What a manifest's fingerprint may hold (thaw/format.py bounds the rest of a manifest).
+MAX_LABELS = 1024
+MAX_TEXT = 4096
+
 # Keys compared by `check`. Labels are free-form and never compared.
 IDENTITY_KEYS = (
     "architecture", "dtype", "parameter_count", "quantization",
@@ -47,6 +51,11 @@ class Fingerprint:
             isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
         ):
             raise ValueError("fingerprint labels must map strings to strings")
+        if len(labels) > MAX_LABELS or any(
+            len(k) > MAX_TEXT or len(v) > MAX_TEXT for k, v in labels.items()
+        ):
+            raise ValueError(f"fingerprint labels: at most {MAX_LABELS}, each at most {MAX_TEXT} "
+                             "characters")  # fmt: skip
         for f in dataclasses.fields(cls):
             if f.name in values and f.name != "labels":
                 expected_type = int if f.type == "int" else str
@@ -54,6 +63,8 @@ class Fingerprint:
                     values[f.name], bool
                 ):
                     raise ValueError(f"fingerprint {f.name} must be {expected_type.__name__}")
+                if expected_type is str and len(values[f.name]) > MAX_TEXT:
+                    raise ValueError(f"fingerprint {f.name} longer than {MAX_TEXT} characters")
         return cls(**values)
 
     def differences(self, other: Fingerprint) -> list[tuple[str, object, object]]:

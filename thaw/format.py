@@ -12,12 +12,14 @@ writers also work in a temporary file renamed into place only after fsync.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
+import secrets
 import stat
 import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,11 +50,19 @@ ALIGNMENT = 4096
 PAYLOAD_OFFSET = 2 << 20
 CHECKSUM_ALGORITHM = "xxh3-tree-16M"
 
-# Sanity bounds: nothing is allocated from an unchecked field.
+# Sanity bounds: nothing is allocated from an unchecked field, and a manifest's parse cost is
+# bounded by its structure, not only its bytes (64 MiB of `[{},{},...]` would be 22 million
+# dicts, ~1.5 GB of Python objects in the daemon). 262,144 tensors is 3x the largest
+# checkpoints in use (a 384-expert MoE with per-tensor scales has ~140,000).
 MAX_MANIFEST_BYTES = 64 << 20
-MAX_TENSORS = 1_000_000
+MAX_TENSORS = 1 << 18
 MAX_NDIM = 16
 MAX_NAME = 1024
+# A manifest's JSON objects and arrays: the document, the fingerprint and its labels, and one
+# object and one shape array per tensor. Counted on the raw bytes before parsing.
+_MAX_CONTAINERS = 2 * MAX_TENSORS + 8
+_ENTRY_KEYS = frozenset({"name", "dtype", "shape", "offset", "length", "checksum"})
+_CHECKSUM_HEX = frozenset("0123456789abcdef")
 
 # magic, version, flags, header_size, alignment, payload_offset, payload_length,
 # manifest_offset, manifest_length, file_length, manifest_checksum, header_checksum
@@ -102,6 +112,14 @@ class Manifest:
         if not self.tensors:
             return 0
         return align_up(max(t.offset + t.length for t in self.tensors))
+
+    @property
+    def content_id(self) -> str:
+        """16 hex digits naming the payload's content: every tensor's name, dtype, shape and
+        checksum. Two snapshots with equal ids restore the same bytes into the same tensors,
+        whatever their files, fingerprints or labels (KV snapshots are bound to it)."""
+        doc = [[t.name, t.dtype, list(t.shape), t.checksum] for t in self.tensors]
+        return f"{_native.xxh3(json.dumps(doc, separators=(',', ':')).encode()):016x}"
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -164,16 +182,19 @@ def open_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     """Open and validate a snapshot's header and manifest. Raises a SnapshotError subclass."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise SnapshotError(path, f"cannot open: {e.strerror}") from e
     try:
-        return _read(fd, path)
+        return read_snapshot(fd, path)
     finally:
         os.close(fd)
 
 
-def _read(fd: int, path: Path) -> Snapshot:
+def read_snapshot(fd: int, path: object) -> Snapshot:
+    """Validate the header and manifest of the snapshot open as `fd` (`path` names it in
+    messages only: nothing is opened by name). Raises a SnapshotError subclass."""
+    path = Path(str(path))
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise SnapshotError(path, "not a regular file")
@@ -213,11 +234,20 @@ def _read(fd: int, path: Path) -> Snapshot:
         raise TruncatedSnapshot(path, "manifest shorter than declared")
     if _native.xxh3(blob) != manifest_checksum:
         raise ManifestCorrupt(path, "manifest checksum mismatch: the manifest is damaged")
-    manifest = _parse_manifest(path, blob, payload_length)
+    manifest = parse_manifest(path, blob, payload_length)
     return Snapshot(path, manifest, payload_offset, payload_length, file_length)
 
 
-def _parse_manifest(path: Path, blob: bytes, payload_length: int) -> Manifest:
+def parse_manifest(path: object, blob: bytes, payload_length: int) -> Manifest:
+    """The manifest in `blob`, validated against a payload of `payload_length` bytes.
+
+    The cost of a parse is bounded before json sees the bytes: at most `_MAX_CONTAINERS`
+    objects and arrays (their opening brackets, counted in C), so no valid-checksum file can
+    make the parser build millions of objects."""
+    containers = blob.count(b"{") + blob.count(b"[")
+    if containers > _MAX_CONTAINERS:
+        raise ManifestCorrupt(path, f"manifest has {containers} JSON objects and arrays; a "
+                              f"snapshot holds at most {MAX_TENSORS} tensors")  # fmt: skip
     try:
         doc = json.loads(blob)
         if not isinstance(doc, dict) or doc.get("format") != "thaw-snapshot":
@@ -227,7 +257,7 @@ def _parse_manifest(path: Path, blob: bytes, payload_length: int) -> Manifest:
         fingerprint = Fingerprint.from_json(doc["fingerprint"])
         raw_tensors = doc["tensors"]
         if not isinstance(raw_tensors, list) or len(raw_tensors) > MAX_TENSORS:
-            raise ValueError("tensors must be a list of at most 1,000,000 entries")
+            raise ValueError(f"tensors must be a list of at most {MAX_TENSORS} entries")
         tensors = tuple(_parse_entry(t) for t in raw_tensors)
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ManifestCorrupt(path, f"invalid manifest: {e}") from e
@@ -250,6 +280,8 @@ def _parse_manifest(path: Path, blob: bytes, payload_length: int) -> Manifest:
 
 
 def _parse_entry(raw: Any) -> TensorEntry:
+    if not isinstance(raw, dict) or raw.keys() != _ENTRY_KEYS:
+        raise ValueError(f"a tensor entry is an object with exactly the keys {sorted(_ENTRY_KEYS)}")
     name, dtype, shape = raw["name"], raw["dtype"], raw["shape"]
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
         raise ValueError(f"bad tensor name {name!r}")
@@ -259,10 +291,12 @@ def _parse_entry(raw: Any) -> TensorEntry:
         raise ValueError(f"tensor {name!r}: shape must be a list of at most {MAX_NDIM} dims")
     if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 48 for d in shape):
         raise ValueError(f"tensor {name!r}: bad shape {shape}")
-    offset, length = raw["offset"], raw["length"]
+    offset, length, checksum = raw["offset"], raw["length"], raw["checksum"]
     if not all(isinstance(v, int) and 0 <= v < 1 << 56 for v in (offset, length)):
         raise ValueError(f"tensor {name!r}: bad offset/length")
-    entry = TensorEntry(name, dtype, tuple(shape), offset, length, int(raw["checksum"], 16))
+    if not isinstance(checksum, str) or len(checksum) != 16 or not set(checksum) <= _CHECKSUM_HEX:
+        raise ValueError(f"tensor {name!r}: checksum must be 16 lowercase hex digits")
+    entry = TensorEntry(name, dtype, tuple(shape), offset, length, int(checksum, 16))
     if entry.numel * itemsize(dtype) != length:
         raise ValueError(f"tensor {name!r}: length {length} does not match {dtype}{shape}")
     return entry
@@ -279,28 +313,49 @@ def verify_tensor(path: object, entry: TensorEntry, addr: int, threads: int = 1)
 
 
 class SnapshotWriter:
-    """Writes one snapshot crash-safely: temporary file, fsync, atomic rename, fsync of the dir.
+    """Writes one snapshot crash-safely: temporary file, fsync, atomic link or rename, fsync of
+    the directory.
 
     Use as a context manager: on an exception the temporary file is removed and the target
     path is untouched. The payload may be written in any order with `write_at` / `fd`.
+
+    `dir_fd`: the directory as an open fd and `path` a bare name in it; nothing is then
+    resolved by name but that one entry, so a directory swapped for a symlink after it was
+    opened (and checked) changes nothing. `replace=False`: the final name appears only if it
+    does not exist (`FileExistsError` otherwise); the temporary file is then an unnamed
+    O_TMPFILE where the filesystem allows, so a writer killed at any point leaves nothing.
     """
 
-    def __init__(self, path: str | os.PathLike[str], entries: Sequence[TensorEntry]) -> None:
+    def __init__(self, path: str | os.PathLike[str], entries: Sequence[TensorEntry], *,
+                 dir_fd: int | None = None, replace: bool = True) -> None:  # fmt: skip
         self.path = Path(path)
+        bare = self.path.name == str(path) and self.path.name not in ("", ".", "..")
+        if dir_fd is not None and not bare:
+            raise ValueError(f"with dir_fd, the snapshot path must be a bare name, not {path!r}")
         self.entries = list(entries)
         self.payload_length = Manifest(Fingerprint(), tuple(self.entries)).payload_length
-        self._tmp: Path | None = None
+        self.replace = replace
+        self._own_dir = dir_fd is None
+        self._dir_fd = -1 if dir_fd is None else dir_fd
+        self._tmp: str | None = None  # the temporary file's name; None for O_TMPFILE
+        self._linked = False
         self.fd = -1
         self.direct_fd = -1
 
     def __enter__(self) -> SnapshotWriter:
-        directory = self.path.parent
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        self.fd, self._tmp = fd, Path(tmp)
-        # A hole, not zeros, for the header gap and the payload: written regions fill it.
-        os.ftruncate(fd, PAYLOAD_OFFSET + self.payload_length)
+        if self._own_dir:
+            self._dir_fd = os.open(self.path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            self.direct_fd = os.open(tmp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self.fd, self._tmp = _create_temp(self._dir_fd, self.path.name, self.replace)
+            # A hole, not zeros, for the header gap and the payload: written regions fill it.
+            os.ftruncate(self.fd, PAYLOAD_OFFSET + self.payload_length)
+        except BaseException:
+            self.__exit__()
+            raise
+        try:
+            # The same file, a second open file description: O_DIRECT for payload writes.
+            self.direct_fd = os.open(f"/proc/self/fd/{self.fd}",
+                                     os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)  # fmt: skip
         except OSError:
             self.direct_fd = -1  # tmpfs and some filesystems refuse O_DIRECT
         return self
@@ -310,7 +365,6 @@ class SnapshotWriter:
 
     def commit(self, fingerprint: Fingerprint, checksums: Sequence[int]) -> None:
         """Write manifest and header, make the file durable and move it into place."""
-        assert self._tmp is not None
         tensors = tuple(
             dataclasses.replace(e, checksum=c) for e, c in zip(self.entries, checksums, strict=True)
         )
@@ -319,7 +373,7 @@ class SnapshotWriter:
         file_length = manifest_offset + len(blob)
         os.pwrite(self.fd, blob, manifest_offset)
         os.ftruncate(self.fd, file_length)
-        os.fchmod(self.fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from thawd
+        os.fchmod(self.fd, 0o666 & ~_umask())  # a temporary file's 0600 would hide it
         fields = (
             MAGIC, VERSION, 0, HEADER_SIZE, ALIGNMENT, PAYLOAD_OFFSET, self.payload_length,
             manifest_offset, len(blob), file_length, _native.xxh3(blob),
@@ -330,18 +384,50 @@ class SnapshotWriter:
         os.fsync(self.fd)
         os.pwrite(self.fd, header, 0)
         os.fsync(self.fd)
-        os.rename(self._tmp, self.path)
+        name = self.path.name
+        if self._tmp is None:  # O_TMPFILE: give the unnamed inode its name
+            os.link(f"/proc/self/fd/{self.fd}", name, dst_dir_fd=self._dir_fd)
+        elif self.replace:
+            os.rename(self._tmp, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        else:  # link fails on an existing name: never replaces what appeared meanwhile
+            os.link(self._tmp, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd,
+                    follow_symlinks=False)  # fmt: skip
+            os.unlink(self._tmp, dir_fd=self._dir_fd)
         self._tmp = None
-        _fsync_dir(self.path.parent)
+        self._linked = True
+        _fsync_dir(self._dir_fd)
 
     def __exit__(self, *exc: object) -> None:
         for fd in (self.direct_fd, self.fd):
             if fd >= 0:
                 os.close(fd)
         self.fd = self.direct_fd = -1
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
+        if self._tmp is not None and self._dir_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp, dir_fd=self._dir_fd)
             self._tmp = None
+        if self._own_dir and self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _create_temp(dir_fd: int, name: str, replace: bool) -> tuple[int, str | None]:
+    """A new file for writing in `dir_fd`: (fd, its temporary name), the name None for an
+    unnamed O_TMPFILE (only where the final name must not replace anything: an O_TMPFILE
+    can be linked into place but not renamed over an existing file)."""
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    if not replace:
+        try:
+            return os.open(".", flags | os.O_TMPFILE, 0o600, dir_fd=dir_fd), None
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise
+    tmp = f".{name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+    return fd, tmp
 
 
 def _umask() -> int:
@@ -353,8 +439,12 @@ def _umask() -> int:
     return 0o022
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _fsync_dir(dir_fd: int) -> None:
+    """Make a new directory entry durable. An O_PATH fd cannot be fsynced: open "." in it."""
+    try:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except PermissionError:
+        return  # a directory we may write but not read: the entry is durable at the next sync
     try:
         os.fsync(fd)
     finally:

@@ -24,6 +24,7 @@ _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
+MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module does not name it
 PAGE = mmap.PAGESIZE
 
 # Write seals make the buffer immutable for every holder of the fd: clients get it read-only
@@ -64,6 +65,13 @@ class Mapping:
     def advise(self, advice: int) -> None:
         _libc.madvise(self.addr, self.length, advice)
 
+    def populate(self, offset: int, length: int) -> None:
+        """Fault [offset, offset+length) of the mapping in through the kernel
+        (MADV_POPULATE_READ, Linux 5.14): a file truncated under the mapping makes this raise
+        OSError(EFAULT), where touching the pages would deliver SIGBUS to the process."""
+        if _libc.madvise(self.addr + offset, length, MADV_POPULATE_READ) != 0:
+            raise _oserror(f"madvise(MADV_POPULATE_READ, offset={offset}, length={length})")
+
     def close(self) -> None:
         if self.addr:
             if self.locked:
@@ -99,9 +107,3 @@ def seal(fd: int) -> None:
     """Make a memfd immutable. Fails with EBUSY while any writable mapping of it exists."""
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
 
-
-def is_sealed(fd: int) -> bool:
-    try:
-        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE != 0
-    except OSError:
-        return False

@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 from thaw import _native, datapath
-from thaw.errors import RestoreIncomplete, ThawError
+from thaw.errors import RestoreIncomplete, SnapshotError, ThawError
 from thaw.fingerprint import Fingerprint, check
-from thaw.format import Snapshot, TensorEntry, open_snapshot, payload_fd
+from thaw.format import Snapshot, TensorEntry, payload_fd, read_snapshot
 from thaw.pieces import Digests, Piece
 
 # Below this share of the payload in page cache, CUDA restores read with O_DIRECT: buffered
@@ -49,60 +49,99 @@ def restore_file(
     Checks the fingerprint (when `expect` is given), names, dtypes and shapes before a byte is
     copied. Checksums are verified while reading unless `verify=False`. If reading fails after
     copying began, raises RestoreIncomplete: the model holds mixed weights and must not be used.
+    The file is opened once: its manifest and its payload come from the same open file.
     """
     started = time.perf_counter()
-    snapshot = open_snapshot(path)
-    if expect is not None:
-        check(expect, snapshot.fingerprint)
-    bindings = datapath.bind(snapshot.tensors, datapath.model_tensors(target), strict=strict)
     try:
-        copied, source = _restore(snapshot, bindings, verify, threads)
-    except ThawError as e:
-        raise RestoreIncomplete(
-            f"restore from {snapshot.path} failed part way: {e} — the model now holds a mix of "
-            "old and new weights; restore again or reload it before use"
-        ) from e
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise SnapshotError(path, f"cannot open: {e.strerror}") from e
+    try:
+        snapshot = read_snapshot(fd, path)
+        if expect is not None:
+            check(expect, snapshot.fingerprint)
+        bindings = datapath.bind(snapshot.tensors, datapath.model_tensors(target), strict=strict)
+        copied, source = read_payload(bindings, fd, snapshot.payload_offset,
+                                      snapshot.payload_length, snapshot.path, verify=verify,
+                                      threads=threads)  # fmt: skip
+    finally:
+        os.close(fd)
     return TransferStats(copied, time.perf_counter() - started, source)
 
 
-def _restore(
-    snapshot: Snapshot, bindings: list[datapath.Binding], verify: bool, threads: int
+def read_payload(
+    bindings: list[datapath.Binding],
+    fd: int,
+    payload_offset: int,
+    payload_length: int,
+    path: object,
+    *,
+    verify: bool = True,
+    threads: int = datapath.DEFAULT_THREADS,
 ) -> tuple[int, str]:
+    """Restore bound tensors from the snapshot open as `fd` (the payload at `payload_offset`),
+    reading with pread, never through a mapping: a file truncated meanwhile is an error, not
+    a SIGBUS. With `verify`, every tensor is checked against its checksum as it lands (in the
+    tensor's own memory or a private staging slot, never in the file's pages). Returns (bytes
+    copied, "page cache" or "disk"); RestoreIncomplete once bytes were copied."""
+    try:
+        return _restore(bindings, fd, payload_offset, payload_length, path, verify, threads)
+    except (ThawError, EOFError, OSError) as e:
+        raise RestoreIncomplete(
+            f"restore from {path} failed part way: {e} — the model now holds a mix of "
+            "old and new weights; restore again or reload it before use"
+        ) from e
+
+
+def _restore(
+    bindings: list[datapath.Binding], fd: int, payload_offset: int, payload_length: int,
+    path: object, verify: bool, threads: int,
+) -> tuple[int, str]:  # fmt: skip
     cpu = [b for b in bindings if b.tensor.device.type == "cpu"]
     gpu = [b for b in bindings if b.tensor.device.type == "cuda"]
     copied = 0
-    with payload_fd(snapshot, direct=False) as fd:
-        resident = _native.resident_bytes(fd, snapshot.payload_offset, snapshot.payload_length)
-        warm = resident >= WARM_THRESHOLD * snapshot.payload_length
-        if cpu:
-            # CPU tensors are not page aligned: buffered reads straight into their memory.
-            copied += datapath.copy_to_cpu(
-                cpu,
-                lambda addr, e: _read(fd, snapshot, addr, e.offset, e.length, threads),
-                _digests(snapshot, cpu, verify, threads),
-            )
+    resident = _native.resident_bytes(fd, payload_offset, payload_length)
+    warm = resident >= WARM_THRESHOLD * payload_length
+    if cpu:
+        # CPU tensors are not page aligned: buffered reads straight into their memory.
+        copied += datapath.copy_to_cpu(
+            cpu,
+            lambda addr, e: _read(fd, payload_offset, addr, e.offset, e.length, threads),
+            _digests(path, cpu, verify, threads),
+        )
     if gpu:
-        with payload_fd(snapshot, direct=not warm) as fd:
+        direct = fd if warm else _direct(fd)
+        try:
 
             def fill(addr: int, piece: Piece) -> None:
-                _read(fd, snapshot, addr, piece.payload_offset, piece.length, IO_THREADS)
+                _read(direct, payload_offset, addr, piece.payload_offset, piece.length, IO_THREADS)
 
             hash_threads = max(1, threads // datapath.PIPELINE_WORKERS)
-            copied += datapath.copy_to_cuda(
-                gpu, fill, _digests(snapshot, gpu, verify, hash_threads)
-            )
+            copied += datapath.copy_to_cuda(gpu, fill, _digests(path, gpu, verify, hash_threads))
+        finally:
+            if direct != fd:
+                os.close(direct)
     return copied, "page cache" if warm else "disk"
 
 
+def _direct(fd: int) -> int:
+    """The same file with O_DIRECT (a new open file description through /proc/self/fd, not
+    its name), or `fd` itself where the filesystem refuses O_DIRECT."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return fd
+
+
 def _digests(
-    snapshot: Snapshot, bindings: list[datapath.Binding], verify: bool, threads: int
+    path: object, bindings: list[datapath.Binding], verify: bool, threads: int
 ) -> Digests | None:
-    return Digests([b.entry for b in bindings], snapshot.path, threads) if verify else None
+    return Digests([b.entry for b in bindings], path, threads) if verify else None
 
 
-def _read(fd: int, snapshot: Snapshot, addr: int, offset: int, length: int, threads: int) -> None:
+def _read(fd: int, payload_offset: int, addr: int, offset: int, length: int, threads: int) -> None:
     # 4 MiB per thread task: enough to keep several O_DIRECT requests in flight per piece.
-    _native.pread_into(fd, addr, length, snapshot.payload_offset + offset, threads, 4 << 20)
+    _native.pread_into(fd, addr, length, payload_offset + offset, threads, 4 << 20)
 
 
 def read_tensor(snapshot: Snapshot, entry: TensorEntry, verify: bool = True) -> Any:
@@ -114,7 +153,7 @@ def read_tensor(snapshot: Snapshot, entry: TensorEntry, verify: bool = True) -> 
 
     out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
     with payload_fd(snapshot, direct=False) as fd:
-        _read(fd, snapshot, int(out.data_ptr()), entry.offset, entry.length, 1)
+        _read(fd, snapshot.payload_offset, int(out.data_ptr()), entry.offset, entry.length, 1)
     if verify:
         verify_tensor(snapshot.path, entry, int(out.data_ptr()))
     return out

@@ -8,6 +8,7 @@ memfd. Both hand the client an fd it maps; only the copy primitive differs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import mmap
 import os
@@ -15,14 +16,18 @@ import secrets
 from typing import Any
 
 from thaw import _native
-from thaw.format import Snapshot
 from thaw.pool import Mapping, create_memfd, seal
+from thawd.files import SnapshotFile
 
 log = logging.getLogger("thawd.buffers")
 
 # VMM granularity on current GPUs is 2 MiB; memfd pages are 4 KiB. Rounding both to 2 MiB
 # keeps the budget arithmetic identical across backends.
 GRANULE = 2 << 20
+
+
+# Page-cache warming reads ranges of at least this much per madvise call.
+PIN_STEP = 64 << 20
 
 
 def round_size(n: int) -> int:
@@ -209,11 +214,19 @@ class PoolBuffer:
 
 
 class WarmMapping:
-    """A snapshot's payload mapped read-only, read ahead, and mlocked where allowed."""
+    """A snapshot's payload kept in the page cache: its registered fd mapped read-only, the
+    pages read in and mlocked where allowed.
 
-    def __init__(self, snapshot: Snapshot, threads: int, lock: bool) -> None:
+    thawd never touches these pages from user space: a file truncated under a mapping turns
+    a load from it into SIGBUS, which would end the daemon for every client. The pages come
+    in through the kernel instead (MADV_POPULATE_READ and mlock), which reports the missing
+    pages as an error. Clients read the file with pread, never from a mapping of it.
+    """
+
+    def __init__(self, file: SnapshotFile, threads: int, lock: bool) -> None:
+        snapshot = file.snapshot
         self.size = round_size(snapshot.payload_length)
-        self.fd = os.open(snapshot.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = file.dup()
         self.offset = snapshot.payload_offset
         self.length = snapshot.payload_length
         self.mapping: Mapping | None = None
@@ -222,11 +235,21 @@ class WarmMapping:
             try:
                 self.mapping = Mapping(self.fd, self.length, self.offset)
                 self.mapping.advise(mmap.MADV_WILLNEED)
-                _native.prefault(self.mapping.addr, self.length, threads, False)
+                self._populate(threads)
                 self.locked = self.mapping.lock() if lock else False
             except BaseException:
                 self.close()
                 raise
+
+    def _populate(self, threads: int) -> None:
+        """Read the payload into the page cache on `threads` threads (NVMe wants several
+        requests in flight; one madvise reads ahead one range at a time)."""
+        assert self.mapping is not None
+        step = max(PIN_STEP, -(-self.length // threads) // PIN_STEP * PIN_STEP)
+        ranges = [(o, min(step, self.length - o)) for o in range(0, self.length, step)]
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(ranges)))) as pool:
+            for done in [pool.submit(self.mapping.populate, o, n) for o, n in ranges]:
+                done.result()
 
     def resident_bytes(self) -> int:
         if self.fd < 0 or not self.length:

@@ -54,6 +54,9 @@ class Config:
     vmm_chunk: int = 256 << 20
     allow_uids: tuple[int, ...] = ()
     allow_gids: tuple[int, ...] = ()
+    # Members of this group (name or gid; "" = none) may unpin, unregister, re-pin and verify
+    # any snapshot; everyone else only their own (docs/SECURITY.md).
+    admin_group: str = ""
     repin_on_start: bool = True
     # Hand VMM pool memory to clients as fds (fastest). A VMM mapping is writable by whoever
     # imports it, so with false, CUDA clients get CUDA IPC copies by the daemon and CPU

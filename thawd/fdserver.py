@@ -26,8 +26,10 @@ from thaw._proto import thawd_pb2 as pb
 from thaw.errors import DaemonUnavailable, InvalidRequest, PermissionDenied, ThawError
 from thawd.security import AllowList, Peer, Tokens
 from thawd.state import Daemon
+from thawd.throttle import Throttle
 
 log = logging.getLogger("thawd.fdserver")
+_refusals = Throttle()
 
 
 class FdServer:
@@ -88,28 +90,29 @@ class FdServer:
                     if op == "auth":
                         token = token or self.tokens.issue(peer)
                         reply = {"ok": True, "token": token, "uid": uid, "gid": gid, "pid": pid}
-                        arena = self.daemon.shared_arena() if self.daemon else None
+                        arena = self.daemon.restores.shared_arena() if self.daemon else None
                         if arena is not None and arena.chunks:
                             reply["pool"] = {"id": arena.id, "chunk": arena.chunk,
                                              "chunks": len(arena.chunks)}  # fmt: skip
                         fdpass.send(conn, reply)
                     elif op == "open":
-                        fdpass.send(conn, self._open_restores(peer, token, message.get("restores")))
+                        reply = await self._open_restores(peer, token, message.get("restores"))
+                        fdpass.send(conn, reply)
                     elif op == "close":
                         assert self.daemon is not None
                         self._close_sessions(peer, message.get("sessions", []))
                         fdpass.send(conn, {"ok": True})
                     elif op == "pool":
                         assert self.daemon is not None
-                        start = int(message.get("start", 0))
-                        fds, sizes, pool_id = self.daemon.pool_fds(start, fdpass.MAX_FDS)
+                        start = _integer(message, "start", 0, 1 << 31)
+                        fds, sizes, pool_id = self.daemon.restores.pool_fds(start, fdpass.MAX_FDS)
                         _hand_over(conn, {"ok": True, "pool": pool_id, "start": start,
                                           "sizes": sizes}, fds)  # fmt: skip
                     elif op == "fd":
                         assert self.daemon is not None
                         t0 = time.perf_counter()
-                        fds, sizes, kind, buffer_id = self.daemon.redeem(
-                            str(message.get("session")), uid
+                        fds, sizes, kind, buffer_id = self.daemon.restores.redeem(
+                            _text(message, "session", 64), uid
                         )
                         _hand_over(conn, {"ok": True, "sizes": sizes, "kind": kind,
                                           "buffer": buffer_id}, fds)  # fmt: skip
@@ -119,20 +122,26 @@ class FdServer:
                         fdpass.send(conn, {"ok": False, "error": "InvalidRequest",
                                            "message": f"unknown op {op!r}"})  # fmt: skip
                 except ThawError as e:
-                    log.info("fd socket: pid %d uid %d refused: %s", pid, uid, e)
+                    _refusals.log(log, logging.INFO, "fd socket: pid %d uid %d refused: %s",
+                                  pid, uid, str(e)[:300])  # fmt: skip
                     fdpass.send(conn, {"ok": False, "error": type(e).__name__, "message": str(e)})
-                except (ValueError, TypeError, DecodeError) as e:
-                    fdpass.send(conn, {"ok": False, "error": "InvalidRequest", "message": str(e)})
+                except (ValueError, TypeError, OverflowError, RecursionError, DecodeError) as e:
+                    # A malformed message (fields are checked above; this is the backstop).
+                    _refusals.log(log, logging.INFO, "fd socket: pid %d uid %d sent a malformed "
+                                  "message: %s", pid, uid, str(e)[:300])  # fmt: skip
+                    reply = {"ok": False, "error": "InvalidRequest",
+                             "message": f"malformed message: {str(e)[:300]}"}  # fmt: skip
+                    fdpass.send(conn, reply)
         except (ConnectionError, OSError) as e:
             log.debug("fd socket connection ended: %s", e)
         finally:
             if token:
                 self.tokens.revoke(token)
                 if self.daemon is not None:
-                    self.daemon.drop_token(token)
+                    self.daemon.restores.drop_token(token)
             conn.close()
 
-    def _open_restores(self, peer: Peer, token: str, restores: Any) -> dict[str, Any]:
+    async def _open_restores(self, peer: Peer, token: str, restores: Any) -> dict[str, Any]:
         """OpenRestore for each serialized request, the responses in one reply. A batch whose
         manifests would not fit one packet is refused before anything opens (fdpass.TOO_LARGE):
         the client opens it over gRPC."""
@@ -141,24 +150,27 @@ class FdServer:
             raise PermissionDenied("open: authenticate this connection first (op auth)")
         if self.stopping.is_set():
             raise DaemonUnavailable("thawd is stopping; retry once it is back")
-        if not isinstance(restores, list) or not 0 < len(restores) <= fdpass.MAX_OPENS:
+        if (
+            not isinstance(restores, list)
+            or not 0 < len(restores) <= fdpass.MAX_OPENS
+            or not all(isinstance(r, str) for r in restores)
+        ):
             raise InvalidRequest(f"open: restores must be a list of 1 to {fdpass.MAX_OPENS} "
                                  "serialized OpenRestoreRequests")  # fmt: skip
         requests = [pb.OpenRestoreRequest.FromString(base64.b64decode(r, validate=True))
                     for r in restores]  # fmt: skip
-        if fdpass.open_reply_size([self.daemon.open_size(r.name) for r in requests]) > (
-            fdpass.MAX_MESSAGE
-        ):
+        sizes = [self.daemon.restores.open_size(r.name) for r in requests]
+        if fdpass.open_reply_size(sizes) > fdpass.MAX_MESSAGE:
             return {"ok": False, "error": fdpass.TOO_LARGE,
                     "message": "the manifests do not fit one packet: open over gRPC"}  # fmt: skip
         opened: list[pb.OpenRestoreResponse] = []
         try:
             for request in requests:
-                opened.append(self.daemon.open_restore(peer, token, request))
+                opened.append(await self.daemon.restores.open(peer, token, request))
         except BaseException:
             why = "not restored: another of the batch failed to open"
             for o in opened:
-                self.daemon.close_restore(peer, o.session_id, False, 0, 0.0, why)
+                self.daemon.restores.close(peer, o.session_id, False, 0, 0.0, why)
             raise
         return {"ok": True, "opened": [base64.b64encode(o.SerializeToString()).decode()
                                        for o in opened]}  # fmt: skip
@@ -166,16 +178,18 @@ class FdServer:
     def _close_sessions(self, peer: Peer, sessions: list[dict[str, Any]]) -> None:
         """End each restore session (as CloseRestore), then raise the first refusal."""
         assert self.daemon is not None
-        if not isinstance(sessions, list) or not all(
-            isinstance(s, dict) and "id" in s for s in sessions
-        ):
+        if not isinstance(sessions, list) or not all(isinstance(s, dict) for s in sessions):
             raise InvalidRequest("close: sessions must be a list of {id, ok, bytes, ...}")
+        if len(sessions) > fdpass.MAX_CLOSES:
+            raise InvalidRequest(f"close: at most {fdpass.MAX_CLOSES} sessions per message")
+        # Every field checked before any session ends: a bad one refuses the whole message.
+        closes = [(_text(s, "id", 64), s.get("ok") is True, _integer(s, "bytes", 0, 1 << 63),
+                   _number(s, "seconds", 1e9), _text(s, "error", 1 << 16, "")[:1000])
+                  for s in sessions]  # fmt: skip
         first: ThawError | None = None
-        for s in sessions:
+        for session_id, ok, nbytes, seconds, error in closes:
             try:
-                self.daemon.close_restore(peer, str(s["id"]), bool(s.get("ok")),
-                                          int(s.get("bytes", 0)), float(s.get("seconds", 0.0)),
-                                          str(s.get("error", "")))  # fmt: skip
+                self.daemon.restores.close(peer, session_id, ok, nbytes, seconds, error)
             except ThawError as e:
                 first = first or e
         if first is not None:
@@ -195,6 +209,28 @@ class FdServer:
         for task in list(self._conns):
             task.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
+
+
+def _integer(message: dict[str, Any], key: str, default: int, bound: int) -> int:
+    """`message[key]` as an int in [0, bound): JSON numbers such as 1e400 or 1.5 are refused."""
+    value = message.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < bound:
+        raise InvalidRequest(f"{key} must be an integer in [0, {bound}), not {str(value)[:32]}")
+    return value
+
+
+def _number(message: dict[str, Any], key: str, bound: float) -> float:
+    value = message.get(key, 0.0)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < bound:
+        raise InvalidRequest(f"{key} must be a number in [0, {bound:g}), not {str(value)[:32]}")
+    return float(value)
+
+
+def _text(message: dict[str, Any], key: str, bound: int, default: str | None = None) -> str:
+    value = message.get(key, default)
+    if not isinstance(value, str) or len(value) > bound:
+        raise InvalidRequest(f"{key} must be a string of at most {bound} characters")
+    return value
 
 
 def _hand_over(conn: socket.socket, reply: dict[str, Any], fds: list[int]) -> None:

@@ -1,17 +1,36 @@
-"""The persistent registry: which snapshots exist, where, and which tier they should be in.
+"""The persistent registry: which snapshots exist, where, which file, which tier they want.
 
-SQLite in the state directory, one row per snapshot; each change is its own transaction, so a
-daemon killed at any moment restarts with the last committed state. Live state (pool
-buffers, sessions) is never stored here.
+SQLite in the state directory, one row per snapshot. The daemon's memory is the truth while it
+runs; the registry is how that truth survives a restart. So writes never stand in the way of
+the memory they record:
+
+- they run on one writer thread, in order: the event loop never waits on SQLite (a slow or
+  full disk would otherwise stall every client of the daemon);
+- a write that fails (disk full, read-only filesystem) stays queued and is retried every
+  `RETRY_S` seconds, newest state per snapshot only: unpinning or unregistering works on a
+  full disk, and the registry catches up once space returns. A daemon killed before then
+  restarts with the last state that reached the disk.
+
+Each batch of writes is one transaction: a daemon killed at any moment restarts with the
+last committed state.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
+import logging
 import sqlite3
+import threading
 import time
 from pathlib import Path
+
+log = logging.getLogger("thawd.registry")
+
+RETRY_S = 2.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -27,6 +46,22 @@ CREATE TABLE IF NOT EXISTS snapshots (
     last_used REAL NOT NULL DEFAULT 0
 );
 """
+# Columns added after the first release: (name, definition). An older registry gains them at
+# start; its rows have no identity yet and adopt the file found at their path (see Row.identity).
+COLUMNS = (
+    ("file_dev", "INTEGER NOT NULL DEFAULT -1"),
+    ("file_ino", "INTEGER NOT NULL DEFAULT -1"),
+    ("file_size", "INTEGER NOT NULL DEFAULT -1"),
+    ("file_mtime_ns", "INTEGER NOT NULL DEFAULT -1"),
+    ("file_ctime_ns", "INTEGER NOT NULL DEFAULT -1"),
+    # 'ready', or 'writing' from a freeze's commit until its file is durable: a row still
+    # 'writing' at start belonged to a daemon killed mid-write; its bytes died with it.
+    ("state", "TEXT NOT NULL DEFAULT 'ready'"),
+)
+FIELDS = (
+    "name", "path", "labels", "wanted_tier", "checksum_state", "error", "owner_uid",
+    "registered", "restores", "last_used", *(c for c, _ in COLUMNS),
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -41,6 +76,16 @@ class Row:
     registered: float
     restores: int = 0
     last_used: float = 0.0
+    file_dev: int = -1
+    file_ino: int = -1
+    file_size: int = -1
+    file_mtime_ns: int = -1
+    file_ctime_ns: int = -1
+    state: str = "ready"  # ready | writing
+
+    def values(self) -> tuple[object, ...]:
+        return tuple(json.dumps(v) if f == "labels" else v
+                     for f, v in zip(FIELDS, dataclasses.astuple(self), strict=True))  # fmt: skip
 
 
 class Registry:
@@ -49,36 +94,124 @@ class Registry:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a power cut may lose the last counters, never corrupt the file;
-        # FULL costs an fsync (milliseconds) on every restore's bookkeeping.
+        # FULL costs an fsync (milliseconds) on every write.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(snapshots)")}
+        for column, definition in COLUMNS:
+            if column not in have:
+                self._db.execute(f"ALTER TABLE snapshots ADD COLUMN {column} {definition}")
+        # name -> the newest state to write (a Row, or None to delete), with its waiters.
+        self._pending: dict[str, tuple[Row | None, list[concurrent.futures.Future[bool]]]] = {}
+        self._cond = threading.Condition()
+        self._closing = False
+        self._failing = ""  # the last write error, "" while writes succeed
+        self._thread = threading.Thread(target=self._run, name="thawd-registry", daemon=True)
+        self._thread.start()
 
     def rows(self) -> list[Row]:
-        cur = self._db.execute(
-            "SELECT name, path, labels, wanted_tier, checksum_state, error, owner_uid, "
-            "registered, restores, last_used FROM snapshots ORDER BY registered"
-        )
-        return [Row(r[0], r[1], json.loads(r[2]), *r[3:]) for r in cur]
+        """Every row (at start, before any write is queued)."""
+        cur = self._db.execute(f"SELECT {', '.join(FIELDS)} FROM snapshots ORDER BY registered")
+        rows = []
+        for r in cur:
+            values = list(r)
+            values[2] = json.loads(values[2])
+            rows.append(Row(*values))
+        return rows
 
-    def add(self, row: Row) -> None:
-        self._db.execute(
-            "INSERT INTO snapshots VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (row.name, row.path, json.dumps(row.labels), row.wanted_tier, row.checksum_state,
-             row.error, row.owner_uid, row.registered, row.restores, row.last_used),
-        )  # fmt: skip
+    def save(self, row: Row) -> asyncio.Future[bool]:
+        """Queue `row` (a copy of it now) for writing. The future is True once it is on disk,
+        False if the first attempt failed (it stays queued and is retried): callers that
+        acknowledge a change may await it; none needs to."""
+        return self._queue(row.name, dataclasses.replace(row, labels=dict(row.labels)))
 
-    def update(self, row: Row) -> None:
-        self._db.execute(
-            "UPDATE snapshots SET path=?, labels=?, wanted_tier=?, checksum_state=?, error=?, "
-            "restores=?, last_used=? WHERE name=?",
-            (row.path, json.dumps(row.labels), row.wanted_tier, row.checksum_state, row.error,
-             row.restores, row.last_used, row.name),
-        )  # fmt: skip
+    def remove(self, name: str) -> asyncio.Future[bool]:
+        return self._queue(name, None)
 
-    def remove(self, name: str) -> None:
-        self._db.execute("DELETE FROM snapshots WHERE name=?", (name,))
+    @property
+    def unsaved(self) -> int:
+        """Snapshots whose newest state has not reached the disk yet."""
+        with self._cond:
+            return len(self._pending)
 
-    def close(self) -> None:
+    @property
+    def failing(self) -> str:
+        return self._failing
+
+    def _queue(self, name: str, row: Row | None) -> asyncio.Future[bool]:
+        future: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        with self._cond:
+            waiters = self._pending.pop(name, (None, []))[1]
+            self._pending[name] = (row, [*waiters, future])
+            self._cond.notify()
+        return asyncio.wrap_future(future)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch = dict(self._pending)
+            try:
+                self._write(batch)
+            except sqlite3.Error as e:
+                self._failed(batch, str(e))
+                with self._cond:
+                    if self._closing:
+                        return  # close() says what is left
+                    self._cond.wait(RETRY_S)  # close() wakes it for one last attempt
+                continue
+            if self._failing:
+                log.warning("registry writable again: %d change(s) written", len(batch))
+                self._failing = ""
+            with self._cond:
+                for name, (row, waiters) in batch.items():
+                    if self._pending.get(name, (None, None))[0] is row:
+                        del self._pending[name]
+                    for w in waiters:
+                        if not w.done():
+                            w.set_result(True)
+
+    def _write(self, batch: dict[str, tuple[Row | None, list[concurrent.futures.Future[bool]]]],
+               ) -> None:  # fmt: skip
+        placeholders = ", ".join("?" * len(FIELDS))
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for name, (row, _) in batch.items():
+                if row is None:
+                    self._db.execute("DELETE FROM snapshots WHERE name=?", (name,))
+                else:
+                    self._db.execute(f"INSERT OR REPLACE INTO snapshots ({', '.join(FIELDS)}) "
+                                     f"VALUES ({placeholders})", row.values())  # fmt: skip
+            self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _failed(self, batch: dict[str, tuple[Row | None, list[concurrent.futures.Future[bool]]]],
+                error: str) -> None:  # fmt: skip
+        if error != self._failing:  # one line per new error, not one per retry
+            log.warning("registry write failed (%s): %d change(s) kept in memory, retried every "
+                        "%.0f s", error, len(batch), RETRY_S)  # fmt: skip
+        self._failing = error
+        for _, waiters in batch.values():
+            for w in waiters:
+                if not w.done():
+                    w.set_result(False)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (one more attempt if writes fail), then close."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._pending:
+            log.error("registry: %d change(s) could not be written before exit (%s)",
+                      len(self._pending), self._failing or "timeout")  # fmt: skip
         self._db.close()
 
 

@@ -1,10 +1,11 @@
-"""Who is calling and what they may do: peer credentials, the allow-list, tokens, path checks.
+"""Who is calling and what they may do: peer credentials, the allow-list, tokens, names.
 
 gRPC's Python server exposes neither the connection's fd nor SO_PEERCRED, and its
 LocalServerCredentials(UDS) checks nothing (grpc/grpc#15511, #28755). So credentials are
 taken where the kernel gives them: on the fd socket. A client authenticates there once,
 gets a random token bound to that connection's (pid, uid, gid, groups), and sends the token
-in the metadata of every gRPC call; the token dies with the connection.
+in the metadata of every gRPC call; the token dies with the connection. Paths are opened with
+the caller's rights in thawd/paths.py.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import grp
 import os
 import re
 import secrets
-import stat
-from pathlib import Path
 
 from thaw.errors import InvalidRequest, PermissionDenied
 
@@ -26,9 +25,10 @@ MAX_LABEL_VALUE = 256
 
 
 def validate_name(name: str) -> str:
-    if not NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        shown = repr(name[:64]) + ("..." if isinstance(name, str) and len(name) > 64 else "")
         raise InvalidRequest(
-            f"invalid snapshot name {name!r}: use 1-128 characters [A-Za-z0-9._-], "
+            f"invalid snapshot name {shown}: use 1-128 characters [A-Za-z0-9._-], "
             "starting with a letter or digit"
         )
     return name
@@ -39,7 +39,7 @@ def validate_labels(labels: dict[str, str]) -> dict[str, str]:
         raise InvalidRequest(f"{len(labels)} labels; at most {MAX_LABELS}")
     for key, value in labels.items():
         if not LABEL_KEY_RE.fullmatch(key):
-            raise InvalidRequest(f"invalid label key {key!r}: use [A-Za-z0-9._/-], at most 64")
+            raise InvalidRequest(f"invalid label key {key[:64]!r}: use [A-Za-z0-9._/-], at most 64")
         if len(value) > MAX_LABEL_VALUE or any(ord(c) < 32 for c in value):
             raise InvalidRequest(f"invalid value for label {key!r}: printable, at most 256")
     return dict(labels)
@@ -118,71 +118,3 @@ class Tokens:
 
     def revoke(self, token: str) -> None:
         self._peers.pop(token, None)
-
-
-def _may(st: os.stat_result, peer: Peer, bit_user: int, bit_group: int, bit_other: int) -> bool:
-    if st.st_uid == peer.uid:
-        return bool(st.st_mode & bit_user)
-    if st.st_gid in peer.groups:
-        return bool(st.st_mode & bit_group)
-    return bool(st.st_mode & bit_other)
-
-
-def check_readable(peer: Peer, path: str) -> Path:
-    """The resolved path, if `peer` could open it for reading itself; else PermissionDenied.
-
-    Mode bits, checked as the kernel would for the caller's uid and groups: search (x) on
-    every directory from / down, read (r) on the file. Not setfsuid + os.access: fsuid is per
-    thread but the supplementary groups are not, and thawd runs without CAP_SETUID. POSIX
-    ACLs are not consulted, so an ACL that grants more than the mode bits is not honoured
-    (the check errs on refusing). Root (CAP_DAC_READ_SEARCH) may read anything.
-    """
-    if not os.path.isabs(path):
-        raise InvalidRequest(f"snapshot path {path!r} must be absolute")
-    resolved = Path(os.path.realpath(path))
-    if not resolved.exists():
-        raise InvalidRequest(f"{path}: no such file")
-    if not resolved.is_file():
-        raise InvalidRequest(f"{path}: not a regular file")
-    if peer.uid == 0:
-        return resolved
-    denied = PermissionDenied(f"uid {peer.uid} may not read {path}: thawd only registers files "
-                              "its caller could read itself")  # fmt: skip
-    parts = resolved.parts
-    current = Path(parts[0])
-    try:
-        for part in parts[1:]:
-            st = os.stat(current)
-            if not _may(st, peer, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
-                raise denied
-            current = current / part
-        st = os.stat(current)
-    except FileNotFoundError:
-        raise InvalidRequest(f"{path}: no such file") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidRequest(f"{path}: not a regular file")
-    if not _may(st, peer, stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH):
-        raise denied
-    return resolved
-
-
-def check_writable_dir(peer: Peer, path: str) -> Path:
-    """The target path of a freeze, if `peer` could create a file in its directory itself."""
-    if not os.path.isabs(path):
-        raise InvalidRequest(f"snapshot path {path!r} must be absolute")
-    target = Path(os.path.realpath(os.path.dirname(path))) / os.path.basename(path)
-    if not target.parent.is_dir():
-        raise InvalidRequest(f"{target.parent}: no such directory")
-    if peer.uid == 0:
-        return target
-    current = Path("/")
-    for part in target.parent.parts[1:]:
-        if not _may(os.stat(current), peer, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
-            break
-        current = current / part
-    else:
-        st = os.stat(current)
-        writable = _may(st, peer, stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH)
-        if writable and _may(st, peer, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
-            return target
-    raise PermissionDenied(f"uid {peer.uid} may not create {target}")

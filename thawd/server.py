@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from thaw._proto import thawd_pb2 as pb
 from thaw._proto import thawd_pb2_grpc as pb_grpc
 from thawd import __version__, hostinfo, metrics
+from thawd.budgets import human
 from thawd.buffers import choose_pool_kind
 from thawd.config import Config
 from thawd.events import Events
@@ -34,7 +35,7 @@ from thawd.service import (
     RequestIdInterceptor,
     ThawdServicer,
 )
-from thawd.state import Daemon, human
+from thawd.state import Daemon
 
 log = logging.getLogger("thawd")
 SERVICE = pb.DESCRIPTOR.services_by_name["Thawd"].full_name
@@ -104,6 +105,7 @@ async def run(config: Config) -> int:
     pool_kind = await asyncio.to_thread(choose_pool_kind, config.pool)
     gpus = await asyncio.to_thread(hostinfo.gpus)
     daemon = Daemon(config, pool_kind, events, gpus)
+    await daemon.load()
     servicer = ThawdServicer(daemon, stop)
     pb_grpc.add_ThawdServicer_to_server(servicer, server)
     metrics.start(config.metrics_port)

@@ -25,8 +25,12 @@ from thaw._proto import thawd_pb2_grpc as pb_grpc
 from thaw.fdpass import TOKEN_METADATA_KEY
 from thawd.security import AllowList, Peer, Tokens
 from thawd.state import Daemon
+from thawd.throttle import Throttle
 
 log = logging.getLogger("thawd.access")
+# One line per refused request (bad arguments, permissions, unknown names) and per internal
+# error, bounded: a client looping on a bad request must not fill the journal.
+_refusals = Throttle()
 
 PEER: contextvars.ContextVar[Peer] = contextvars.ContextVar("peer")
 TOKEN: contextvars.ContextVar[str] = contextvars.ContextVar("token", default="")
@@ -61,9 +65,15 @@ async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> No
     """The one place a domain error becomes a gRPC status."""
     code = code_for(exc)
     message = str(exc)
+    peer = PEER.get(None)
+    who = f"uid {peer.uid} pid {peer.pid}" if peer else "unauthenticated"
     if code is grpc.StatusCode.INTERNAL:
-        log.exception("internal error in request %s", REQUEST_ID.get(), exc_info=exc)
+        _refusals.log(log, logging.ERROR, "internal error in request %s (%s)", REQUEST_ID.get(),
+                      who, exc_info=exc)  # fmt: skip
         message = f"internal error in thawd ({type(exc).__name__}: {exc}); see its log"
+    else:
+        _refusals.log(log, logging.INFO, "refused request %s (%s): %s %s", REQUEST_ID.get(), who,
+                      type(exc).__name__, message[:300])  # fmt: skip
     trailers = [(ERROR_CLASS_KEY, type(exc).__name__),
                 (ERROR_TENSOR_KEY, str(getattr(exc, "tensor", "")))]  # fmt: skip
     if isinstance(exc, errors.ChecksumMismatch):
@@ -106,6 +116,13 @@ def _tier(value: int) -> str:
     raise errors.InvalidRequest("pin to TIER_PINNED or TIER_WARM; Unpin makes a snapshot cold")
 
 
+def _seconds(value: float) -> float:
+    """A duration a client reports: finite and not negative, else refused."""
+    if not 0.0 <= value < 1e9:
+        raise errors.InvalidRequest(f"duration_s must be a number of seconds, not {value!r}")
+    return value
+
+
 class ThawdServicer(pb_grpc.ThawdServicer):
     def __init__(self, daemon: Daemon, stopping: asyncio.Event) -> None:
         self.d = daemon
@@ -130,12 +147,12 @@ class ThawdServicer(pb_grpc.ThawdServicer):
     @stream
     async def Pin(self, request: pb.PinRequest, context: Any) -> AsyncIterator[pb.PinProgress]:
         self._accepting()
-        async for progress in self.d.pin(PEER.get(), request.name, _tier(request.tier)):
+        async for progress in self.d.tiers.pin(PEER.get(), request.name, _tier(request.tier)):
             yield progress
 
     @unary
     async def Unpin(self, request: pb.UnpinRequest, context: Any) -> pb.UnpinResponse:
-        return pb.UnpinResponse(snapshot=await self.d.unpin(PEER.get(), request.name))
+        return pb.UnpinResponse(snapshot=await self.d.tiers.unpin(PEER.get(), request.name))
 
     @unary
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
@@ -148,31 +165,31 @@ class ThawdServicer(pb_grpc.ThawdServicer):
     @unary
     async def Verify(self, request: pb.VerifyRequest, context: Any) -> pb.VerifyResponse:
         self._accepting()
-        return await self.d.verify(request.name)
+        return await self.d.tiers.verify(PEER.get(), request.name)
 
     @unary
     async def OpenRestore(
         self, request: pb.OpenRestoreRequest, context: Any
     ) -> pb.OpenRestoreResponse:
         self._accepting()
-        return self.d.open_restore(PEER.get(), TOKEN.get(), request)
+        return await self.d.restores.open(PEER.get(), TOKEN.get(), request)
 
     @unary
     async def CopyInto(self, request: pb.DaemonCopyRequest,
                        context: Any) -> pb.DaemonCopyResponse:  # fmt: skip
-        return await self.d.copy_into(PEER.get(), TOKEN.get(), request)
+        return await self.d.restores.copy_into(PEER.get(), TOKEN.get(), request)
 
     @unary
     async def CopyOut(self, request: pb.DaemonCopyRequest,
                       context: Any) -> pb.DaemonCopyResponse:  # fmt: skip
-        return await self.d.copy_out(PEER.get(), TOKEN.get(), request)
+        return await self.d.freezes.copy_out(PEER.get(), TOKEN.get(), request)
 
     @unary
     async def CloseRestore(
         self, request: pb.CloseRestoreRequest, context: Any
     ) -> pb.CloseRestoreResponse:
-        self.d.close_restore(PEER.get(), request.session_id, request.ok, request.bytes,
-                             request.duration_s, request.error)  # fmt: skip
+        self.d.restores.close(PEER.get(), request.session_id, request.ok, request.bytes,
+                              _seconds(request.duration_s), request.error[:1000])  # fmt: skip
         return pb.CloseRestoreResponse()
 
     @unary
@@ -180,23 +197,20 @@ class ThawdServicer(pb_grpc.ThawdServicer):
         self, request: pb.BeginFreezeRequest, context: Any
     ) -> pb.BeginFreezeResponse:
         self._accepting()
-        specs = [(t.name, t.dtype, tuple(t.shape)) for t in request.tensors]
-        return self.d.begin_freeze(PEER.get(), TOKEN.get(), request.name, request.path,
-                                   request.fingerprint_json, specs, dict(request.labels),
-                                   request.pin, request.daemon_copy)  # fmt: skip
+        return await self.d.freezes.begin(PEER.get(), TOKEN.get(), request)
 
     @unary
     async def CommitFreeze(
         self, request: pb.CommitFreezeRequest, context: Any
     ) -> pb.CommitFreezeResponse:
-        snap = await self.d.commit_freeze(PEER.get(), request.session_id, request.wait)
+        snap = await self.d.freezes.commit(PEER.get(), request.session_id, request.wait)
         return pb.CommitFreezeResponse(snapshot=snap)
 
     @unary
     async def AbortFreeze(
         self, request: pb.AbortFreezeRequest, context: Any
     ) -> pb.AbortFreezeResponse:
-        self.d.abort_freeze(PEER.get(), request.session_id)
+        self.d.freezes.abort(PEER.get(), request.session_id)
         return pb.AbortFreezeResponse()
 
     @unary
@@ -208,14 +222,14 @@ class ThawdServicer(pb_grpc.ThawdServicer):
         interval = request.interval_s if request.interval_s > 0 else 1.0
         interval = max(interval, 0.05)
         queue = self.d.events.subscribe()
-        last_bytes, last_t = self.d.bytes_restored_total, time.monotonic()
+        last_bytes, last_t = self.d.restores.bytes_total, time.monotonic()
         next_metrics = last_t
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
                 if now >= next_metrics:
-                    rate = (self.d.bytes_restored_total - last_bytes) / max(now - last_t, 1e-6)
-                    last_bytes, last_t = self.d.bytes_restored_total, now
+                    rate = (self.d.restores.bytes_total - last_bytes) / max(now - last_t, 1e-6)
+                    last_bytes, last_t = self.d.restores.bytes_total, now
                     next_metrics = now + interval
                     yield pb.WatchUpdate(time_unix=time.time(), metrics=pb.Metrics(
                         status=self.d.status(), snapshots=self.d.list(),

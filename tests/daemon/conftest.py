@@ -193,6 +193,19 @@ def write_snapshot(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor
     return Path(path)
 
 
+def flip_byte(path: str | os.PathLike[str], tensor: str, at: int) -> None:
+    """Flip one bit of byte `at` of `tensor` in a snapshot file, in place."""
+    from thaw.format import open_snapshot
+
+    snap = open_snapshot(path)
+    entry = snap.tensor(tensor)
+    with open(path, "r+b") as f:
+        f.seek(snap.payload_offset + entry.offset + at)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
 def zeros_like(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: torch.zeros_like(t) for n, t in tensors.items()}
 

@@ -81,7 +81,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("name", "path", "labels", "tier", "wanted_tier", "size_bytes", "file_bytes", "resident_bytes", "last_used_unix", "clients", "restores", "checksum_state", "fingerprint_json", "tensor_count", "registered_unix", "error", "file_pending")
+    __slots__ = ("name", "path", "labels", "tier", "wanted_tier", "size_bytes", "file_bytes", "resident_bytes", "last_used_unix", "clients", "restores", "checksum_state", "fingerprint_json", "tensor_count", "registered_unix", "error", "file_pending", "owner_uid", "content_id")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,8 @@ class Snapshot(_message.Message):
     REGISTERED_UNIX_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FILE_PENDING_FIELD_NUMBER: _ClassVar[int]
+    OWNER_UID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     labels: _containers.ScalarMap[str, str]
@@ -123,7 +125,9 @@ class Snapshot(_message.Message):
     registered_unix: float
     error: str
     file_pending: bool
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., tier: _Optional[_Union[Tier, str]] = ..., wanted_tier: _Optional[_Union[Tier, str]] = ..., size_bytes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., clients: _Optional[int] = ..., restores: _Optional[int] = ..., checksum_state: _Optional[_Union[ChecksumState, str]] = ..., fingerprint_json: _Optional[str] = ..., tensor_count: _Optional[int] = ..., registered_unix: _Optional[float] = ..., error: _Optional[str] = ..., file_pending: _Optional[bool] = ...) -> None: ...
+    owner_uid: int
+    content_id: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., tier: _Optional[_Union[Tier, str]] = ..., wanted_tier: _Optional[_Union[Tier, str]] = ..., size_bytes: _Optional[int] = ..., file_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., clients: _Optional[int] = ..., restores: _Optional[int] = ..., checksum_state: _Optional[_Union[ChecksumState, str]] = ..., fingerprint_json: _Optional[str] = ..., tensor_count: _Optional[int] = ..., registered_unix: _Optional[float] = ..., error: _Optional[str] = ..., file_pending: _Optional[bool] = ..., owner_uid: _Optional[int] = ..., content_id: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("path", "name", "labels")
@@ -412,7 +416,7 @@ class Gpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_used: _Optional[int] = ..., link: _Optional[str] = ...) -> None: ...
 
 class DaemonStatus(_message.Message):
-    __slots__ = ("version", "api_version", "pid", "started_unix", "uptime_s", "pool_kind", "pinned_budget", "pinned_used", "warm_budget", "warm_used", "host_memory_total", "host_memory_available", "gpus", "snapshots", "active_restores", "active_freezes", "restores_total", "bytes_restored_total", "memory_locked", "socket", "share_pool")
+    __slots__ = ("version", "api_version", "pid", "started_unix", "uptime_s", "pool_kind", "pinned_budget", "pinned_used", "warm_budget", "warm_used", "host_memory_total", "host_memory_available", "gpus", "snapshots", "active_restores", "active_freezes", "restores_total", "bytes_restored_total", "memory_locked", "socket", "share_pool", "registry_unsaved", "registry_error")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -434,6 +438,8 @@ class DaemonStatus(_message.Message):
     MEMORY_LOCKED_FIELD_NUMBER: _ClassVar[int]
     SOCKET_FIELD_NUMBER: _ClassVar[int]
     SHARE_POOL_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_UNSAVED_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_ERROR_FIELD_NUMBER: _ClassVar[int]
     version: str
     api_version: str
     pid: int
@@ -455,7 +461,9 @@ class DaemonStatus(_message.Message):
     memory_locked: bool
     socket: str
     share_pool: bool
-    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., pid: _Optional[int] = ..., started_unix: _Optional[float] = ..., uptime_s: _Optional[float] = ..., pool_kind: _Optional[_Union[PoolKind, str]] = ..., pinned_budget: _Optional[int] = ..., pinned_used: _Optional[int] = ..., warm_budget: _Optional[int] = ..., warm_used: _Optional[int] = ..., host_memory_total: _Optional[int] = ..., host_memory_available: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., snapshots: _Optional[int] = ..., active_restores: _Optional[int] = ..., active_freezes: _Optional[int] = ..., restores_total: _Optional[int] = ..., bytes_restored_total: _Optional[int] = ..., memory_locked: _Optional[bool] = ..., socket: _Optional[str] = ..., share_pool: _Optional[bool] = ...) -> None: ...
+    registry_unsaved: int
+    registry_error: str
+    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., pid: _Optional[int] = ..., started_unix: _Optional[float] = ..., uptime_s: _Optional[float] = ..., pool_kind: _Optional[_Union[PoolKind, str]] = ..., pinned_budget: _Optional[int] = ..., pinned_used: _Optional[int] = ..., warm_budget: _Optional[int] = ..., warm_used: _Optional[int] = ..., host_memory_total: _Optional[int] = ..., host_memory_available: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., snapshots: _Optional[int] = ..., active_restores: _Optional[int] = ..., active_freezes: _Optional[int] = ..., restores_total: _Optional[int] = ..., bytes_restored_total: _Optional[int] = ..., memory_locked: _Optional[bool] = ..., socket: _Optional[str] = ..., share_pool: _Optional[bool] = ..., registry_unsaved: _Optional[int] = ..., registry_error: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("interval_s",)
