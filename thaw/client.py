@@ -106,6 +106,8 @@ class SnapshotRecord:
     registered: float
     error: str  # "" when none
     file_pending: bool
+    owner_uid: int = -1  # who registered or froze it (they, root or thawd's admins change it)
+    content_id: str | Any = NA  # 16 hex digits naming the payload's bytes (NA while unknown)
 
     @property
     def resident_fraction(self) -> float:
@@ -126,6 +128,7 @@ class SnapshotRecord:
             checksum_state=_CHECKSUM.get(m.checksum_state, "unverified"),
             fingerprint=fingerprint, tensor_count=m.tensor_count,
             registered=m.registered_unix, error=m.error, file_pending=m.file_pending,
+            owner_uid=m.owner_uid, content_id=m.content_id or NA,
         )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ NOT_FOUND = 4  # no snapshot of that name is registered, or no such file
 PERMISSION_DENIED = 5  # thawd refused the caller, or a file is not readable
 BUDGET_EXCEEDED = 6  # pinning or warming would exceed a configured memory budget
 SNAPSHOT_CORRUPT = 7  # not a snapshot, damaged header or manifest, checksum mismatch
+SNAPSHOT_CHANGED = 8  # a registered snapshot's file was modified, replaced or removed
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 
@@ -35,6 +36,7 @@ exit codes:
   5  permission denied
   6  a memory budget of thawd would be exceeded
   7  the snapshot file is corrupt (or not a snapshot)
+  8  a registered snapshot's file changed since it was registered (register it again)
 130  interrupted
 
 environment:
@@ -81,6 +83,7 @@ def _rules() -> list[tuple[type[BaseException], int, str]]:
                 "unpin something (`thawctl ls`, `thawctl unpin NAME`) or raise the budget in "
                 "thawd's config",
             ),
+            (errors.SnapshotChanged, SNAPSHOT_CHANGED, ""),  # its message says what to do
             (errors.ChecksumMismatch, SNAPSHOT_CORRUPT, ""),  # its message says what to do
             (errors.UnsupportedVersion, SNAPSHOT_CORRUPT, ""),  # its message says what to do
             (errors.SnapshotError, SNAPSHOT_CORRUPT, corrupt_hint),
@@ -125,6 +128,7 @@ _ADVICE = (
     "restore a copy",
     "freeze it again",
     "check the",
+    "register it again",
 )
 
 

@@ -115,12 +115,14 @@ class SnapshotFile:
 
     def check(self) -> None:
         """Raise SnapshotChanged unless the fd's file is unchanged and the path still names it."""
-        why = self.identity.change(os.fstat(self.fd))
-        if not why:
-            try:
-                why = self.identity.change(os.stat(self.path))
-            except OSError as e:
-                why = f"the path cannot be reached ({e.strerror}): removed or replaced"
+        # The name first: a replaced or removed file also changes the old inode's ctime (its
+        # link count), and "replaced" is the more useful thing to say.
+        try:
+            named = os.stat(self.path)
+            why = "" if self.identity.same_file(named) else self.identity.change(named)
+        except OSError as e:
+            why = f"the path cannot be reached ({e.strerror}): removed or replaced"
+        why = why or self.identity.change(os.fstat(self.fd))
         if why:
             raise SnapshotChanged(f"{self.path}: {why} since it was registered; register it "
                                   "again to use the new file")  # fmt: skip

@@ -218,17 +218,21 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def run_client(
-    code: str, uid: int | None = None, timeout: float = 60.0
+    code: str, uid: int | None = None, timeout: float = 60.0, groups: tuple[int, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Run `code` in a fresh Python; with `uid`, it drops to that uid (and gid) after imports.
+    """Run `code` in a fresh Python; with `uid`, it drops to that uid (and gid, and the
+    supplementary `groups`) after imports.
 
     The interpreter lives under /root here, so the child starts as root, imports, then gives
     up its privileges before it touches the daemon, as an unprivileged engine process would.
     """
     prelude = f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\n"
-    prelude += "import torch, thaw.client\n"
+    # Everything the child imports comes before the drop: the interpreter's own modules are
+    # not readable by other uids here.
+    prelude += "import time, torch, thaw.client, thaw.errors, thaw.restore, thaw.datapath\n"
+    prelude += "import tests.daemon.conftest\n"
     if uid is not None:
-        prelude += f"os.setgroups([]); os.setgid({uid}); os.setuid({uid})\n"
+        prelude += f"os.setgroups({list(groups)}); os.setgid({uid}); os.setuid({uid})\n"
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
                           timeout=timeout, cwd="/")  # fmt: skip
 

@@ -163,7 +163,12 @@ def test_verify_by_name_is_done_by_thawd(thawctl, thawd, snapshot_file):
     assert (doc["source"], doc["name"], doc["read_from"]) == ("daemon", "v", "file")
     assert doc["daemon_checksum_state"] == "verified"  # thawd recorded the outcome
     assert doc["ok"] is True and doc["bytes"] > 0
-    corrupt_payload(snapshot_file, "layers.0.norm")
+    corrupt_payload(snapshot_file, "layers.0.norm")  # a write after register: a changed file
+    changed = thawctl("verify", "v")
+    assert changed.code == exitcodes.SNAPSHOT_CHANGED
+    assert "modified in place" in one_error_line(changed.err)
+    thawctl("rm", "v")
+    thawctl("register", str(snapshot_file), "--name", "v")  # damaged before it was registered
     bad = thawctl("verify", "v")
     assert bad.code == exitcodes.SNAPSHOT_CORRUPT
     assert "layers.0.norm" in one_error_line(bad.err)
@@ -183,8 +188,8 @@ def test_verify_of_a_pinned_name_hashes_the_pool(thawctl, thawd, snapshot_file):
 
 
 def test_pin_of_a_corrupt_file_exits_7(thawctl, thawd, snapshot_file):
-    thawctl("register", str(snapshot_file), "--name", "damaged")
     corrupt_payload(snapshot_file, "embed.weight")
+    thawctl("register", str(snapshot_file), "--name", "damaged")
     result = thawctl("pin", "damaged")
     assert result.code == exitcodes.SNAPSHOT_CORRUPT, result.err
     assert "embed.weight" in one_error_line(result.err)

@@ -175,8 +175,8 @@ def test_remove_asks_first(thawd, snapshot_dir):
 
 def test_verify_from_the_table_reports_corruption(thawd, snapshot_dir):
     (path,) = snapshot_files(snapshot_dir, "v")
+    corrupt_payload(path, "layers.0.proj")  # damaged before register: the bytes thawd reads
     register(thawd.socket, path, "v")
-    corrupt_payload(path, "layers.0.proj")
 
     async def scenario() -> None:
         app = make_app(thawd.socket)
