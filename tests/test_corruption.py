@@ -538,3 +538,55 @@ def test_fuzz_manifest_content(fuzz_base, data):
     path.write_bytes(original)
     write_manifest(path, json.dumps(manifest).encode())
     only_thaw_errors(path, source)
+
+
+def test_manifest_parse_cost_is_bounded_by_its_structure(small_snapshot):
+    """64 MiB of `[{},{},...]` with a valid checksum was 22 million dicts (~1.5 GB) in the
+    parser: the structure is counted on the raw bytes first and such a manifest is refused
+    without building it."""
+    path, _ = small_snapshot
+    m = read_manifest(path)
+    blob = json.dumps(m).encode()
+    bomb = blob.replace(b'"tensors": [', b'"tensors": [' + b"{}," * 6_000_000, 1)
+    assert len(bomb) > 16 * MiB
+    write_manifest(path, bomb)
+    tracemalloc.start()
+    try:
+        rejects(path, ManifestCorrupt, "JSON objects and arrays")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(bomb), peak  # the bytes read, not millions of objects
+
+
+@pytest.mark.parametrize(
+    ("mutate", "phrase"),
+    [
+        (lambda m: entry(m, "step").update(extra=1), "exactly the keys"),
+        (lambda m: m["tensors"].append([]), "exactly the keys"),
+        (lambda m: entry(m, "step").update(checksum="F" * 16), "16 lowercase hex digits"),
+        (lambda m: entry(m, "step").update(checksum="0" * 15), "16 lowercase hex digits"),
+        (lambda m: m["fingerprint"].update(labels={str(i): "" for i in range(1025)}),
+         "at most 1024"),
+        (lambda m: m["fingerprint"].update(model="m" * 5000), "longer than 4096"),
+    ],
+)
+def test_manifest_entries_have_one_shape(small_snapshot, mutate, phrase):
+    path, _ = small_snapshot
+    m = read_manifest(path)
+    mutate(m)
+    write_manifest(path, m)
+    rejects(path, ManifestCorrupt, phrase)
+
+
+@SETTINGS
+@given(tensors=st.lists(json_values, max_size=6), fingerprint=json_values)
+def test_fuzz_parse_manifest_refuses_with_manifest_corrupt(tensors, fingerprint):
+    """Whatever JSON stands where the tensors and fingerprint go, the parser returns a
+    manifest or raises ManifestCorrupt, never another exception."""
+    from thaw.format import CHECKSUM_ALGORITHM, parse_manifest
+
+    doc = {"format": "thaw-snapshot", "checksum_algorithm": CHECKSUM_ALGORITHM,
+           "fingerprint": fingerprint, "tensors": tensors}  # fmt: skip
+    with contextlib.suppress(ManifestCorrupt):
+        parse_manifest("fuzz", json.dumps(doc).encode(), 1 << 20)

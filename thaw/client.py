@@ -164,6 +164,8 @@ class DaemonStatus:
     memory_locked: bool
     socket: str
     share_pool: bool  # pool memory is handed to clients (false: CUDA IPC copies only)
+    registry_unsaved: int = 0  # snapshots whose newest state is not on disk yet (retried)
+    registry_error: str = ""  # the registry's write error while writes fail
 
     @classmethod
     def from_pb(cls, m: pb.DaemonStatus) -> DaemonStatus:
@@ -178,6 +180,7 @@ class DaemonStatus:
             active_restores=m.active_restores, active_freezes=m.active_freezes,
             restores_total=m.restores_total, bytes_restored_total=m.bytes_restored_total,
             memory_locked=m.memory_locked, socket=m.socket, share_pool=m.share_pool,
+            registry_unsaved=m.registry_unsaved, registry_error=m.registry_error,
         )  # fmt: skip
 
 

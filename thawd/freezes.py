@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("thawd.freezes")
 
-# A BeginFreeze of this many tensors or more is checked and laid out on a worker thread:
-# 262,144 tensors take about a second of Python, which no other client should wait for.
+# A BeginFreeze of more tensors than this is checked, laid out and answered on a worker
+# thread: 262,144 tensors take about a second of Python, which no other client should wait for.
 MANY_TENSORS = 4096
 MAX_DIM = 1 << 48
 
@@ -106,10 +106,16 @@ class Freezes:
                           request.pin)  # fmt: skip
         d.sessions[session.id] = session
         d.events.publish("freeze_started", name, target.path, length)
-        return pb.BeginFreezeResponse(
-            session_id=session.id, pool_kind=POOL_KINDS[buf.kind], pool_size=buf.size,
-            tensors=[entry_pb(t) for t in entries], path=target.path,
-        )  # fmt: skip
+
+        def response() -> pb.BeginFreezeResponse:
+            return pb.BeginFreezeResponse(
+                session_id=session.id, pool_kind=POOL_KINDS[buf.kind], pool_size=buf.size,
+                tensors=[entry_pb(t) for t in entries], path=target.path,
+            )  # fmt: skip
+
+        if len(entries) > MANY_TENSORS:
+            return await asyncio.to_thread(response)
+        return response()
 
     def _check_free(self, name: str) -> None:
         d = self.d
