@@ -49,7 +49,7 @@ NUM_LAYERS, KV_HEADS, HEAD, BLOCK = 32, 8, 128, 16
 
 def kv_spec(dtype: str) -> KVSpec:
     return KVSpec(
-        model="bench-llama3-8b",
+        weights="bench-llama3-8b",
         dtype=dtype,
         layout="gpu-2NBHD",
         block_size=BLOCK,
@@ -98,7 +98,7 @@ def throughput(args: argparse.Namespace) -> None:
                     tensors,
                     name,
                     str(directory / f"{name}.thaw"),
-                    thaw.Fingerprint(model=spec.model, dtype=spec.dtype, labels=labels),
+                    thaw.Fingerprint(model=spec.weights, dtype=spec.dtype, labels=labels),
                     labels=labels,
                     pin=True,
                 )
@@ -273,7 +273,7 @@ def ttft_forward(args: argparse.Namespace, shape: Any = None) -> None:
     dtype = getattr(torch, args.dtype)
     spec = dataclasses.replace(
         kv_spec(args.dtype),
-        model=f"bench-llama-{shape.layers}x{shape.hidden}",
+        weights=f"bench-llama-{shape.layers}x{shape.hidden}",
         block_shape=(2, BLOCK, shape.kv_heads, shape.head),
         num_layers=shape.layers,
     )
@@ -307,7 +307,7 @@ def ttft_forward(args: argparse.Namespace, shape: Any = None) -> None:
         try:
             client = thaw.connect(str(directory / "thawd.sock"))
             labels = {**spec.labels(), "kv.blocks": str(n)}
-            fingerprint = thaw.Fingerprint(model=spec.model, dtype=spec.dtype, labels=labels)
+            fingerprint = thaw.Fingerprint(model=spec.weights, dtype=spec.dtype, labels=labels)
             client.freeze(kv, "prefix", str(directory / "prefix.thaw"), fingerprint,
                           labels=labels, pin=True)  # fmt: skip
             staging = {k: torch.empty_like(v) for k, v in kv.items()}

@@ -237,6 +237,7 @@ class RestoreResult:
     # whole pool), "mapped" (an earlier restore mapped the buffer), "fds" (the buffer's fds
     # were handed over now), "file" (not pinned: the snapshot file), "daemon_copy" (CUDA IPC).
     delivery: str = ""
+    content_id: str = ""  # the restored payload's identity (thaw.format.Manifest.content_id)
 
     @property
     def gbps(self) -> float:
@@ -638,7 +639,7 @@ class Client:
                 closes.append(pb.CloseRestoreRequest(session_id=info.session_id, ok=True,
                                                      bytes=copied, duration_s=seconds))  # fmt: skip
                 results.append(RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds,
-                                             delivery))  # fmt: skip
+                                             delivery, _content_id(info)))  # fmt: skip
             for device in devices if in_flight else ():
                 datapath.finish_copies(device)
         except BaseException as e:
@@ -1125,6 +1126,15 @@ _Source = tuple[int, bool, Callable[[int], None] | None, Callable[[], None]]
 
 def _nothing() -> None:
     pass
+
+
+def _content_id(info: pb.OpenRestoreResponse) -> str:
+    """The restored payload's content id, from the manifest thawd sent."""
+    from thaw.format import Manifest
+
+    entries = tuple(TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length, t.checksum)
+                    for t in info.tensors)  # fmt: skip
+    return Manifest(Fingerprint(), entries).content_id
 
 
 def _from_pool(name: str, info: pb.OpenRestoreResponse, mirror: Any) -> _Source:

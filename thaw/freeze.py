@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -12,7 +13,7 @@ from typing import Any
 from thaw import _native, datapath
 from thaw.dtypes import dtype_name
 from thaw.fingerprint import Fingerprint
-from thaw.format import PAYLOAD_OFFSET, SnapshotWriter, layout
+from thaw.format import PAYLOAD_OFFSET, Manifest, SnapshotWriter, layout
 from thaw.pieces import Digests, Piece, plan
 from thaw.restore import TransferStats
 
@@ -99,4 +100,6 @@ def freeze_file(
             datapath.copy_from_cuda(gpu_bindings, drain)
         writer.commit(fingerprint, checksums)
     size = sum(e.length for e in entries)
-    return TransferStats(size, time.perf_counter() - started, "memory")
+    frozen = Manifest(fingerprint, tuple(dataclasses.replace(e, checksum=c)
+                                         for e, c in zip(entries, checksums, strict=True)))
+    return TransferStats(size, time.perf_counter() - started, "memory", frozen.content_id)

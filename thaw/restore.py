@@ -29,6 +29,7 @@ class TransferStats:
     bytes: int
     seconds: float
     source: str
+    content_id: str = ""  # the snapshot's (thaw.format.Manifest.content_id)
 
     @property
     def gbps(self) -> float:
@@ -66,7 +67,8 @@ def restore_file(
                                       threads=threads)  # fmt: skip
     finally:
         os.close(fd)
-    return TransferStats(copied, time.perf_counter() - started, source)
+    return TransferStats(copied, time.perf_counter() - started, source,
+                         snapshot.manifest.content_id)  # fmt: skip
 
 
 def read_payload(

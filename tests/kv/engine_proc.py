@@ -46,11 +46,11 @@ def make_llm(job: dict, **extra: object) -> object:
     )
 
 
-def greedy(llm: object, prompt: str, n: int = 32) -> dict:
+def greedy(llm: object, prompt: str | dict, n: int = 32) -> dict:
     return greedy_many(llm, [prompt], n)[0]
 
 
-def greedy_many(llm: object, prompts: list[str], n: int = 32) -> list[dict]:
+def greedy_many(llm: object, prompts: list[str | dict], n: int = 32) -> list[dict]:
     """One generate call: prompts scheduled together load their KV in the same steps."""
     from vllm import SamplingParams
 
@@ -76,13 +76,67 @@ def shutdown(llm: object) -> None:
         llm.llm_engine.engine_core.shutdown()
 
 
+def other_weights(llm: object, job: dict) -> str:
+    """Register in thawd a snapshot of other weights for this engine (its own, frozen, each
+    float tensor moved by noise: same names and shapes, other outputs); returns its name."""
+    import torch
+
+    import thaw
+    from thaw.format import open_snapshot
+    from thaw.freeze import freeze_file
+    from thaw.restore import read_tensor
+
+    directory = job["snapshot_dir"]
+    mine = os.path.join(directory, "weights-a.thaw")
+    thaw.vllm.freeze(llm, "weights-a", path=mine, socket=job["socket"])
+    snap = open_snapshot(mine)
+    g = torch.Generator().manual_seed(11)
+    other = {}
+    for entry in snap.tensors:
+        t = read_tensor(snap, entry)
+        if t.is_floating_point():
+            t = t + 0.05 * torch.randn(t.shape, generator=g).to(t.dtype)
+        other[entry.name] = t
+    path = os.path.join(directory, "weights-b.thaw")
+    freeze_file(other, path, fingerprint=snap.fingerprint)
+    with thaw.connect(job["socket"]) as client:
+        client.register(path, "weights-b")
+    return "weights-b"
+
+
+def swap(llm: object, job: dict) -> dict:
+    """Serve a prompt (its KV goes to the store), swap the weights in place, serve it again:
+    the KV of the old weights must not come back."""
+    import thaw
+
+    prompt, out = job["prompt"], {}
+    out["first"] = greedy(llm, prompt)
+    llm.reset_prefix_cache()  # the engine's own cache goes; the store keeps the prompt's KV
+    out["again"] = greedy(llm, prompt)
+    other = other_weights(llm, job)
+    with thaw.connect(job["socket"]) as client:
+        client.restore(llm, other)
+    out["swapped"] = greedy(llm, prompt)
+    # The same prompt with a cache salt: neither vLLM's prefix cache nor the connector serve
+    # it, so it is computed with the new weights from scratch.
+    out["reference"] = greedy(llm, {"prompt": prompt, "cache_salt": "fresh"})
+    out["stored"] = greedy(llm, prompt)  # the new weights' KV for the prompt goes to the store
+    llm.reset_prefix_cache()
+    out["keyed"] = greedy(llm, prompt)  # and comes back, keyed by the new weights
+    return out
+
+
 def main(job: dict) -> dict:
     import thaw.kv
     from thaw.errors import ThawError
 
     role = job["role"]
     t0 = time.perf_counter()
-    llm = make_llm(job)
+    extra: dict = {"worker_extension_cls": "thaw.vllm.worker.ThawWorkerExtension"}
+    if job.get("load"):  # load_format="thaw" from this snapshot
+        extra.update(load_format="thaw",
+                     model_loader_extra_config={"snapshot": job["load"], "socket": job["socket"]})
+    llm = make_llm(job, **extra)
     result: dict = {"init_s": time.perf_counter() - t0}
     prompt = job["prompt"]
     if role == "capture":
@@ -101,6 +155,10 @@ def main(job: dict) -> dict:
         llm.reset_prefix_cache()
         result["restored"] = thaw.kv.restore(llm, job["name"]).cached_tokens
         result["after_restore"] = greedy(llm, prompt)
+    elif role == "lazy":
+        result["lazy"] = greedy(llm, prompt)
+    elif role == "swap":
+        result.update(swap(llm, job))
     elif role == "mismatch":
         result["lazy"] = greedy(llm, prompt)
         try:

@@ -24,7 +24,7 @@ from thaw.kv.store import (
 )
 
 SPEC = KVSpec(
-    model="m1",
+    weights="m1",
     dtype="float32",
     layout="cpu-LBHNC",
     block_size=4,
@@ -58,11 +58,11 @@ def test_chain_keys_depend_on_tokens_and_spec_only() -> None:
 
 def test_spec_check_names_every_difference() -> None:
     SPEC.check(KVSpec.from_labels(SPEC.labels()))
-    other = KVSpec(**{**SPEC.__dict__, "model": "m2", "block_size": 8})
+    other = KVSpec(**{**SPEC.__dict__, "weights": "m2", "block_size": 8})
     with pytest.raises(KVMismatch) as e:
         SPEC.check(other)
     assert isinstance(e.value, ModelMismatch)
-    assert "model" in str(e.value) and "block_size" in str(e.value)
+    assert "weights" in str(e.value) and "block_size" in str(e.value)
     with pytest.raises(ThawError, match="not a KV-cache snapshot"):
         KVSpec.from_labels({})
     # A format 1 snapshot (a tensor per layer) is refused by name, not misread.
@@ -92,7 +92,7 @@ def test_store_round_trip_and_index_from_token_ids(
     assert torch.equal(loaded[LAYERS], layers)
     # Another spec sees none of it.
     stranger = KVStore(
-        KVSpec(**{**SPEC.__dict__, "model": "m2"}), socket=socket, directory=directory
+        KVSpec(**{**SPEC.__dict__, "weights": "m2"}), socket=socket, directory=directory
     )
     stranger.refresh(force=True)
     assert stranger.match(chain_keys(stranger.spec.key, tokens, 4)) == []
@@ -148,7 +148,7 @@ def test_a_full_pinned_budget_unpins_the_oldest_automatic_saves(tmp_path: Any) -
     from tests.daemon.conftest import ThawdProcess, make_dir
     from thaw.errors import BudgetExceeded
 
-    spec = KVSpec(model="m-big", dtype="float32", layout="cpu-LBHNC", block_size=4,
+    spec = KVSpec(weights="m-big", dtype="float32", layout="cpu-LBHNC", block_size=4,
                   block_shape=(1024, 1024), num_layers=2)  # fmt: skip
     daemon = ThawdProcess(make_dir(), pinned_budget="24MiB").start()
     try:
@@ -226,7 +226,7 @@ def test_a_gpu_engine_saves_and_loads_in_gpu_memory(
 ) -> None:
     """A GPU engine's blocks go to the store from GPU memory and come back into it, with no
     host staging; copy_blocks then places them in a cache laid out like vLLM's GPU cache."""
-    spec = KVSpec(model="m-gpu", dtype="bfloat16", layout="gpu-2NBHD", block_size=16,
+    spec = KVSpec(weights="m-gpu", dtype="bfloat16", layout="gpu-2NBHD", block_size=16,
                   block_shape=(2, 16, 8, 128), num_layers=2)  # fmt: skip
     socket = kv_thawd.socket if backend == "thawd" else None
     store = KVStore(spec, socket=socket, directory=str(tmp_path / "kv"))

@@ -110,8 +110,34 @@ def test_mismatched_engine_is_refused(
     c = engine({**job, "model": str(other), "dtype": "float16", "role": "mismatch"}, hash_seed=1)
     assert c["lazy"]["cached"] == 0  # other model: its keys never reach A's blocks
     assert c["refused"].startswith("KVMismatch")
-    assert "dtype" in c["refused"] and "model" in c["refused"]
+    assert "dtype" in c["refused"] and "weights" in c["refused"]
     assert "unfinished requests" in c["busy"]
+
+
+def test_kv_never_outlives_the_weights_that_computed_it(
+    setup: dict[str, Any], engine: Any
+) -> None:
+    """An engine serves a prompt (its KV stored), then `thaw.connect().restore(llm, other)`
+    swaps its weights in place: the prompt is computed again with the new weights, never
+    served from the old weights' KV, and the new weights' KV is stored under their own key.
+    A new engine started with load_format="thaw" from those weights, on the first model's
+    directory, finds the new weights' KV and never the old's."""
+    import thaw.tiny
+
+    prompt = thaw.tiny.make_prompt(thaw.tiny.build_tokenizer(), PROMPT_TOKENS, seed=8)
+    job = {k: v for k, v in setup.items() if k != "root"}
+    a = engine({**job, "prompt": prompt, "role": "swap"}, hash_seed=7)
+    assert a["first"]["cached"] == 0
+    assert a["again"]["cached"] == FULL_PREFIX  # the old weights' KV is in the store
+    assert a["again"]["tokens"] == a["first"]["tokens"]
+    assert a["reference"]["tokens"] != a["first"]["tokens"]  # the swap changed the outputs
+    assert a["swapped"]["cached"] == 0
+    assert a["swapped"]["tokens"] == a["reference"]["tokens"]
+    assert a["keyed"]["cached"] == FULL_PREFIX
+    assert a["keyed"]["tokens"] == a["reference"]["tokens"]
+    b = engine({**job, "prompt": prompt, "role": "lazy", "load": "weights-b"}, hash_seed=8)
+    assert b["lazy"]["cached"] == FULL_PREFIX
+    assert b["lazy"]["tokens"] == a["reference"]["tokens"]
 
 
 def test_tensor_parallel_ranks_store_and_load_their_own_shards(

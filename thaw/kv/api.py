@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from thaw.errors import AlreadyExists, NotFound, ThawError
+from thaw.kv import weights
 from thaw.kv.store import KVSpec, rank_name, read_labels, spec_from_vllm_config
 
 CONNECTOR = "ThawKVConnector"
@@ -107,7 +108,11 @@ def _encode(llm: Any, prompt: str, special: bool = True) -> list[int]:
 
 
 def engine_spec(llm: Any) -> KVSpec:
-    return spec_from_vllm_config(llm.llm_engine.vllm_config)
+    """The KV spec of `llm` with the weights it holds now: what thaw.vllm.restore last put
+    into it, else what its config loads (thaw/kv/weights.py)."""
+    config = llm.llm_engine.vllm_config
+    parts = weights.remembered(llm) or weights.from_vllm_config(config)
+    return spec_from_vllm_config(config, weights.combine(parts) if parts else "")
 
 
 def capture(

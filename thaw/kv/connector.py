@@ -8,6 +8,13 @@ blocks go into which allocated block ids, and, on the step that finishes a promp
 which full blocks to save. Worker side: loads blocks (from thawd's pinned tier, or the file)
 into the engine's KV tensors before the forward; saves blocks after it.
 
+KV belongs to the weights that computed it (thaw/kv/weights.py). The chain keys start from
+the engine's weights identity: derived from its config at start, unknown after a connector
+reset (`reset_prefix_cache(reset_connector=True)`, which thaw.vllm.restore calls after every
+in-place restore) until the workers report what they hold, which they do every step. While
+it is unknown nothing is matched or saved. A worker whose own identity differs from what
+the scheduler keyed a step with refuses that step's loads (vLLM recomputes them) and saves.
+
 Per-request options go in `SamplingParams(extra_args={"kv_transfer_params": {...}})`:
 `thaw_capture: name` saves the prompt's full blocks under that name even if already stored;
 `thaw_refresh: true` re-reads the store's index before matching.
@@ -24,9 +31,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 
 from thaw.errors import KVMismatch
+from thaw.kv import weights
 from thaw.kv.store import (
     AUTO_LABEL,
     KVStore,
@@ -44,6 +53,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("thaw.kv")
@@ -77,6 +87,21 @@ class SaveItem:
 class ThawKVMetadata(KVConnectorMetadata):
     loads: list[LoadItem] = dataclasses.field(default_factory=list)
     saves: list[SaveItem] = dataclasses.field(default_factory=list)
+    # The weights each rank held when the scheduler keyed this step's loads and saves.
+    weights: dict[int, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ThawKVWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, every step: the weights each rank holds (where a thaw load or
+    restore set them), merged over the ranks."""
+
+    weights: dict[int, str] = dataclasses.field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        merged = dict(self.weights)
+        merged.update(getattr(other, "weights", {}))
+        return ThawKVWorkerMetadata(merged)
 
 
 @dataclasses.dataclass
@@ -98,7 +123,12 @@ class ThawKVConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
-        self.spec = spec_from_vllm_config(vllm_config)
+        # The scheduler keys KV by the weights the engine was configured to load; a worker's
+        # spec is re-keyed by each step's metadata (only the scheduler knows every rank).
+        self.weights: dict[int, str] | None = (
+            weights.from_vllm_config(vllm_config) if role == KVConnectorRole.SCHEDULER else None
+        )
+        self.spec = spec_from_vllm_config(vllm_config, _identity(self.weights))
         self.block_size = self.spec.block_size
         self.store = KVStore(
             self.spec,
@@ -149,11 +179,32 @@ class ThawKVConnector(KVConnectorBase_V1):
         """View of one layer's KV with the block index first."""
         return layer if self.spec.layout.startswith("cpu") else layer.transpose(0, 1)
 
+    def _agrees(self, meta: ThawKVMetadata) -> bool:
+        """Whether this rank holds the weights the scheduler keyed `meta` with (a rank whose
+        weights no thaw load or restore set trusts the scheduler's key). Re-keys this rank's
+        store to them."""
+        mine = weights.current()
+        keyed = meta.weights.get(self.spec.tp_rank)
+        if mine is not None and keyed != mine:
+            if meta.loads or meta.saves:
+                log.warning("thaw KV: this rank holds weights %s, the step was keyed for %s: "
+                            "its KV loads and saves are skipped", mine, keyed)  # fmt: skip
+            return False
+        identity = _identity(meta.weights)
+        if identity != self.spec.weights:
+            self.spec = dataclasses.replace(self.spec, weights=identity)
+            self.store.rekey(self.spec)
+        return True
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         from thaw.kv.store import BlockRef
 
         meta = self._get_connector_metadata()
         assert isinstance(meta, ThawKVMetadata)
+        if not self._agrees(meta):
+            for item in meta.loads:  # vLLM recomputes what was to be loaded
+                self._load_errors.update(item.dst)
+            return
         # The scheduler names rank 0's snapshot; every other rank loads its own shard.
         refs = []
         for item in meta.loads:
@@ -188,7 +239,7 @@ class ThawKVConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
-        if not isinstance(meta, ThawKVMetadata):
+        if not isinstance(meta, ThawKVMetadata) or not self._agrees(meta):
             return
         for item in meta.saves:
             try:
@@ -211,14 +262,18 @@ class ThawKVConnector(KVConnectorBase_V1):
         errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        mine = weights.current()
+        return ThawKVWorkerMetadata({self.spec.tp_rank: mine}) if mine else None
+
     # --- scheduler side -------------------------------------------------------------------------
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         params = request.kv_transfer_params or {}
-        if _has_extra_keys(request):
-            return 0, False
+        if _has_extra_keys(request) or self.weights is None:
+            return 0, False  # unknown weights share no KV
         prompt = list(request.prompt_token_ids or [])
         # The last prompt token is always computed (vLLM needs its logits): at most
         # (len - 1) // block_size full blocks can come from the store.
@@ -270,7 +325,7 @@ class ThawKVConnector(KVConnectorBase_V1):
         self._loads.extend(by_name.values())
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = ThawKVMetadata(loads=self._loads)
+        meta = ThawKVMetadata(loads=self._loads, weights=dict(self.weights or {}))
         self._loads = []
         progress: list[tuple[str, int]] = []
         for new in scheduler_output.scheduled_new_reqs:
@@ -303,7 +358,7 @@ class ThawKVConnector(KVConnectorBase_V1):
         return meta
 
     def _save_item(self, req_id: str, state: _ReqState) -> SaveItem | None:
-        if not (self.save_prompts or state.capture):
+        if not (self.save_prompts or state.capture) or self.weights is None:
             return None
         n = len(state.prompt) // self.block_size
         if n == 0:
@@ -324,6 +379,27 @@ class ThawKVConnector(KVConnectorBase_V1):
         self.store.note_saved(name, tokens, {**self.spec.labels(), **labels})
         return SaveItem(req_id, name, state.block_ids[:n], tokens, labels)
 
+    def reset_cache(self) -> bool:
+        """The engine's weights may have changed (an in-place restore): nothing is matched or
+        saved until the workers report what they hold (`update_connector_output`)."""
+        self._set_weights(None)
+        return True
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        reported = connector_output.kv_connector_worker_meta
+        if not isinstance(reported, ThawKVWorkerMetadata):
+            return
+        if len(reported.weights) == self.spec.tp_size and reported.weights != self.weights:
+            self._set_weights(reported.weights)
+
+    def _set_weights(self, parts: dict[int, str] | None) -> None:
+        if parts != self.weights:
+            log.info("thaw KV: the engine's weights are now %s", _identity(parts) or "unknown")
+        self.weights = dict(parts) if parts is not None else None
+        self.spec = dataclasses.replace(self.spec, weights=_identity(parts))
+        self.store.rekey(self.spec)
+        self._matches.clear()
+
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
@@ -333,6 +409,10 @@ class ThawKVConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         self.store.close()
+
+
+def _identity(parts: dict[int, str] | None) -> str:
+    return weights.combine(parts) if parts else ""
 
 
 def _has_extra_keys(request: Request) -> bool:

@@ -8,13 +8,13 @@ A KV snapshot holds one prefix of full blocks (format 2):
 
 (two tensors, not one per layer: a restore's fixed cost grows with its tensor count, and a
 4k-token prefix of an 8B model is only ~10 ms of copying), and records in its fingerprint
-labels what the bytes mean (model fingerprint, dtype, layout,
-block size and shape, layers) plus, for the record only, vLLM's prefix-cache hash algorithm and
-seed of the engine that wrote it. Blocks are looked up by *our* chain key: SHA-256 over the
-KV spec and the token ids of the block and all blocks before it. The key is a function of the
-token ids alone, so an engine with another PYTHONHASHSEED or `prefix_caching_hash_algo` finds
-the same blocks; vLLM then hashes the loaded blocks its own way. The index is rebuilt from the
-stored token ids, never from vLLM's block hashes.
+labels what the bytes mean (the identity of the weights that computed them, thaw/kv/weights.py;
+dtype, layout, block size and shape, layers) plus, for the record only, vLLM's prefix-cache
+hash algorithm and seed of the engine that wrote it. Blocks are looked up by *our* chain key:
+SHA-256 over the KV spec and the token ids of the block and all blocks before it. The key is a
+function of the token ids alone, so an engine with another PYTHONHASHSEED or
+`prefix_caching_hash_algo` finds the same blocks; vLLM then hashes the loaded blocks its own
+way. The index is rebuilt from the stored token ids, never from vLLM's block hashes.
 
 Snapshots live in thawd (pinned tier, file written behind into `snapshot_dir` or the daemon's
 state directory) or, without a daemon, as files in `snapshot_dir`. This module imports torch
@@ -58,14 +58,14 @@ TOKEN_IDS = "kv.token_ids"
 # On automatic saves (the connector's), not on captures: thawd may unpin them for room.
 AUTO_LABEL = "kv.auto"
 # Spec fields compared between a snapshot and an engine, in the order errors name them.
-SPEC_FIELDS = ("model", "dtype", "layout", "block_size", "block_shape", "num_layers")
+SPEC_FIELDS = ("weights", "dtype", "layout", "block_size", "block_shape", "num_layers")
 
 
 @dataclasses.dataclass(frozen=True)
 class KVSpec:
     """What KV bytes mean: two engines with equal specs can exchange blocks as raw bytes."""
 
-    model: str  # model fingerprint (see model_fingerprint)
+    weights: str  # the engine's loaded weights (thaw.kv.weights.combine); "" = not known
     dtype: str  # KV cache dtype, e.g. "float32"
     layout: str  # e.g. "cpu-LBHNC": vLLM CPU, one [blocks, kv_heads, block, 2*head] per layer
     block_size: int
@@ -94,7 +94,7 @@ class KVSpec:
         return {
             KIND_LABEL: KIND,
             "kv.spec": self.key,
-            "kv.model": self.model,
+            "kv.weights": self.weights,
             "kv.dtype": self.dtype,
             "kv.layout": self.layout,
             "kv.block_size": str(self.block_size),
@@ -114,7 +114,7 @@ class KVSpec:
         try:
             rank, size = labels.get("kv.tp", "0/1").split("/")
             return cls(
-                model=labels["kv.model"],
+                weights=labels.get("kv.weights", ""),
                 dtype=labels["kv.dtype"],
                 layout=labels["kv.layout"],
                 block_size=int(labels["kv.block_size"]),
@@ -136,51 +136,13 @@ class KVSpec:
         if diffs:
             raise KVMismatch(
                 f"KV-cache snapshot does not fit this engine ({'; '.join(diffs)}); capture it "
-                "again from an engine with the same model, dtype, block size and parallel layout"
+                "again from an engine with the same weights, dtype, block size and parallel layout"
             )
 
 
-# --- model fingerprint ------------------------------------------------------------------------
-
-_MODEL_FP_CACHE: dict[str, str] = {}
-_SAMPLE = 1 << 20
-
-
-def model_fingerprint(model: str, revision: str | None = None) -> str:
-    """A short digest that changes when the weights change.
-
-    For a local directory: config.json, and for every weights file its name, size and first and
-    last MiB (cheap, and random-weight models that share a config still differ). For a hub id:
-    the id and revision.
-    """
-    cache_key = f"{model}@{revision}"
-    if cache_key in _MODEL_FP_CACHE:
-        return _MODEL_FP_CACHE[cache_key]
-    h = hashlib.sha256()
-    path = Path(model)
-    if path.is_dir():
-        config = path / "config.json"
-        if config.exists():
-            h.update(config.read_bytes())
-        for f in sorted(path.iterdir()):
-            if f.suffix not in (".safetensors", ".bin", ".pt", ".gguf"):
-                continue
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(_SAMPLE))
-                if size > 2 * _SAMPLE:
-                    fh.seek(size - _SAMPLE)
-                    h.update(fh.read(_SAMPLE))
-    else:
-        h.update(f"hub:{model}@{revision or 'main'}".encode())
-    digest = h.hexdigest()[:24]
-    _MODEL_FP_CACHE[cache_key] = digest
-    return digest
-
-
-def spec_from_vllm_config(vllm_config: Any) -> KVSpec:
-    """The KV spec an engine with this VllmConfig has (valid in every vLLM process)."""
+def spec_from_vllm_config(vllm_config: Any, weights: str = "") -> KVSpec:
+    """The KV spec an engine with this VllmConfig and these loaded `weights` (an identity
+    from thaw.kv.weights) has; valid in every vLLM process."""
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     kv_heads = mc.get_num_kv_heads(pc)
     head = mc.get_head_size()
@@ -203,7 +165,7 @@ def spec_from_vllm_config(vllm_config: Any) -> KVSpec:
         # layer; stored block-major as [n, 2, block_size, kv_heads, head].
         layout, block_shape = "gpu-2NBHD", (2, block_size, kv_heads, head)
     return KVSpec(
-        model=model_fingerprint(mc.model, getattr(mc, "revision", None)),
+        weights=weights,
         dtype=dtype,
         layout=layout,
         block_size=block_size,
@@ -334,6 +296,16 @@ class KVStore:
             self._client = connect(self.socket)
         return self._client
 
+    def rekey(self, spec: KVSpec) -> None:
+        """The engine's weights changed (`spec.weights`): forget the index of the old spec;
+        the next refresh indexes the snapshots of the new one."""
+        with self._lock:
+            self.spec = spec
+            self._index.clear()
+            self._known.clear()
+            self._staging.clear()
+            self._refreshed = 0.0
+
     def path_for(self, name: str) -> str:
         return os.path.join(self.directory, f"{name}.thaw") if self.directory else ""
 
@@ -341,7 +313,7 @@ class KVStore:
         labels = {**self.spec.labels(), **extra_labels}
         return Fingerprint(
             dtype=self.spec.dtype,
-            model=self.spec.model,
+            model=self.spec.weights,
             engine="vllm",
             engine_version=labels.get("kv.vllm", ""),
             tp_rank=self.spec.tp_rank,

@@ -79,16 +79,15 @@ def restore(
     daemon: str | None = None,
     ignore: Sequence[str] | None = None,
     verify: bool | None = None,
-    reset_prefix_cache: bool = True,
 ) -> EngineTransfer:
     """Swap a live engine's weights for a snapshot's, in place, on every rank.
 
     `snapshot` is a thawd name or a file (per rank: see docs/ENGINES.md). Every rank's
     snapshot is found and its fingerprint checked here first (FingerprintMismatch names each
     difference); only then do the workers restore, each its own shard, through vLLM's
-    layerwise reload. The prefix cache is reset afterwards: cached KV belongs to the old
-    weights. `ignore=["model"]` swaps in another model's weights of the same shape (a
-    fine-tune, an RL step).
+    layerwise reload. The prefix cache is reset afterwards, the KV connector's too: cached
+    KV belongs to the old weights, and no KV of theirs survives the swap. `ignore=["model"]`
+    swaps in another model's weights of the same shape (a fine-tune, an RL step).
     """
     started = time.perf_counter()
     _check_idle(llm)
@@ -113,9 +112,17 @@ def restore(
             )
         check_before_copy(source, fp, options)
     results = _rpc(llm, "thaw_restore", options.to_config())
-    if reset_prefix_cache:
-        llm.reset_prefix_cache()
     ranks = tuple(RankTransfer(**r) for r in results)
+    from thaw.kv import weights
+
+    weights.remember(llm, {r.rank: r.content_id for r in ranks})
+    # KV computed with the old weights must not serve the new ones: the engine's prefix
+    # cache goes, and so does its KV connector's view (the thaw connector re-keys its store
+    # by the weights the workers now report; thaw.kv.weights).
+    try:
+        llm.reset_prefix_cache(reset_connector=True)
+    except TypeError:  # a vLLM without connector resets
+        llm.reset_prefix_cache()
     return EngineTransfer(os.fspath(snapshot), ranks, time.perf_counter() - started)
 
 

@@ -246,6 +246,7 @@ class RankTransfer:
     tier: str  # pinned | warm | cold | file | ""
     bytes: int
     seconds: float
+    content_id: str = ""  # what the rank holds now (thaw.kv.weights), "" when not known
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

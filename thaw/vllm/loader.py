@@ -19,6 +19,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
+from thaw.kv import weights
 from thaw.vllm import model as vmodel
 from thaw.vllm.common import Options, RankTransfer, resolve
 from thaw.vllm.transfer import client_for, locate, read_rank, write_rank
@@ -73,6 +74,7 @@ class ThawModelLoader(BaseModelLoader):
             self._default().load_weights(model, model_config)
             loaded = time.perf_counter() - started
             frozen = write_rank(named, ref, self.options, expect, rank, source_kind="checkpoint")
+            weights.loaded(frozen.content_id)
             LOADS[id(model)] = {
                 "source": {"kind": "checkpoint"},
                 "load_s": loaded,
@@ -80,6 +82,7 @@ class ThawModelLoader(BaseModelLoader):
             }
             return
         result: RankTransfer = read_rank(named, ref, self.options, expect, rank, source, client)
+        weights.loaded(result.content_id)  # KV from other weights must not serve this model
         LOADS[id(model)] = {
             "source": {
                 "kind": result.source,

@@ -72,15 +72,13 @@ def read_rank(
     fp = without(expect, options.ignore)
     if source.kind == "thawd":
         result = client.restore(list(named), source.name, expect=fp)
-        return RankTransfer(
-            rank, source.name, "thawd", result.tier, result.bytes, time.perf_counter() - started
-        )
+        return RankTransfer(rank, source.name, "thawd", result.tier, result.bytes,
+                            time.perf_counter() - started, result.content_id)  # fmt: skip
     from thaw.restore import restore_file
 
     stats = restore_file(list(named), source.path, expect=fp, verify=options.verify)
-    return RankTransfer(
-        rank, source.path, "file", "file", stats.bytes, time.perf_counter() - started
-    )
+    return RankTransfer(rank, source.path, "file", "file", stats.bytes,
+                        time.perf_counter() - started, stats.content_id)  # fmt: skip
 
 
 def write_rank(
@@ -100,14 +98,8 @@ def write_rank(
         record = client.freeze(
             list(named), ref.name, ref.path or None, fingerprint, pin=options.pin, wait=True
         )
-        return RankTransfer(
-            rank,
-            ref.name,
-            source_kind,
-            record.tier,
-            record.size_bytes,
-            time.perf_counter() - started,
-        )
+        return RankTransfer(rank, ref.name, source_kind, record.tier, record.size_bytes,
+                            time.perf_counter() - started, record.content_id or "")  # fmt: skip
     if not ref.path:
         raise SnapshotMissing(
             f"cannot freeze {ref.name!r}: thawd is not running and no file was given "
@@ -116,9 +108,8 @@ def write_rank(
     from thaw.freeze import freeze_file
 
     stats = freeze_file(list(named), ref.path, fingerprint=fingerprint)
-    return RankTransfer(
-        rank, ref.path, source_kind, "file", stats.bytes, time.perf_counter() - started
-    )
+    return RankTransfer(rank, ref.path, source_kind, "file", stats.bytes,
+                        time.perf_counter() - started, stats.content_id)  # fmt: skip
 
 
 def _missing_message(ref: RankRef, options: Options) -> str:

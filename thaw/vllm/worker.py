@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from thaw.kv import weights
 from thaw.vllm import model as vmodel
 from thaw.vllm.common import Options, RankTransfer, SnapshotMissing, resolve
 from thaw.vllm.transfer import locate, read_rank, write_rank
@@ -59,6 +60,7 @@ def restore_rank(worker: Any, config: dict[str, Any]) -> dict[str, Any]:
     result = read_rank(staging, ref, options, expect, rank, source, client)
     vmodel.reload_in_place(vllm_config, model, staging)
     del staging
+    weights.loaded(result.content_id)  # the KV connector keys this rank's KV by it from now on
     runner = worker.model_runner
     for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
         if hasattr(runner, reset):
