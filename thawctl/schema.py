@@ -45,6 +45,8 @@ def snapshot(r: Any) -> dict[str, Any]:
         "fingerprint": fingerprint.to_json() if fingerprint is not None else None,
         "error": r.error or None,
         "file_pending": r.file_pending,
+        "owner_uid": r.owner_uid,
+        "content_id": known(r.content_id),
     }
 
 

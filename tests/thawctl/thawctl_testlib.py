@@ -81,6 +81,8 @@ SNAPSHOT_KEYS = {
     "fingerprint",
     "error",
     "file_pending",
+    "owner_uid",
+    "content_id",
 }
 STATUS_KEYS = {
     "version",
