@@ -91,7 +91,9 @@ class AllowList:
         )
 
 
-def resolve_group(name: str) -> int:
+def resolve_group(name: str, key: str = "socket_group") -> int:
+    """A group's gid from its name or number ("" = the daemon's own group); `key` names the
+    config key in the error."""
     if not name:
         return os.getgid()
     if name.isdigit():
@@ -99,7 +101,7 @@ def resolve_group(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        raise InvalidRequest(f"socket_group {name!r} does not exist") from None
+        raise InvalidRequest(f"{key} {name!r} does not exist") from None
 
 
 class Tokens:

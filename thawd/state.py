@@ -24,6 +24,7 @@ from typing import Any
 from thaw._proto import thawd_pb2 as pb
 from thaw.errors import (
     AlreadyExists,
+    InvalidRequest,
     NotFound,
     PermissionDenied,
     SnapshotChanged,
@@ -62,6 +63,7 @@ class Daemon:
         self.sessions: dict[str, Session] = {}  # restore and freeze sessions, by id
         self.memory_locked = True
         self.parses = asyncio.Semaphore(PARSES)
+        self._admin: tuple[str | None, frozenset[int]] = (None, frozenset())
         # VMM: the whole pinned budget is created now, at start (see VmmArena).
         self.arena = (
             VmmArena(config.pinned_budget, config.vmm_chunk) if pool_kind == "vmm" else None
@@ -157,8 +159,17 @@ class Daemon:
 
     @property
     def admin_gids(self) -> frozenset[int]:
+        """The admin group's gid, resolved once per configured value (a group name is an NSS
+        lookup, which may go to the network: not on every request)."""
         group = self.config.admin_group
-        return frozenset({resolve_group(group)}) if group else frozenset()
+        if self._admin[0] != group:
+            try:
+                gids = frozenset({resolve_group(group, "admin_group")}) if group else frozenset()
+            except InvalidRequest as e:
+                log.error("%s: nobody is an admin", e)
+                gids = frozenset()
+            self._admin = (group, gids)
+        return self._admin[1]
 
     def save(self, entry: Entry) -> asyncio.Future[bool]:
         """Queue the entry's row for the registry (never raises; see thawd/registry.py)."""
