@@ -226,6 +226,17 @@ def main() -> None:
                         size / cpu_result["same_tensors_memcpy_s"] / 1e9,
                         f"memcpy, {threads} threads, one process", memcpy_gbps))  # fmt: skip
 
+        # Warm tier: no pool memory; the client reads the registered file's fd with pread and
+        # checks every tensor's checksum as it lands, against the same-run restore_file.
+        client.unpin("bench")
+        client.pin("bench", warm=True)
+        warm = finish(run_child(args, socket, "bench", args.device, repeat=2))
+        same = same and warm["digest"] == expected
+        file_s = restore_file_seconds(args, directory / "bench.thaw", sync)
+        rows.append(Row("restore, warm tier (file fd, verified), new process, best of 2",
+                        size / min(warm["seconds"]) / 1e9, "thaw.restore_file, page cache, "
+                        "verified", size / file_s / 1e9))  # fmt: skip
+
         if args.tp == 2 and gpu and torch.cuda.device_count() >= 2:
             rows += tensor_parallel(args, client, socket, directory)
         title = f"thawd, {size / 1e9:.1f} GB {args.dtype}, {card}, pool {status.pool_kind}"
@@ -265,6 +276,19 @@ def small_restore_latency(
     client.pin("small")
     client.restore(small, "small")  # maps the pool buffer once, as an engine would
     return statistics.median(timed(lambda: client.restore(small, "small"), sync) for _ in range(50))
+
+
+def restore_file_seconds(args: argparse.Namespace, path: Path, sync: Callable[[], None]) -> float:
+    """Best of two verified restores of the snapshot file from the page cache, in this process:
+    the warm tier's baseline (the same bytes, no daemon)."""
+    shapes = llama_shaped(args.size_gb, getattr(torch, args.dtype), "meta")
+    tensors = {k: torch.zeros(v.shape, dtype=v.dtype, device=args.device)
+               for k, v in shapes.items()}  # fmt: skip
+    seconds = min(timed(lambda: thaw.restore_file(tensors, path), sync) for _ in range(2))
+    tensors.clear()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return seconds
 
 
 def memcpy_rate(size: int, threads: int) -> float:
