@@ -8,6 +8,7 @@ need no daemon.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import time
 from typing import Any
@@ -132,11 +133,45 @@ def resolve(client: Any, ref: str) -> str:
 
 
 def find_by_path(client: Any, path: str) -> Any:
+    """The first snapshot registered for the file at `path` (the same file by any name: a
+    symlink or a hard link too), or None."""
     wanted = os.path.realpath(path)
     for r in client.list():
-        if os.path.realpath(r.path) == wanted:
+        if os.path.realpath(r.path) == wanted or _same_file(r.path, path):
             return r
     return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def require_file(path: str) -> None:
+    """FileNotFoundError (exit 4) for a PATH that is not there: said here, in thawctl's words,
+    rather than thawd's refusal of the request (exit 2)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "no such file", path)
+
+
+def register_path(ctx: Context, client: Any, path: str, name: str,
+                  labels: dict[str, str]) -> Any:  # fmt: skip
+    """Register `path`, refusing a file that is registered already unless a --name is given:
+    a second name for one file is allowed only on purpose (its pins would hold the bytes
+    twice), and then said."""
+    require_file(path)
+    existing = find_by_path(client, path)
+    if existing is not None and not name:
+        raise exitcodes.CommandError(
+            f"{path} is already registered as {existing.name}; use that name, or pass --name "
+            "to register the file under a second name"
+        )
+    record = client.register(path, name, labels)
+    if existing is not None:
+        ctx.warn(f"note: {record.path} is also registered as {existing.name}")
+    return record
 
 
 def _checksum_word(r: Any) -> str:
@@ -345,7 +380,7 @@ def _human_file(ctx: Context, doc: dict[str, Any]) -> None:
 
 def run_register(ctx: Context) -> int:
     with ctx.connect() as client:
-        record = client.register(ctx.args.path, ctx.args.name, dict(ctx.args.label))
+        record = register_path(ctx, client, ctx.args.path, ctx.args.name, dict(ctx.args.label))
     if ctx.json:
         render.emit_json({"snapshot": schema.snapshot(record)}, ctx.out)
     else:
@@ -362,6 +397,7 @@ def run_pin(ctx: Context) -> int:
     with ctx.connect() as client:
         ref = args.ref
         if looks_like_path(ref):
+            require_file(ref)
             existing = find_by_path(client, ref)
             if existing is None:
                 record = client.register(ref, args.name, dict(args.label))
@@ -371,6 +407,9 @@ def run_pin(ctx: Context) -> int:
                 name = record.name
             else:
                 name = existing.name
+                if args.name and args.name != name:
+                    ctx.warn(f"note: {ref} is registered as {name}: pinning {name} "
+                             "(--name applies to a file not registered yet)")  # fmt: skip
         else:
             name = ref
         verb = "warming" if args.warm else "pinning"
@@ -382,8 +421,10 @@ def run_pin(ctx: Context) -> int:
                 last = p
                 if not p.done:
                     bar.update(p.done_bytes, p.total_bytes, p.elapsed_s or None)
-        except BaseException:
+        except BaseException as e:
             bar.abandon()
+            if registered:
+                _undo_register(client, name, e)
             raise
     assert last is not None and last.done
     record = last.snapshot
@@ -399,6 +440,19 @@ def run_pin(ctx: Context) -> int:
             f"checksums {record.checksum_state}"
         )
     return exitcodes.OK
+
+
+def _undo_register(client: Any, name: str, error: BaseException) -> None:
+    """A `pin PATH` that registered the file and then failed leaves thawd as it found it:
+    the registration goes again, and the error line says so (or says that it stayed)."""
+    from thaw.errors import DaemonError
+
+    try:
+        client.unregister(name)
+    except DaemonError as e:
+        error.add_note(f"registered as {name} but not pinned (unregistering it failed: {e})")
+    else:
+        error.add_note(f"unregistered {name} again (this pin had registered it)")
 
 
 def run_unpin(ctx: Context) -> int:

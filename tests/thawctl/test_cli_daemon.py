@@ -86,6 +86,58 @@ def test_register_errors(thawctl, thawd, snapshot_file, tmp_path):
     one_error_line(refused.err)
 
 
+def test_a_missing_file_exits_4(thawctl, thawd, tmp_path):
+    missing = str(tmp_path / "absent.thaw")
+    for argv in (["register", missing], ["pin", missing], ["register", missing, "--name", "x"]):
+        result = thawctl(*argv)
+        assert result.code == exitcodes.NOT_FOUND, (argv, result.err)
+        line = one_error_line(result.err)
+        assert line == f"thawctl: error: {missing}: no such file; check the path"
+    assert thawctl("ls", "-q").out == ""
+
+
+def test_a_refused_request_points_at_the_commands_own_help(thawctl, thawd, snapshot_file):
+    result = thawctl("register", str(snapshot_file), "--name", "no spaces please")
+    assert result.code == exitcodes.USAGE
+    line = one_error_line(result.err)
+    assert line.endswith("see `thawctl register --help`") and "COMMAND" not in line
+
+
+def test_one_file_is_not_registered_twice_unless_named_on_purpose(thawctl, thawd, snapshot_file):
+    assert thawctl("register", str(snapshot_file), "--name", "first").code == 0
+    again = thawctl("register", str(snapshot_file))
+    assert again.code == exitcodes.ERROR
+    line = one_error_line(again.err)
+    assert f"{snapshot_file} is already registered as first" in line and "--name" in line
+    link = snapshot_file.with_name("link.thaw")  # the same file by another path
+    link.symlink_to(snapshot_file)
+    assert "already registered as first" in one_error_line(thawctl("register", str(link)).err)
+    assert thawctl("ls", "-q").out == "first\n"
+    # A second name, asked for explicitly, is allowed and said.
+    second = thawctl("register", str(snapshot_file), "--name", "second")
+    assert second.code == 0, second.err
+    assert second.err == f"thawctl: note: {snapshot_file.resolve()} is also registered as first\n"
+    assert thawctl("ls", "-q").out == "first\nsecond\n"
+
+
+def test_a_hung_daemon_is_reported_within_the_timeout(thawctl, own_thawd):
+    import signal
+    import time
+
+    daemon = own_thawd()
+    os.kill(daemon.pid, signal.SIGSTOP)  # accepts connections (the kernel does), answers none
+    try:
+        started = time.monotonic()
+        result = thawctl("--timeout", "1", "status")
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    assert result.code == exitcodes.DAEMON_UNAVAILABLE
+    assert "did not answer" in one_error_line(result.err) and "1.0 s" in result.err
+    assert elapsed < 5, elapsed
+    assert thawctl("--timeout", "1", "status").code == 0  # and thawd is fine once it runs again
+
+
 def test_unknown_name_exits_4(thawctl, thawd):
     for argv in (["info", "nope"], ["pin", "nope"], ["unpin", "nope"], ["rm", "nope"],
                  ["verify", "nope"]):  # fmt: skip
@@ -202,6 +254,15 @@ def test_budget_exceeded_exits_6(thawctl, own_thawd, snapshot_dir):
     assert result.code == exitcodes.BUDGET_EXCEEDED, result.err
     line = one_error_line(result.err)
     assert "budget" in line and "pinned_budget" in line
+    # `pin PATH` registered the file for the pin; the failed pin leaves thawd as it was.
+    assert result.out == f"registered big: {big.resolve()}\n"
+    assert line.endswith("; unregistered big again (this pin had registered it)")
+    assert thawctl("ls", "-q").out == ""
+    # A registered name that fails to pin stays registered: the command did not register it.
+    thawctl("register", str(big))
+    named = thawctl("pin", "big")
+    assert named.code == exitcodes.BUDGET_EXCEEDED and "unregistered" not in named.err
+    assert thawctl("ls", "-q").out == "big\n"
 
 
 def test_bench_measures_every_tier_and_leaves_thawd_as_it_was(thawctl, thawd, snapshot_dir):
