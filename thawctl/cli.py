@@ -107,7 +107,17 @@ def common_parents() -> dict[str, argparse.ArgumentParser]:
 
 
 def build_parser() -> Parser:
-    from thawctl import bench, completion, demo, freeze, snapshots, status, top
+    from thawctl import (
+        bench,
+        completion,
+        demo,
+        doctor,
+        events,
+        freeze,
+        snapshots,
+        status,
+        top,
+    )
 
     parser = Parser(
         prog=PROG,
@@ -134,7 +144,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     parents = common_parents()
-    for module in (status, snapshots, freeze, bench, demo, top, completion):
+    for module in (status, doctor, snapshots, events, freeze, bench, demo, top, completion):
         module.add_parsers(sub, parents)
     return parser
 
