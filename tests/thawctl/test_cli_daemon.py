@@ -4,12 +4,17 @@ exit codes."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
+import pytest
 from thawctl_testlib import (
     BENCH_KEYS,
     BENCH_RESULT_KEYS,
     FILE_INFO_KEYS,
     PIN_KEYS,
+    ROOT,
     SNAPSHOT_KEYS,
     STATUS_KEYS,
     VERIFY_KEYS,
@@ -299,3 +304,19 @@ def test_the_socket_option_reaches_the_daemon(thawctl, thawd, monkeypatch):
     assert result.code == 0
     assert result.json()["socket"] == thawd.socket
     assert os.path.exists(thawd.socket)
+
+
+def test_fish_completes_snapshot_names_from_the_daemon(thawctl, thawd, snapshot_file, tmp_path):
+    if not shutil.which("fish"):
+        pytest.skip("fish is not installed")
+    assert thawctl("register", str(snapshot_file), "--name", "alpha").code == 0
+    script = tmp_path / "thawctl.fish"
+    script.write_text(thawctl("completion", "fish").out)
+    bin_dir = tmp_path / "bin"  # `thawctl` on PATH, as an installed one would be
+    bin_dir.mkdir()
+    (bin_dir / "thawctl").write_text(f"#!/bin/sh\nexec {sys.executable} -m thawctl \"$@\"\n")
+    (bin_dir / "thawctl").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    done = subprocess.run(["fish", "-c", f"source {script}; complete -C 'thawctl unpin al'"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert done.stdout.split() == ["alpha"], done.stderr

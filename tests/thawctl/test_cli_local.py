@@ -267,6 +267,36 @@ def test_zsh_completion(thawctl):
         assert subprocess.run(["zsh", "-n"], input=result.out, text=True).returncode == 0
 
 
+def test_fish_completion_is_valid_fish_and_completes(thawctl, tmp_path):
+    result = thawctl("completion", "fish")
+    assert result.code == 0
+    assert result.out.startswith("# fish completion for thawctl")
+    for line in ("complete -c thawctl -n '__thawctl_using ls' -l tier -x -a 'cold warm pinned'",
+                 "complete -c thawctl -n '__thawctl_using freeze' -s o -l output -r -F",
+                 "complete -c thawctl -n '__thawctl_using pin' -F -a '(__thawctl_snapshots)'"):
+        assert line in result.out  # fmt: skip
+    if not shutil.which("fish"):
+        pytest.skip("fish is not installed: the script's behaviour is not checked")
+    script = tmp_path / "thawctl.fish"
+    script.write_text(result.out)
+    assert subprocess.run(["fish", "-n", str(script)]).returncode == 0
+
+    def complete(line: str) -> list[str]:
+        done = subprocess.run(["fish", "-c", f"source {script}; complete -C {line!r}"],
+                              capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+        assert done.stderr == "", done.stderr
+        return [c.split("\t")[0] for c in done.stdout.splitlines()]
+
+    assert complete("thawctl fre") == ["freeze"]
+    assert "doctor" in complete("thawctl ")
+    # A global option's value is not the command word.
+    assert complete("thawctl --socket /x.sock --timeout 3 freeze --eng") == ["--engine"]
+    assert complete("thawctl freeze --engine ") == ["sglang", "torch", "vllm"]
+    assert complete("thawctl completion ") == ["bash", "fish", "zsh"]
+    (tmp_path / "model.thaw").write_text("")
+    assert "model.thaw" in complete("thawctl pin mod")  # files, quietly no names without thawctl
+
+
 # --- freeze and demo (the tiny model: transformers, no download) --------------------------------
 
 
