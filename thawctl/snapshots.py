@@ -44,6 +44,12 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         description="List the snapshots thawd knows, with tier, residency and restore counts.",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print names only, one a line")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["wide"],
+        help="wide: also labels, a fingerprint summary and the time of registration",
+    )
     p.add_argument("--tier", choices=["cold", "warm", "pinned"], help="only snapshots in TIER")
     add_label_option(p, "only snapshots with this label (repeatable: all must match)")
     p.set_defaults(func=run_ls)
@@ -256,8 +262,10 @@ def run_ls(ctx: Context) -> int:
         ctx.print("no snapshots registered (`thawctl register PATH` or `thawctl pin PATH`)")
         return exitcodes.OK
     now = time.time()
-    rows = [
-        (
+    wide = args.output == "wide"
+    rows = []
+    for r in records:
+        row = [
             r.name,
             r.tier,
             render.size(r.size_bytes),
@@ -266,23 +274,30 @@ def run_ls(ctx: Context) -> int:
             r.restores,
             render.ago(schema.known(r.last_used), now),
             _checksum_word(r),
-            r.path,
-        )
-        for r in records
-    ]
-    headers = (
-        "NAME",
-        "TIER",
-        "SIZE",
-        "RESIDENT",
-        "CLIENTS",
-        "RESTORES",
-        "LAST RESTORE",
-        "CHECKSUMS",
-        "PATH",
-    )
+        ]
+        if wide:
+            row += [
+                ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-",
+                fingerprint_summary(schema.snapshot(r)["fingerprint"]),
+                render.ago(r.registered or None, now),
+            ]
+        rows.append((*row, r.path))
+    headers = ["NAME", "TIER", "SIZE", "RESIDENT", "CLIENTS", "RESTORES", "LAST RESTORE"]
+    headers += ["CHECKSUMS", *(("LABELS", "FINGERPRINT", "REGISTERED") if wide else ()), "PATH"]
     ctx.print(render.table(headers, rows, right=(2, 3, 4, 5)))
     return exitcodes.OK
+
+
+def fingerprint_summary(fp: dict[str, Any] | None) -> str:
+    """`LlamaForCausalLM/float32/vllm-0.32.0/tp1of2/tiny`: what was frozen, in one cell (the
+    parts that were recorded; the tensor-parallel part only for a shard)."""
+    if not fp:
+        return "-"
+    engine = "-".join(p for p in (fp.get("engine"), fp.get("engine_version")) if p)
+    shard = f"tp{fp.get('tp_rank', 0)}of{fp['tp_size']}" if fp.get("tp_size", 1) > 1 else ""
+    parts = (fp.get("architecture"), fp.get("dtype"), fp.get("quantization"), engine, shard,
+             fp.get("model"))  # fmt: skip
+    return "/".join(p for p in parts if p) or "-"
 
 
 # --- info --------------------------------------------------------------------------------------

@@ -74,6 +74,19 @@ def test_register_ls_and_filters(thawctl, thawd, snapshot_file, snapshot_dir):
     table = thawctl("ls").out
     assert table.splitlines()[0].split()[:3] == ["NAME", "TIER", "SIZE"]
     assert "alpha" in table and "cold" in table and "never" in table
+    wide = thawctl("ls", "-o", "wide").out.splitlines()
+    headers = wide[0].split()
+    assert headers[-5:] == ["CHECKSUMS", "LABELS", "FINGERPRINT", "REGISTERED", "PATH"]
+    alpha = wide[1].split()
+    assert alpha[0] == "alpha" and alpha[-1] == str(snapshot_file.resolve())
+    # labels, the fingerprint's recorded parts (these fixtures record the model only), age
+    assert alpha[-6:-3] == ["unverified", "team=a", "fixture"] and alpha[-2] == "ago"
+    from thawctl.snapshots import fingerprint_summary
+
+    shard = {"architecture": "LlamaForCausalLM", "dtype": "float32", "quantization": "",
+             "engine": "vllm", "engine_version": "0.32.0", "tp_rank": 1, "tp_size": 2,
+             "model": "tiny"}  # fmt: skip
+    assert fingerprint_summary(shard) == "LlamaForCausalLM/float32/vllm-0.32.0/tp1of2/tiny"
 
 
 def test_register_errors(thawctl, thawd, snapshot_file, tmp_path):
