@@ -35,6 +35,7 @@ def run_top(ctx: Context) -> int:
 
     if ctx.args.interval <= 0:
         raise exitcodes.CommandError("--interval must be positive", exitcodes.USAGE)
-    app = ThawTop(DaemonSource(ctx.socket, ctx.args.interval), interval_s=ctx.args.interval)
+    source = DaemonSource(ctx.socket, ctx.args.interval, timeout_s=ctx.timeout)
+    app = ThawTop(source, interval_s=ctx.args.interval)
     app.run()
     return exitcodes.OK
