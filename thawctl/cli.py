@@ -193,7 +193,7 @@ def main(
         return report(e, err, ctx.command)
 
 
-def report(exc: BaseException, err: TextIO, command: str = "COMMAND") -> int:
+def report(exc: BaseException, err: TextIO, command: str = "") -> int:
     """Print the one-line error for `exc` on `err`; return its exit code. Notes added to the
     exception (`add_note`: what the command did before it failed) end the line."""
     from thaw.errors import ThawError

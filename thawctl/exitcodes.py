@@ -92,11 +92,14 @@ def _rules() -> list[tuple[type[BaseException], int, str]]:
     return _RULES
 
 
-def classify(exc: BaseException, command: str = "COMMAND") -> tuple[int, str]:
+def classify(exc: BaseException, command: str = "") -> tuple[int, str]:
     """The exit code for `exc` and a hint of what to do ("" when its message says it);
-    `command` is the thawctl command that failed, for hints that point at its help."""
+    `command` is the thawctl command that failed, for hints that point at its help (none
+    without one: the dashboard's actions have no help page to point at)."""
     code, hint = _classify(exc)
-    return code, hint.replace("{command}", command)
+    if "{command}" in hint:
+        hint = hint.replace("{command}", command) if command else ""
+    return code, hint
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:
@@ -144,7 +147,8 @@ def missing_module(exc: BaseException, command: str) -> str:
         return ""
     extra = _EXTRAS.get(top)
     how = f"pip install 'thaw[{extra}]'" if extra else f"pip install {top}"
-    return f"`thawctl {command}` needs the Python package {top}, which is not installed: {how}"
+    who = f"`thawctl {command}`" if command else "thawctl"
+    return f"{who} needs the Python package {top}, which is not installed: {how}"
 
 
 # A hint is left out when the message already says what to do: these words show it does.
