@@ -18,6 +18,10 @@ from typing import Any, NoReturn, TextIO
 from thawctl import exitcodes
 
 PROG = "thawctl"
+# Seconds to wait for thawd to connect and to answer a short call. A healthy thawd answers in
+# milliseconds; a hung one should not hold a shell for the client library's default 30 s.
+# Pin, verify and freeze progress are long by nature and have no deadline.
+DEFAULT_TIMEOUT_S = 10.0
 
 DESCRIPTION = """\
 The operator's tool for thawd, the thaw host daemon: register, pin and inspect model
@@ -51,11 +55,32 @@ class Context:
     def socket(self) -> str | None:
         return getattr(self.args, "socket", None) or None
 
-    def connect(self) -> Any:
-        """A client of thawd on --socket (or $THAW_SOCKET and the default paths)."""
-        import thaw
+    @property
+    def timeout(self) -> float:
+        return float(getattr(self.args, "timeout", DEFAULT_TIMEOUT_S))
 
-        return thaw.connect(self.socket)
+    @property
+    def command(self) -> str:
+        return str(getattr(self.args, "command", "") or "COMMAND")
+
+    def connect(self) -> Any:
+        """A client of thawd on --socket (or $THAW_SOCKET and the default paths), waiting
+        --timeout seconds at most for it to connect and for each short call; a socket that
+        cannot be thawd's says what is wrong with that path (thawctl/sockets.py)."""
+        import thaw
+        from thaw.client import default_socket
+        from thaw.errors import DaemonUnavailable
+
+        try:
+            return thaw.connect(self.socket, timeout=self.timeout)
+        except DaemonUnavailable as e:
+            from thawctl import sockets
+
+            path = self.socket or default_socket()
+            problem = sockets.problem(path)
+            if problem is None:
+                raise
+            raise DaemonUnavailable(f"no thawd at {path}: {problem.text}; {problem.hint}") from e
 
     def print(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -82,7 +107,17 @@ def common_parents() -> dict[str, argparse.ArgumentParser]:
 
 
 def build_parser() -> Parser:
-    from thawctl import bench, completion, demo, freeze, snapshots, status, top
+    from thawctl import (
+        bench,
+        completion,
+        demo,
+        doctor,
+        events,
+        freeze,
+        snapshots,
+        status,
+        top,
+    )
 
     parser = Parser(
         prog=PROG,
@@ -98,12 +133,31 @@ def build_parser() -> Parser:
         help="thawd's socket (default: $THAW_SOCKET, /run/thawd/thawd.sock, "
         "$XDG_RUNTIME_DIR/thawd/thawd.sock)",
     )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        default=DEFAULT_TIMEOUT_S,
+        help=f"wait at most this long for thawd to connect and answer a short call (default "
+        f"{DEFAULT_TIMEOUT_S:g}; pin, verify and freeze progress have no deadline)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     parents = common_parents()
-    for module in (status, snapshots, freeze, bench, demo, top, completion):
+    for module in (status, doctor, snapshots, events, freeze, bench, demo, top, completion):
         module.add_parsers(sub, parents)
     return parser
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --timeout: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _version() -> str:
@@ -127,23 +181,28 @@ def main(
     ctx = Context(args, out, err)
     try:
         return int(args.func(ctx))
-    except KeyboardInterrupt:
-        err.write(f"\n{PROG}: interrupted\n")
+    except KeyboardInterrupt as e:
+        notes = "".join(f"; {note}" for note in getattr(e, "__notes__", ()))
+        err.write(f"\n{PROG}: interrupted{notes}\n")
         return exitcodes.INTERRUPTED
     except BrokenPipeError:
         # `thawctl ls | head`: the reader left; say nothing more to it.
         _silence_stdout()
         return exitcodes.ERROR
     except Exception as e:
-        return report(e, err)
+        return report(e, err, ctx.command)
 
 
-def report(exc: BaseException, err: TextIO) -> int:
-    """Print the one-line error for `exc` on `err`; return its exit code."""
+def report(exc: BaseException, err: TextIO, command: str = "") -> int:
+    """Print the one-line error for `exc` on `err`; return its exit code. Notes added to the
+    exception (`add_note`: what the command did before it failed) end the line."""
     from thaw.errors import ThawError
 
-    code, hint = exitcodes.classify(exc)
-    if not isinstance(exc, (ThawError, OSError, exitcodes.CommandError)):
+    code, hint = exitcodes.classify(exc, command)
+    missing = exitcodes.missing_module(exc, command)
+    if missing:
+        text = missing
+    elif not isinstance(exc, (ThawError, OSError, exitcodes.CommandError)):
         if os.environ.get("THAWCTL_DEBUG"):
             import traceback
 
@@ -155,6 +214,8 @@ def report(exc: BaseException, err: TextIO) -> int:
         text = f"unexpected {type(exc).__name__}: {exitcodes.message(exc, '')}; {hint}"
     else:
         text = exitcodes.message(exc, hint)
+    for note in getattr(exc, "__notes__", ()):
+        text += "; " + " ".join(str(note).split())
     err.write(f"{PROG}: error: {text}\n")
     err.flush()
     return code

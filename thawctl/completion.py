@@ -1,4 +1,4 @@
-"""`thawctl completion bash|zsh`: a shell completion script generated from the parser itself.
+"""`thawctl completion bash|zsh|fish`: a shell completion script generated from the parser.
 
 No extra dependency: the script is built by walking thawctl's argparse tree, so a new command
 or option completes as soon as it exists. Snapshot names complete from `thawctl ls -q`
@@ -6,6 +6,7 @@ or option completes as soon as it exists. Snapshot names complete from `thawctl 
 
     thawctl completion bash > /etc/bash_completion.d/thawctl
     thawctl completion zsh > "${fpath[1]}/_thawctl"
+    thawctl completion fish > ~/.config/fish/completions/thawctl.fish
 """
 
 from __future__ import annotations
@@ -19,17 +20,22 @@ from thawctl.cli import Context
 # How positionals complete, by metavar.
 NAMES_AND_FILES = "NAME|PATH"
 FILES = "PATH"
+# Option values that are files, by metavar.
+FILE_VALUES = ("PATH", "OUTPUT", "DIR", "SOCKET")
+SHELLS = ("bash", "zsh", "fish")
 
 
 def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "completion",
         help="print a shell completion script",
-        description="Print a completion script for bash or zsh. Install: "
-        "`thawctl completion bash > /etc/bash_completion.d/thawctl`, or "
-        '`thawctl completion zsh > "${fpath[1]}/_thawctl"`, or eval it in your shell\'s rc.',
+        description="Print a completion script for bash, zsh or fish. Install: "
+        "`thawctl completion bash > /etc/bash_completion.d/thawctl`, "
+        '`thawctl completion zsh > "${fpath[1]}/_thawctl"`, or '
+        "`thawctl completion fish > ~/.config/fish/completions/thawctl.fish`; or eval it in "
+        "your shell's rc.",
     )
-    p.add_argument("shell", choices=["bash", "zsh"])
+    p.add_argument("shell", choices=SHELLS)
     p.set_defaults(func=run_completion)
 
 
@@ -37,7 +43,7 @@ def run_completion(ctx: Context) -> int:
     from thawctl.cli import build_parser
 
     model = describe(build_parser())
-    ctx.out.write(bash(model) if ctx.args.shell == "bash" else zsh(model))
+    ctx.out.write({"bash": bash, "zsh": zsh, "fish": fish}[ctx.args.shell](model))
     return exitcodes.OK
 
 
@@ -93,7 +99,7 @@ def bash(model: dict[str, Any]) -> str:
             pattern = "|".join(o["flags"])
             if o["choices"]:
                 action = f'COMPREPLY=($(compgen -W "{_words(o["choices"])}" -- "$cur"))'
-            elif o["metavar"] in ("PATH", "OUTPUT", "DIR", "SOCKET"):
+            elif o["metavar"] in FILE_VALUES:
                 action = "_thawctl_files"
             else:
                 action = ":"
@@ -173,7 +179,7 @@ def _zsh_option(o: dict[str, Any]) -> str:
     if o["takes_value"]:
         if o["choices"]:
             text += f":{o['metavar'].lower()}:({' '.join(o['choices'])})"
-        elif o["metavar"] in ("PATH", "OUTPUT", "DIR", "SOCKET"):
+        elif o["metavar"] in FILE_VALUES:
             text += f":{o['metavar'].lower()}:_files"
         else:
             text += f":{o['metavar'].lower()}: "
@@ -238,4 +244,88 @@ if [[ "$funcstack[1]" == "_thawctl" ]]; then
 else
     compdef _thawctl thawctl
 fi
+"""
+
+
+def _fish_quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _fish_option(condition: str, o: dict[str, Any]) -> str:
+    parts = ["complete -c thawctl", f"-n {_fish_quote(condition)}"]
+    for flag in o["flags"]:
+        parts.append(f"-l {flag[2:]}" if flag.startswith("--") else f"-s {flag[1:]}")
+    if o["takes_value"]:
+        if o["choices"]:
+            parts.append(f"-x -a {_fish_quote(' '.join(o['choices']))}")
+        elif o["metavar"] in FILE_VALUES:
+            parts.append("-r -F")
+        else:
+            parts.append("-x")
+    if o["help"]:
+        parts.append(f"-d {_fish_quote(_first_clause(o['help']))}")
+    return " ".join(parts)
+
+
+def _first_clause(text: str) -> str:
+    """fish shows descriptions beside each candidate: the help up to its first parenthesis."""
+    return " ".join(text.split("(")[0].split()) or text
+
+
+def fish(model: dict[str, Any]) -> str:
+    # Global options that take a value: their value is not the command word.
+    valued = " ".join(f for o in model["options"] if o["takes_value"] for f in o["flags"])
+    lines = [_fish_option("__thawctl_using", o) for o in model["options"]]
+    for name, cmd in sorted(model["commands"].items()):
+        lines.append(
+            f"complete -c thawctl -n '__thawctl_using' -a {name} -d {_fish_quote(cmd['help'])}"
+        )
+    for name, cmd in sorted(model["commands"].items()):
+        using = f"__thawctl_using {name}"
+        lines += [_fish_option(using, o) for o in cmd["options"]]
+        pos = cmd["positionals"]
+        if pos and pos[0]["choices"]:
+            choices = _fish_quote(" ".join(pos[0]["choices"]))
+            lines.append(f"complete -c thawctl -n '{using}' -a {choices}")
+        elif pos and pos[0]["metavar"] == NAMES_AND_FILES:
+            lines.append(f"complete -c thawctl -n '{using}' -F -a '(__thawctl_snapshots)'")
+        elif pos:
+            lines.append(f"complete -c thawctl -n '{using}' -F")
+    body = "\n".join(lines)
+    return f"""# fish completion for thawctl (generated by `thawctl completion fish`)
+
+# The command word: the first argument that is not an option or a global option's value.
+function __thawctl_command
+    set -l words (commandline -opc)
+    set -e words[1]
+    while set -q words[1]
+        switch $words[1]
+            case {valued}
+                set -e words[1]
+            case '-*'
+            case '*'
+                echo $words[1]
+                return 0
+        end
+        set -e words[1]
+    end
+    return 1
+end
+
+# No argument: true before the command word; one: true after that command word.
+function __thawctl_using
+    set -l cmd (__thawctl_command)
+    if set -q argv[1]
+        test "$cmd" = "$argv[1]"
+    else
+        test -z "$cmd"
+    end
+end
+
+function __thawctl_snapshots
+    command -q thawctl; and thawctl ls -q 2>/dev/null
+end
+
+complete -c thawctl -f
+{body}
 """

@@ -87,7 +87,7 @@ def _rules() -> list[tuple[type[BaseException], int, str]]:
             (errors.ChecksumMismatch, SNAPSHOT_CORRUPT, ""),  # its message says what to do
             (errors.UnsupportedVersion, SNAPSHOT_CORRUPT, ""),  # its message says what to do
             (errors.SnapshotError, SNAPSHOT_CORRUPT, corrupt_hint),
-            (errors.InvalidRequest, USAGE, "see `thawctl COMMAND --help`"),
+            (errors.InvalidRequest, USAGE, "see `thawctl {command} --help`"),
             (errors.AlreadyExists, ERROR, "pick another --name, or `thawctl rm NAME` first"),
             (errors.ModelMismatch, ERROR, "restore a snapshot frozen from this model"),
         ]
@@ -95,8 +95,17 @@ def _rules() -> list[tuple[type[BaseException], int, str]]:
     return _RULES
 
 
-def classify(exc: BaseException) -> tuple[int, str]:
-    """The exit code for `exc` and a hint of what to do ("" when its message says it)."""
+def classify(exc: BaseException, command: str = "") -> tuple[int, str]:
+    """The exit code for `exc` and a hint of what to do ("" when its message says it);
+    `command` is the thawctl command that failed, for hints that point at its help (none
+    without one: the dashboard's actions have no help page to point at)."""
+    code, hint = _classify(exc)
+    if "{command}" in hint:
+        hint = hint.replace("{command}", command) if command else ""
+    return code, hint
+
+
+def _classify(exc: BaseException) -> tuple[int, str]:
     # open_snapshot wraps the OSError of a missing or unreadable file in a SnapshotError: that
     # is a wrong path or a permission, not a damaged file.
     if isinstance(exc, CommandError):
@@ -118,6 +127,33 @@ def classify(exc: BaseException) -> tuple[int, str]:
     return ERROR, ""
 
 
+# Optional packages by import name: the extra of thaw that installs them (pyproject.toml).
+_EXTRAS = {
+    "transformers": "tiny",
+    "tokenizers": "tiny",
+    "vllm": "vllm",
+    "sglang": "sglang",
+    "prometheus_client": "metrics",
+}
+
+
+def missing_module(exc: BaseException, command: str) -> str:
+    """For an optional package that is not installed: which command needs it and how to
+    install it; "" for any other exception (a missing module of thaw itself is a bug).
+    thaw's own ImportErrors that name the package wrap the ModuleNotFoundError."""
+    if not isinstance(exc, ModuleNotFoundError) and isinstance(exc, ImportError):
+        exc = exc.__cause__ or exc
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return ""
+    top = exc.name.partition(".")[0]
+    if top in ("thaw", "thawctl", "thawd"):
+        return ""
+    extra = _EXTRAS.get(top)
+    how = f"pip install 'thaw[{extra}]'" if extra else f"pip install {top}"
+    who = f"`thawctl {command}`" if command else "thawctl"
+    return f"{who} needs the Python package {top}, which is not installed: {how}"
+
+
 # A hint is left out when the message already says what to do: these words show it does.
 _ADVICE = (
     "systemctl",
@@ -129,6 +165,7 @@ _ADVICE = (
     "freeze it again",
     "check the",
     "register it again",
+    "pip install",
 )
 
 

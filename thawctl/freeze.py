@@ -54,7 +54,8 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="weight dtype (default: auto = the checkpoint's)",
+        help="weight dtype (default: auto = the checkpoint's, from its config.json; the "
+        "engine's default where the checkpoint records none)",
     )
     p.add_argument(
         "--tensor-parallel-size",
@@ -92,10 +93,11 @@ def run_freeze(ctx: Context) -> int:
         return exitcodes.OK
     fp = doc.get("fingerprint") or {}
     for f in doc["files"]:
+        # "size" is the payload, as `pin`, `ls` and `info` report it; the file is labelled.
         ctx.print(
             f"froze {doc['model']} ({fp.get('architecture') or '?'}, "
-            f"{fp.get('dtype') or '?'}) into {f['path']}: {render.size(f['file_bytes'])}, "
-            f"{f['tensor_count']} tensors"
+            f"{fp.get('dtype') or '?'}) into {f['path']}: size {render.size(f['size_bytes'])} "
+            f"in {f['tensor_count']} tensors, file {render.size(f['file_bytes'])}"
         )
     freeze = doc.get("freeze")
     if freeze:
@@ -113,6 +115,7 @@ def _file_entry(path: str | os.PathLike[str]) -> dict[str, Any]:
     snap = open_snapshot(path)
     return {
         "path": str(Path(path).resolve()),
+        "size_bytes": snap.payload_length,
         "file_bytes": snap.file_length,
         "tensor_count": len(snap.tensors),
         "tp_rank": snap.fingerprint.tp_rank,
@@ -209,11 +212,14 @@ def freeze_engine(args: argparse.Namespace) -> dict[str, Any]:
             f"--engine {args.engine} is not available: {module_name} has no freeze_engine(); "
             f"install thaw[{args.engine}]"
         )
+    model = tiny_model_dir() if args.model == TINY else args.model
     offered = {
-        "model": tiny_model_dir() if args.model == TINY else args.model,
+        "model": model,
         "path": args.output,
         "output": args.output,
-        "dtype": args.dtype,
+        # The engines' own "auto" is not the checkpoint's dtype (vLLM's CPU build picks
+        # bfloat16 for a float32 checkpoint): ask for the one config.json records.
+        "dtype": checkpoint_dtype(model) if args.dtype == "auto" else args.dtype,
         "tensor_parallel_size": args.tensor_parallel_size,
         "labels": dict(args.label),
     }
@@ -264,6 +270,41 @@ def _stdout_to_stderr() -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def checkpoint_dtype(model: str) -> str:
+    """The dtype a checkpoint's config.json records (`torch_dtype`, or `dtype` as transformers 5
+    writes it), for a model directory or a model id in the Hugging Face cache; "auto" (the
+    engine's choice) where there is none."""
+    config = _config_json(model)
+    if config is None:
+        return "auto"
+    value = config.get("torch_dtype") or config.get("dtype")
+    if not value and isinstance(config.get("text_config"), dict):  # multimodal wrappers
+        value = config["text_config"].get("torch_dtype") or config["text_config"].get("dtype")
+    value = str(value).removeprefix("torch.") if value else ""
+    return value if value in DTYPES else "auto"
+
+
+def _config_json(model: str) -> dict[str, Any] | None:
+    import json
+
+    path: str | None = os.path.join(os.path.expanduser(model), "config.json")
+    if not os.path.isfile(path or ""):
+        path = None
+        with contextlib.suppress(ImportError, ValueError):
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(model, "config.json")
+            path = found if isinstance(found, str) else None
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def tiny_model_dir() -> str:

@@ -8,6 +8,7 @@ need no daemon.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import time
 from typing import Any
@@ -43,6 +44,12 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         description="List the snapshots thawd knows, with tier, residency and restore counts.",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print names only, one a line")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["wide"],
+        help="wide: also labels, a fingerprint summary and the time of registration",
+    )
     p.add_argument("--tier", choices=["cold", "warm", "pinned"], help="only snapshots in TIER")
     add_label_option(p, "only snapshots with this label (repeatable: all must match)")
     p.set_defaults(func=run_ls)
@@ -132,11 +139,45 @@ def resolve(client: Any, ref: str) -> str:
 
 
 def find_by_path(client: Any, path: str) -> Any:
+    """The first snapshot registered for the file at `path` (the same file by any name: a
+    symlink or a hard link too), or None."""
     wanted = os.path.realpath(path)
     for r in client.list():
-        if os.path.realpath(r.path) == wanted:
+        if os.path.realpath(r.path) == wanted or _same_file(r.path, path):
             return r
     return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def require_file(path: str) -> None:
+    """FileNotFoundError (exit 4) for a PATH that is not there: said here, in thawctl's words,
+    rather than thawd's refusal of the request (exit 2)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "no such file", path)
+
+
+def register_path(ctx: Context, client: Any, path: str, name: str,
+                  labels: dict[str, str]) -> Any:  # fmt: skip
+    """Register `path`, refusing a file that is registered already unless a --name is given:
+    a second name for one file is allowed only on purpose (its pins would hold the bytes
+    twice), and then said."""
+    require_file(path)
+    existing = find_by_path(client, path)
+    if existing is not None and not name:
+        raise exitcodes.CommandError(
+            f"{path} is already registered as {existing.name}; use that name, or pass --name "
+            "to register the file under a second name"
+        )
+    record = client.register(path, name, labels)
+    if existing is not None:
+        ctx.warn(f"note: {record.path} is also registered as {existing.name}")
+    return record
 
 
 def _checksum_word(r: Any) -> str:
@@ -221,8 +262,10 @@ def run_ls(ctx: Context) -> int:
         ctx.print("no snapshots registered (`thawctl register PATH` or `thawctl pin PATH`)")
         return exitcodes.OK
     now = time.time()
-    rows = [
-        (
+    wide = args.output == "wide"
+    rows = []
+    for r in records:
+        row = [
             r.name,
             r.tier,
             render.size(r.size_bytes),
@@ -231,23 +274,30 @@ def run_ls(ctx: Context) -> int:
             r.restores,
             render.ago(schema.known(r.last_used), now),
             _checksum_word(r),
-            r.path,
-        )
-        for r in records
-    ]
-    headers = (
-        "NAME",
-        "TIER",
-        "SIZE",
-        "RESIDENT",
-        "CLIENTS",
-        "RESTORES",
-        "LAST RESTORE",
-        "CHECKSUMS",
-        "PATH",
-    )
+        ]
+        if wide:
+            row += [
+                ",".join(f"{k}={v}" for k, v in sorted(r.labels.items())) or "-",
+                fingerprint_summary(schema.snapshot(r)["fingerprint"]),
+                render.ago(r.registered or None, now),
+            ]
+        rows.append((*row, r.path))
+    headers = ["NAME", "TIER", "SIZE", "RESIDENT", "CLIENTS", "RESTORES", "LAST RESTORE"]
+    headers += ["CHECKSUMS", *(("LABELS", "FINGERPRINT", "REGISTERED") if wide else ()), "PATH"]
     ctx.print(render.table(headers, rows, right=(2, 3, 4, 5)))
     return exitcodes.OK
+
+
+def fingerprint_summary(fp: dict[str, Any] | None) -> str:
+    """`LlamaForCausalLM/float32/vllm-0.32.0/tp1of2/tiny`: what was frozen, in one cell (the
+    parts that were recorded; the tensor-parallel part only for a shard)."""
+    if not fp:
+        return "-"
+    engine = "-".join(p for p in (fp.get("engine"), fp.get("engine_version")) if p)
+    shard = f"tp{fp.get('tp_rank', 0)}of{fp['tp_size']}" if fp.get("tp_size", 1) > 1 else ""
+    parts = (fp.get("architecture"), fp.get("dtype"), fp.get("quantization"), engine, shard,
+             fp.get("model"))  # fmt: skip
+    return "/".join(p for p in parts if p) or "-"
 
 
 # --- info --------------------------------------------------------------------------------------
@@ -345,7 +395,7 @@ def _human_file(ctx: Context, doc: dict[str, Any]) -> None:
 
 def run_register(ctx: Context) -> int:
     with ctx.connect() as client:
-        record = client.register(ctx.args.path, ctx.args.name, dict(ctx.args.label))
+        record = register_path(ctx, client, ctx.args.path, ctx.args.name, dict(ctx.args.label))
     if ctx.json:
         render.emit_json({"snapshot": schema.snapshot(record)}, ctx.out)
     else:
@@ -362,6 +412,7 @@ def run_pin(ctx: Context) -> int:
     with ctx.connect() as client:
         ref = args.ref
         if looks_like_path(ref):
+            require_file(ref)
             existing = find_by_path(client, ref)
             if existing is None:
                 record = client.register(ref, args.name, dict(args.label))
@@ -371,6 +422,9 @@ def run_pin(ctx: Context) -> int:
                 name = record.name
             else:
                 name = existing.name
+                if args.name and args.name != name:
+                    ctx.warn(f"note: {ref} is registered as {name}: pinning {name} "
+                             "(--name applies to a file not registered yet)")  # fmt: skip
         else:
             name = ref
         verb = "warming" if args.warm else "pinning"
@@ -382,8 +436,10 @@ def run_pin(ctx: Context) -> int:
                 last = p
                 if not p.done:
                     bar.update(p.done_bytes, p.total_bytes, p.elapsed_s or None)
-        except BaseException:
+        except BaseException as e:
             bar.abandon()
+            if registered:
+                _undo_register(client, name, e)
             raise
     assert last is not None and last.done
     record = last.snapshot
@@ -399,6 +455,19 @@ def run_pin(ctx: Context) -> int:
             f"checksums {record.checksum_state}"
         )
     return exitcodes.OK
+
+
+def _undo_register(client: Any, name: str, error: BaseException) -> None:
+    """A `pin PATH` that registered the file and then failed leaves thawd as it found it:
+    the registration goes again, and the error line says so (or says that it stayed)."""
+    from thaw.errors import DaemonError
+
+    try:
+        client.unregister(name)
+    except DaemonError as e:
+        error.add_note(f"registered as {name} but not pinned (unregistering it failed: {e})")
+    else:
+        error.add_note(f"unregistered {name} again (this pin had registered it)")
 
 
 def run_unpin(ctx: Context) -> int:

@@ -14,9 +14,10 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         "top",
         parents=[parents["socket"]],
         help="live dashboard: budgets, GPUs, snapshots, restore throughput, events",
-        description="A live dashboard of thawd (Textual). Keys: p pin, u unpin, v verify, "
-        "d remove (asks first), / filter, s sort, ? help, q quit. It keeps running while the "
-        "daemon restarts and shows 'reconnecting' meanwhile.",
+        description="A live dashboard of thawd (Textual). Keys: p pin, w warm, u unpin (asks "
+        "first while in use), v verify (by thawd, where the bytes are), d remove (asks first), "
+        "/ filter, s sort, j/k or arrows select, Home/End, ? help, q quit. It keeps running "
+        "while the daemon restarts and shows 'reconnecting' meanwhile.",
     )
     p.add_argument(
         "--interval",
@@ -34,6 +35,7 @@ def run_top(ctx: Context) -> int:
 
     if ctx.args.interval <= 0:
         raise exitcodes.CommandError("--interval must be positive", exitcodes.USAGE)
-    app = ThawTop(DaemonSource(ctx.socket, ctx.args.interval), interval_s=ctx.args.interval)
+    source = DaemonSource(ctx.socket, ctx.args.interval, timeout_s=ctx.timeout)
+    app = ThawTop(source, interval_s=ctx.args.interval)
     app.run()
     return exitcodes.OK

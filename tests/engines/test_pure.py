@@ -11,7 +11,15 @@ import pytest
 from thaw import FingerprintMismatch
 from thaw.fingerprint import Fingerprint
 from thaw.sglang.core import batches, fingerprint, per_rank_named_tensors
-from thaw.vllm.common import Options, make_fingerprint, rank_name, rank_path, resolve, without
+from thaw.vllm.common import (
+    Options,
+    make_fingerprint,
+    missing_message,
+    rank_name,
+    rank_path,
+    resolve,
+    without,
+)
 from thaw.vllm.transfer import check_before_copy
 
 
@@ -46,6 +54,18 @@ def _fp(**kw: object) -> Fingerprint:
                                    engine_version="0.32.0", model="tiny")  # fmt: skip
     base.update(kw)
     return make_fingerprint(**base)  # type: ignore[arg-type]
+
+
+def test_a_missing_snapshot_says_whether_thawd_runs() -> None:
+    by_name = Options.from_config({"snapshot": "llama", "socket": "/run/x/thawd.sock"})
+    ref = resolve(by_name, 0, 1)
+    assert "thawd has no snapshot 'llama'" in missing_message(ref, by_name, daemon_running=True)
+    stopped = missing_message(ref, by_name, daemon_running=False)
+    assert "thawd is not running at /run/x/thawd.sock" in stopped
+    assert "has no snapshot" not in stopped and 'no "path" to fall back to' in stopped
+    never = Options.from_config({"snapshot": "llama", "daemon": "never", "path": "/s/l.thaw"})
+    text = missing_message(resolve(never, 0, 1), never, daemon_running=False)
+    assert "a thawd name but daemon='never'" in text and "/s/l.thaw does not exist" in text
 
 
 def test_fingerprint_refusal_names_each_difference() -> None:

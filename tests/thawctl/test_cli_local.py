@@ -69,7 +69,7 @@ def test_every_subcommand_has_help(thawctl):
         ["register", "x.thaw", "--label", "novalue"],
         ["freeze", "--model", "tiny"],
         ["bench", "--tier", "nope"],
-        ["completion", "fish"],
+        ["completion", "powershell"],
     ],
 )
 def test_bad_usage_exits_2_with_one_line(thawctl, argv):
@@ -109,6 +109,43 @@ def test_no_daemon_in_a_fresh_interpreter():
     assert done.returncode == 3
     one_error_line(done.stderr)
     assert done.stdout == ""
+
+
+def test_a_wrong_socket_path_says_what_is_wrong_with_it(thawctl, tmp_path):
+    """Not the derived fd socket's errno: what the path the operator gave is."""
+    import socket as sockets
+
+    regular = tmp_path / "regular.sock"
+    regular.write_text("not a socket")
+    listener = sockets.socket(sockets.AF_UNIX)  # some other program's socket
+    listener.bind(str(tmp_path / "other.sock"))
+    listener.listen()
+    stale = sockets.socket(sockets.AF_UNIX)  # bound, then closed: nobody listens
+    stale.bind(str(tmp_path / "stale.sock"))
+    stale.close()
+    expected = {
+        "regular.sock": "is a regular file, not a socket",
+        "other.sock": "accepts connections but is not thawd's",
+        "stale.sock": "is a socket nobody listens on",
+        ".": "is a directory, not a socket",
+    }
+    try:
+        for name, words in expected.items():
+            path = str(tmp_path / name) if name != "." else str(tmp_path)
+            result = thawctl("--socket", path, "status")
+            assert result.code == exitcodes.DAEMON_UNAVAILABLE, result.err
+            line = one_error_line(result.err)
+            assert f"no thawd at {path}: {path} {words}" in line
+            assert ".fd.sock (" not in line and "No such file" not in line
+    finally:
+        listener.close()
+
+
+def test_timeout_must_be_positive(thawctl):
+    for value in ("0", "-1", "soon"):
+        result = thawctl("--timeout", value, "status")
+        assert result.code == exitcodes.USAGE
+        assert "positive number of seconds" in one_error_line(result.err)
 
 
 def test_socket_after_the_subcommand_wins(thawctl):
@@ -230,6 +267,36 @@ def test_zsh_completion(thawctl):
         assert subprocess.run(["zsh", "-n"], input=result.out, text=True).returncode == 0
 
 
+def test_fish_completion_is_valid_fish_and_completes(thawctl, tmp_path):
+    result = thawctl("completion", "fish")
+    assert result.code == 0
+    assert result.out.startswith("# fish completion for thawctl")
+    for line in ("complete -c thawctl -n '__thawctl_using ls' -l tier -x -a 'cold warm pinned'",
+                 "complete -c thawctl -n '__thawctl_using freeze' -s o -l output -r -F",
+                 "complete -c thawctl -n '__thawctl_using pin' -F -a '(__thawctl_snapshots)'"):
+        assert line in result.out  # fmt: skip
+    if not shutil.which("fish"):
+        pytest.skip("fish is not installed: the script's behaviour is not checked")
+    script = tmp_path / "thawctl.fish"
+    script.write_text(result.out)
+    assert subprocess.run(["fish", "-n", str(script)]).returncode == 0
+
+    def complete(line: str) -> list[str]:
+        done = subprocess.run(["fish", "-c", f"source {script}; complete -C {line!r}"],
+                              capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+        assert done.stderr == "", done.stderr
+        return [c.split("\t")[0] for c in done.stdout.splitlines()]
+
+    assert complete("thawctl fre") == ["freeze"]
+    assert "doctor" in complete("thawctl ")
+    # A global option's value is not the command word.
+    assert complete("thawctl --socket /x.sock --timeout 3 freeze --eng") == ["--engine"]
+    assert complete("thawctl freeze --engine ") == ["sglang", "torch", "vllm"]
+    assert complete("thawctl completion ") == ["bash", "fish", "zsh"]
+    (tmp_path / "model.thaw").write_text("")
+    assert "model.thaw" in complete("thawctl pin mod")  # files, quietly no names without thawctl
+
+
 # --- freeze and demo (the tiny model: transformers, no download) --------------------------------
 
 
@@ -245,6 +312,9 @@ def test_freeze_tiny_with_torch(thawctl, snapshot_dir):
     assert doc["fingerprint"]["labels"] == {"run": "test"}
     assert doc["files"][0]["path"] == str(out.resolve())
     assert doc["freeze"]["bytes"] > 1_000_000
+    # One word per concept: "size" is the payload, as pin and ls say it; the file is labelled.
+    entry = doc["files"][0]
+    assert doc["freeze"]["bytes"] <= entry["size_bytes"] < entry["file_bytes"]
     assert thawctl("verify", str(out)).code == 0
     again = thawctl("freeze", "--model", "tiny", "-o", str(out))
     assert again.code == exitcodes.ERROR and "--force" in one_error_line(again.err)
@@ -252,6 +322,31 @@ def test_freeze_tiny_with_torch(thawctl, snapshot_dir):
                    "--dtype", "float16")  # fmt: skip
     assert half.code == 0, half.err
     assert "float16" in thawctl("info", str(snapshot_dir / "h.thaw"), "--summary").out
+    from thawctl import render
+
+    info = thawctl("info", str(snapshot_dir / "h.thaw"), "--json").json()["file"]
+    size, file = render.size(info["payload_bytes"]), render.size(info["file_bytes"])
+    assert f": size {size} in {info['tensor_count']} tensors, file {file}" in half.out
+
+
+def test_dtype_auto_is_the_checkpoints(snapshot_dir):
+    """What `freeze --engine vllm|sglang --dtype auto` asks the engine for: config.json's."""
+    import json as json_
+
+    from thaw import tiny
+    from thawctl.freeze import checkpoint_dtype
+
+    model_dir = tiny.write_model_dir(snapshot_dir / "tiny-model")
+    assert checkpoint_dtype(str(model_dir)) == "float32"
+    config = json_.loads((model_dir / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config["dtype"] = "float16"  # transformers 5 writes `dtype`
+    (model_dir / "config.json").write_text(json_.dumps(config))
+    assert checkpoint_dtype(str(model_dir)) == "float16"
+    config.pop("dtype")
+    (model_dir / "config.json").write_text(json_.dumps(config))
+    assert checkpoint_dtype(str(model_dir)) == "auto"  # none recorded: the engine decides
+    assert checkpoint_dtype(str(snapshot_dir / "absent")) == "auto"
 
 
 def test_freeze_from_a_model_directory(thawctl, snapshot_dir):
@@ -293,6 +388,20 @@ def test_freeze_with_an_engine_that_is_not_installed(thawctl, snapshot_dir, engi
     assert result.code == exitcodes.ERROR
     assert f"install thaw[{engine}]" in one_error_line(result.err)
     assert not (snapshot_dir / "e.thaw").exists()
+
+
+def test_demo_without_transformers_says_how_to_install_it(thawctl, monkeypatch):
+    # transformers absent (None in sys.modules makes its import fail), as without thaw[tiny].
+    for name in list(sys.modules):
+        if name == "transformers" or name.startswith("transformers."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    result = thawctl("demo", "--device", "cpu")
+    assert result.code == exitcodes.ERROR
+    line = one_error_line(result.err)
+    assert "`thawctl demo` needs the Python package transformers" in line
+    assert "pip install 'thaw[tiny]'" in line
+    assert "report" not in line
 
 
 def test_demo_json(thawctl):

@@ -22,7 +22,8 @@ from thawctl.tui.screens.help import HelpScreen
 from thawctl.tui.screens.main import MainScreen
 from thawctl.tui.source import Connection, DaemonSource
 from thawctl.tui.widgets.events import EventLog
-from thawctl.tui.widgets.snapshots import SnapshotTable
+from thawctl.tui.widgets.snapshots import SnapshotTable, column_widths
+from thawctl.tui.widgets.throughput import ThroughputAxis
 
 TIMEOUT = 20.0
 
@@ -48,6 +49,12 @@ def table_names(app: ThawTop) -> list[str]:
 
 def log_text(app: ThawTop) -> str:
     return "\n".join(line.text for line in main_screen(app).query_one(EventLog).lines)
+
+
+def restores_logged(text: str) -> int:
+    """Restores the log accounts for: one a `restore_finished` line, N a line of N restores."""
+    return sum(int(line.split(" restores, ")[0].split()[-1]) if " restores, " in line
+               else "restore_finished" in line for line in text.splitlines())  # fmt: skip
 
 
 def make_app(socket: str) -> ThawTop:
@@ -139,6 +146,10 @@ def test_filter_sort_and_help(thawd, snapshot_dir):
             await wait_for(pilot, lambda: table_names(app)[0] == "gamma", "gamma first by tier")
             await pilot.press("question_mark")
             assert isinstance(app.screen, HelpScreen)
+            keys = str(app.screen.query_one("#help-keys").render())
+            # What `v` really does: thawd hashes where the bytes are; thawctl reads nothing.
+            assert "where its bytes are: its pool when pinned, else the file" in keys
+            assert "reads the file here" not in keys
             await pilot.press("escape")
             assert isinstance(app.screen, MainScreen)
             await pilot.press("q")
@@ -171,6 +182,93 @@ def test_remove_asks_first(thawd, snapshot_dir):
     with thaw.connect(thawd.socket) as client:
         assert [r.name for r in client.list()] == ["keep"]
     assert paths[1].exists()
+
+
+def test_unpin_of_a_snapshot_in_use_asks_first(thawd, snapshot_dir):
+    """A restore held open (its progress callback waits) makes the snapshot's clients 1: `u`
+    asks first; no keeps it pinned; yes asks thawd, which refuses while the restore runs."""
+    from tests.daemon.conftest import zeros_like
+
+    (path,) = snapshot_files(snapshot_dir, "busy")
+    register(thawd.socket, path, "busy")
+    with thaw.connect(thawd.socket) as client:
+        client.pin("busy")
+    opened, release = threading.Event(), threading.Event()
+
+    def hold(done: int, total: int) -> None:
+        if not done:  # before the copy: the session is open
+            opened.set()
+            release.wait(TIMEOUT)
+
+    def restore() -> None:
+        with thaw.connect(thawd.socket) as client:
+            client.restore(zeros_like(random_tensors(0)), "busy", progress=hold)
+
+    restorer = threading.Thread(target=restore)
+    restorer.start()
+    try:
+        assert opened.wait(TIMEOUT)
+
+        async def scenario() -> None:
+            app = make_app(thawd.socket)
+            async with app.run_test(size=(100, 30)) as pilot:
+                screen = main_screen(app)
+                await wait_for(pilot, lambda: [r.clients for r in screen.snapshots] == [1],
+                               "the open restore")  # fmt: skip
+                await pilot.press("u")
+                assert isinstance(app.screen, ConfirmScreen)
+                assert "in use: 1 restore(s) open" in str(app.screen.question)
+                await pilot.press("n")
+                assert isinstance(app.screen, MainScreen)
+                await pilot.press("u", "y")
+                await wait_for(pilot, lambda: "busy (1 restore(s) open)" in log_text(app),
+                               "thawd's refusal")  # fmt: skip
+                assert [r.tier for r in screen.snapshots] == ["pinned"]
+                release.set()
+                await wait_for(pilot, lambda: [r.clients for r in screen.snapshots] == [0],
+                               "the restore to end")  # fmt: skip
+                await pilot.press("u")  # no longer in use: no question
+                assert isinstance(app.screen, MainScreen)
+                await wait_for(pilot, lambda: [r.tier for r in screen.snapshots] == ["cold"],
+                               "cold")  # fmt: skip
+                await pilot.press("q")
+
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        restorer.join(TIMEOUT)
+
+
+def test_restores_are_gathered_in_the_log_under_load(thawd, snapshot_dir):
+    """Sixty real restores in a burst: a few lines of "N restores", and the pin before them
+    stays in sight."""
+    from tests.daemon.conftest import zeros_like
+
+    (path,) = snapshot_files(snapshot_dir, "hot")
+    register(thawd.socket, path, "hot")
+
+    async def scenario() -> None:
+        app = make_app(thawd.socket)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: table_names(app) == ["hot"], "the row")
+            with thaw.connect(thawd.socket) as client:
+                client.pin("hot")
+                await wait_for(pilot, lambda: "pinned" in log_text(app), "the pinned event")
+                target = zeros_like(random_tensors(0))
+                for _ in range(60):
+                    await asyncio.to_thread(client.restore, target, "hot")
+            await wait_for(pilot, lambda: restores_logged(log_text(app)) == 60,
+                           "all sixty restores in the log")  # fmt: skip
+            lines = log_text(app).splitlines()
+            gathered = [line for line in lines if " restores, " in line]
+            assert gathered and all(" hot (" in line for line in gathered)
+            assert len([line for line in lines if "restore" in line]) < 30
+            log = main_screen(app).query_one(EventLog)
+            shown = lines[-log.scrollable_content_region.height :]
+            assert any(" pinned " in line for line in shown), lines
+            await pilot.press("q")
+
+    asyncio.run(scenario())
 
 
 def test_verify_from_the_table_reports_corruption(thawd, snapshot_dir):
@@ -347,6 +445,103 @@ def test_layout_holds_at_other_sizes(size):
             assert table.size.height >= 4  # the table keeps room for rows at any size
             await pilot.press("s", "s")
             assert table_names(app)[0] == "llama-70b"  # size, largest first
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+
+
+def test_at_120x35_the_path_shows_and_no_row_is_left_empty():
+    async def scenario() -> None:
+        app = ThawTop(StaticSource(fixed_items()))
+        async with app.run_test(size=(120, 35)) as pilot:
+            await wait_for(pilot, lambda: len(table_names(app)) == 5, "rows")
+            await pilot.pause(0.2)
+            screen = main_screen(app)
+            table = screen.query_one(SnapshotTable)
+            assert [str(c.label) for c in table.columns.values()][-1] == "PATH"
+            assert next(c.width for c in table.columns.values()) == len("mistral-7b")
+            assert str(table.get_row_at(2)[-1]) == "/snapshots/llama-8b.thaw"
+            assert table.outer_size.height == 5 + 3  # five rows, the header, two borders
+            log = screen.query_one(EventLog)
+            assert log.size.height >= 35 - 10 - 8 - 1  # the rest of the screen is the log's
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+
+
+def test_column_widths_share_the_room_between_names_and_paths():
+    # 80 columns: 76 inside the border and scrollbar, all of it names; no path.
+    assert column_widths(76, 10, 1) == (12, 0)
+    # 120 columns: the names as wide as the longest, the path the rest.
+    assert column_widths(116, 10, 1) == (10, 40)
+    # Names come first: a path with less than its least width is left out.
+    assert column_widths(116, 34, 1) == (34, 16)
+    assert column_widths(116, 35, 1) == (52, 0)
+    assert column_widths(90, 30, 1) == (26, 0)
+
+
+def test_keys_j_k_home_end_move_the_selection():
+    async def scenario() -> None:
+        app = ThawTop(StaticSource(fixed_items()))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: len(table_names(app)) == 5, "rows")
+            table = main_screen(app).query_one(SnapshotTable)
+            assert table.selected == "broken"
+            await pilot.press("j", "j")
+            assert table.selected == "llama-8b"
+            await pilot.press("k")
+            assert table.selected == "llama-70b"
+            await pilot.press("end")
+            assert table.selected == "qwen-32b"
+            await pilot.press("home")
+            assert table.selected == "broken"
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+
+
+def test_the_log_gathers_each_seconds_restores_and_keeps_the_rest():
+    t = T0 + 100
+    items: list[Any] = [Connection("connected", "thawd 0.1.0, pid 4242", t - 1)]
+
+    def restore(at: float, name: str = "llama-8b") -> Event:
+        return Event(at, "restore_finished", name, "16.00 GiB in 0.30 s (57.3 GB/s)",
+                     16 * GIB, 0.3)  # fmt: skip
+
+    items += [restore(t + i / 40, "qwen-32b" if i % 10 == 0 else "llama-8b") for i in range(20)]
+    items.append(Event(t + 0.9, "pinned", "mistral-7b", "14.00 GiB in 0.28 s", 14 * GIB, 0.28))
+    items += [restore(t + 1 + i / 40) for i in range(25)]
+    items.append(Event(t + 1.5, "restore_failed", "llama-8b", "the client went away", 0, 0.0))
+    items.append(Event(t + 1.6, "pin_failed", "broken", "checksum mismatch in tensor 'x'", 0, 0))
+    items.append(restore(t + 3))  # alone in its second: written as it came, once it is over
+
+    async def scenario() -> None:
+        app = ThawTop(StaticSource(items))
+        async with app.run_test(size=(120, 35)) as pilot:
+            await wait_for(pilot, lambda: restores_logged(log_text(app)) == 46, "the restores")
+            lines = [line.split(" ", 1)[1] for line in log_text(app).splitlines()]
+            assert lines == [
+                "connection       connected: thawd 0.1.0, pid 4242",
+                "restores         llama-8b (18), qwen-32b (2) 20 restores, 320.0 GiB at 57.27 GB/s",
+                "pinned           mistral-7b 14.00 GiB in 0.28 s",
+                "restores         llama-8b (25) 25 restores, 400.0 GiB at 57.27 GB/s",
+                "restore_failed   llama-8b the client went away",
+                "pin_failed       broken checksum mismatch in tensor 'x'",
+                "restore_finished llama-8b 16.00 GiB in 0.30 s (57.3 GB/s)",
+            ]
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+
+
+def test_the_plot_is_labelled_with_its_scale():
+    async def scenario() -> None:
+        app = ThawTop(StaticSource(fixed_items()))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: len(main_screen(app).samples) == 60, "samples")
+            await pilot.pause()
+            axis = str(main_screen(app).query_one(ThroughputAxis).render())
+            assert axis.splitlines() == ["55.0 GB/s ┤", "        0 ┤"]
             await pilot.press("q")
 
     asyncio.run(scenario())

@@ -15,10 +15,10 @@ from thaw.vllm.common import (
     Options,
     RankTransfer,
     SnapshotMissing,
-    find_source,
+    missing_message,
     resolve,
 )
-from thaw.vllm.transfer import check_before_copy, client_for
+from thaw.vllm.transfer import check_before_copy, locate
 from thaw.vllm.worker import WORKER_EXTENSION
 
 
@@ -100,15 +100,13 @@ def restore(
         verify=verify,
     )
     expected = fingerprints(llm)
-    client = client_for(options)
     for fp in expected:
         ref = resolve(options, fp.tp_rank, fp.tp_size)
-        source = find_source(ref, client)
+        source, client = locate(ref, options)  # a thawd gone since: the file, with "auto"
         if source.kind == "missing":
             raise SnapshotMissing(
-                f"rank {fp.tp_rank}: snapshot {ref.label!r} not found (thawd "
-                f"{'not running' if client is None else 'does not hold it'}; file "
-                f"{ref.path or '(none given)'})"
+                f"rank {fp.tp_rank}: "
+                + missing_message(ref, options, daemon_running=client is not None)
             )
         check_before_copy(source, fp, options)
     results = _rpc(llm, "thaw_restore", options.to_config())

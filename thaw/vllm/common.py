@@ -169,6 +169,69 @@ def connect_daemon(options: Options) -> Any:
         return None
 
 
+def missing_message(ref: RankRef, options: Options, daemon_running: bool) -> str:
+    """Why a rank's snapshot was not found, and how to make it."""
+    where = []
+    if ref.name:
+        if options.daemon == "never":
+            where.append(f"{ref.name!r} is a thawd name but daemon='never'")
+        elif daemon_running:
+            where.append(f"thawd has no snapshot {ref.name!r}")
+        else:
+            where.append(f"thawd is not running at {options.socket or default_socket()}")
+    if ref.path:
+        where.append(f"{ref.path} does not exist")
+    elif ref.name:
+        where.append('no "path" to fall back to')
+    return (
+        f"snapshot {ref.label!r} not found ({'; '.join(where)}): create it with "
+        '"freeze_on_miss": true, `thawctl freeze --engine vllm`, or thaw.vllm.freeze(llm, ...)'
+    )
+
+
+def default_socket() -> str:
+    from thaw.client import default_socket as socket
+
+    return socket()
+
+
+# A parent process asks thawd once, before any engine process starts: a healthy thawd answers
+# in milliseconds; a stuck one should not hold the engine's start for the client's 30 s.
+PREFLIGHT_TIMEOUT_S = 5.0
+
+
+def preflight(config: Mapping[str, Any] | None, tp_size: int) -> None:
+    """Check `load_format="thaw"`'s options and that every rank's snapshot exists, in the
+    process that creates the engine, before vLLM starts the engine core and its workers:
+    there a failure would surface only as vLLM's "Engine core initialization failed" after the
+    engine's start-up. Raises ValueError (bad options), SnapshotMissing or DaemonUnavailable
+    (daemon="require"). Fingerprints are checked later, by each worker, against its model."""
+    options = Options.from_config(config)
+    if options.freeze_on_miss:
+        return  # a missing snapshot is made, not refused
+    client = None
+    if options.daemon != "never":
+        from thaw.client import Client
+
+        try:
+            # Client, not connect(): this process restores nothing and maps no pool.
+            client = Client(options.socket or default_socket(), timeout=PREFLIGHT_TIMEOUT_S)
+        except DaemonUnavailable:
+            if options.daemon == "require":
+                raise
+    try:
+        for rank in range(tp_size):
+            ref = resolve(options, rank, tp_size)
+            if find_source(ref, client).kind == "missing":
+                raise SnapshotMissing(
+                    (f"rank {rank}: " if tp_size > 1 else "")
+                    + missing_message(ref, options, daemon_running=client is not None)
+                )
+    finally:
+        if client is not None:
+            client.close()
+
+
 def find_source(ref: RankRef, client: Any) -> Source:
     """thawd when it holds the snapshot (by name, or a registered file by path), else the file."""
     from thaw.format import open_snapshot

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from thaw.errors import DaemonUnavailable
 from thaw.fingerprint import Fingerprint, check
 from thaw.vllm.common import (
     Options,
@@ -15,6 +17,7 @@ from thaw.vllm.common import (
     Source,
     connect_daemon,
     find_source,
+    missing_message,
     without,
 )
 
@@ -35,13 +38,19 @@ def client_for(options: Options) -> Any:
 
 
 def locate(ref: RankRef, options: Options) -> tuple[Source, Any]:
-    """The source of a rank's snapshot and the client to use for it (None: the file)."""
+    """The source of a rank's snapshot and the client to use for it (None: the file).
+
+    A thawd that went away since this process connected is forgotten and asked for again:
+    with daemon="auto" and no thawd running, a file given is read instead (daemon="require"
+    raises DaemonUnavailable)."""
     client = client_for(options)
     try:
         source = find_source(ref, client)
-    except Exception:
-        # A daemon that went away since we connected: forget the client and look again.
-        _CLIENTS.pop(options.socket or "", None)
+    except DaemonUnavailable:
+        stale = _CLIENTS.pop(options.socket or "", None)
+        if stale is not None:
+            with contextlib.suppress(Exception):  # its sockets are dead already
+                stale.close()
         client = client_for(options)
         source = find_source(ref, client)
     return source, client
@@ -66,7 +75,7 @@ def read_rank(
     if source is None:
         source, client = locate(ref, options)
     if source.kind == "missing":
-        raise SnapshotMissing(_missing_message(ref, options))
+        raise SnapshotMissing(missing_message(ref, options, daemon_running=client is not None))
     check_before_copy(source, expect, options)
     started = time.perf_counter()
     fp = without(expect, options.ignore)
@@ -111,20 +120,3 @@ def write_rank(
     return RankTransfer(rank, ref.path, source_kind, "file", stats.bytes,
                         time.perf_counter() - started, stats.content_id)  # fmt: skip
 
-
-def _missing_message(ref: RankRef, options: Options) -> str:
-    where = []
-    if ref.name:
-        where.append(
-            f"thawd has no snapshot {ref.name!r}"
-            if options.daemon != "never"
-            else f"{ref.name!r} is a thawd name but daemon='never'"
-        )
-    if ref.path:
-        where.append(f"{ref.path} does not exist")
-    elif ref.name:
-        where.append('no "path" to fall back to')
-    return (
-        f"snapshot {ref.label!r} not found ({'; '.join(where)}): create it with "
-        '"freeze_on_miss": true, `thawctl freeze --engine vllm`, or thaw.vllm.freeze(llm, ...)'
-    )

@@ -49,11 +49,14 @@ class Source(Protocol):
 
 
 class DaemonSource:
-    def __init__(self, socket: str | None = None, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, socket: str | None = None, interval_s: float = 1.0, timeout_s: float = 10.0
+    ) -> None:
         from thaw.client import default_socket
 
         self.socket = socket or default_socket()
         self.interval_s = interval_s
+        self.timeout_s = timeout_s  # connecting and short calls (thawctl --timeout)
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._client: Any = None
@@ -61,7 +64,7 @@ class DaemonSource:
     def _connect(self) -> Any:
         import thaw
 
-        return thaw.connect(self.socket)
+        return thaw.connect(self.socket, timeout=self.timeout_s)
 
     def stream(self) -> Iterator[Any]:
         """Watch updates, with Connection records around every (re)connection."""

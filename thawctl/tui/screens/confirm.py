@@ -1,4 +1,4 @@
-"""A yes/no question before anything destructive (`d`)."""
+"""A yes/no question before anything destructive: `d`, and `u` of a snapshot in use."""
 
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ class ConfirmScreen(ModalScreen[bool]):
         Binding("n,escape", "answer(False)", "no", show=False),
     ]
 
-    def __init__(self, question: str) -> None:
+    def __init__(self, question: str, verb: str = "Remove") -> None:
         super().__init__()
         self.question = question
+        self.verb = verb  # the yes button's word
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm-box"):
             yield Static(self.question, id="confirm-question")
             with Horizontal(id="confirm-buttons"):
-                yield Button("Remove (y)", variant="error", id="yes")
+                yield Button(f"{self.verb} (y)", variant="error", id="yes")
                 yield Button("Cancel (n)", id="no")
 
     def on_mount(self) -> None:

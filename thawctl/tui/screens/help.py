@@ -11,12 +11,14 @@ from textual.widgets import Static
 KEYS = (
     ("p", "pin the selected snapshot (verifies every tensor)"),
     ("w", "warm it instead (page cache only)"),
-    ("u", "unpin it (back to cold, memory released)"),
-    ("v", "verify its checksums (reads the file here)"),
+    ("u", "unpin it (back to cold, memory released; asks first while in use)"),
+    ("v", "have thawd verify its checksums where its bytes are: its pool when pinned, else "
+          "the file (nothing is read here)"),
     ("d", "remove it from thawd, after asking (the file stays)"),
     ("/", "filter by name, path, tier, checksum state or label"),
     ("s", "cycle the sort: name, tier, size, restores, last restore"),
-    ("↑ ↓", "select a snapshot"),
+    ("↑ ↓ j k", "select a snapshot"),
+    ("Home End", "the first, the last snapshot"),
     ("?", "this help"),
     ("q", "quit"),
 )
@@ -28,7 +30,7 @@ class HelpScreen(ModalScreen[None]):
     ]
 
     def compose(self) -> ComposeResult:
-        lines = "\n".join(f"[b]{key:>5}[/b]  {text}" for key, text in KEYS)
+        lines = "\n".join(f"[b]{key:>8}[/b]  {text}" for key, text in KEYS)
         with Vertical(id="help-box"):
             yield Static("thawctl top: keys", id="help-title")
             yield Static(lines, id="help-keys")

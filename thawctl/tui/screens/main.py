@@ -33,6 +33,11 @@ from thawctl.tui.widgets.throughput import WINDOW, ThroughputPlot
 
 # Progress lines from a pin arrive every ~0.2 s; the activity bar needs no more than that.
 PROGRESS_PERIOD_S = 0.1
+# Lines the event log keeps however many snapshots there are (fewer below 24 lines), and the
+# table's least height (its header and one row inside the border, and the empty message).
+EVENTS_MIN = 5
+EVENTS_MIN_SHORT = 3
+TABLE_MIN = 5
 
 
 class MainScreen(Screen[None]):
@@ -98,6 +103,27 @@ class MainScreen(Screen[None]):
     def on_resize(self) -> None:
         # Below 24 lines the snapshot table matters most: the plot goes, the log shrinks.
         self.set_class(self.size.height < 24, "-short")
+        self._fit_heights()
+
+    def _fit_heights(self) -> None:
+        """The table as tall as its rows (none left empty), the event log gets the rest; the
+        log keeps EVENTS_MIN lines however many rows there are."""
+        if not self.is_mounted:
+            return
+        table, log = self.query_one(SnapshotTable), self.query_one(EventLog)
+        others = sum(w.outer_size.height for w in self.children
+                     if w.display and w not in (table, log))  # fmt: skip
+        room = self.size.height - others
+        rows = len(arrange(self.snapshots, self.filter_text, self.sort_key))
+        events_min = EVENTS_MIN_SHORT if self.has_class("-short") else EVENTS_MIN
+        # + 3: the header row and the border above and below; a narrow terminal's table
+        # scrolls sideways, and its scrollbar takes a line.
+        wanted = rows + 3
+        if table.show_horizontal_scrollbar:
+            wanted += table.styles.scrollbar_size_horizontal
+        height = max(TABLE_MIN, min(wanted, room - events_min))
+        if table.styles.height is None or table.styles.height.value != height:
+            table.styles.height = height
 
     def on_unmount(self) -> None:
         self.source.stop()
@@ -136,15 +162,18 @@ class MainScreen(Screen[None]):
     def watch_activity(self, text: str) -> None:
         self.query_one("#activity", Static).update(text)
         self.set_class(bool(text), "-busy")
+        self.call_after_refresh(self._fit_heights)
 
     def watch_filter_text(self) -> None:
         self._update_titles()
+        self.call_after_refresh(self._fit_heights)
 
     def watch_sort_key(self) -> None:
         self._update_titles()
 
     def watch_snapshots(self) -> None:
         self._update_titles()
+        self.call_after_refresh(self._fit_heights)
 
     def _update_titles(self) -> None:
         table = self.query_one(SnapshotTable)
@@ -175,8 +204,27 @@ class MainScreen(Screen[None]):
 
     def action_unpin(self) -> None:
         record = self._selected()
-        if record is not None:
-            self.run_unpin(record.name)
+        if record is None:
+            return
+        name = record.name
+        if not record.clients:
+            self.run_unpin(name)
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.run_unpin(name)
+
+        # thawd refuses while restores are open, but a snapshot in use is one an engine is
+        # loading from right now: unpinning it makes its next restores read the file.
+        self.app.push_screen(
+            ConfirmScreen(
+                f"Snapshot {name!r} is in use: {record.clients} restore(s) open.\n"
+                "Unpin it? thawd refuses while they run; later restores read the file.",
+                verb="Unpin",
+            ),
+            answered,
+        )
 
     def action_verify(self) -> None:
         record = self._selected()
@@ -203,6 +251,7 @@ class MainScreen(Screen[None]):
         box.value = self.filter_text
         self.add_class("-filtering")
         box.focus()
+        self.call_after_refresh(self._fit_heights)
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
@@ -212,6 +261,7 @@ class MainScreen(Screen[None]):
     def _filter_done(self) -> None:
         self.remove_class("-filtering")
         self.query_one(SnapshotTable).focus()
+        self.call_after_refresh(self._fit_heights)
 
     def key_escape(self) -> None:
         if self.has_class("-filtering"):

@@ -6,16 +6,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.text import Text
+from textual.binding import Binding
 from textual.reactive import reactive
 from textual.widgets import DataTable
 
 from thawctl import render
 from thawctl.schema import known
 
-# Fixed widths fit the longest value of each column ("unverified", "512.0 GiB", "59m 59s");
-# the name column (0 here) gets the rest: 13 characters at 80 columns.
-COLUMN_WIDTHS = (
-    ("NAME", 0),
+# Fixed widths fit the longest value of each column ("unverified", "512.0 GiB", "59m 59s").
+# NAME and PATH share the rest (column_widths): 12 characters of name and no path at 80
+# columns; the names' own width and the path beside them from about 110.
+FIXED_COLUMNS = (
     ("TIER", 7),
     ("SIZE", 9),
     ("RES", 4),
@@ -25,6 +26,7 @@ COLUMN_WIDTHS = (
     ("CHECKSUMS", 10),
 )
 NAME_MIN = 8
+PATH_MIN = 16  # narrower than this a path says nothing: the column is left out
 TIER_RANK = {"pinned": 2, "warm": 1, "cold": 0}
 TIER_STYLE = {"pinned": "bold green", "warm": "yellow", "cold": "dim"}
 CHECKSUM_STYLE = {"verified": "green", "corrupt": "bold red", "unverified": "dim"}
@@ -56,7 +58,35 @@ def arrange(records: Sequence[Any], needle: str, sort: str) -> list[Any]:
     return sorted((r for r in records if matches(r, needle)), key=key, reverse=descending)
 
 
+def column_widths(width: int, longest_name: int, padding: int) -> tuple[int, int]:
+    """(NAME, PATH) widths for a table `width` cells wide inside; PATH 0: no PATH column.
+
+    The names come first: they get what the longest needs (at least NAME_MIN), the path the
+    rest; where that leaves the path less than PATH_MIN, there is no PATH column and the names
+    get all of it."""
+    fixed = sum(w for _, w in FIXED_COLUMNS) + 2 * padding * (len(FIXED_COLUMNS) + 1)
+    room = width - fixed
+    name = max(NAME_MIN, min(longest_name, room))
+    path = room - name - 2 * padding
+    if path < PATH_MIN:
+        return max(NAME_MIN, room), 0
+    return name, path
+
+
+def tail(text: str, width: int) -> str:
+    """The end of `text` in `width` cells: a path keeps its file name, losing its start."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
+
+
 class SnapshotTable(DataTable[Any]):
+    # vi keys and Home/End move the row cursor (DataTable's Home/End scroll sideways).
+    BINDINGS = [
+        Binding("j", "cursor_down", "down", show=False),
+        Binding("k", "cursor_up", "up", show=False),
+        Binding("home", "scroll_top", "first", show=False),
+        Binding("end", "scroll_bottom", "last", show=False),
+    ]
+
     snapshots: reactive[tuple[Any, ...]] = reactive(())
     filter_text: reactive[str] = reactive("")
     sort_key: reactive[str] = reactive("name")
@@ -64,30 +94,33 @@ class SnapshotTable(DataTable[Any]):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)
-        self._name_key: Any = None
+        self._widths = (0, 0)  # (NAME, PATH) as laid out; PATH 0: no PATH column
         self._pending = False
 
     def on_mount(self) -> None:
-        for label, width in COLUMN_WIDTHS:
-            key = self.add_column(label, key=label.lower(), width=width or NAME_MIN)
-            if not width:
-                self._name_key = key
-        self._fit_name()
         self._rebuild()
 
     def on_resize(self) -> None:
-        self._fit_name()
+        self._rebuild()
 
-    def _fit_name(self) -> None:
-        """The name column takes the width the fixed columns leave."""
-        fixed = sum(w for _, w in COLUMN_WIDTHS) + 2 * self.cell_padding * len(COLUMN_WIDTHS)
+    def _fit_columns(self) -> bool:
+        """Lay the columns out anew if the width there is or the names there are call for
+        other widths; True when it did (the rows are then gone)."""
+        longest = max((len(r.name) for r in self.snapshots), default=0)
         # 2: the vertical scrollbar, when the table overflows.
-        width = max(NAME_MIN, self.scrollable_content_region.width - fixed - 2)
-        column = self.columns.get(self._name_key) if self.columns else None
-        if column is not None and column.width != width:
-            column.width = width
-            self._require_update_dimensions = True
-            self.refresh()
+        width = self.scrollable_content_region.width - 2
+        widths = column_widths(width, max(longest, len("NAME")), self.cell_padding)
+        if widths == self._widths and self.columns:
+            return False
+        self._widths = widths
+        name, path = widths
+        self.clear(columns=True)
+        self.add_column("NAME", key="name", width=name)
+        for label, fixed in FIXED_COLUMNS:
+            self.add_column(label, key=label.lower(), width=fixed)
+        if path:
+            self.add_column("PATH", key="path", width=path)
+        return True
 
     # Several of these change together (each metrics tick sets `now` and usually
     # `snapshots`): one rebuild after the batch, not one per attribute.
@@ -121,9 +154,10 @@ class SnapshotTable(DataTable[Any]):
 
     def _rebuild(self) -> None:
         self._pending = False
-        if not self.is_mounted or not self.columns:
+        if not self.is_mounted:
             return
         keep = self.selected
+        self._fit_columns()
         rows = arrange(self.snapshots, self.filter_text, self.sort_key)
         self.clear()
         for r in rows:
@@ -152,4 +186,4 @@ class SnapshotTable(DataTable[Any]):
                 style="" if last else "dim",
             ),
             Text(r.checksum_state, style=CHECKSUM_STYLE.get(r.checksum_state, "")),
-        ]
+        ] + ([Text(tail(r.path, self._widths[1]), style="dim")] if self._widths[1] else [])

@@ -1,10 +1,13 @@
-"""Restore throughput of the whole daemon over the last minutes: a sparkline and its numbers."""
+"""Restore throughput of the whole daemon over the last minutes: a sparkline and its numbers.
+
+The sparkline scales its bars from the lowest sample to the highest; the samples are padded
+with zeros, so its scale runs from 0 to the window's peak, which the axis to its left says."""
 
 from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Vertical
+from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Sparkline
@@ -31,13 +34,27 @@ class ThroughputLabel(Widget):
         return text
 
 
+class ThroughputAxis(Widget):
+    """The plot's scale: its top is the window's peak, its bottom 0."""
+
+    DEFAULT_CSS = "ThroughputAxis { width: 11; height: 2; color: $text-muted; }"
+    samples: reactive[tuple[float, ...]] = reactive(())
+
+    def render(self) -> Text:
+        peak = max(self.samples, default=0.0)
+        top = f"{peak / 1e9:.1f} GB/s" if peak else "0 GB/s"
+        return Text(f"{top:>9} ┤\n{'0':>9} ┤", no_wrap=True)
+
+
 class ThroughputPlot(Vertical):
     samples: reactive[tuple[float, ...]] = reactive(())
     interval_s: reactive[float] = reactive(1.0)
 
     def compose(self) -> ComposeResult:
         yield ThroughputLabel().data_bind(ThroughputPlot.samples, ThroughputPlot.interval_s)
-        yield Sparkline([], summary_function=max, id="sparkline")
+        with Horizontal(id="plot"):
+            yield ThroughputAxis().data_bind(ThroughputPlot.samples)
+            yield Sparkline([], summary_function=max, id="sparkline")
 
     def watch_samples(self, samples: tuple[float, ...]) -> None:
         if self.is_mounted:
