@@ -10,6 +10,7 @@ setup(
                 "native/module.c",
                 "native/errors.c",
                 "native/io.c",
+                "native/readhash.c",
                 "native/memcpy.c",
                 "native/checksum.c",
                 "native/residency.c",

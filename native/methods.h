@@ -14,6 +14,10 @@ PyObject *thaw_pwrite_from(PyObject *self, PyObject *args, PyObject *kwargs);
 extern const char thaw_pread_into_doc[];
 extern const char thaw_pwrite_from_doc[];
 
+/* readhash.c */
+PyObject *thaw_pread_hashed(PyObject *self, PyObject *args, PyObject *kwargs);
+extern const char thaw_pread_hashed_doc[];
+
 /* memcpy.c */
 PyObject *thaw_copy(PyObject *self, PyObject *args, PyObject *kwargs);
 PyObject *thaw_prefault(PyObject *self, PyObject *args, PyObject *kwargs);

@@ -1,5 +1,5 @@
 /* thaw._native: the method table and module init only. The functions live in
- * topic files (io.c, memcpy.c, checksum.c, residency.c); Python owns policy,
+ * topic files (io.c, readhash.c, memcpy.c, checksum.c, residency.c); Python owns policy,
  * C owns the loops. */
 #include "methods.h"
 
@@ -10,6 +10,8 @@ static PyMethodDef methods[] = {
      thaw_pread_into_doc},
     {"pwrite_from", (PyCFunction)(void (*)(void))thaw_pwrite_from, METH_VARARGS | METH_KEYWORDS,
      thaw_pwrite_from_doc},
+    {"pread_hashed", (PyCFunction)(void (*)(void))thaw_pread_hashed,
+     METH_VARARGS | METH_KEYWORDS, thaw_pread_hashed_doc},
     {"copy", (PyCFunction)(void (*)(void))thaw_copy, METH_VARARGS | METH_KEYWORDS, thaw_copy_doc},
     {"copy_many", (PyCFunction)(void (*)(void))thaw_copy_many, METH_VARARGS | METH_KEYWORDS,
      thaw_copy_many_doc},

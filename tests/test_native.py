@@ -122,6 +122,66 @@ def test_o_direct_misaligned_offset_raises_oserror(tmp_path):
         buf.close()
 
 
+# --- pread_hashed ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pread_hashed_reads_and_hashes_what_landed(data_file, threads):
+    content = random_bytes(BLOCK * 2 + 3 * MiB, seed=11)
+    path = data_file(content)
+    # Ranges of every shape: empty, tiny, unaligned, more than one hash block.
+    ranges = [(0, 0), (4096, 100), (8192, BLOCK + 5), (0, 2 * BLOCK + 17), (MiB + 3, 4097)]
+    places = [sum((n + 4095) // 4096 * 4096 + 4096 for _, n in ranges[:i]) for i in range(6)]
+    buf = mmap.mmap(-1, places[-1])
+    try:
+        dsts = [addr_of(buf) + at for at in places[:-1]]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            hashes = _native.pread_hashed(fd, dsts, [o for o, _ in ranges],
+                                          [n for _, n in ranges], threads)  # fmt: skip
+        finally:
+            os.close(fd)
+        for (offset, length), dst, digest in zip(ranges, dsts, hashes, strict=True):
+            assert ctypes.string_at(dst, length) == content[offset : offset + length]
+            assert digest == _native.block_hashes(dst, length)
+    finally:
+        buf.close()
+
+
+def test_pread_hashed_with_o_direct(tmp_path):
+    fd, path = _open_direct(tmp_path)
+    src = mmap.mmap(-1, BLOCK + 8192)
+    dst = mmap.mmap(-1, BLOCK + 8192)
+    try:
+        src[:] = random_bytes(len(src), seed=12)
+        _native.pwrite_from(fd, addr_of(src), len(src), 0)
+        length = BLOCK + 100  # read rounded up to 4 KiB; only `length` bytes are hashed
+        (digest,) = _native.pread_hashed(fd, [addr_of(dst)], [4096], [length], 2, 4096)
+        assert dst[:length] == src[4096 : 4096 + length]
+        assert digest == _native.block_hashes(addr_of(src) + 4096, length)
+        with pytest.raises(ValueError, match="4096-aligned"):
+            _native.pread_hashed(fd, [addr_of(dst) + 1], [0], [10], 1, 4096)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+        src.close()
+        dst.close()
+
+
+def test_pread_hashed_past_eof_names_the_offset(data_file):
+    path = data_file(random_bytes(MiB))
+    buf = mmap.mmap(-1, 2 * MiB)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(EOFError, match=r"offset=1048576.*end of file"):
+            _native.pread_hashed(fd, [addr_of(buf)], [0], [2 * MiB])
+        with pytest.raises(ValueError, match="differ in length"):
+            _native.pread_hashed(fd, [addr_of(buf)], [0, 1], [1])
+    finally:
+        os.close(fd)
+        buf.close()
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_pread_past_eof_raises_eoferror_naming_offset_and_missing(data_file, threads):
     fd = os.open(data_file(b"x" * 10_000), os.O_RDONLY)

@@ -14,6 +14,14 @@ def pread_into(
 def pwrite_from(
     fd: int, addr: int, length: int, offset: int, threads: int = 1, block: int = ...
 ) -> None: ...
+def pread_hashed(
+    fd: int,
+    dsts: Sequence[int],
+    offsets: Sequence[int],
+    lengths: Sequence[int],
+    threads: int = 1,
+    align: int = 0,
+) -> list[bytes]: ...
 def copy(dst: int, src: int, length: int, threads: int = 1) -> None: ...
 def copy_many(
     dsts: Sequence[int], srcs: Sequence[int], lengths: Sequence[int], threads: int = 1

@@ -170,20 +170,25 @@ class _Targets:
 
 def copy_to_cpu(
     bindings: Sequence[Binding],
-    fill: Callable[[int, TensorEntry], None],
+    fill: Callable[[list[int]], list[bytes] | None],
     digests: Digests | None,
 ) -> int:
-    """Fill each CPU tensor in place with `fill(addr, entry)`, then check its checksum."""
+    """Fill the CPU tensors in place with `fill(addrs)` (addrs[i] is binding i's memory), then
+    check their checksums. `fill` returns each tensor's block hashes when it hashed the bytes
+    as they landed (`_native.pread_hashed`), else None and they are hashed here."""
 
     targets = _Targets(bindings)
-    total = 0
-    for i, b in enumerate(bindings):
-        fill(targets.ptr(i), b.entry)
-        if digests is not None:
-            digests.check(Segment(i, 0, 0, b.entry.length), targets.ptr(i))
-        total += b.entry.length
+    addrs = [targets.ptr(i) for i in range(len(bindings))]
+    hashes = fill(addrs)
+    if digests is not None:
+        for i, b in enumerate(bindings):
+            segment = Segment(i, 0, 0, b.entry.length)
+            if hashes is not None:
+                digests.check_hashes(segment, hashes[i])
+            else:
+                digests.check(segment, addrs[i])
     targets.finish()
-    return total
+    return sum(b.entry.length for b in bindings)
 
 
 # --- CUDA -----------------------------------------------------------------------------------
@@ -300,8 +305,9 @@ def copy_to_cuda(
     """Host-to-device restore through pinned staging.
 
     Reader workers fill free slots (`fill(slot_addr, piece)`: a file read or a memcpy) and
-    check checksums; this thread issues the H2D copies on alternating streams and hands a
-    slot back, with the event that says its copy is done, as soon as the copies are queued.
+    check checksums (with `digests`; a `fill` that verifies as it reads passes None); this
+    thread issues the H2D copies on alternating streams and hands a slot back, with the event
+    that says its copy is done, as soon as the copies are queued.
     """
     from thaw import cuda
 

@@ -86,7 +86,10 @@ class Digests:
 
     def add(self, segment: Segment, addr: int) -> int | None:
         """Hash one segment's bytes; return the tensor's checksum once all of it was seen."""
-        digest = _native.block_hashes(addr, segment.length, self.threads)
+        return self.add_hashes(segment, _native.block_hashes(addr, segment.length, self.threads))
+
+    def add_hashes(self, segment: Segment, digest: bytes) -> int | None:
+        """`add` for a segment whose block hashes are computed already (`pread_hashed`)."""
         with self._lock:
             parts = self._parts.setdefault(segment.index, {})
             parts[segment.tensor_offset] = digest
@@ -99,7 +102,11 @@ class Digests:
 
     def check(self, segment: Segment, addr: int) -> None:
         """Like add, raising ChecksumMismatch when a completed tensor's checksum differs."""
-        found = self.add(segment, addr)
+        self.check_hashes(segment, _native.block_hashes(addr, segment.length, self.threads))
+
+    def check_hashes(self, segment: Segment, digest: bytes) -> None:
+        """`check` for a segment whose block hashes are computed already."""
+        found = self.add_hashes(segment, digest)
         entry = self.entries[segment.index]
         if found is not None and found != entry.checksum:
             raise ChecksumMismatch(self.path, entry.name, entry.checksum, found)

@@ -105,21 +105,41 @@ def _restore(
     resident = _native.resident_bytes(fd, payload_offset, payload_length)
     warm = resident >= WARM_THRESHOLD * payload_length
     if cpu:
-        # CPU tensors are not page aligned: buffered reads straight into their memory.
-        copied += datapath.copy_to_cpu(
-            cpu,
-            lambda addr, e: _read(fd, payload_offset, addr, e.offset, e.length, threads),
-            _digests(path, cpu, verify, threads),
-        )
+        # CPU tensors are not page aligned: buffered reads straight into their memory, each
+        # 16 MiB block hashed as it lands (one pool of threads for all of them).
+        offsets = [payload_offset + b.entry.offset for b in cpu]
+        lengths = [b.entry.length for b in cpu]
+
+        def fill_cpu(addrs: list[int]) -> list[bytes] | None:
+            if verify:
+                return _native.pread_hashed(fd, addrs, offsets, lengths, threads)
+            for addr, offset, length in zip(addrs, offsets, lengths, strict=True):
+                _native.pread_into(fd, addr, length, offset, threads, 4 << 20)
+            return None
+
+        copied += datapath.copy_to_cpu(cpu, fill_cpu, _digests(path, cpu, verify, threads))
     if gpu:
         direct = fd if warm else _direct(fd)
+        align = 4096 if direct != fd else 0
+        digests = _digests(path, gpu, verify, 1)
         try:
 
             def fill(addr: int, piece: Piece) -> None:
-                _read(direct, payload_offset, addr, piece.payload_offset, piece.length, IO_THREADS)
+                if digests is None:
+                    _read(direct, payload_offset, addr, piece.payload_offset, piece.length,
+                          IO_THREADS)  # fmt: skip
+                    return
+                # Each segment read and hashed as it lands in the private staging slot: the
+                # bytes checked are the bytes then copied to the GPU, never the file's pages.
+                segs = piece.segments
+                hashes = _native.pread_hashed(
+                    direct, [addr + s.piece_offset for s in segs],
+                    [payload_offset + piece.payload_offset + s.piece_offset for s in segs],
+                    [s.length for s in segs], IO_THREADS, align)  # fmt: skip
+                for seg, digest in zip(segs, hashes, strict=True):
+                    digests.check_hashes(seg, digest)
 
-            hash_threads = max(1, threads // datapath.PIPELINE_WORKERS)
-            copied += datapath.copy_to_cuda(gpu, fill, _digests(path, gpu, verify, hash_threads))
+            copied += datapath.copy_to_cuda(gpu, fill, None)
         finally:
             if direct != fd:
                 os.close(direct)

@@ -25,11 +25,14 @@ from collections.abc import Sequence
 
 from thaw import _native
 from thaw.errors import ChecksumMismatch, SnapshotChanged
-from thaw.format import Snapshot, TensorEntry, align_up, read_snapshot
+from thaw.format import Snapshot, TensorEntry, read_snapshot
 
 # Verifying a file reads it through a scratch buffer of this size: a multiple of the 16 MiB
 # hash block, so a tensor's block hashes come out piece by piece.
 SCRATCH = 64 << 20
+# O_DIRECT reads: offsets, lengths and buffers in multiples of the logical block size (4 KiB
+# on every device thaw targets; snapshots align tensors to it).
+DIRECT_ALIGN = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,14 +134,15 @@ class SnapshotFile:
         """A new fd for a client: the same open file description, read-only."""
         return os.dup(self.fd)
 
-    def direct(self) -> int:
-        """A new read-only fd on the same inode with O_DIRECT where the filesystem allows it
-        (a new open file description through /proc/self/fd, not the name); else a dup."""
+    def direct(self) -> tuple[int, int]:
+        """A new read-only fd on the same inode, and the alignment its reads need: O_DIRECT
+        (4096) where the filesystem allows it, through a new open file description of
+        /proc/self/fd (not the name); else a dup and 0."""
         try:
             return os.open(f"/proc/self/fd/{self.fd}",
-                           os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)  # fmt: skip
+                           os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC), DIRECT_ALIGN  # fmt: skip
         except OSError:
-            return os.dup(self.fd)
+            return os.dup(self.fd), 0
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -148,11 +152,11 @@ class SnapshotFile:
 
 def verify_file(file: SnapshotFile, tensors: Sequence[TensorEntry], threads: int) -> None:
     """Check every tensor of `file` against its checksum, reading with pread (O_DIRECT where
-    allowed) into a private scratch buffer: no mapping of the file, so a file truncated
-    meanwhile is an EOFError here, never a SIGBUS in the daemon."""
+    allowed) into a private scratch buffer and hashing as the bytes land: no mapping of the
+    file, so a file truncated meanwhile is an EOFError here, never a SIGBUS in the daemon."""
     scratch = mmap.mmap(-1, SCRATCH)
     view = ctypes.c_char.from_buffer(scratch)
-    fd = file.direct()
+    fd, align = file.direct()
     try:
         addr = ctypes.addressof(view)
         base = file.snapshot.payload_offset
@@ -160,10 +164,8 @@ def verify_file(file: SnapshotFile, tensors: Sequence[TensorEntry], threads: int
             digests = []
             for at in range(0, t.length, SCRATCH):
                 n = min(SCRATCH, t.length - at)
-                # O_DIRECT reads whole 4 KiB blocks; tensors start on them and the payload
-                # ends on one, so the rounded read stays inside the payload.
-                _native.pread_into(fd, addr, align_up(n), base + t.offset + at, threads)
-                digests.append(_native.block_hashes(addr, n, threads))
+                digests += _native.pread_hashed(fd, [addr], [base + t.offset + at], [n], threads,
+                                                align)  # fmt: skip
             found = _native.xxh3(b"".join(digests))
             if found != t.checksum:
                 raise ChecksumMismatch(file.path, t.name, t.checksum, found)
