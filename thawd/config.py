@@ -8,10 +8,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, from PyPI before 3.11 (thaw[daemon] installs it there)
+    import tomli as tomllib
 
 from thaw.errors import InvalidRequest
 

@@ -38,10 +38,15 @@ def _toml(value: object) -> str:
 
 
 class ThawdProcess:
-    """One thawd subprocess; restartable with the same config (and so the same registry)."""
+    """One thawd subprocess; restartable with the same config (and so the same registry).
 
-    def __init__(self, directory: Path, **config: object) -> None:
+    `python` and `code` run it with another interpreter on another copy of the packages
+    (the Python 3.10 test); by default this interpreter on this checkout."""
+
+    def __init__(self, directory: Path, python: str = sys.executable, code: Path = ROOT,
+                 **config: object) -> None:  # fmt: skip
         self.dir = directory
+        self.python, self.code = python, code
         self.socket = str(directory / "thawd.sock")
         self.config_path = directory / "thawd.toml"
         settings = {"socket": self.socket, "state_dir": str(directory / "state"),
@@ -59,15 +64,15 @@ class ThawdProcess:
         address = notify_address or str(self.dir / f"notify-{time.monotonic_ns()}.sock")
         listener.bind(address if not address.startswith("@") else "\0" + address[1:])
         listener.settimeout(0.2)
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        path = os.pathsep.join(p for p in (str(self.code), os.environ.get("PYTHONPATH", "")) if p)
         env = dict(os.environ, NOTIFY_SOCKET=address, PYTHONPATH=path, PYTHONUNBUFFERED="1")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "thawd", "--config", str(self.config_path)],
+                [self.python, "-m", "thawd", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=str(ROOT),
+                cwd=str(self.code),
             )
         self._listener = listener
         deadline = time.monotonic() + START_TIMEOUT
