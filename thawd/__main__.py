@@ -8,6 +8,9 @@ import sys
 
 from thaw.errors import ThawError
 
+# What thaw[daemon] adds to the client's dependencies, by module name.
+DAEMON_MODULES = {"uvloop", "psutil", "prometheus_client", "grpc_health", "tomli"}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -33,7 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(f"thawd {__version__}")
         return 0
-    from thawd import config as config_mod
+    try:
+        import uvloop
+
+        from thawd import config as config_mod
+        from thawd.server import run
+    except ModuleNotFoundError as e:  # `pip install thaw` is the client alone
+        if (e.name or "").split(".")[0] not in DAEMON_MODULES:
+            raise
+        print(f"thawd: {e.name} is not installed: the daemon needs pip install 'thaw[daemon]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
 
     overrides = {
         k: v
@@ -55,10 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format="%(levelname)s %(name)s: %(message)s",
     )
-    import uvloop
-
-    from thawd.server import run
-
     return uvloop.run(run(config))
 
 
