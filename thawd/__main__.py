@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="The thaw host daemon: keeps model snapshots pinned or page-cache warm in "
         "host memory and serves restores to local engine processes over a Unix socket.",
         epilog="Configuration keys and defaults: docs/DAEMON.md. Under systemd: "
-        "`systemctl start thawd` (systemd/thawd.service).",
+        "`systemctl start thawd` after `make install-service` (docs/OPERATIONS.md).",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config (default: built-in defaults)")
     p.add_argument("--socket", help="gRPC socket path (overrides the config's `socket`)")
