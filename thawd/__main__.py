@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import functools
 import sys
 
 from thaw.errors import ThawError
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         from thawd import config as config_mod
+        from thawd import logs
         from thawd.server import run
     except ModuleNotFoundError as e:  # `pip install thaw` is the client alone
         if (e.name or "").split(".")[0] not in DAEMON_MODULES:
@@ -63,12 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ThawError, OSError) as e:
         print(f"thawd: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        stream=sys.stdout,  # journald timestamps each line; no time here
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    return uvloop.run(run(config))
+    logs.configure(config.log_level)
+    return uvloop.run(run(config, functools.partial(config_mod.load, args.config, overrides)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """thawd's lifecycle, in order: bind the sockets, register health, allocate, serve, READY=1.
 
-On SIGTERM or SIGINT: STOPPING=1, health NOT_SERVING, refuse new restores, freezes and pins,
-drain open sessions and pending snapshot writes for up to `drain_grace_s`, stop the gRPC
-server, close the fd socket, release every pool buffer and mapping.
+Once ready: WATCHDOG=1 from the event loop when systemd set a watchdog; SIGHUP reloads the
+config (thawd/reload.py). On SIGTERM or SIGINT: STOPPING=1, health NOT_SERVING, refuse new
+restores, freezes and pins, drain open sessions and pending snapshot writes for up to
+`drain_grace_s`, stop the gRPC server, close the fd socket, release every pool buffer and
+mapping.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -26,7 +29,8 @@ from thawd.buffers import choose_pool_kind
 from thawd.config import Config
 from thawd.events import Events
 from thawd.fdserver import FdServer
-from thawd.notify import notify
+from thawd.notify import notify, watchdog, watchdog_period
+from thawd.reload import Reloader
 from thawd.security import AllowList, Tokens, resolve_group
 from thawd.service import (
     AccessLogInterceptor,
@@ -55,11 +59,14 @@ def _check_not_running(path: str) -> None:
     raise SystemExit(f"thawd: another thawd is serving {path}; stop it first")
 
 
-async def run(config: Config) -> int:
+async def run(config: Config, reload_config: Callable[[], Config]) -> int:
+    """Serve until SIGTERM or SIGINT; `reload_config` reads the config again on SIGHUP."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Until the reloader is in place a SIGHUP changes nothing (its default would kill thawd).
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
 
     gid = resolve_group(config.socket_group)
     allow = AllowList.build(config.allow_uids, config.allow_gids, gid)
@@ -70,12 +77,9 @@ async def run(config: Config) -> int:
     #    mode and group, so no one connects through a wider window.
     Path(config.socket).parent.mkdir(parents=True, exist_ok=True)
     _check_not_running(config.socket)
+    credentials = CredentialsInterceptor(tokens, allow)
     server = grpc.aio.server(
-        interceptors=[
-            RequestIdInterceptor(),
-            AccessLogInterceptor(),
-            CredentialsInterceptor(tokens, allow),
-        ],
+        interceptors=[RequestIdInterceptor(), AccessLogInterceptor(), credentials],
         options=[("grpc.max_receive_message_length", 64 << 20)],
     )
     old = os.umask(0o177)
@@ -124,11 +128,26 @@ async def run(config: Config) -> int:
              human(config.warm_budget), len(daemon.entries))  # fmt: skip
     notify("READY=1", f"STATUS=serving {len(daemon.entries)} snapshots on {config.socket}",
            f"MAINPID={os.getpid()}")  # fmt: skip
+    reloader = Reloader(reload_config, daemon, [credentials, fdserver])
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.ensure_future(reloader.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    period = watchdog_period()
+    pings = asyncio.ensure_future(watchdog(period)) if period else None
 
     await stop.wait()
 
+    # From here on, the configuration as last reloaded.
+    config = daemon.config
     log.info("stopping: draining for up to %.1f s", config.drain_grace_s)
     notify("STOPPING=1", "STATUS=draining")
+    if pings is not None:
+        pings.cancel()
     await health_servicer.enter_graceful_shutdown()  # every service NOT_SERVING
     events.publish("stopping", message="thawd is shutting down")
     await daemon.drain(config.drain_grace_s)

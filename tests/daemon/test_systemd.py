@@ -53,6 +53,8 @@ def test_the_unit_starts_the_installed_thawd_by_its_absolute_path(staged: Path) 
     assert thawd == Path(sys.prefix) / "bin" / "thawd"
     assert thawd.is_file() and thawd.stat().st_mode & 0o111
     assert exec_start.split()[1:] == ["--config", "/etc/thawd/thawd.toml"]
+    assert unit_values(unit, "ExecReload") == ["/bin/kill -HUP $MAINPID"]  # thawd reloads
+    assert unit_values(unit, "WatchdogSec") == ["60s"]  # thawd pings
     assert (staged / "etc/thawd/thawd.toml").is_file()
 
 
