@@ -21,6 +21,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "`systemctl start thawd` after `make install-service` (docs/OPERATIONS.md).",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config (default: built-in defaults)")
+    p.add_argument("--check-config", metavar="FILE",
+                   help="check FILE as a start would (keys, the socket group, the socket's "
+                   "directory, the state directory), print ok and exit 0, else the problem and "
+                   "exit 2")  # fmt: skip
     p.add_argument("--socket", help="gRPC socket path (overrides the config's `socket`)")
     p.add_argument("--state-dir", help="registry and frozen snapshots (overrides `state_dir`)")
     p.add_argument("--pool", choices=["auto", "memfd", "vmm"], help="pool backend override")
@@ -59,13 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         if v
     }
+    path = args.check_config or args.config
     try:
-        config = config_mod.load(args.config, overrides)
-    except (ThawError, OSError) as e:
+        config = config_mod.load(path, overrides)
+        config_mod.check(config, path or "defaults")
+    except ThawError as e:
         print(f"thawd: {e}", file=sys.stderr)
         return 2
+    if args.check_config:
+        print("ok")
+        return 0
     logs.configure(config.log_level)
-    return uvloop.run(run(config, functools.partial(config_mod.load, args.config, overrides)))
+    return uvloop.run(run(config, functools.partial(config_mod.load, path, overrides)))
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ class Reloader:
         try:
             loaded = await asyncio.to_thread(self.load)
             gid = resolve_group(loaded.socket_group)
-        except (ThawError, OSError, ValueError) as e:
+        except ThawError as e:
             log.error("reload refused, nothing changed, serving as before: %s", e)
             return
         p = plan(running, loaded, self.daemon.pool_kind)

@@ -17,7 +17,6 @@ import resource
 import signal
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -73,9 +72,9 @@ async def run(config: Config, reload_config: Callable[[], Config]) -> int:
     tokens = Tokens()
     events = Events()
 
-    # 1. Bind. The sockets appear with mode 0600 (umask) and only then get their final
+    # 1. Bind, in the directory that config.check found (systemd's RuntimeDirectory=; never
+    #    made here). The sockets appear with mode 0600 (umask) and only then get their final
     #    mode and group, so no one connects through a wider window.
-    Path(config.socket).parent.mkdir(parents=True, exist_ok=True)
     _check_not_running(config.socket)
     credentials = CredentialsInterceptor(tokens, allow)
     server = grpc.aio.server(

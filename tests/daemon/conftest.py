@@ -41,12 +41,13 @@ class ThawdProcess:
     """One thawd subprocess; restartable with the same config (and so the same registry).
 
     `python` and `code` run it with another interpreter on another copy of the packages
-    (the Python 3.10 test); by default this interpreter on this checkout."""
+    (the Python 3.10 test); by default this interpreter on this checkout. `wrapper` goes
+    before the command (`setpriv --reuid=nobody ...`)."""
 
     def __init__(self, directory: Path, python: str = sys.executable, code: Path = ROOT,
-                 **config: object) -> None:  # fmt: skip
+                 wrapper: tuple[str, ...] = (), **config: object) -> None:  # fmt: skip
         self.dir = directory
-        self.python, self.code = python, code
+        self.python, self.code, self.wrapper = python, code, wrapper
         self.socket = str(directory / "thawd.sock")
         self.config_path = directory / "thawd.toml"
         settings = {"socket": self.socket, "state_dir": str(directory / "state"),
@@ -77,7 +78,7 @@ class ThawdProcess:
                    **(env or {}))  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [self.python, "-m", "thawd", "--config", str(self.config_path)],
+                [*self.wrapper, self.python, "-m", "thawd", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

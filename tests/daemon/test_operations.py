@@ -93,7 +93,9 @@ def test_sighup_with_a_broken_config_changes_nothing_and_keeps_serving(
     errors_ = log_lines(daemon, "ERROR")
     assert len(errors_) == 3, errors_
     assert all("reload refused, nothing changed, serving as before" in e for e in errors_)
-    assert "lots" in errors_[1] and "colour" in errors_[2]
+    assert "not valid TOML" in errors_[0] and "line " in errors_[0]
+    assert 'pinned_budget = "lots": write a size' in errors_[1]
+    assert "unknown key colour" in errors_[2]
     assert "Traceback" not in daemon.log.read_text()
 
 

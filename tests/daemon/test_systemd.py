@@ -55,6 +55,7 @@ def test_the_unit_starts_the_installed_thawd_by_its_absolute_path(staged: Path) 
     assert exec_start.split()[1:] == ["--config", "/etc/thawd/thawd.toml"]
     assert unit_values(unit, "ExecReload") == ["/bin/kill -HUP $MAINPID"]  # thawd reloads
     assert unit_values(unit, "WatchdogSec") == ["60s"]  # thawd pings
+    assert unit_values(unit, "RestartPreventExitStatus") == ["2"]  # a config to fix first
     assert (staged / "etc/thawd/thawd.toml").is_file()
 
 
