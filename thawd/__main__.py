@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print("ok")
         return 0
-    logs.configure(config.log_level)
+    logs.configure(config.log_level, config.log_format)
     return uvloop.run(run(config, functools.partial(config_mod.load, path, overrides)))
 
 

@@ -73,6 +73,7 @@ class Config:
     tcp_listen: str = ""  # e.g. "127.0.0.1:7071"; off unless set (health only, see docs)
     metrics_port: int = 0  # Prometheus exporter on 127.0.0.1:PORT; 0 = off
     log_level: str = "info"
+    log_format: str = "text"  # text | json (one object per line)
 
     @property
     def fd_socket(self) -> str:
@@ -191,6 +192,7 @@ _PARSE: dict[str, Any] = {
     "tcp_listen": _text,
     "metrics_port": lambda v: _integer(v, 0, 65535),
     "log_level": _choice(*LOG_LEVELS),
+    "log_format": _choice("text", "json"),
 }
 
 

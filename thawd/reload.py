@@ -121,7 +121,7 @@ class Reloader:
         allow = AllowList.build(new.allow_uids, new.allow_gids, gid)
         for holder in self.holders:
             holder.allow = allow
-        logs.configure(new.log_level)
+        logs.configure(new.log_level, new.log_format)
         self.daemon.config = new
         log.info("reloaded: %s", ", ".join(f"{k} {_show(k, old)} -> {_show(k, value)}"
                                            for k, (old, value) in p.changed.items()))  # fmt: skip

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from thaw._proto import thawd_pb2 as pb
 from thaw._proto import thawd_pb2_grpc as pb_grpc
-from thawd import __version__, hostinfo, metrics
+from thawd import __version__, hostinfo, logs, metrics
 from thawd.buffers import choose_pool_kind
 from thawd.config import Config
 from thawd.events import Events
@@ -138,6 +138,9 @@ async def run(config: Config, reload_config: Callable[[], Config]) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     period = watchdog_period()
     pings = asyncio.ensure_future(watchdog(period)) if period else None
+    summary = logs.RestoreSummary()
+    events.listen(summary.observe)
+    summaries = asyncio.ensure_future(logs.summarize(summary, log))
 
     await stop.wait()
 
@@ -145,6 +148,7 @@ async def run(config: Config, reload_config: Callable[[], Config]) -> int:
     config = daemon.config
     log.info("stopping: draining for up to %.1f s", config.drain_grace_s)
     notify("STOPPING=1", "STATUS=draining")
+    summaries.cancel()
     if pings is not None:
         pings.cancel()
     await health_servicer.enter_graceful_shutdown()  # every service NOT_SERVING
@@ -155,5 +159,6 @@ async def run(config: Config, reload_config: Callable[[], Config]) -> int:
     daemon.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(config.socket)
+    summary.flush(log, "since the last summary")
     log.info("stopped")
     return 0

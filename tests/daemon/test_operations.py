@@ -6,14 +6,26 @@ checks what an operator sees: notifications, log lines, `thawctl status`'s numbe
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.daemon.conftest import ThawdProcess, make_dir, run_client, write_snapshot
+from tests.daemon.conftest import (
+    ThawdProcess,
+    make_dir,
+    random_tensors,
+    run_client,
+    same,
+    write_snapshot,
+    zeros_like,
+)
 from thaw import errors
 from thaw.client import connect
 
@@ -35,8 +47,13 @@ def reload(daemon: ThawdProcess, timeout: float = 15.0) -> list[str]:
     return daemon.notifications[seen:]
 
 
+# A foreground thawd's line: its time, its level, the logger, the message.
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
+
+
 def log_lines(daemon: ThawdProcess, level: str) -> list[str]:
-    return [line for line in daemon.log.read_text().splitlines() if line.startswith(level)]
+    lines = daemon.log.read_text().splitlines()
+    return [ln for ln in lines if (m := TIMESTAMP.match(ln)) and m.group(1) == level]
 
 
 def test_sighup_applies_a_raised_budget_and_keeps_what_is_pinned(thawd_factory: object) -> None:
@@ -163,3 +180,94 @@ def test_no_watchdog_pings_unless_systemd_asks(thawd: ThawdProcess) -> None:
         assert "WATCHDOG=1" not in other.drain_notifications(timeout=1.0)
     finally:
         other.close()
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+def journal_stream(path: Path) -> str:
+    """$JOURNAL_STREAM as systemd sets it for a unit whose stdout is `path`."""
+    path.touch()
+    st = path.stat()
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def test_under_journald_lines_carry_syslog_priorities_and_no_time() -> None:
+    directory = make_dir()
+    daemon = ThawdProcess(directory)
+    try:
+        daemon.start(env={"JOURNAL_STREAM": journal_stream(daemon.log)})
+        daemon.configure(vmm_chunk="64MiB", log_level="warning")
+        reload(daemon)  # a WARNING (vmm_chunk needs a restart), then warnings only
+        daemon.configure(log_level="info")
+        reload(daemon)
+        assert daemon.stop() == 0
+        lines = daemon.log.read_text().splitlines()
+        assert lines and all(re.match(r"<[2-7]>(DEBUG|INFO|WARNING|ERROR) thawd", ln)
+                             for ln in lines), lines  # fmt: skip
+        assert any(ln.startswith("<6>INFO thawd: thawd ") and " ready on " in ln for ln in lines)
+        assert any(ln.startswith("<4>WARNING thawd.reload: reload: vmm_chunk") for ln in lines)
+        assert any(ln.startswith("<6>INFO thawd: stopped") for ln in lines)
+    finally:
+        daemon.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_in_the_foreground_lines_carry_their_time(thawd_factory: object) -> None:
+    # A JOURNAL_STREAM that is not stdout's (inherited, or output sent elsewhere) is no journal.
+    directory = make_dir()
+    daemon = ThawdProcess(directory)
+    try:
+        daemon.start(env={"JOURNAL_STREAM": "1:1"})
+        assert daemon.stop() == 0
+        lines = daemon.log.read_text().splitlines()
+        assert lines and all(TIMESTAMP.match(ln) for ln in lines), lines
+    finally:
+        daemon.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def restore_times(daemon: ThawdProcess, n: int) -> None:
+    tensors = random_tensors(3)
+    with connect(daemon.socket) as c:
+        c.register(write_snapshot(daemon.dir / "s.thaw", tensors), "s")
+        c.pin("s")
+        for _ in range(n):
+            target = zeros_like(tensors)
+            c.restore(target, "s")
+            assert same(target, tensors)
+
+
+def test_restores_log_one_summary_not_a_line_each(thawd_factory: object) -> None:
+    daemon: ThawdProcess = thawd_factory()  # type: ignore[operator]
+    restore_times(daemon, 25)
+    assert daemon.stop() == 0
+    info = [ln.split(" ", 3)[3] for ln in daemon.log.read_text().splitlines()
+            if TIMESTAMP.match(ln) and " INFO " in ln]  # fmt: skip
+    assert any(ln.startswith("thawd.events: event pinned s ") for ln in info), info
+    mentions = [ln for ln in info if "estore" in ln]
+    (summary,) = mentions  # the summary at stop: nothing else about restores
+    assert re.fullmatch(r"thawd: restores since the last summary: 25 \(\S+ \S+\), "
+                        r"p50 [\d.]+ ms, p99 [\d.]+ ms, 0 failed", summary), summary  # fmt: skip
+
+
+def test_at_debug_every_restore_is_logged(thawd_factory: object) -> None:
+    daemon: ThawdProcess = thawd_factory(log_level="debug")  # type: ignore[operator]
+    restore_times(daemon, 3)
+    assert daemon.stop() == 0
+    text = daemon.log.read_text()
+    assert text.count("DEBUG thawd.events: event restore_finished s ") == 3
+
+
+def test_json_logs_are_one_object_per_line(thawd_factory: object) -> None:
+    daemon: ThawdProcess = thawd_factory(log_format="json")  # type: ignore[operator]
+    restore_times(daemon, 2)
+    assert daemon.stop() == 0
+    docs = [json.loads(ln) for ln in daemon.log.read_text().splitlines()]
+    assert docs and all({"time", "level", "logger", "message"} <= d.keys() for d in docs)
+    (pinned,) = [d for d in docs if d.get("event") == "pinned"]
+    assert (pinned["level"], pinned["logger"], pinned["snapshot"]) == ("info", "thawd.events", "s")
+    (summary,) = [d for d in docs if "restores" in d]
+    assert (summary["restores"], summary["failed"]) == (2, 0)
+    assert summary["bytes"] == 2 * sum(t.nbytes for t in random_tensors(3).values())
+    access = [d for d in docs if d.get("method") == "Pin"]
+    assert access and access[0]["code"] == "OK" and access[0]["uid"] == os.getuid()
