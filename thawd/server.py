@@ -109,7 +109,7 @@ async def run(config: Config, reload_config: Callable[[], Config]) -> int:
     daemon = Daemon(config, pool_kind, events, gpus)
     servicer = ThawdServicer(daemon, stop)
     pb_grpc.add_ThawdServicer_to_server(servicer, server)
-    metrics.start(config.metrics_port)
+    metrics.start(config.metrics_port, daemon, events)
     if config.repin_on_start:
         await daemon.repin(lambda line: notify(f"STATUS={line}", "EXTEND_TIMEOUT_USEC=120000000"))
 
