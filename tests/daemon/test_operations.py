@@ -6,11 +6,15 @@ checks what an operator sees: notifications, log lines, `thawctl status`'s numbe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -184,6 +188,7 @@ def test_no_watchdog_pings_unless_systemd_asks(thawd: ThawdProcess) -> None:
 
 # --- logs --------------------------------------------------------------------------------------
 
+
 def journal_stream(path: Path) -> str:
     """$JOURNAL_STREAM as systemd sets it for a unit whose stdout is `path`."""
     path.touch()
@@ -271,3 +276,39 @@ def test_json_logs_are_one_object_per_line(thawd_factory: object) -> None:
     assert summary["bytes"] == 2 * sum(t.nbytes for t in random_tensors(3).values())
     access = [d for d in docs if d.get("method") == "Pin"]
     assert access and access[0]["code"] == "OK" and access[0]["uid"] == os.getuid()
+
+
+# --- backup -------------------------------------------------------------------------------------
+
+
+def test_the_registry_backs_up_while_thawd_runs(thawd_factory: object, tmp_path: Path) -> None:
+    """docs/OPERATIONS.md's backups of a live registry (WAL mode): through SQLite's backup, with
+    the sqlite3 tool where it is installed, and a thawd started on the copy knows the snapshots."""
+    daemon: ThawdProcess = thawd_factory()  # type: ignore[operator]
+    with connect(daemon.socket) as c:
+        for i in range(3):
+            c.register(write_snapshot(daemon.dir / f"s{i}.thaw", random_tensors(i)), f"s{i}")
+        c.pin("s1")
+    registry = daemon.dir / "state" / "registry.sqlite3"
+    assert Path(f"{registry}-wal").exists()  # the last changes may be in the WAL only
+    copies = [tmp_path / "python.sqlite3"]
+    subprocess.run([sys.executable, "-c", "import sqlite3; sqlite3.connect("
+                    f"{str(registry)!r}).backup(sqlite3.connect({str(copies[0])!r}))"],
+                   check=True, timeout=60)  # fmt: skip
+    if shutil.which("sqlite3"):
+        copies.append(tmp_path / "cli.sqlite3")
+        subprocess.run(["sqlite3", str(registry), f".backup {copies[1]}"], check=True, timeout=60)
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert daemon.stop() == 0
+    for copy in copies:
+        with contextlib.closing(sqlite3.connect(copy)) as db:
+            rows = sorted(db.execute("SELECT name, wanted_tier FROM snapshots"))
+        assert rows == [("s0", "cold"), ("s1", "pinned"), ("s2", "cold")]
+    # Restored: the stopped thawd's registry replaced by the copy, and it starts on it.
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{registry}{suffix}").unlink(missing_ok=True)
+    shutil.copy(copies[-1], registry)
+    daemon.restart()
+    with connect(daemon.socket) as c:
+        assert sorted(s.name for s in c.list()) == ["s0", "s1", "s2"]
+        assert c.stat("s1").tier == "pinned"  # re-pinned at start
