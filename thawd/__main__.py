@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         print("ok")
         return 0
     logs.configure(config.log_level, config.log_format)
-    return uvloop.run(run(config, functools.partial(config_mod.load, path, overrides)))
+    try:
+        return uvloop.run(run(config, functools.partial(config_mod.load, path, overrides)))
+    except config_mod.ConfigError as e:  # what only binding can tell: a port in use
+        print(f"thawd: {path or 'defaults'}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

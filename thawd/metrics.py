@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from thaw._proto import thawd_pb2 as pb
 from thawd import __version__
+from thawd.config import ConfigError
 from thawd.events import Events
 
 log = logging.getLogger("thawd.metrics")
@@ -160,7 +161,11 @@ def start(port: int, daemon: Any, events: Events) -> None:
     registry = prom.REGISTRY  # with prometheus_client's process_* (RSS, fds, CPU) families
     events.listen(EventCounters(registry).observe)
     registry.register(DaemonCollector(daemon, asyncio.get_running_loop()))
-    prom.start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        prom.start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as e:
+        raise ConfigError(f"metrics_port = {port}: {e.strerror}; write a free port, or 0 for "
+                          "no metrics") from None  # fmt: skip
     log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", port)
 
 

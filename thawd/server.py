@@ -25,7 +25,7 @@ from thaw._proto import thawd_pb2 as pb
 from thaw._proto import thawd_pb2_grpc as pb_grpc
 from thawd import __version__, hostinfo, logs, metrics
 from thawd.buffers import choose_pool_kind
-from thawd.config import Config
+from thawd.config import Config, ConfigError
 from thawd.events import Events
 from thawd.fdserver import FdServer
 from thawd.notify import notify, watchdog, watchdog_period
@@ -87,7 +87,11 @@ async def run(config: Config, reload_config: Callable[[], Config]) -> int:
     finally:
         os.umask(old)
     if config.tcp_listen:
-        server.add_insecure_port(config.tcp_listen)
+        try:
+            server.add_insecure_port(config.tcp_listen)
+        except RuntimeError:  # grpc says only "Failed to bind"
+            raise ConfigError(f"tcp_listen = {config.tcp_listen!r}: cannot listen there (in use, "
+                              "or not this host's address); write HOST:PORT or \"\"") from None
         log.warning("TCP listener on %s: only health answers without an fd-socket token",
                     config.tcp_listen)  # fmt: skip
     fdserver = FdServer(config.fd_socket, config.socket_mode, gid, allow, tokens)

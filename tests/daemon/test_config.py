@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,18 @@ def test_the_documented_by_hand_config_runs_thawd_as_a_user() -> None:
     finally:
         daemon.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """What only binding can tell still ends in one line, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "thawd.toml"
+        path.write_text(f'socket = "{tmp_path}/thawd.sock"\nstate_dir = "{tmp_path}/state"\n'
+                        f'pool = "memfd"\nmetrics_port = {port}\n')  # fmt: skip
+        out = thawd("--config", str(path))
+    assert out.returncode == 2
+    assert one_line(out.stderr) == (f"thawd: {path}: metrics_port = {port}: Address already in "
+                                    "use; write a free port, or 0 for no metrics")  # fmt: skip
