@@ -44,6 +44,11 @@ class DaemonCollector(Collector):
         self.daemon = daemon
         self.loop = loop
 
+    def describe(self) -> Iterator[Any]:
+        """Nothing: without it, registering calls collect(), which would wait on the very
+        event loop that registers it (SCRAPE_TIMEOUT_S at every start)."""
+        return iter(())
+
     async def _read(self) -> tuple[pb.DaemonStatus, list[pb.Snapshot]]:
         return self.daemon.status(), self.daemon.list()
 

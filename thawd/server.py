@@ -71,6 +71,8 @@ async def run(config: Config, reload_config: Callable[[], Config]) -> int:
     allow = AllowList.build(config.allow_uids, config.allow_gids, gid)
     tokens = Tokens()
     events = Events()
+    summary = logs.RestoreSummary()  # restores counted for the log from the first one
+    events.listen(summary.observe)
 
     # 1. Bind, in the directory that config.check found (systemd's RuntimeDirectory=; never
     #    made here). The sockets appear with mode 0600 (umask) and only then get their final
@@ -142,8 +144,6 @@ async def run(config: Config, reload_config: Callable[[], Config]) -> int:
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     period = watchdog_period()
     pings = asyncio.ensure_future(watchdog(period)) if period else None
-    summary = logs.RestoreSummary()
-    events.listen(summary.observe)
     summaries = asyncio.ensure_future(logs.summarize(summary, log))
 
     await stop.wait()

@@ -67,6 +67,7 @@ def scraped(thawd_factory: object) -> tuple[dict, dict, tuple[int, int], object]
         c.freeze(random_tensors(4), "frozen", pin=False, wait=True)
         samples, families = scrape(port)
         status = c.status()
+    assert "scrape without the daemon's state" not in daemon.log.read_text()
     return samples, families, sizes, status  # type: ignore[return-value]
 
 
