@@ -15,6 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 FORBIDDEN = ("thawd", "thawctl", "textual")
+# What only thaw[daemon] and thaw[cli] install: an engine image has the client alone.
+NOT_IN_THE_CLIENT = (*FORBIDDEN, "uvloop", "psutil", "prometheus_client")
 
 
 def run_python(code: str) -> dict:
@@ -30,8 +32,8 @@ def run_python(code: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def offending(modules: list[str]) -> list[str]:
-    return [m for m in modules if m.split(".")[0] in FORBIDDEN]
+def offending(modules: list[str], forbidden: tuple[str, ...] = FORBIDDEN) -> list[str]:
+    return [m for m in modules if m.split(".")[0] in forbidden]
 
 
 # One interpreter, two stages: a CPU freeze and restore through the core modules, then an
@@ -105,3 +107,12 @@ def test_cpu_freeze_and_restore_load_no_cuda(imports):
 def test_no_thaw_module_imports_daemon_cli_or_textual(imports):
     assert "thaw.format" in imports["imported"]
     assert offending(imports["all"]) == [], imports["skipped"]
+
+
+def test_the_client_loads_nothing_the_client_install_lacks():
+    """`pip install thaw` (no extras) is enough for `import thaw` and `thaw.connect()`."""
+    modules = run_python(
+        "import json, sys\nimport thaw, thaw.client\nprint(json.dumps(sorted(sys.modules)))"
+    )
+    assert "thaw.client" in modules
+    assert offending(modules, NOT_IN_THE_CLIENT) == []

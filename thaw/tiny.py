@@ -20,12 +20,14 @@ cheap and `TINY_CONFIG` is usable without them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -316,6 +318,27 @@ def _portable_configs(d: Path, dtype: torch.dtype) -> None:
     os.chmod(d, 0o755)  # mkdtemp makes it 0700
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars or info logs from transformers while the tiny model is written.
+
+    The directory is made on first use, inside commands whose stderr is one error line or a
+    JSON document (`thawctl freeze --engine vllm --model tiny`); transformers 5 draws a
+    "Writing model shards" bar there. The caller's settings come back afterwards.
+    """
+    transformers, _ = _import_hf()
+    hf_logging = transformers.utils.logging
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def write_model_dir(
     path: str | os.PathLike[str], seed: int = 0, dtype: torch.dtype | str = "float32"
 ) -> Path:
@@ -343,8 +366,9 @@ def write_model_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         model = build_model(seed, dt)
-        model.save_pretrained(tmp, safe_serialization=True)
-        build_tokenizer().save_pretrained(tmp)
+        with _quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+            build_tokenizer().save_pretrained(tmp)
         _portable_configs(tmp, dt)
         # Last, so a directory with a stamp is a complete one.
         (tmp / _STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")

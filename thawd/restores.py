@@ -22,7 +22,6 @@ from thaw._proto import thawd_pb2 as pb
 from thaw.errors import InvalidRequest, NotFound, PermissionDenied
 from thaw.fingerprint import Fingerprint
 from thaw.format import TensorEntry
-from thawd import metrics
 from thawd.budgets import human
 from thawd.buffers import PoolBuffer, VmmArena
 from thawd.entries import POOL_KINDS, TIERS
@@ -204,7 +203,6 @@ class Restores:
             self._save_later(name)
             self.total += 1
             self.bytes_total += nbytes
-            metrics.restored(nbytes, duration_s)
             rate = nbytes / duration_s / 1e9 if duration_s > 0 else 0.0
             d.events.publish("restore_finished", name,
                              f"{human(nbytes)} in {duration_s * 1e3:.1f} ms ({rate:.2f} GB/s)",

@@ -321,7 +321,18 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
 
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):
-    """One line per call: method, caller, status, milliseconds."""
+    """One line per call: method, caller, status, milliseconds.
+
+    Successful restores and read-only queries are DEBUG: an engine fleet makes thousands a
+    minute, and journald's rate limit would drop the lines that matter with them (restores are
+    counted in one INFO line a minute, thawd/logs.py). Changes (register, pin, freeze, ...) and
+    refusals are INFO; a caller refused for its identity, corrupt bytes or a daemon fault are
+    WARNING."""
+
+    QUIET = frozenset({"OpenRestore", "CloseRestore", "CopyInto", "Status", "List", "Stat",
+                       "Watch"})  # fmt: skip
+    LOUD = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED", "DATA_LOSS", "INTERNAL",
+                      "UNKNOWN"})  # fmt: skip
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
@@ -332,13 +343,24 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
 
         def after(context: Any, error: BaseException | None) -> None:
             code = context.code() if hasattr(context, "code") else None
-            if error is not None and not isinstance(error, grpc.aio.AbortError):
+            fault = error is not None and not isinstance(
+                error, (grpc.aio.AbortError, asyncio.CancelledError))  # fmt: skip
+            if isinstance(error, asyncio.CancelledError):  # the client went away (a Watch ends)
+                code = "CANCELLED"
+            elif fault:
                 code = type(error).__name__
             peer = PEER.get(None)
             who = f"uid={peer.uid} pid={peer.pid}" if peer else "unauthenticated"
             name = getattr(code, "name", code) or "OK"
-            log.info("%s %s %s %s %.1fms", REQUEST_ID.get(), method, who, name,
-                     (time.monotonic() - t0) * 1e3)  # fmt: skip
+            ms = (time.monotonic() - t0) * 1e3
+            if name in ("OK", "CANCELLED"):
+                level = logging.DEBUG if method in self.QUIET else logging.INFO
+            else:
+                level = logging.WARNING if fault or name in self.LOUD else logging.INFO
+            fields = {"request_id": REQUEST_ID.get(), "method": method, "code": name,
+                      "ms": round(ms, 1), "uid": peer.uid if peer else None}  # fmt: skip
+            log.log(level, "%s %s %s %s %.1fms", REQUEST_ID.get(), method, who, name, ms,
+                    extra={"fields": fields})  # fmt: skip
 
         return _wrap(handler, _around(lambda ctx: None, after))
 

@@ -17,7 +17,6 @@ from thaw import _native
 from thaw._proto import thawd_pb2 as pb
 from thaw.errors import ChecksumMismatch, DaemonError, InvalidRequest
 from thaw.format import TensorEntry, verify_tensor
-from thawd import metrics
 from thawd.budgets import human
 from thawd.buffers import PoolBuffer, WarmMapping
 from thawd.entries import Entry
@@ -80,7 +79,6 @@ class Tiers:
         d.events.publish("pinned" if tier == "pinned" else "warmed", name,
                          f"{human(entry.payload_length)} in {elapsed:.2f} s",
                          entry.payload_length, elapsed)  # fmt: skip
-        metrics.tier_changed(d)
         yield pb.PinProgress(done_bytes=entry.payload_length, total_bytes=entry.payload_length,
                              elapsed_s=elapsed, done=True, snapshot=entry.record())  # fmt: skip
 
@@ -218,7 +216,6 @@ class Tiers:
         entry.release()
         await self.d.save(entry)
         self.d.events.publish("unpinned", name)
-        metrics.tier_changed(self.d)
         return entry.record()
 
 

@@ -38,36 +38,51 @@ def _toml(value: object) -> str:
 
 
 class ThawdProcess:
-    """One thawd subprocess; restartable with the same config (and so the same registry)."""
+    """One thawd subprocess; restartable with the same config (and so the same registry).
 
-    def __init__(self, directory: Path, **config: object) -> None:
+    `python` and `code` run it with another interpreter on another copy of the packages
+    (the Python 3.10 test); by default this interpreter on this checkout. `wrapper` goes
+    before the command (`setpriv --reuid=nobody ...`)."""
+
+    def __init__(self, directory: Path, python: str = sys.executable, code: Path = ROOT,
+                 wrapper: tuple[str, ...] = (), **config: object) -> None:  # fmt: skip
         self.dir = directory
+        self.python, self.code, self.wrapper = python, code, wrapper
         self.socket = str(directory / "thawd.sock")
         self.config_path = directory / "thawd.toml"
         settings = {"socket": self.socket, "state_dir": str(directory / "state"),
                     "pool": "memfd", "io_threads": 2, "drain_grace_s": 2.0,
                     "pinned_budget": "256MiB", "warm_budget": "256MiB"}  # fmt: skip
-        settings.update(config)
-        self.config_path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
+        self.settings = settings
+        self.configure(**config)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = directory / "thawd.log"
         self.notifications: list[str] = []
 
-    def start(self, notify_address: str | None = None) -> ThawdProcess:
+    def configure(self, **config: object) -> None:
+        """Change keys of the config file (a running thawd reads it again on SIGHUP)."""
+        self.settings.update(config)
+        text = "".join(f"{k} = {_toml(v)}\n" for k, v in self.settings.items())
+        self.config_path.write_text(text)
+
+    def start(self, notify_address: str | None = None,
+              env: dict[str, str] | None = None) -> ThawdProcess:  # fmt: skip
+        """Start and wait for READY=1; `env` adds to the environment (WATCHDOG_USEC, ...)."""
         self.notifications = []
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         address = notify_address or str(self.dir / f"notify-{time.monotonic_ns()}.sock")
         listener.bind(address if not address.startswith("@") else "\0" + address[1:])
         listener.settimeout(0.2)
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        env = dict(os.environ, NOTIFY_SOCKET=address, PYTHONPATH=path, PYTHONUNBUFFERED="1")
+        path = os.pathsep.join(p for p in (str(self.code), os.environ.get("PYTHONPATH", "")) if p)
+        env = dict(os.environ, NOTIFY_SOCKET=address, PYTHONPATH=path, PYTHONUNBUFFERED="1",
+                   **(env or {}))  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "thawd", "--config", str(self.config_path)],
+                [*self.wrapper, self.python, "-m", "thawd", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=str(ROOT),
+                cwd=str(self.code),
             )
         self._listener = listener
         deadline = time.monotonic() + START_TIMEOUT
