@@ -220,8 +220,9 @@ def test_pool_op_refuses_chunks_out_of_range(thawd_factory) -> None:  # type: ig
                 os.close(fd)
             replies.append((reply["ok"], len(fds), reply.get("message", "")))
     assert chunks == 8 and replies[0] == (True, 1, "")
-    for ok, n, message in replies[1:]:
-        assert (ok, n) == (False, 0) and f"out of range 0..{chunks - 1}" in message
+    past_the_end, negative = replies[1:]
+    assert past_the_end[:2] == (False, 0) and f"out of range 0..{chunks - 1}" in past_the_end[2]
+    assert negative[:2] == (False, 0) and "start must be an integer in [0," in negative[2]
 
 
 def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore[no-untyped-def]
