@@ -13,6 +13,8 @@ setup(
                 "native/readhash.c",
                 "native/memcpy.c",
                 "native/checksum.c",
+                "native/xxh.c",
+                "native/xxh_avx2.c",
                 "native/residency.c",
             ],
             include_dirs=["native", "native/third_party"],

@@ -9,16 +9,13 @@
  *  - 16 MiB keeps the block-hash list tiny (8 bytes per 16 MiB) while still
  *    giving enough blocks to balance a few threads on a 100 MB tensor.
  *
- * xxHash is vendored (third_party/xxhash.h, BSD-2) and inlined here so the
- * compiler sees the whole hot loop; XXH_VECTOR is autodetected at compile
- * time, which on plain x86-64 (no -march) is SSE2, present on every x86-64. */
+ * xxHash is vendored (third_party/xxhash.h, BSD-2) and built twice, for the
+ * CPU's widest vector unit (xxh.h). */
 #include "args.h"
 #include "methods.h"
+#include "xxh.h"
 
 #include <stdlib.h>
-
-#define XXH_INLINE_ALL
-#include "xxhash.h"
 
 #define BLOCK ((size_t)THAW_BLOCK_HASH_SIZE)
 
@@ -34,7 +31,7 @@ static int hash_block(void *ctx, size_t task, thaw_err_t *err)
     const hash_job *j = ctx;
     size_t start = task * BLOCK;
     size_t len = j->length - start < BLOCK ? j->length - start : BLOCK;
-    XXH64_hash_t h = XXH3_64bits(j->addr + start, len);
+    uint64_t h = thaw_hash64(j->addr + start, len);
     unsigned char *o = j->out + 8 * task;
     for (int b = 0; b < 8; b++)
         o[b] = (unsigned char)(h >> (8 * b));
@@ -111,7 +108,7 @@ PyObject *thaw_tree_hash(PyObject *self, PyObject *args, PyObject *kwargs)
         return PyErr_NoMemory();
     j.out = buf;
     hash_blocks(&j, threads);
-    XXH64_hash_t h = XXH3_64bits(buf, 8 * nblocks);
+    uint64_t h = thaw_hash64(buf, 8 * nblocks);
     if (buf != stack)
         free(buf);
     return PyLong_FromUnsignedLongLong((unsigned long long)h);
@@ -129,13 +126,13 @@ PyObject *thaw_xxh3(PyObject *self, PyObject *arg)
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) != 0)
         return NULL;
-    XXH64_hash_t h;
+    uint64_t h;
     if (view.len >= ((Py_ssize_t)1 << 20)) {
         Py_BEGIN_ALLOW_THREADS
-        h = XXH3_64bits(view.buf, (size_t)view.len);
+        h = thaw_hash64(view.buf, (size_t)view.len);
         Py_END_ALLOW_THREADS
     } else {
-        h = XXH3_64bits(view.buf, (size_t)view.len);
+        h = thaw_hash64(view.buf, (size_t)view.len);
     }
     PyBuffer_Release(&view);
     return PyLong_FromUnsignedLongLong((unsigned long long)h);

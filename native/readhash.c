@@ -16,13 +16,11 @@
  * snapshot's tensors start on 4 KiB boundaries, so the padding is the gap before the next). */
 #include "args.h"
 #include "methods.h"
+#include "xxh.h"
 
 #include <errno.h>
 #include <limits.h>
 #include <unistd.h>
-
-#define XXH_INLINE_ALL
-#include "xxhash.h"
 
 #define BLOCK ((size_t)THAW_BLOCK_HASH_SIZE)
 /* 1 MiB reads: small enough that what was read is still in L2 when it is hashed, large
@@ -65,8 +63,8 @@ static int rh_block(void *ctx, size_t task, thaw_err_t *err)
     size_t start = block * BLOCK;
     size_t n = r->length - start < BLOCK ? r->length - start : BLOCK;
     size_t want = j->align ? (n + j->align - 1) / j->align * j->align : n;
-    XXH3_state_t state;
-    XXH3_64bits_reset(&state);
+    thaw_hash_state state;
+    thaw_hash_reset(&state);
     size_t done = 0, hashed = 0;
     while (done < want) {
         size_t ask = want - done < SUB ? want - done : SUB;
@@ -90,11 +88,11 @@ static int rh_block(void *ctx, size_t task, thaw_err_t *err)
         done += (size_t)got;
         size_t end = done < n ? done : n;
         if (end > hashed) {
-            XXH3_64bits_update(&state, r->dst + start + hashed, end - hashed);
+            thaw_hash_update(&state, r->dst + start + hashed, end - hashed);
             hashed = end;
         }
     }
-    XXH64_hash_t h = XXH3_64bits_digest(&state);
+    uint64_t h = thaw_hash_digest(&state);
     unsigned char *o = r->out + 8 * block;
     for (int b = 0; b < 8; b++)
         o[b] = (unsigned char)(h >> (8 * b));
