@@ -82,6 +82,7 @@ class Freezes:
         name = validate_name(request.name)
         labels = validate_labels(dict(request.labels))
         self._check_free(name)
+        d.restores.admit(token)
         try:
             fingerprint = Fingerprint.from_json(json.loads(request.fingerprint_json or "{}"))
         except (ValueError, TypeError, RecursionError) as e:
@@ -90,7 +91,7 @@ class Freezes:
             entries = await asyncio.to_thread(_layout, request.tensors)
         else:
             entries = _layout(request.tensors)
-        target = await asyncio.to_thread(self._target, peer, name, request.path)
+        target = await d.on_thread(peer.uid, self._target, peer, name, request.path)
         try:
             self._check_free(name)  # again: the awaits above let others in
             length = Manifest(fingerprint, tuple(entries)).payload_length
@@ -104,7 +105,7 @@ class Freezes:
         session = Session(secrets.token_hex(16), "freeze", token, peer.uid, name, fds, sizes,
                           buf.id, time.monotonic(), buf, entries, fingerprint, target, labels,
                           request.pin)  # fmt: skip
-        d.sessions[session.id] = session
+        d.restores.add(session)
         d.events.publish("freeze_started", name, target.path, length)
 
         def response() -> pb.BeginFreezeResponse:
@@ -174,7 +175,7 @@ class Freezes:
         buf, target = session.buffer, session.target
         assert buf is not None and target is not None and session.fingerprint is not None
         # Out of the sessions table first: a commit cannot race an abort or a disconnect.
-        del d.sessions[session.id]
+        d.restores.forget(session)
         session.close_fds()
         try:
             await asyncio.to_thread(buf.finish)

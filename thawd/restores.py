@@ -58,9 +58,15 @@ class Session:
         self.fds = []
 
 
+# Sessions one fd-socket connection may hold open at once: each can hold fds (a file's, a
+# pool buffer's), and thawd's fds are everyone's. A restore_many batch opens at most 64.
+MAX_SESSIONS = 1024
+
+
 class Restores:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        self.open_per_token: dict[str, int] = {}
         self.total = 0
         self.bytes_total = 0
         # Rows whose restore counters changed, written to the registry within a second.
@@ -73,6 +79,7 @@ class Restores:
         d = self.d
         name = request.name
         entry = d.get(name)
+        self.admit(token)
         if entry.manifest is None:
             raise InvalidRequest(f"snapshot {name!r} is unusable: {entry.row.error}")
         pool = entry.pool
@@ -103,7 +110,7 @@ class Restores:
             pool, delivery = None, pb.DELIVERY_FDS
             # The file is checked (unchanged, the path still names it) on a thread: a stat
             # by name may wait on a slow filesystem, and nobody else should wait with it.
-            await d.check_file(entry, entry.the_file())
+            await d.check_file(peer.uid, entry, entry.the_file())
             if d.entries.get(name) is not entry:
                 raise NotFound(f"snapshot {name!r} was unregistered while opening it")
             fds, sizes = [entry.the_file().dup()], [entry.file_length]
@@ -113,7 +120,7 @@ class Restores:
         buffer_id = pool.id if pool is not None else 0
         session = Session(secrets.token_hex(16), "restore", token, peer.uid, name, fds, sizes,
                           buffer_id, time.monotonic(), delivery=delivery)  # fmt: skip
-        d.sessions[session.id] = session
+        self.add(session)
         entry.clients += 1
         entry.row.last_used = time.time()
         # After the reply: the event's log line is not the client's to wait for.
@@ -231,6 +238,26 @@ class Restores:
                 self.d.save(entry)
         self._unsaved.clear()
 
+    def admit(self, token: str) -> None:
+        """Refuse a new session to a connection that holds MAX_SESSIONS open already."""
+        if self.open_per_token.get(token, 0) >= MAX_SESSIONS:
+            raise InvalidRequest(f"this connection has {MAX_SESSIONS} restore and freeze "
+                                 "sessions open; close some first")  # fmt: skip
+
+    def add(self, session: Session) -> None:
+        self.d.sessions[session.id] = session
+        self.open_per_token[session.token] = self.open_per_token.get(session.token, 0) + 1
+
+    def forget(self, session: Session) -> None:
+        """Take a session out of the table and its connection's count (nothing is released)."""
+        if self.d.sessions.pop(session.id, None) is None:
+            return
+        left = self.open_per_token.get(session.token, 1) - 1
+        if left:
+            self.open_per_token[session.token] = left
+        else:
+            self.open_per_token.pop(session.token, None)
+
     def session(self, peer: Peer, session_id: str, kind: str) -> Session:
         session = self.d.sessions.get(session_id)
         if session is None or session.kind != kind:
@@ -243,7 +270,7 @@ class Restores:
         """Forget a session and release what it held (a freeze's buffer once no daemon copy
         writes it, its directory)."""
         d = self.d
-        d.sessions.pop(session.id, None)
+        self.forget(session)
         session.close_fds()
         if session.kind == "restore":
             entry = d.entries.get(session.name)

@@ -17,6 +17,7 @@ import resource
 import signal
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -111,6 +112,9 @@ async def run(config: Config, reload_config: Callable[[], Config]) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # Worker threads for blocking work: 64, not asyncio's min(32, cpus + 4), so that clients
+    # whose filesystems hang (each holds at most state.IO_PER_UID) leave threads for others.
+    loop.set_default_executor(ThreadPoolExecutor(64, thread_name_prefix="thawd-io"))
     pool_kind = await asyncio.to_thread(choose_pool_kind, config.pool)
     gpus = await asyncio.to_thread(hostinfo.gpus)
     daemon = Daemon(config, pool_kind, events, gpus)

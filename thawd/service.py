@@ -39,6 +39,8 @@ ERROR_CLASS_KEY = "thaw-error"
 ERROR_TENSOR_KEY = "thaw-tensor"
 ERROR_CHECKSUMS_KEY = "thaw-checksums"  # "recorded computed", 16 hex digits each
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+MAX_WATCHES = 16  # Watch streams per uid
+MIN_WATCH_INTERVAL_S = 0.2
 
 # Most specific first: the first match wins.
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -127,6 +129,7 @@ class ThawdServicer(pb_grpc.ThawdServicer):
     def __init__(self, daemon: Daemon, stopping: asyncio.Event) -> None:
         self.d = daemon
         self.stopping = stopping
+        self.watchers: dict[int, int] = {}  # open Watch streams per uid
 
     def _accepting(self) -> None:
         if self.stopping.is_set():
@@ -219,8 +222,22 @@ class ThawdServicer(pb_grpc.ThawdServicer):
 
     @stream
     async def Watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.WatchUpdate]:
+        # Every stream builds the status and every snapshot's record each interval, on the
+        # event loop: bounded per uid, and not faster than 5 times a second.
+        uid = PEER.get().uid
+        if self.watchers.get(uid, 0) >= MAX_WATCHES:
+            raise errors.InvalidRequest(f"uid {uid} has {MAX_WATCHES} Watch streams open "
+                                        "already; close one first")  # fmt: skip
         interval = request.interval_s if request.interval_s > 0 else 1.0
-        interval = max(interval, 0.05)
+        interval = max(interval, MIN_WATCH_INTERVAL_S)
+        self.watchers[uid] = self.watchers.get(uid, 0) + 1
+        try:
+            async for update in self._watch(interval):
+                yield update
+        finally:
+            self.watchers[uid] -= 1
+
+    async def _watch(self, interval: float) -> AsyncIterator[pb.WatchUpdate]:
         queue = self.d.events.subscribe()
         last_bytes, last_t = self.d.restores.bytes_total, time.monotonic()
         next_metrics = last_t

@@ -19,7 +19,8 @@ import builtins
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from thaw._proto import thawd_pb2 as pb
 from thaw.errors import (
@@ -44,10 +45,16 @@ from thawd.security import Peer, resolve_group, validate_labels, validate_name
 from thawd.tiers import Tiers
 
 log = logging.getLogger("thawd.state")
+T = TypeVar("T")
 
 # Manifests parsed at once (register, start): each parse of a large manifest holds hundreds of
 # MB of Python objects for a moment; two at a time bound that whatever clients send.
 PARSES = 2
+# Blocking work a client causes (opening its paths, checking and reading its files) runs on
+# worker threads, and a client whose filesystem hangs (a FUSE mount of its own, a dead NFS
+# server) holds the threads it got. At most this many per uid at once: one user's hung mount
+# cannot take the threads every other client needs (server.py sizes the pool at 64).
+IO_PER_UID = 4
 
 
 class Daemon:
@@ -64,6 +71,7 @@ class Daemon:
         self.memory_locked = True
         self.parses = asyncio.Semaphore(PARSES)
         self._admin: tuple[str | None, frozenset[int]] = (None, frozenset())
+        self._io: dict[int, asyncio.Semaphore] = {}
         # VMM: the whole pinned budget is created now, at start (see VmmArena).
         self.arena = (
             VmmArena(config.pinned_budget, config.vmm_chunk) if pool_kind == "vmm" else None
@@ -171,6 +179,12 @@ class Daemon:
             self._admin = (group, gids)
         return self._admin[1]
 
+    async def on_thread(self, uid: int, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a worker thread, as one of `uid`'s IO_PER_UID at most."""
+        slot = self._io.setdefault(uid, asyncio.Semaphore(IO_PER_UID))
+        async with slot:
+            return await asyncio.to_thread(fn, *args)
+
     def save(self, entry: Entry) -> asyncio.Future[bool]:
         """Queue the entry's row for the registry (never raises; see thawd/registry.py)."""
         return self.registry.save(entry.row)
@@ -184,9 +198,9 @@ class Daemon:
         if name:
             validate_name(name)
         validate_labels(labels)
-        opened = await asyncio.to_thread(paths.open_file, peer, path)
+        opened = await self.on_thread(peer.uid, paths.open_file, peer, path)
         async with self.parses:
-            file = await asyncio.to_thread(SnapshotFile.adopt, opened.fd, opened.path)
+            file = await self.on_thread(peer.uid, SnapshotFile.adopt, opened.fd, opened.path)
         try:
             name = name or validate_name(os.path.basename(opened.path).removesuffix(".thaw"))
             old = self.entries.get(name)
@@ -218,11 +232,11 @@ class Daemon:
         await self.registry.remove(name)
         self.events.publish("unregistered", name)
 
-    async def check_file(self, entry: Entry, file: SnapshotFile) -> None:
+    async def check_file(self, uid: int, entry: Entry, file: SnapshotFile) -> None:
         """SnapshotChanged (and the entry marked so) if its file changed since registered.
-        On a thread: a stat by name may wait on a slow filesystem."""
+        On one of `uid`'s threads: a stat by name may wait on a slow filesystem."""
         try:
-            await asyncio.to_thread(file.check)
+            await self.on_thread(uid, file.check)
         except SnapshotChanged as e:
             self.changed(entry, e)
             raise

@@ -56,18 +56,17 @@ class Tiers:
         # beside this one (two fills would both take budget for one snapshot).
         entry.busy = "pinning" if tier == "pinned" else "warming"
         try:
-            await self.d.check_file(entry, file)
+            await d.check_file(peer.uid, entry, file)
             size = d.budgets.size(tier, entry.payload_length)
             d.budgets.promise(tier, size, name)
             try:
                 if tier == "pinned":
-                    async for done in self._fill(entry, file):
+                    async for done in self._fill(peer.uid, entry, file):
                         yield pb.PinProgress(done_bytes=done, total_bytes=entry.payload_length,
                                              elapsed_s=time.monotonic() - t0)  # fmt: skip
                 else:
-                    entry.warm = await asyncio.to_thread(
-                        WarmMapping, file, d.config.io_threads, d.config.mlock
-                    )
+                    entry.warm = await d.on_thread(peer.uid, WarmMapping, file,
+                                                   d.config.io_threads, d.config.mlock)  # fmt: skip
                     d.memory_locked &= entry.warm.locked or not d.config.mlock
                     entry.tier = "warm"
             finally:
@@ -84,7 +83,7 @@ class Tiers:
         yield pb.PinProgress(done_bytes=entry.payload_length, total_bytes=entry.payload_length,
                              elapsed_s=elapsed, done=True, snapshot=entry.record())  # fmt: skip
 
-    async def _fill(self, entry: Entry, file: SnapshotFile) -> AsyncIterator[int]:
+    async def _fill(self, uid: int, entry: Entry, file: SnapshotFile) -> AsyncIterator[int]:
         """Read the payload from the registered file into a new pool buffer, each 16 MiB block
         hashed as it lands (`_native.pread_hashed`): every tensor is verified in the same pass
         that reads it, and the buffer is the entry's once all of them matched."""
@@ -124,7 +123,7 @@ class Tiers:
         def finished(fut: asyncio.Future[None]) -> None:
             progress.put_nowait(fut.exception() or -1)
 
-        future = asyncio.ensure_future(asyncio.to_thread(work))
+        future = asyncio.ensure_future(d.on_thread(uid, work))
         future.add_done_callback(finished)
         try:
             while True:
@@ -137,21 +136,21 @@ class Tiers:
         except BaseException as e:
             await asyncio.wait([future])  # never free memory a worker is still writing
             buf.close()
-            await self._explain(entry, file, e, "pin_failed")
+            await self._explain(uid, entry, file, e, "pin_failed")
             raise
         entry.release()
         entry.pool, entry.tier = buf, "pinned"
         entry.row.checksum_state = "verified"
         d.memory_locked &= buf.locked or not d.config.mlock
 
-    async def _explain(self, entry: Entry, file: SnapshotFile, error: BaseException,
+    async def _explain(self, uid: int, entry: Entry, file: SnapshotFile, error: BaseException,
                        event: str) -> None:  # fmt: skip
         """A read from the file failed: a changed file says so (SnapshotChanged), a checksum
         mismatch in an unchanged file marks the snapshot corrupt, an I/O error becomes a
         DaemonError naming the file."""
         if not isinstance(error, ChecksumMismatch | EOFError | OSError):
             return
-        await self.d.check_file(entry, file)  # raises SnapshotChanged when that is the cause
+        await self.d.check_file(uid, entry, file)  # raises SnapshotChanged when that is the cause
         if isinstance(error, ChecksumMismatch):
             self._mark_corrupt(entry, event, error)
             return
@@ -179,7 +178,7 @@ class Tiers:
         entry.busy = "verifying"
         try:
             if file is not None:
-                await self.d.check_file(entry, file)
+                await d.check_file(peer.uid, entry, file)
 
             def work() -> str:
                 if pool is not None:
@@ -191,13 +190,13 @@ class Tiers:
                 return "file"
 
             try:
-                source = await asyncio.to_thread(work)
+                source = await d.on_thread(peer.uid, work)
             except (ChecksumMismatch, EOFError, OSError) as e:
                 if file is None:
                     assert isinstance(e, ChecksumMismatch)
                     self._mark_corrupt(entry, "verify_failed", e)
                     raise
-                await self._explain(entry, file, e, "verify_failed")
+                await self._explain(peer.uid, entry, file, e, "verify_failed")
                 raise
         finally:
             entry.busy = ""

@@ -149,3 +149,41 @@ def test_a_flood_of_bad_requests_is_a_few_log_lines(thawd: ThawdProcess) -> None
     refusals = [line for line in log.splitlines() if "refused request" in line]
     assert 1 <= len(refusals) <= 20, len(refusals)  # the throttle's burst per 10 s
     assert "Traceback" not in log
+
+
+def test_open_sessions_and_watch_streams_are_bounded(thawd: ThawdProcess) -> None:
+    from thawd.restores import MAX_SESSIONS
+    from thawd.service import MAX_WATCHES
+
+    path = write_snapshot(thawd.dir / "s.thaw", random_tensors(41))
+    with connect(thawd.socket) as c:
+        c.register(path, "s")
+        c.pin("s")
+        # Each session may hold fds of thawd's: one connection holds at most MAX_SESSIONS.
+        opened = [c._call("OpenRestore", pb.OpenRestoreRequest(name="s"))
+                  for _ in range(MAX_SESSIONS)]  # fmt: skip
+        with pytest.raises(errors.InvalidRequest, match=f"{MAX_SESSIONS} restore and freeze"):
+            c._call("OpenRestore", pb.OpenRestoreRequest(name="s"))
+        with connect(thawd.socket) as other:  # another connection is not held back
+            other.restore({k: v.clone() for k, v in random_tensors(41).items()}, "s")
+        c._call("CloseRestore", pb.CloseRestoreRequest(session_id=opened[0].session_id))
+        c._call("OpenRestore", pb.OpenRestoreRequest(name="s"))  # room again
+        # Watch streams: at most MAX_WATCHES per uid, each at most 5 updates a second.
+        streams = [c._stub.Watch(pb.WatchRequest(interval_s=0.001), metadata=c._metadata())
+                   for _ in range(MAX_WATCHES)]  # fmt: skip
+        try:
+            for s in streams:
+                next(s)  # each is open and answering
+            extra = c._stub.Watch(pb.WatchRequest(), metadata=c._metadata(), timeout=5)
+            with pytest.raises(grpc.RpcError) as info:
+                next(extra)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert f"{MAX_WATCHES} Watch streams" in (info.value.details() or "")
+            t0, n = time.monotonic(), 0
+            while time.monotonic() - t0 < 1.0:
+                if next(streams[0]).HasField("metrics"):
+                    n += 1
+            assert n <= 6  # asked for every millisecond, given every 0.2 s
+        finally:
+            for s in streams:
+                s.cancel()
