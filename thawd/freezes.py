@@ -54,6 +54,9 @@ log = logging.getLogger("thawd.freezes")
 # thread: 262,144 tensors take about a second of Python, which no other client should wait for.
 MANY_TENSORS = 4096
 MAX_DIM = 1 << 48
+# A fingerprint is parsed on the event loop: 1 MiB of JSON is far more than its bounded
+# fields and labels fill (thaw/fingerprint.py), and a moment to parse.
+MAX_FINGERPRINT_JSON = 1 << 20
 
 
 @dataclasses.dataclass
@@ -83,6 +86,9 @@ class Freezes:
         labels = validate_labels(dict(request.labels))
         self._check_free(name)
         d.restores.admit(token)
+        if len(request.fingerprint_json) > MAX_FINGERPRINT_JSON:
+            raise InvalidRequest(f"fingerprint_json of {len(request.fingerprint_json)} characters; "
+                                 f"at most {MAX_FINGERPRINT_JSON}")  # fmt: skip
         try:
             fingerprint = Fingerprint.from_json(json.loads(request.fingerprint_json or "{}"))
         except (ValueError, TypeError, RecursionError) as e:

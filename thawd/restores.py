@@ -301,6 +301,11 @@ async def daemon_copy(d: Daemon, token: str, request: pb.DaemonCopyRequest, host
     allocations named in `request`, on a worker thread. Returns (bytes, seconds)."""
     from thaw.ipc import Job
 
+    # Built on the event loop: no more copies than the session has tensors, no more regions
+    # than copies (a 64 MiB request could otherwise hold millions).
+    if len(request.copies) > len(tensors) or len(request.regions) > max(1, len(request.copies)):
+        raise InvalidRequest(f"{len(request.copies)} copies and {len(request.regions)} regions "
+                             f"for {len(tensors)} tensors")  # fmt: skip
     regions = [(r.ipc_handle, r.size) for r in request.regions]
     jobs = []
     for c in request.copies:

@@ -84,6 +84,11 @@ def test_begin_freeze_is_bounded_and_answered_beside_other_clients(
             with pytest.raises(errors.InvalidRequest, match=phrase):
                 begin(bad)
 
+        with pytest.raises(errors.InvalidRequest, match="fingerprint_json of"):
+            c._call("BeginFreeze", pb.BeginFreezeRequest(
+                name="fp", tensors=[pb.TensorSpec(name="t", dtype="int8", shape=[1])],
+                fingerprint_json='{"model": "' + "m" * (2 << 20) + '"}'))  # fmt: skip
+
         # 200,000 tensors are allowed; their layout runs on a thread while others are served.
         many = [pb.TensorSpec(name=f"t{i}", dtype="int8", shape=[1]) for i in range(200_000)]
         latencies: list[float] = []
