@@ -145,6 +145,12 @@ class Entry:
             content_id=m.content_id if m and not self.file_pending else "",
         )  # fmt: skip
 
+    def prepare(self) -> None:
+        """Build the manifest's response now (on a worker thread: 262,144 tensor messages take
+        a second), so that no restore builds it on the event loop."""
+        if self.manifest is not None:
+            self._manifest()
+
     def manifest_pb(self) -> pb.OpenRestoreResponse:
         """A new response holding the manifest's tensors and fingerprint."""
         response = pb.OpenRestoreResponse()

@@ -234,7 +234,10 @@ class Freezes:
                 # The file just written, read-only: the same inode, not whatever the name
                 # holds by now in a directory its caller controls.
                 fd = os.open(f"/proc/self/fd/{w.fd}", os.O_RDONLY | os.O_CLOEXEC)
-            return SnapshotFile.adopt(fd, target.path)
+            file = SnapshotFile.adopt(fd, target.path)
+            entry.manifest = file.snapshot.manifest
+            entry.prepare()
+            return file
 
         try:
             file = await asyncio.to_thread(work)

@@ -108,6 +108,7 @@ class Daemon:
                 async with self.parses:
                     file = await asyncio.to_thread(SnapshotFile.reopen, row.path, entry.identity())
                 entry.attach(file)
+                await asyncio.to_thread(entry.prepare)
             except (SnapshotError, SnapshotChanged, OSError) as e:
                 entry.row.error = str(e)
                 log.warning("registered snapshot %s is unusable: %s", row.name, e)
@@ -203,6 +204,10 @@ class Daemon:
             file = await self.on_thread(peer.uid, SnapshotFile.adopt, opened.fd, opened.path)
         try:
             name = name or validate_name(os.path.basename(opened.path).removesuffix(".thaw"))
+            entry = Entry(new_row(name, file.path, labels, peer.uid))
+            entry.attach(file)
+            await self.on_thread(peer.uid, entry.prepare)
+            # No await from here on: the name is checked and taken in one step.
             old = self.entries.get(name)
             freezing = any(s.kind == "freeze" and s.name == name for s in self.sessions.values())
             if freezing or (old is not None and (old.file is not None or old.file_pending)):
@@ -214,8 +219,6 @@ class Daemon:
                 old.check_idle()
                 old.close()
                 del self.entries[name]
-            entry = Entry(new_row(name, file.path, labels, peer.uid))
-            entry.attach(file)
         except BaseException:
             file.close()
             raise
