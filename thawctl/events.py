@@ -57,22 +57,33 @@ def run_events(ctx: Context) -> int:
     kinds = {k.strip() for text in args.kind for k in text.split(",") if k.strip()}
     if args.count is not None and args.count < 1:
         raise exitcodes.CommandError("--count must be at least 1", exitcodes.USAGE)
+    from thaw.errors import DaemonUnavailable
+
     printed = 0
+    stopping = False
     try:
         with ctx.connect() as client:
-            for item in client.watch(METRICS_PERIOD_S):
-                if not isinstance(item, Event) or (kinds and item.kind not in kinds):
-                    continue
-                ctx.print(json.dumps(to_json(item), sort_keys=True) if args.json else line(item))
-                ctx.out.flush()  # a reader at the other end of a pipe sees each at once
-                printed += 1
-                if args.count is not None and printed >= args.count:
-                    return exitcodes.OK
+            try:
+                for item in client.watch(METRICS_PERIOD_S):
+                    if not isinstance(item, Event):
+                        continue
+                    stopping = stopping or item.kind == "stopping"
+                    if kinds and item.kind not in kinds:
+                        continue
+                    ctx.print(json.dumps(to_json(item), sort_keys=True) if args.json
+                              else line(item))  # fmt: skip
+                    ctx.out.flush()  # a reader at the other end of a pipe sees each at once
+                    printed += 1
+                    if args.count is not None and printed >= args.count:
+                        return exitcodes.OK
+            except DaemonUnavailable:
+                # After its "stopping" event, a stopping thawd may close the connection
+                # before the stream's end reaches us: the same ending, said the same way.
+                if not stopping:
+                    raise
             socket = client.socket
     except KeyboardInterrupt:
         return exitcodes.OK  # the documented way to stop it
-    from thaw.errors import DaemonUnavailable
-
     raise DaemonUnavailable(f"thawd at {socket} ended the event stream (it is stopping)")
 
 
