@@ -91,7 +91,7 @@ def main() -> int:
     try:
         model = args.model
         if not model:
-            from thaw import tiny
+            from thaw.demo import tiny
 
             model = str(tiny.write_model_dir(work / "tiny"))
         snap = work / "model.thaw"

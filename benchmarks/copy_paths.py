@@ -25,9 +25,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import llama_shaped, nbytes, timed
 
-from thaw import _native, cuda, datapath, vmm
-from thaw.dtypes import dtype_name
+from thaw import _native
+from thaw.copy import datapath
 from thaw.format import layout
+from thaw.format.dtypes import dtype_name
+from thaw.mem import cuda, vmm
 
 CHUNK = 256 << 20
 

@@ -251,7 +251,10 @@ def main() -> None:
 
 
 def freeze_into_daemon(
-    args: argparse.Namespace, client: thaw.client.Client, directory: Path, sync: Callable[[], None]
+    args: argparse.Namespace,
+    client: thaw.daemon.client.Client,
+    directory: Path,
+    sync: Callable[[], None],
 ) -> tuple[int, dict[str, int], float]:
     """Freeze model-shaped CUDA tensors into thawd; the engine is free once its bytes are in the
     pool. Returns (bytes, digest, seconds until released), after the file is written."""
@@ -267,7 +270,10 @@ def freeze_into_daemon(
 
 
 def small_restore_latency(
-    args: argparse.Namespace, client: thaw.client.Client, directory: Path, sync: Callable[[], None]
+    args: argparse.Namespace,
+    client: thaw.daemon.client.Client,
+    directory: Path,
+    sync: Callable[[], None],
 ) -> float:
     """Median seconds to restore a pinned 1 MB snapshot: the control path's overhead."""
     small = {"w": torch.randn(512, 512, device=args.device)}
@@ -311,7 +317,7 @@ def memcpy_rate(size: int, threads: int) -> float:
     return size / min(timed(run) for _ in range(3)) / 1e9
 
 
-def tensor_parallel(args: argparse.Namespace, client: thaw.client.Client, socket: str,
+def tensor_parallel(args: argparse.Namespace, client: thaw.daemon.client.Client, socket: str,
                     directory: Path) -> list[Row]:  # fmt: skip
     """Two ranks, each its own shard on its own GPU: alone, then both at the same time."""
     rows = []

@@ -201,15 +201,16 @@ def ttft(args: argparse.Namespace) -> None:
     """CPU: first-token time of a long prompt, restored prefix vs full prefill (tiny model)."""
     from vllm import LLM, SamplingParams
 
+    import thaw.demo.tiny
     import thaw.kv
-    import thaw.tiny
 
     with tempfile.TemporaryDirectory(prefix="thaw-kvttft-") as tmp:
         directory = Path(tmp)
         daemon = start_daemon(directory, 1 << 30)
         try:
-            model = thaw.tiny.write_model_dir(directory / "tiny")
-            prompt = thaw.tiny.make_prompt(thaw.tiny.build_tokenizer(), args.ttft_tokens, seed=7)
+            model = thaw.demo.tiny.write_model_dir(directory / "tiny")
+            tokenizer = thaw.demo.tiny.build_tokenizer()
+            prompt = thaw.demo.tiny.make_prompt(tokenizer, args.ttft_tokens, seed=7)
             # The tiny model's config says 2048 positions; its random weights serve any (RoPE).
             positions = args.ttft_tokens + 128
             llm = LLM(

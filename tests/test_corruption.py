@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from tests.format_spec import FIELDS, HEADER, MiB
 from thaw import _native, freeze_file, open_snapshot, restore_file
+from thaw.copy.restore import read_tensor
 from thaw.errors import (
     BadMagic,
     ChecksumMismatch,
@@ -26,7 +27,6 @@ from thaw.errors import (
     TruncatedSnapshot,
     UnsupportedVersion,
 )
-from thaw.restore import read_tensor
 
 SETTINGS = settings(
     max_examples=50,

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from tests.format_spec import FIELDS, HEADER, MiB
 from thaw import _native, freeze_file, open_snapshot, restore_file
 from thaw.errors import ThawError
-from thaw.fingerprint import Fingerprint
 from thaw.format import (
     ALIGNMENT,
     HEADER_SIZE,
@@ -25,6 +24,7 @@ from thaw.format import (
     align_up,
     layout,
 )
+from thaw.format.fingerprint import Fingerprint
 
 
 def read_header(path) -> dict:

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from thaw import _native, freeze_file, open_snapshot, restore_file
-from thaw.datapath import SLOT_SIZE, Binding, copy_from_tensors, copy_to_tensors
-from thaw.dtypes import dtype_name
+from thaw.copy.datapath import SLOT_SIZE, Binding, copy_from_tensors, copy_to_tensors
 from thaw.errors import ChecksumMismatch, RestoreIncomplete
-from thaw.fingerprint import Fingerprint
 from thaw.format import Manifest, layout
+from thaw.format.dtypes import dtype_name
+from thaw.format.fingerprint import Fingerprint
 
 try:
-    from thaw import cuda as thaw_cuda
+    from thaw.mem import cuda as thaw_cuda
 
     DEVICES = thaw_cuda.device_count()
 except Exception:  # cuda-bindings cannot load without a driver

@@ -40,11 +40,11 @@ SCRIPT = """
 import importlib, json, pkgutil, sys, tempfile
 def cuda_modules():
     return sorted(m for m in sys.modules if m == "cuda" or m.startswith("cuda."))
-import thaw, thaw.format, thaw.dtypes, thaw.fingerprint, thaw.errors, thaw.pieces
+import thaw, thaw.format, thaw.format.dtypes, thaw.format.fingerprint, thaw.errors, thaw.copy.pieces
 light = sorted(sys.modules)
 import torch  # torch itself may load cuda.bindings; what thaw adds is what counts
 torch_only = cuda_modules()
-import thaw, thaw.format, thaw.datapath, thaw.restore, thaw.freeze
+import thaw, thaw.format, thaw.copy.datapath, thaw.copy.restore, thaw.copy.freeze
 after_import = cuda_modules()
 directory = tempfile.mkdtemp()
 source = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(3)}
@@ -96,7 +96,7 @@ def test_core_modules_import_no_daemon_cli_or_textual(imports):
 
 
 def test_cpu_freeze_and_restore_load_no_cuda(imports):
-    assert "thaw.cuda" not in imports["core"]
+    assert "thaw.mem.cuda" not in imports["core"]
     # Whatever CUDA modules torch loads on its own, thaw adds none on a CPU-only path.
     assert imports["after_import"] == imports["torch_only"]
     assert imports["after_round_trip"] == imports["torch_only"]

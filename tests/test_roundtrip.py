@@ -11,17 +11,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thaw import _native, freeze_file, open_snapshot, restore_file
-from thaw.datapath import SLOT_SIZE
-from thaw.dtypes import DTYPES, dtype_name, itemsize, torch_dtype
+from thaw.copy.datapath import SLOT_SIZE
+from thaw.copy.pieces import Digests, plan
 from thaw.errors import (
     ChecksumMismatch,
     FingerprintMismatch,
     ModelMismatch,
     TensorMismatch,
 )
-from thaw.fingerprint import Fingerprint
 from thaw.format import ALIGNMENT, layout
-from thaw.pieces import Digests, plan
+from thaw.format.dtypes import DTYPES, dtype_name, itemsize, torch_dtype
+from thaw.format.fingerprint import Fingerprint
 
 MiB = 1 << 20
 BLOCK = _native.BLOCK_HASH_SIZE

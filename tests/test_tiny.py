@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from thaw import tiny
+from thaw.demo import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The river town woke slowly on cold mornings."
@@ -89,7 +89,7 @@ def test_same_weights_and_tokenizer_in_another_process(model, tokenizer) -> None
     code = textwrap.dedent(
         """
         import hashlib, sys
-        from thaw import tiny
+        from thaw.demo import tiny
         sys.path.insert(0, sys.argv[1])
         from test_tiny import _fingerprint
         tok = tiny.build_tokenizer().backend_tokenizer.to_str()
@@ -190,7 +190,7 @@ def test_write_model_dir_is_idempotent_and_leaves_no_temp(model_dir) -> None:
 
 def test_write_model_dir_cli(tmp_path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "thaw.tiny", str(tmp_path / "m"), "--seed", "2"],
+        [sys.executable, "-m", "thaw.demo.tiny", str(tmp_path / "m"), "--seed", "2"],
         env={**os.environ, "PYTHONPATH": _pythonpath()},
         capture_output=True,
         text=True,
@@ -213,7 +213,7 @@ from pathlib import Path
 def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
-    from thaw import tiny
+    from thaw.demo import tiny
 
     path = tiny.write_model_dir(Path(sys.argv[1]))
     hf = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -224,7 +224,7 @@ def _write_synthetic(path: Path, size: int) -> None:
 def _targets(snap: Any, device: str) -> list[tuple[str, Any]]:
     import torch
 
-    from thaw.dtypes import torch_dtype
+    from thaw.format.dtypes import torch_dtype
 
     return [
         (t.name, torch.empty(t.shape, dtype=torch_dtype(t.dtype), device=device))

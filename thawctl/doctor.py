@@ -77,7 +77,7 @@ def run_doctor(ctx: Context) -> int:
 
 def diagnose(ctx: Context) -> list[Check]:
     """Every check, in the order an operator fixes things: reach thawd, then tune it."""
-    from thaw.client import default_socket
+    from thaw.daemon.client import default_socket
 
     path = ctx.socket or default_socket()
     checks = [socket_check(path), group_check(path)]
@@ -94,7 +94,7 @@ def diagnose(ctx: Context) -> list[Check]:
 
 
 def socket_check(path: str) -> Check:
-    from thaw import fdpass
+    from thaw.daemon import fdsocket
     from thawctl import sockets
 
     problem = sockets.problem(path)
@@ -103,7 +103,7 @@ def socket_check(path: str) -> Check:
     st = os.stat(path)
     owner, group = _user(st.st_uid), _group(st.st_gid)
     detail = f"{path}: a socket, mode {stat.S_IMODE(st.st_mode):o}, owner {owner}, group {group}"
-    fd_path = fdpass.fd_socket_path(path)
+    fd_path = fdsocket.fd_socket_path(path)
     unusable = [p for p in (path, fd_path) if not os.access(p, os.W_OK)]
     if unusable:
         return Check(
@@ -185,7 +185,7 @@ def _group(gid: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class _Daemon:
     check: Check
-    status: Any = None  # thaw.client.DaemonStatus when thawd answered
+    status: Any = None  # thaw.daemon.client.DaemonStatus when thawd answered
     snapshots: tuple[Any, ...] = ()
 
 
@@ -269,7 +269,7 @@ def vmm_check() -> Check:
     """Whether this host can create shareable CUDA VMM host memory: thawd's pinned pool (what
     engines map without pinning anything themselves)."""
     try:
-        from thaw import cuda, vmm
+        from thaw.mem import cuda, vmm
     except ImportError as e:
         return Check("vmm", "skip", f"no CUDA bindings here ({e.name or e})")
     count = cuda.device_count()

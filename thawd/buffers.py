@@ -16,7 +16,7 @@ import secrets
 from typing import Any
 
 from thaw import _native
-from thaw.pool import Mapping, create_memfd, seal
+from thaw.mem.mapping import Mapping, create_memfd, seal
 from thawd.files import SnapshotFile
 
 log = logging.getLogger("thawd.buffers")
@@ -38,7 +38,7 @@ def choose_pool_kind(configured: str) -> str:
     if configured == "memfd":
         return "memfd"
     try:
-        from thaw import vmm
+        from thaw.mem import vmm
 
         if vmm.supported():
             return "vmm"
@@ -62,7 +62,7 @@ class VmmArena:
     """
 
     def __init__(self, budget: int, chunk: int, device: int = 0) -> None:
-        from thaw import cuda, vmm
+        from thaw.mem import cuda, vmm
 
         self.chunk = round_size(chunk)
         self.device = device
@@ -152,7 +152,7 @@ class PoolBuffer:
                 self.pool_offset = first * arena.chunk
                 self.addr = arena.view.addr + self.pool_offset
             else:  # a fragmented pool: map this buffer's chunks on their own
-                from thaw import vmm
+                from thaw.mem import vmm
 
                 try:
                     chunks = [arena.chunks[i] for i in self._chunks]

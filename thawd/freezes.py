@@ -23,9 +23,7 @@ from typing import TYPE_CHECKING
 
 from thaw import _native
 from thaw._proto import thawd_pb2 as pb
-from thaw.dtypes import DTYPES
 from thaw.errors import AlreadyExists, DaemonError, InvalidRequest
-from thaw.fingerprint import Fingerprint
 from thaw.format import (
     MAX_NAME,
     MAX_NDIM,
@@ -37,6 +35,8 @@ from thaw.format import (
     TensorEntry,
     layout,
 )
+from thaw.format.dtypes import DTYPES
+from thaw.format.fingerprint import Fingerprint
 from thawd import paths
 from thawd.buffers import PoolBuffer
 from thawd.entries import POOL_KINDS, Entry, entry_pb

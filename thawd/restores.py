@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from thaw._proto import thawd_pb2 as pb
 from thaw.errors import InvalidRequest, NotFound, PermissionDenied
-from thaw.fingerprint import Fingerprint
 from thaw.format import TensorEntry
+from thaw.format.fingerprint import Fingerprint
 from thawd import metrics
 from thawd.budgets import human
 from thawd.buffers import PoolBuffer, VmmArena
@@ -274,7 +274,7 @@ async def daemon_copy(d: Daemon, token: str, request: pb.DaemonCopyRequest, host
                       to_host: bool) -> tuple[int, float]:  # fmt: skip
     """Copy between pool memory at `host` (laid out like the payload) and the client's GPU
     allocations named in `request`, on a worker thread. Returns (bytes, seconds)."""
-    from thaw.ipc import Job
+    from thaw.copy.daemon_copy import Job
 
     regions = [(r.ipc_handle, r.size) for r in request.regions]
     jobs = []

@@ -176,11 +176,11 @@ def random_tensors(seed: int = 0, scale: int = 1) -> dict[str, torch.Tensor]:
 
 def write_snapshot(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
                    model: str = "fixture") -> Path:  # fmt: skip
-    """A snapshot written with thaw.format.SnapshotWriter (no dependence on thaw.tiny)."""
+    """A snapshot written with thaw.format.SnapshotWriter (no dependence on thaw.demo.tiny)."""
     from thaw import _native
-    from thaw.dtypes import dtype_name
-    from thaw.fingerprint import Fingerprint
     from thaw.format import SnapshotWriter, layout
+    from thaw.format.dtypes import dtype_name
+    from thaw.format.fingerprint import Fingerprint
 
     entries = layout([(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()])
     with SnapshotWriter(path, entries) as w:
@@ -229,7 +229,8 @@ def run_client(
     prelude = f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\n"
     # Everything the child imports comes before the drop: the interpreter's own modules are
     # not readable by other uids here.
-    prelude += "import time, torch, thaw.client, thaw.errors, thaw.restore, thaw.datapath\n"
+    prelude += "import time, torch, thaw.daemon.client, thaw.errors\n"
+    prelude += "import thaw.copy.restore, thaw.copy.datapath\n"
     prelude += "import tests.daemon.conftest\n"
     if uid is not None:
         prelude += f"os.setgroups({list(groups)}); os.setgid({uid}); os.setuid({uid})\n"

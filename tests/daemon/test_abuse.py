@@ -12,9 +12,10 @@ import grpc
 import pytest
 
 from tests.daemon.conftest import ThawdProcess, random_tensors, write_snapshot
-from thaw import _native, errors, fdpass
+from thaw import _native, errors
 from thaw._proto import thawd_pb2 as pb
-from thaw.client import connect
+from thaw.daemon import fdsocket
+from thaw.daemon.client import connect
 
 
 def rss_peak(pid: int) -> int:
@@ -112,23 +113,23 @@ def test_begin_freeze_is_bounded_and_answered_beside_other_clients(
 
 def test_fd_socket_numbers_out_of_range_are_refused(thawd: ThawdProcess) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.connect(fdpass.fd_socket_path(thawd.socket))
+    sock.connect(fdsocket.fd_socket_path(thawd.socket))
     with sock:
         replies = []
         for raw in (b'{"op":"pool","start":1e400}', b'{"op":"pool","start":-1}',
                     b'{"op":"pool","start":1.5}', b'{"op":"auth"}'):  # fmt: skip
             sock.send(raw)
-            replies.append(fdpass.recv(sock)[0])
+            replies.append(fdsocket.recv(sock)[0])
         token_reply = replies.pop()
         sock.send(json.dumps({"op": "close", "sessions": [{"id": "x", "ok": True}]}).encode()
                   .replace(b'"ok": true', b'"ok": true, "bytes": 1e400'))  # fmt: skip
-        replies.append(fdpass.recv(sock)[0])
+        replies.append(fdsocket.recv(sock)[0])
         sock.send(b'{"op":"close","sessions":[{"id":"x","ok":true,"seconds":1e400}]}')
-        replies.append(fdpass.recv(sock)[0])
+        replies.append(fdsocket.recv(sock)[0])
         sock.send(b'{"op":"fd","session":12}')
-        replies.append(fdpass.recv(sock)[0])
+        replies.append(fdsocket.recv(sock)[0])
         sock.send(b'{"op":"auth"}')  # the connection still answers
-        again = fdpass.recv(sock)[0]
+        again = fdsocket.recv(sock)[0]
     assert token_reply["ok"] and again["ok"]
     assert [(r["ok"], r["error"]) for r in replies] == [(False, "InvalidRequest")] * 6
     for r in replies:

@@ -23,8 +23,9 @@ from tests.daemon.conftest import (
     write_snapshot,
     zeros_like,
 )
-from thaw import errors, fdpass
-from thaw.client import Event, Metrics, connect
+from thaw import errors
+from thaw.daemon import fdsocket
+from thaw.daemon.client import Event, Metrics, connect
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -46,13 +47,14 @@ def test_concurrent_processes_restore_bit_identically(shared_thawd: ThawdProcess
 sys.path.insert(0, {str(ROOT)!r})
 from tests.daemon.conftest import random_tensors, zeros_like
 from tests.daemon.test_restore import digest
-c = thaw.client.connect({shared_thawd.socket!r})
+c = thaw.daemon.client.connect({shared_thawd.socket!r})
 out = zeros_like(random_tensors(10, scale=8))
 results = [c.restore(out, "many").tier for _ in range(3)]
 print(json.dumps({{"digest": digest(out), "tiers": results}}))
 """
     prelude = (
-        f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\nimport torch, thaw.client\n"
+        f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch, thaw.daemon.client\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", prelude + code], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
@@ -158,12 +160,12 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
 
         # A memfd pool is not one to map whole: no pool in the auth reply, "pool" refused.
         assert c._pool is None and not c.map_pool(0)
-        sock = fdpass.connect(fdpass.fd_socket_path(shared_thawd.socket))
+        sock = fdsocket.connect(fdsocket.fd_socket_path(shared_thawd.socket))
         with sock:
-            fdpass.send(sock, {"op": "pool", "start": 0})
-            reply, fds = fdpass.recv(sock)
-            fdpass.send(sock, {"op": "pool", "start": [0]})  # not a number
-            bad, bad_fds = fdpass.recv(sock)
+            fdsocket.send(sock, {"op": "pool", "start": 0})
+            reply, fds = fdsocket.recv(sock)
+            fdsocket.send(sock, {"op": "pool", "start": [0]})  # not a number
+            bad, bad_fds = fdsocket.recv(sock)
         assert (reply["ok"], reply["error"], fds) == (False, "InvalidRequest", [])
         assert "shares no VMM pool" in reply["message"]
         assert (bad["ok"], bad["error"], bad_fds) == (False, "InvalidRequest", [])
@@ -258,7 +260,7 @@ def test_restores_open_on_the_fd_socket(shared_thawd: ThawdProcess) -> None:
             (encoded("fd-small") * 65, "InvalidRequest", "a list of 1 to 64"),
             (["not base64!"], "InvalidRequest", "Only base64 data is allowed"),
             ([base64.b64encode(b"\xff\xff\xff").decode()], "InvalidRequest", "Error parsing"),
-            (encoded("fd-small", "fd-large"), fdpass.TOO_LARGE, "open over gRPC"),
+            (encoded("fd-small", "fd-large"), fdsocket.TOO_LARGE, "open over gRPC"),
         ):
             reply, _ = c._fd_call({"op": "open", "restores": restores})
             assert (reply["ok"], reply["error"]) == (False, error), reply
@@ -272,10 +274,10 @@ def test_restores_open_on_the_fd_socket(shared_thawd: ThawdProcess) -> None:
         assert all(torch.equal(out[k], large[k]) for k in large)
         assert c.stat("fd-large").clients == 0
 
-    sock = fdpass.connect(fdpass.fd_socket_path(shared_thawd.socket))
+    sock = fdsocket.connect(fdsocket.fd_socket_path(shared_thawd.socket))
     with sock:  # a connection that never authenticated opens nothing
-        fdpass.send(sock, {"op": "open", "restores": encoded("fd-small")})
-        reply, _ = fdpass.recv(sock)
+        fdsocket.send(sock, {"op": "open", "restores": encoded("fd-small")})
+        reply, _ = fdsocket.recv(sock)
     assert (reply["ok"], reply["error"]) == (False, "PermissionDenied")
     assert "authenticate this connection first" in reply["message"]
 

@@ -31,7 +31,7 @@ def open_thawd() -> ThawdProcess:
 def test_uid_outside_allow_list_is_refused(open_thawd: ThawdProcess) -> None:
     code = f"""
 try:
-    thaw.client.connect({open_thawd.socket!r}).list()
+    thaw.daemon.client.connect({open_thawd.socket!r}).list()
     print("ALLOWED")
 except thaw.errors.PermissionDenied as e:
     print("DENIED", e)
@@ -63,7 +63,7 @@ def test_register_requires_the_caller_to_read_the_file(open_thawd: ThawdProcess)
     unreadable = write_snapshot(open_thawd.dir / "mine.thaw", random_tensors(9))
     os.chmod(unreadable, 0o600)
     code = f"""
-c = thaw.client.connect({open_thawd.socket!r})
+c = thaw.daemon.client.connect({open_thawd.socket!r})
 out = {{}}
 for name, path in (("hidden", {str(hidden)!r}), ("mine", {str(unreadable)!r}),
                    ("public", {str(public)!r})):
@@ -80,8 +80,8 @@ print(json.dumps(out))
 
 
 def test_sessions_are_redeemed_only_by_their_uid(open_thawd: ThawdProcess) -> None:
-    from thaw import fdpass
-    from thaw.client import connect
+    from thaw.daemon import fdsocket
+    from thaw.daemon.client import connect
     from thaw.errors import NotFound
 
     path = write_snapshot(open_thawd.dir / "s.thaw", random_tensors(11))
@@ -89,12 +89,12 @@ def test_sessions_are_redeemed_only_by_their_uid(open_thawd: ThawdProcess) -> No
     c.register(path, "s")
     info = c._call("OpenRestore", pb.OpenRestoreRequest(name="s"))
     code = f"""
-from thaw import fdpass
-s = fdpass.connect({fdpass.fd_socket_path(open_thawd.socket)!r})
-fdpass.send(s, {{"op": "fd", "session": {info.session_id!r}}})
-reply, fds = fdpass.recv(s)
-fdpass.send(s, {{"op": "close", "sessions": [{{"id": {info.session_id!r}, "ok": True}}]}})
-closed, _ = fdpass.recv(s)
+from thaw.daemon import fdsocket
+s = fdsocket.connect({fdsocket.fd_socket_path(open_thawd.socket)!r})
+fdsocket.send(s, {{"op": "fd", "session": {info.session_id!r}}})
+reply, fds = fdsocket.recv(s)
+fdsocket.send(s, {{"op": "close", "sessions": [{{"id": {info.session_id!r}, "ok": True}}]}})
+closed, _ = fdsocket.recv(s)
 print(json.dumps([reply.get("error"), len(fds), closed.get("error")]))
 """
     out = run_client(code, uid=ALLOWED)

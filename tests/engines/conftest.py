@@ -33,7 +33,7 @@ ENGINE_KWARGS: dict[str, Any] = {
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """Seed-0 and seed-1 tiny Llamas, both in directories named `tiny` (the fingerprint's
     model), so the seed-1 weights stand for a fine-tune of the same model."""
-    from thaw import tiny
+    from thaw.demo import tiny
 
     base = tmp_path_factory.mktemp("models")
     return {s: tiny.write_model_dir(base / f"seed{s}" / "tiny", seed=s) for s in (0, 1)}

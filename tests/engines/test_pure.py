@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from thaw import FingerprintMismatch
-from thaw.fingerprint import Fingerprint
+from thaw.format.fingerprint import Fingerprint
 from thaw.sglang.core import batches, fingerprint, per_rank_named_tensors
 from thaw.vllm.common import (
     Options,
@@ -101,7 +101,7 @@ def test_per_rank_payload() -> None:
 
 
 def test_importing_integrations_imports_no_engine() -> None:
-    code = ("import sys, thaw, thaw.vllm, thaw.sglang, thaw.client;"
+    code = ("import sys, thaw, thaw.vllm, thaw.sglang, thaw.daemon.client;"
             "bad=[m for m in ('vllm','sglang','torch','thawd','thawctl') if m in sys.modules];"
             "print(bad)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -104,7 +104,7 @@ def test_freeze_live_engine_then_swap_weights_in_place(
     state["tiny1_path"] = client.stat("tiny1").path
 
     # Prefix cache warm for a long prompt, then swap: no stale KV may survive.
-    from thaw import tiny
+    from thaw.demo import tiny
 
     long_prompt = tiny.make_prompt(tiny.build_tokenizer(), 600, seed=5)
     cached_tokens(llm, long_prompt)
@@ -130,8 +130,8 @@ def test_fingerprint_mismatch_is_refused_before_any_copy(
 
     import thaw.vllm
     from thaw import FingerprintMismatch, freeze_file
+    from thaw.copy.restore import read_tensor
     from thaw.format import open_snapshot
-    from thaw.restore import read_tensor
 
     src = open_snapshot(state["f0"])
     tensors = {e.name: read_tensor(src, e) for e in src.tensors}
@@ -304,8 +304,8 @@ def test_thawctl_freeze_engine_vllm_matches_live_freeze(
     tensors as a freeze of a running engine."""
     import torch
 
+    from thaw.copy.restore import read_tensor
     from thaw.format import open_snapshot
-    from thaw.restore import read_tensor
 
     out = tmp_path / "cli.thaw"
     proc = subprocess.run(

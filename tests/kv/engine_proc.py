@@ -82,9 +82,9 @@ def other_weights(llm: object, job: dict) -> str:
     import torch
 
     import thaw
+    from thaw.copy.freeze import freeze_file
+    from thaw.copy.restore import read_tensor
     from thaw.format import open_snapshot
-    from thaw.freeze import freeze_file
-    from thaw.restore import read_tensor
 
     directory = job["snapshot_dir"]
     mine = os.path.join(directory, "weights-a.thaw")

@@ -196,10 +196,10 @@ def test_doctor_as_a_user_outside_the_sockets_group(thawd):
     code = f"""
 import os, sys, json
 sys.path.insert(0, {str(ROOT)!r})
-import thaw.client, thaw.errors, thaw.fdpass
+import thaw.daemon.client, thaw.errors, thaw.daemon.fdsocket
 from thawctl import cli, doctor, sockets, render, schema, exitcodes
 try:
-    import thaw.cuda, thaw.vmm
+    import thaw.mem.cuda, thaw.mem.vmm
 except ImportError:
     pass
 # The interpreter's files are root's alone here: everything is imported before the drop.

@@ -333,7 +333,7 @@ def test_dtype_auto_is_the_checkpoints(snapshot_dir):
     """What `freeze --engine vllm|sglang --dtype auto` asks the engine for: config.json's."""
     import json as json_
 
-    from thaw import tiny
+    from thaw.demo import tiny
     from thawctl.freeze import checkpoint_dtype
 
     model_dir = tiny.write_model_dir(snapshot_dir / "tiny-model")
@@ -350,7 +350,7 @@ def test_dtype_auto_is_the_checkpoints(snapshot_dir):
 
 
 def test_freeze_from_a_model_directory(thawctl, snapshot_dir):
-    from thaw import tiny
+    from thaw.demo import tiny
 
     model_dir = tiny.write_model_dir(snapshot_dir / "tiny-model")
     out = snapshot_dir / "from-dir.thaw"

@@ -14,8 +14,8 @@ import pytest
 from thawctl_testlib import corrupt_payload, random_tensors, write_snapshot
 
 import thaw
-from thaw.client import NA, DaemonStatus, Event, GpuRecord, Metrics, SnapshotRecord
-from thaw.fingerprint import Fingerprint
+from thaw.daemon.client import NA, DaemonStatus, Event, GpuRecord, Metrics, SnapshotRecord
+from thaw.format.fingerprint import Fingerprint
 from thawctl.tui.app import ThawTop
 from thawctl.tui.screens.confirm import ConfirmScreen
 from thawctl.tui.screens.help import HelpScreen

@@ -41,7 +41,7 @@ def kv_transfer_config(
     keeps in its memory after loading one (0: every load comes from thawd).
     """
     if socket is None and snapshot_dir is None:
-        from thaw.client import default_socket
+        from thaw.daemon.client import default_socket
 
         socket = default_socket()
     return {
@@ -194,7 +194,7 @@ def restore(llm: Any, name: str) -> KVPrefix:
 
     ids = torch.empty(n, stored.block_size, dtype=torch.int64)
     if socket:
-        from thaw.client import connect
+        from thaw.daemon.client import connect
 
         with connect(socket) as client:
             for shard in (rank_name(name, rank) for rank in range(stored.tp_size)):  # every rank
@@ -202,7 +202,7 @@ def restore(llm: Any, name: str) -> KVPrefix:
                     client.pin(shard)
             client.restore({TOKEN_IDS: ids}, name, strict=False)
     else:
-        from thaw.restore import restore_file
+        from thaw.copy.restore import restore_file
 
         restore_file({TOKEN_IDS: ids}, path, strict=False)
     tokens = ids.flatten().tolist()

@@ -46,7 +46,7 @@ from thaw.errors import (
     NotFound,
     ThawError,
 )
-from thaw.fingerprint import Fingerprint
+from thaw.format.fingerprint import Fingerprint
 
 log = logging.getLogger("thaw.kv")
 
@@ -291,7 +291,7 @@ class KVStore:
     @property
     def client(self) -> Any:
         if self._client is None and self.socket:
-            from thaw.client import connect
+            from thaw.daemon.client import connect
 
             self._client = connect(self.socket)
         return self._client
@@ -369,7 +369,7 @@ class KVStore:
         if self.client is not None:
             self.client.restore({TOKEN_IDS: ids}, name, strict=False)
         else:
-            from thaw.restore import restore_file
+            from thaw.copy.restore import restore_file
 
             restore_file({TOKEN_IDS: ids}, path, strict=False)
         return ids.flatten().tolist()
@@ -431,7 +431,7 @@ class KVStore:
             except AlreadyExists:
                 log.debug("KV snapshot %s already stored", name)
         else:
-            from thaw.freeze import freeze_file
+            from thaw.copy.freeze import freeze_file
 
             path = self.path_for(name)
             if not os.path.exists(path):
@@ -488,7 +488,7 @@ class KVStore:
         if fresh and self.client is not None:
             self.client.restore_many([(fresh[name], name) for name in fresh])
         else:
-            from thaw.restore import restore_file
+            from thaw.copy.restore import restore_file
 
             for name, tensors in fresh.items():
                 restore_file(tensors, missing[name].path)
@@ -557,7 +557,7 @@ def read_labels(
 ) -> tuple[Mapping[str, str], str]:
     """(labels, path) of KV snapshot `name` from thawd or the directory; NotFound otherwise."""
     if socket:
-        from thaw.client import connect
+        from thaw.daemon.client import connect
 
         with connect(socket) as client, contextlib.suppress(NotFound):
             record = client.stat(name)

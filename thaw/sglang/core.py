@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from thaw.fingerprint import Fingerprint
+from thaw.format.fingerprint import Fingerprint
 from thaw.vllm.common import make_fingerprint
 
 ENGINE = "sglang"
@@ -67,7 +67,7 @@ def per_rank_named_tensors(
 
 def check_all(expected: Mapping[int, Fingerprint], found: Mapping[int, Fingerprint]) -> None:
     """Every rank's snapshot against its rank's fingerprint, before any byte moves."""
-    from thaw.fingerprint import check
+    from thaw.format.fingerprint import check
 
     for rank, fp in expected.items():
         check(fp, found[rank])

@@ -32,8 +32,8 @@ def restore(
     from sglang.srt.model_executor.model_runner import LocalSerializedTensor
     from sglang.srt.utils import MultiprocessingSerializer
 
-    from thaw.dtypes import torch_dtype
     from thaw.format import open_snapshot
+    from thaw.format.dtypes import torch_dtype
     from thaw.vllm.transfer import locate, read_rank
 
     started = time.perf_counter()

@@ -42,8 +42,8 @@ class ThawSGLangLoader:
         from sglang.srt.model_loader.loader import DefaultModelLoader, _initialize_model
         from sglang.srt.model_loader.utils import set_default_torch_dtype
 
-        from thaw.datapath import model_tensors
-        from thaw.dtypes import dtype_name
+        from thaw.copy.datapath import model_tensors
+        from thaw.format.dtypes import dtype_name
         from thaw.sglang.core import fingerprint
         from thaw.vllm.common import model_name
         from thaw.vllm.transfer import locate, read_rank, write_rank

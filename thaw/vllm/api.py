@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from thaw.fingerprint import Fingerprint
+from thaw.format.fingerprint import Fingerprint
 from thaw.vllm.common import (
     EngineBusy,
     EngineTransfer,

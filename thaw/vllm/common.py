@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from thaw.errors import DaemonUnavailable, NotFound, ThawError
-from thaw.fingerprint import IDENTITY_KEYS, Fingerprint
+from thaw.format.fingerprint import IDENTITY_KEYS, Fingerprint
 
 ENGINE = "vllm"
 # Recorded in every vLLM snapshot's labels: what the tensors are, so that a reader (a person,
@@ -159,7 +159,7 @@ def connect_daemon(options: Options) -> Any:
     """A thaw client, or None where the daemon is not running and daemon != "require"."""
     if options.daemon == "never":
         return None
-    from thaw.client import connect
+    from thaw.daemon.client import connect
 
     try:
         return connect(options.socket or None)
@@ -190,7 +190,7 @@ def missing_message(ref: RankRef, options: Options, daemon_running: bool) -> str
 
 
 def default_socket() -> str:
-    from thaw.client import default_socket as socket
+    from thaw.daemon.client import default_socket as socket
 
     return socket()
 
@@ -211,7 +211,7 @@ def preflight(config: Mapping[str, Any] | None, tp_size: int) -> None:
         return  # a missing snapshot is made, not refused
     client = None
     if options.daemon != "never":
-        from thaw.client import Client
+        from thaw.daemon.client import Client
 
         try:
             # Client, not connect(): this process restores nothing and maps no pool.

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from thaw.dtypes import dtype_name
-from thaw.fingerprint import Fingerprint
+from thaw.format.dtypes import dtype_name
+from thaw.format.fingerprint import Fingerprint
 from thaw.vllm.common import make_fingerprint, model_name
 
 SKELETON_PREFIX = "thaw_skeleton"
@@ -71,7 +71,7 @@ def live_specs(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch
 
 def parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The model's parameters as (vLLM name, tensor), shared ones once: what a snapshot holds."""
-    from thaw.datapath import model_tensors
+    from thaw.copy.datapath import model_tensors
 
     return model_tensors(list(model.named_parameters()))
 

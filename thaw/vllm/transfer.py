@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from thaw.errors import DaemonUnavailable
-from thaw.fingerprint import Fingerprint, check
+from thaw.format.fingerprint import Fingerprint, check
 from thaw.vllm.common import (
     Options,
     RankRef,
@@ -83,7 +83,7 @@ def read_rank(
         result = client.restore(list(named), source.name, expect=fp)
         return RankTransfer(rank, source.name, "thawd", result.tier, result.bytes,
                             time.perf_counter() - started, result.content_id)  # fmt: skip
-    from thaw.restore import restore_file
+    from thaw.copy.restore import restore_file
 
     stats = restore_file(list(named), source.path, expect=fp, verify=options.verify)
     return RankTransfer(rank, source.path, "file", "file", stats.bytes,
@@ -114,7 +114,7 @@ def write_rank(
             f"cannot freeze {ref.name!r}: thawd is not running and no file was given "
             '(pass "path": "/snapshots/NAME.thaw", or start thawd)'
         )
-    from thaw.freeze import freeze_file
+    from thaw.copy.freeze import freeze_file
 
     stats = freeze_file(list(named), ref.path, fingerprint=fingerprint)
     return RankTransfer(rank, ref.path, source_kind, "file", stats.bytes,

@@ -7,11 +7,12 @@ import os
 import time
 from typing import Any
 
-from thaw import _native, datapath
+from thaw import _native
+from thaw.copy import datapath
+from thaw.copy.pieces import Digests, Piece
 from thaw.errors import RestoreIncomplete, SnapshotError, ThawError
-from thaw.fingerprint import Fingerprint, check
 from thaw.format import Snapshot, TensorEntry, payload_fd, read_snapshot
-from thaw.pieces import Digests, Piece
+from thaw.format.fingerprint import Fingerprint, check
 
 # Below this share of the payload in page cache, CUDA restores read with O_DIRECT: buffered
 # reads of a cold file cost a second copy through the page cache and evict what is there.
@@ -150,8 +151,8 @@ def read_tensor(snapshot: Snapshot, entry: TensorEntry, verify: bool = True) -> 
     """One tensor of a snapshot as a new CPU tensor (for inspection and tools)."""
     import torch
 
-    from thaw.dtypes import torch_dtype
     from thaw.format import verify_tensor
+    from thaw.format.dtypes import torch_dtype
 
     out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
     with payload_fd(snapshot, direct=False) as fd:

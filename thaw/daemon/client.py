@@ -5,10 +5,10 @@
     c.pin("llama8b", progress=print)
     c.restore(model, "llama8b")        # checks names, dtypes, shapes before a byte moves
 
-Control goes over gRPC; memory comes as an fd over the fd socket (thaw/fdpass.py) and is
-mapped here (thaw/pool.py); thaw.datapath copies it into the model's tensors. A Client is
-thread-safe. Everything it returns is an immutable record; values the daemon did not know are
-the sentinel `NA`, never None.
+Control goes over gRPC; memory comes as an fd over the fd socket (thaw/daemon/fdsocket.py) and
+is mapped here (thaw/mem/mapping.py); thaw.copy.datapath copies it into the model's tensors. A
+Client is thread-safe. Everything it returns is an immutable record; values the daemon did not
+know are the sentinel `NA`, never None.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ from typing import Any
 
 import grpc
 
-from thaw import errors, fdpass
+from thaw import errors
 from thaw._proto import thawd_pb2 as pb
 from thaw._proto import thawd_pb2_grpc as pb_grpc
-from thaw.fingerprint import Fingerprint, check
+from thaw.daemon import fdsocket
+from thaw.daemon.pool_map import PoolMap
 from thaw.format import TensorEntry
-from thaw.mirror import PoolMap
-from thaw.pool import Mapping as MemoryMapping
+from thaw.format.fingerprint import Fingerprint, check
+from thaw.mem.mapping import Mapping as MemoryMapping
 
 SYSTEM_SOCKET = "/run/thawd/thawd.sock"
 RESTORE_MODES = ("auto", "ipc")
@@ -70,7 +71,7 @@ class _NotAvailable:
 
 NA: Any = _NotAvailable()
 
-log = logging.getLogger("thaw.client")
+log = logging.getLogger("thaw.daemon")
 
 _TIERS = {pb.TIER_COLD: "cold", pb.TIER_WARM: "warm", pb.TIER_PINNED: "pinned"}
 _CHECKSUM = {
@@ -328,10 +329,10 @@ def _prepare(client: Client) -> None:
     torch = sys.modules.get("torch")
     if torch is None:
         return
-    from thaw import datapath
+    from thaw.copy import datapath
 
     if torch.cuda.is_initialized():
-        from thaw import vmm
+        from thaw.mem import vmm
 
         device = torch.cuda.current_device()
         client.map_pool(device)
@@ -370,11 +371,11 @@ class Client:
     # --- plumbing -----------------------------------------------------------------------------
 
     def _authenticate(self) -> None:
-        path = fdpass.fd_socket_path(self.socket)
+        path = fdsocket.fd_socket_path(self.socket)
         with self._lock:
             self._drop_fd_sock()
             try:
-                sock = fdpass.connect(path)
+                sock = fdsocket.connect(path)
             except (FileNotFoundError, ConnectionRefusedError) as e:
                 raise errors.DaemonUnavailable(
                     f"no thawd is running at {self.socket} ({e.strerror}): {HOW_TO_START}"
@@ -426,14 +427,14 @@ class Client:
             return False
         if self._pool_map is None:
             try:
-                self._pool_map = PoolMap(fdpass.fd_socket_path(self.socket), self._pool, device)
+                self._pool_map = PoolMap(fdsocket.fd_socket_path(self.socket), self._pool, device)
             except (OSError, errors.ThawError) as e:
                 log.info("not mapping thawd's pool (%s): restores map their own buffers", e)
                 return False
         return True
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((fdpass.TOKEN_METADATA_KEY, self._token), ("x-request-id", uuid.uuid4().hex[:16]))
+        return ((fdsocket.TOKEN_METADATA_KEY, self._token), ("x-request-id", uuid.uuid4().hex[:16]))
 
     def _call(self, method: str, request: Any, timeout: float | str | None = "default") -> Any:
         """A unary call; re-authenticates once if the daemon restarted and forgot our token.
@@ -603,7 +604,7 @@ class Client:
     def _restore_held(self, items: builtins.list[tuple[Any, str]], strict: bool,
                       expect: Fingerprint | None, progress: Callable[[int, int], None] | None,
                       mode: str, held: Any) -> builtins.list[RestoreResult]:  # fmt: skip
-        from thaw import datapath
+        from thaw.copy import datapath
 
         t0 = time.perf_counter()
         plans, requests = [], []
@@ -681,7 +682,7 @@ class Client:
         a gRPC call's latency), or, where their manifests do not fit one, with OpenRestore
         calls all in flight at once. On any failure no session stays open and the first
         error is raised."""
-        if len(requests) <= fdpass.MAX_OPENS:
+        if len(requests) <= fdsocket.MAX_OPENS:
             reply = self._fd_request(
                 {"op": "open",
                  "restores": [base64.b64encode(r.SerializeToString()).decode() for r in requests]},
@@ -689,7 +690,7 @@ class Client:
             if reply.get("ok"):
                 return [pb.OpenRestoreResponse.FromString(base64.b64decode(o))
                         for o in reply["opened"]]  # fmt: skip
-            if reply.get("error") != fdpass.TOO_LARGE:
+            if reply.get("error") != fdsocket.TOO_LARGE:
                 raise _refused(reply)
         if len(requests) == 1:
             return [self._call("OpenRestore", requests[0])]
@@ -711,10 +712,10 @@ class Client:
         """End restore sessions, confirming or failing each, on the fd socket: one packet
         for a whole batch, at a tenth of a gRPC call's latency (every restore waits for its
         confirmation). Raises the daemon's first refusal, DaemonUnavailable if it is gone."""
-        for at in range(0, len(closes), fdpass.MAX_CLOSES):
+        for at in range(0, len(closes), fdsocket.MAX_CLOSES):
             sessions = [{"id": c.session_id, "ok": c.ok, "bytes": c.bytes,
                          "seconds": c.duration_s, "error": c.error}
-                        for c in closes[at : at + fdpass.MAX_CLOSES]]  # fmt: skip
+                        for c in closes[at : at + fdsocket.MAX_CLOSES]]  # fmt: skip
             reply = self._fd_request({"op": "close", "sessions": sessions},
                                      "while confirming a restore")  # fmt: skip
             if not reply.get("ok"):
@@ -762,8 +763,8 @@ class Client:
         when thawd does not answer within the timeout (`when`: " while ...", or "");
         a broken connection raises as it is."""
         try:
-            fdpass.send(sock, message)
-            return fdpass.recv(sock)
+            fdsocket.send(sock, message)
+            return fdsocket.recv(sock)
         except TimeoutError:
             raise errors.DaemonUnavailable(
                 f"thawd at {self.socket} did not answer{when} in {self.timeout} s "
@@ -798,7 +799,7 @@ class Client:
         came: RestoreResult.delivery).
         `in_flight`: direct GPU copies may still run on return (datapath.finish_copies).
         `mirror`: our map of the whole pool, when the request offered it."""
-        from thaw import datapath
+        from thaw.copy import datapath
 
         total = sum(t.length for t in info.tensors)
         entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length, t.checksum)
@@ -844,7 +845,7 @@ class Client:
         """A snapshot that is not pinned: thawd hands over the registered file's fd, which is
         read with pread and verified against the manifest thawd registered, tensor by tensor,
         as the bytes land (the file is the one part of the path thawd does not hold)."""
-        from thaw import restore
+        from thaw.copy import restore
 
         fds, _, _ = self._redeem(info.session_id)
         if progress is not None:
@@ -889,7 +890,7 @@ class Client:
         a pool buffer still being mapped the function that maps it up to a payload offset, and
         the function to call after the copy). None: this process cannot import the pool
         memory, a daemon copy must do."""
-        from thaw import datapath
+        from thaw.copy import datapath
 
         cuda = datapath.cuda_device(bindings) is not None
         cuda_only = all(b.tensor.device.type == "cuda" for b in bindings)
@@ -913,7 +914,7 @@ class Client:
             # Pool buffers stay mapped (and CUDA-registered) for this process's next restore
             # of the same buffer: mapping and registration are paid once per process.
             if kind == "vmm":
-                from thaw import vmm
+                from thaw.mem import vmm
 
                 device = datapath.cuda_device(bindings) or 0
                 # Lazy: the copy imports and maps chunk by chunk, overlapping it with DMA.
@@ -966,7 +967,7 @@ class Client:
         if kind == "vmm" and not cuda_only:
             holder.enable_host_access()
         if kind == "memfd" and cuda:
-            from thaw import cuda as cuda_mod
+            from thaw.mem import cuda as cuda_mod
 
             cuda_mod.register_host(holder.addr, register, read_only=True)
         ensure = holder.map_until if kind == "vmm" and holder.mapped < holder.size else None
@@ -997,8 +998,8 @@ class Client:
             return transfer  # type: ignore[return-value]
         import torch
 
-        from thaw import datapath
-        from thaw.dtypes import dtype_name
+        from thaw.copy import datapath
+        from thaw.format.dtypes import dtype_name
 
         named = datapath.model_tensors(model)
         if fingerprint is None:
@@ -1025,7 +1026,7 @@ class Client:
                      named: Any, cuda_only: bool) -> pb.BeginFreezeResponse:  # fmt: skip
         """Open a freeze session and copy the tensors into it: by daemon copy for CUDA
         tensors on a VMM pool, else into the pool buffer mapped here. Returns the session."""
-        from thaw import datapath
+        from thaw.copy import datapath
 
         # CUDA tensors: the daemon copies them into pool memory it mapped at start (CopyOut);
         # a process mapping a fresh pool buffer pays for it during the copy.
@@ -1068,13 +1069,13 @@ class Client:
     def _freeze_mapped(self, name: str, begin: pb.BeginFreezeResponse,
                        bindings: builtins.list[Any]) -> None:  # fmt: skip
         """Copy the tensors into the freeze session's pool buffer, mapped here."""
-        from thaw import datapath
+        from thaw.copy import datapath
 
         t0 = time.perf_counter()
         fds, sizes, _ = self._redeem(begin.session_id)
         try:
             if begin.pool_kind == pb.POOL_KIND_VMM:
-                from thaw import vmm
+                from thaw.mem import vmm
 
                 device = datapath.cuda_device(bindings) or 0
                 t_redeem = time.perf_counter()
@@ -1153,7 +1154,7 @@ def _is_vllm_llm(target: Any) -> bool:
 
 
 def _close_mapping(holder: Any) -> None:
-    cuda_mod = sys.modules.get("thaw.cuda")  # only a process that registered imported it
+    cuda_mod = sys.modules.get("thaw.mem.cuda")  # only a process that registered imported it
     if cuda_mod is not None and isinstance(holder, MemoryMapping) and holder.addr:
         cuda_mod.unregister_host(holder.addr)
     holder.close()

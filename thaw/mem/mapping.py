@@ -1,7 +1,7 @@
 """Mapping pool and snapshot fds into this process: the memory half of the data path.
 
 The daemon hands out fds (a sealed memfd pool buffer, a VMM host buffer, or the snapshot
-file itself); this module maps them and hands back addresses for thaw.datapath to copy from.
+file itself); this module maps them and hands back addresses for thaw.copy.datapath to copy from.
 thawd uses the same helpers to create, fill and seal memfd buffers.
 """
 

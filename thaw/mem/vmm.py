@@ -18,10 +18,10 @@ from typing import Any
 
 from cuda.bindings import driver as cu
 
-from thaw import cuda
 from thaw.errors import CudaError
+from thaw.mem import cuda
 
-log = logging.getLogger("thaw.vmm")
+log = logging.getLogger("thaw.mem.vmm")
 _POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
 GIB = 1 << 30
 

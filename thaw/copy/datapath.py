@@ -1,7 +1,7 @@
 """Moving a payload's bytes between host memory and a model's tensors.
 
-The host side is either a snapshot file (thaw.restore / thaw.freeze) or memory laid out like
-the payload (a thawd pool buffer, a mapped file). CPU tensors are copied with the native
+The host side is either a snapshot file (thaw.copy.restore / thaw.copy.freeze) or memory laid
+out like the payload (a thawd pool buffer, a mapped file). CPU tensors are copied with the native
 multi-threaded loops; CUDA tensors through pinned staging slots on two streams, or straight
 from host memory that CUDA can already reach (VMM-mapped or registered).
 """
@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from thaw import _native
-from thaw.dtypes import dtype_name
+from thaw.copy.pieces import Digests, Piece, Segment, plan
 from thaw.errors import ModelMismatch, TensorMismatch
-from thaw.fingerprint import Fingerprint
 from thaw.format import TensorEntry, verify_tensor
-from thaw.pieces import Digests, Piece, Segment, plan
+from thaw.format.dtypes import dtype_name
+from thaw.format.fingerprint import Fingerprint
 
 # 64 MB slots: on H200, 2-stream H2D in 64 MB chunks reaches 55.1 GB/s, 16 MB chunks 52.2.
 SLOT_SIZE = 64 << 20
@@ -196,7 +196,7 @@ class Staging:
     _cache_lock = threading.Lock()
 
     def __init__(self, device: int) -> None:
-        from thaw import cuda
+        from thaw.mem import cuda
 
         cuda.set_device(device)
         self.device = device
@@ -211,7 +211,7 @@ class Staging:
         """The pinned slots, allocated on first use: copies straight from GPU-accessible pool
         memory never need them, and 512 MB of cudaHostAlloc costs a new process ~0.1 s."""
         if not self._slots:
-            from thaw import cuda
+            from thaw.mem import cuda
 
             self._slots = [cuda.PinnedBuffer(SLOT_SIZE) for _ in range(SLOTS)]
         return self._slots
@@ -228,7 +228,7 @@ def warm_up(device: int) -> None:
     """Create `device`'s streams and make each call of a direct copy once, with nothing to
     copy: cuda.bindings resolves an entry point on its first call, and a process's first
     restore should not pay for it (connect() calls this in a process that uses CUDA)."""
-    from thaw import cuda
+    from thaw.mem import cuda
 
     staging = Staging.for_device(device)
     with staging.lock:
@@ -303,7 +303,7 @@ def copy_to_cuda(
     check checksums; this thread issues the H2D copies on alternating streams and hands a
     slot back, with the event that says its copy is done, as soon as the copies are queued.
     """
-    from thaw import cuda
+    from thaw.mem import cuda
 
     device = cuda_device(bindings)
     assert device is not None
@@ -377,7 +377,7 @@ def _copy_direct(
     `ensure_mapped(end)`, each copy is issued once the host memory it touches is mapped: a
     buffer still being mapped maps on while the earlier copies run. `in_flight`: return once
     issued, after copies this thread left in flight before (see `finish_copies`)."""
-    from thaw import cuda
+    from thaw.mem import cuda
 
     device = cuda_device(bindings)
     assert device is not None
@@ -420,7 +420,7 @@ def copy_direct_to_cuda(
     """H2D straight from GPU-accessible host memory laid out like the payload (a pool buffer).
     `in_flight`: return once the copies are issued, when no temporaries need them done; the
     caller calls `finish_copies(device)` before the tensors are used."""
-    from thaw import cuda
+    from thaw.mem import cuda
 
     targets = _Targets(bindings)
     in_flight = in_flight and not targets.temporaries
@@ -444,7 +444,7 @@ def copy_from_cuda(
     """Device-to-host through pinned staging: D2H on two streams from this thread, and
     `drain(slot_addr, piece)` (hash and write) on writer workers, overlapped. Gaps between
     tensors in a slot are zeroed so a snapshot's bytes do not depend on the slot's history."""
-    from thaw import cuda
+    from thaw.mem import cuda
 
     device = cuda_device(bindings)
     assert device is not None
@@ -500,7 +500,7 @@ def copy_direct_from_cuda(
     ensure_mapped: Callable[[int], None] | None = None,
 ) -> None:
     """D2H straight into GPU-accessible host memory laid out like the payload (freeze to pool)."""
-    from thaw import cuda
+    from thaw.mem import cuda
 
     sources = [b.tensor.contiguous() for b in bindings]
     _copy_direct(
@@ -549,9 +549,10 @@ def export_for_daemon(
 ) -> tuple[Any, Callable[[], int]]:
     """CUDA IPC mode, before any byte moves: export the allocations behind the bound CUDA
     tensors for thawd to copy into (`freeze`: to copy from). `index` maps a tensor name to its
-    place in the daemon's tensor list. Returns (thaw.ipc.Export, `finish`): call `finish()`
-    once the daemon has copied; it returns the bytes moved."""
-    from thaw import cuda, ipc
+    place in the daemon's tensor list. Returns (thaw.copy.daemon_copy.Export, `finish`): call
+    `finish()` once the daemon has copied; it returns the bytes moved."""
+    from thaw.copy import daemon_copy
+    from thaw.mem import cuda
 
     device = cuda_device(bindings)
     if device is None or any(b.tensor.device.type != "cuda" for b in bindings):
@@ -561,7 +562,7 @@ def export_for_daemon(
     targets = _Targets(bindings, copy_in=freeze)
     cuda.set_device(device)
     cuda.device_synchronize()  # the tensors are final and idle before another process copies
-    exported = ipc.export(
+    exported = daemon_copy.export(
         [(index[b.entry.name], targets.tensors[i]) for i, b in enumerate(bindings)
          if b.entry.length],
         device,

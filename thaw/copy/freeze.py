@@ -10,12 +10,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from thaw import _native, datapath
-from thaw.dtypes import dtype_name
-from thaw.fingerprint import Fingerprint
+from thaw import _native
+from thaw.copy import datapath
+from thaw.copy.pieces import Digests, Piece, plan
+from thaw.copy.restore import TransferStats
 from thaw.format import PAYLOAD_OFFSET, Manifest, SnapshotWriter, layout
-from thaw.pieces import Digests, Piece, plan
-from thaw.restore import TransferStats
+from thaw.format.dtypes import dtype_name
+from thaw.format.fingerprint import Fingerprint
 
 
 class _InOrder:

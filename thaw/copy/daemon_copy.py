@@ -18,8 +18,8 @@ from typing import Any
 from cuda.bindings import driver as cu
 from cuda.bindings import runtime as cudart
 
-from thaw import cuda
 from thaw.errors import CudaError, InvalidRequest
+from thaw.mem import cuda
 
 HANDLE_BYTES = 64
 # 64 MB copies alternating two streams: the measured way to the link's ceiling (DESIGN.md).

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import thaw._native as _native
-from thaw.dtypes import DTYPES, itemsize
 from thaw.errors import (
     BadMagic,
     ChecksumMismatch,
@@ -38,7 +37,8 @@ from thaw.errors import (
     TruncatedSnapshot,
     UnsupportedVersion,
 )
-from thaw.fingerprint import Fingerprint
+from thaw.format.dtypes import DTYPES, itemsize
+from thaw.format.fingerprint import Fingerprint
 
 MAGIC = b"THAWSNAP"
 VERSION = 1
