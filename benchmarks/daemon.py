@@ -252,7 +252,7 @@ def main() -> None:
 
 def freeze_into_daemon(
     args: argparse.Namespace,
-    client: thaw.daemon.client.Client,
+    client: thaw.client.Client,
     directory: Path,
     sync: Callable[[], None],
 ) -> tuple[int, dict[str, int], float]:
@@ -271,7 +271,7 @@ def freeze_into_daemon(
 
 def small_restore_latency(
     args: argparse.Namespace,
-    client: thaw.daemon.client.Client,
+    client: thaw.client.Client,
     directory: Path,
     sync: Callable[[], None],
 ) -> float:
@@ -317,7 +317,7 @@ def memcpy_rate(size: int, threads: int) -> float:
     return size / min(timed(run) for _ in range(3)) / 1e9
 
 
-def tensor_parallel(args: argparse.Namespace, client: thaw.daemon.client.Client, socket: str,
+def tensor_parallel(args: argparse.Namespace, client: thaw.client.Client, socket: str,
                     directory: Path) -> list[Row]:  # fmt: skip
     """Two ranks, each its own shard on its own GPU: alone, then both at the same time."""
     rows = []

@@ -21,7 +21,7 @@ _LAZY = {
     "freeze_file": "thaw.copy.freeze",
     "restore_file": "thaw.copy.restore",
     "TransferStats": "thaw.copy.restore",
-    "connect": "thaw.daemon.client",
+    "connect": "thaw.client",
     "fork": "thaw.kv.api",
 }
 

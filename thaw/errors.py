@@ -102,6 +102,21 @@ class RestoreIncomplete(ThawError):
     """
 
 
+# --- engines --------------------------------------------------------------------------------
+
+
+class SnapshotMissing(ThawError):
+    """The snapshot an engine was asked to load does not exist (in thawd or on disk)."""
+
+
+class EngineBusy(ThawError):
+    """The engine has unfinished requests: swapping weights under them would mix models."""
+
+
+class ExtensionMissing(ThawError):
+    """The engine's workers cannot be reached: the LLM lacks thaw's worker extension."""
+
+
 # --- the daemon -----------------------------------------------------------------------------
 
 

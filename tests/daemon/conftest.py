@@ -229,7 +229,7 @@ def run_client(
     prelude = f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\n"
     # Everything the child imports comes before the drop: the interpreter's own modules are
     # not readable by other uids here.
-    prelude += "import time, torch, thaw.daemon.client, thaw.errors\n"
+    prelude += "import time, torch, thaw.client, thaw.errors\n"
     prelude += "import thaw.copy.restore, thaw.copy.datapath\n"
     prelude += "import tests.daemon.conftest\n"
     if uid is not None:

@@ -14,8 +14,8 @@ import pytest
 from tests.daemon.conftest import ThawdProcess, random_tensors, write_snapshot
 from thaw import _native, errors
 from thaw._proto import thawd_pb2 as pb
+from thaw.client import connect
 from thaw.daemon import fdsocket
-from thaw.daemon.client import connect
 
 
 def rss_peak(pid: int) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from tests.daemon.conftest import ThawdProcess, write_snapshot
 from thaw import errors
-from thaw.daemon.client import connect
+from thaw.client import connect
 
 
 def big(seed: int) -> dict[str, torch.Tensor]:

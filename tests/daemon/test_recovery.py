@@ -15,7 +15,7 @@ import pytest
 
 from tests.daemon.conftest import ThawdProcess, make_dir, random_tensors, same, zeros_like
 from thaw import errors
-from thaw.daemon.client import connect
+from thaw.client import connect
 
 
 def test_a_killed_freeze_leaves_its_name_free_and_no_temporaries(thawd: ThawdProcess) -> None:

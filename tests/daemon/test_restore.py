@@ -24,8 +24,9 @@ from tests.daemon.conftest import (
     zeros_like,
 )
 from thaw import errors
+from thaw.client import connect
 from thaw.daemon import fdsocket
-from thaw.daemon.client import Event, Metrics, connect
+from thaw.daemon.client import Event, Metrics
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -47,14 +48,14 @@ def test_concurrent_processes_restore_bit_identically(shared_thawd: ThawdProcess
 sys.path.insert(0, {str(ROOT)!r})
 from tests.daemon.conftest import random_tensors, zeros_like
 from tests.daemon.test_restore import digest
-c = thaw.daemon.client.connect({shared_thawd.socket!r})
+c = thaw.client.connect({shared_thawd.socket!r})
 out = zeros_like(random_tensors(10, scale=8))
 results = [c.restore(out, "many").tier for _ in range(3)]
 print(json.dumps({{"digest": digest(out), "tiers": results}}))
 """
     prelude = (
         f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\n"
-        "import torch, thaw.daemon.client\n"
+        "import torch, thaw.client\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", prelude + code], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip

@@ -31,7 +31,7 @@ def open_thawd() -> ThawdProcess:
 def test_uid_outside_allow_list_is_refused(open_thawd: ThawdProcess) -> None:
     code = f"""
 try:
-    thaw.daemon.client.connect({open_thawd.socket!r}).list()
+    thaw.client.connect({open_thawd.socket!r}).list()
     print("ALLOWED")
 except thaw.errors.PermissionDenied as e:
     print("DENIED", e)
@@ -63,7 +63,7 @@ def test_register_requires_the_caller_to_read_the_file(open_thawd: ThawdProcess)
     unreadable = write_snapshot(open_thawd.dir / "mine.thaw", random_tensors(9))
     os.chmod(unreadable, 0o600)
     code = f"""
-c = thaw.daemon.client.connect({open_thawd.socket!r})
+c = thaw.client.connect({open_thawd.socket!r})
 out = {{}}
 for name, path in (("hidden", {str(hidden)!r}), ("mine", {str(unreadable)!r}),
                    ("public", {str(public)!r})):
@@ -80,8 +80,8 @@ print(json.dumps(out))
 
 
 def test_sessions_are_redeemed_only_by_their_uid(open_thawd: ThawdProcess) -> None:
+    from thaw.client import connect
     from thaw.daemon import fdsocket
-    from thaw.daemon.client import connect
     from thaw.errors import NotFound
 
     path = write_snapshot(open_thawd.dir / "s.thaw", random_tensors(11))

@@ -27,7 +27,7 @@ from tests.daemon.conftest import (
     zeros_like,
 )
 from thaw import errors
-from thaw.daemon.client import connect
+from thaw.client import connect
 
 pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="needs root to run clients as other uids")
 
@@ -81,7 +81,7 @@ def test_a_directory_swapped_after_register_serves_nothing_else(open_thawd: Thaw
     secret.mkdir(mode=0o700)  # root's: OWNER can neither list nor read it
     write_snapshot(secret / "s.thaw", random_tensors(21))
     result = client(OUTCOME + f"""
-c = thaw.daemon.client.connect({open_thawd.socket!r})
+c = thaw.client.connect({open_thawd.socket!r})
 c.register({str(path)!r}, "swapr")
 os.rename({str(mine)!r}, {str(base / "old")!r})
 os.symlink({str(secret)!r}, {str(mine)!r})
@@ -111,7 +111,7 @@ def test_a_directory_swapped_after_begin_freeze_writes_nothing_there(
     victim.chmod(0o644)
     before = (victim.stat().st_ino, victim.read_bytes())
     result = client(OUTCOME + f"""
-c = thaw.daemon.client.connect({open_thawd.socket!r})
+c = thaw.client.connect({open_thawd.socket!r})
 copy = c._freeze_copy
 def copy_then_swap(*args, **kwargs):
     begun = copy(*args, **kwargs)
@@ -147,7 +147,7 @@ def test_a_file_swapped_for_a_fifo_blocks_nobody(open_thawd: ThawdProcess) -> No
     os.chown(path, OWNER, OWNER)
     result = client(OUTCOME + f"""
 import time
-c = thaw.daemon.client.connect({open_thawd.socket!r})
+c = thaw.client.connect({open_thawd.socket!r})
 c.register({str(path)!r}, "fifo")
 os.unlink({str(path)!r})
 os.mkfifo({str(path)!r})
@@ -171,13 +171,13 @@ def test_only_the_owner_or_an_admin_changes_a_snapshot(open_thawd: ThawdProcess)
     path = write_snapshot(mine / "o.thaw", random_tensors(24))
     os.chown(path, OWNER, OWNER)
     client(f"""
-c = thaw.daemon.client.connect({open_thawd.socket!r})
+c = thaw.client.connect({open_thawd.socket!r})
 c.register({str(path)!r}, "owned")
 c.pin("owned")
 print(json.dumps({{}}))
 """)
     attempts = OUTCOME + f"""
-c = thaw.daemon.client.connect({open_thawd.socket!r})
+c = thaw.client.connect({open_thawd.socket!r})
 out = zeros_like(random_tensors(24))
 restored = outcome(lambda: c.restore(out, "owned").name)
 result = {{"restore": restored if same(out, random_tensors(24)) else "wrong bytes"}}
@@ -207,12 +207,12 @@ def test_a_client_of_another_uid_cannot_reopen_a_path_thawd_holds(
     path = write_snapshot(private / "p.thaw", random_tensors(25))
     os.chown(path, OWNER, OWNER)
     client(f"""
-c = thaw.daemon.client.connect({open_thawd.socket!r})
+c = thaw.client.connect({open_thawd.socket!r})
 c.register({str(path)!r}, "private-o")
 print(json.dumps({{}}))
 """)
     other = client(OUTCOME + f"""
-c = thaw.daemon.client.connect({open_thawd.socket!r})
+c = thaw.client.connect({open_thawd.socket!r})
 print(json.dumps({{"register": outcome(lambda: c.register({str(path)!r}, "mine-now").name)}}))
 """, uid=OTHER)  # fmt: skip
     assert other == {"register": "PermissionDenied"}
@@ -234,7 +234,7 @@ def test_posix_acls_are_honoured(open_thawd: ThawdProcess) -> None:
         pytest.skip("this filesystem has no POSIX ACLs")
     path = write_snapshot(shared / "a.thaw", random_tensors(26))
     code = OUTCOME + f"""
-c = thaw.daemon.client.connect({open_thawd.socket!r})
+c = thaw.client.connect({open_thawd.socket!r})
 print(json.dumps({{"register": outcome(lambda: c.register({str(path)!r}).name)}}))
 """
     assert client(code, uid=OTHER) == {"register": "a"}

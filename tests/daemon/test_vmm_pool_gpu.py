@@ -35,7 +35,7 @@ RESTORE = """
 g = torch.Generator(device="cuda").manual_seed({seed})
 expected = {{f"t{{i}}": torch.randn(1 << 20, generator=g, device="cuda") for i in range({n})}}
 target = {{k: torch.zeros_like(v) for k, v in expected.items()}}
-c = thaw.daemon.client.connect({socket!r})
+c = thaw.client.connect({socket!r})
 first = c.restore(target, {name!r})
 second = c.restore(target, {name!r})
 print(json.dumps([first.tier, first.delivery, second.delivery,
@@ -45,7 +45,7 @@ print(json.dumps([first.tier, first.delivery, second.delivery,
 
 def test_freeze_restore_and_fragmented_pool(thawd_factory) -> None:  # type: ignore[no-untyped-def]
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
-    from thaw.daemon.client import connect
+    from thaw.client import connect
 
     with connect(d.socket) as c:
         assert c.status().pool_kind == "vmm"
@@ -69,7 +69,7 @@ expected = {{f"t{{i}}": torch.randn(1 << 20, generator=g, device="cuda") for i i
 target = {{k: torch.zeros_like(v) for k, v in expected.items()}}
 # A non-contiguous target goes through a temporary the daemon copies into.
 target["t0"] = torch.zeros(2 << 20, device="cuda")[::2]
-c = thaw.daemon.client.connect({socket!r})
+c = thaw.client.connect({socket!r})
 results = [c.restore(target, {name!r}, mode={mode!r}).tier for _ in range(2)]
 cpu = {{k: torch.zeros(v.shape, dtype=v.dtype) for k, v in expected.items()}}
 cpu_tier = c.restore(cpu, {name!r}).tier if {cpu} else "skipped"
@@ -81,7 +81,7 @@ print(json.dumps([results, all(torch.equal(target[k], expected[k]) for k in expe
 
 def test_daemon_copies_over_cuda_ipc_when_asked(thawd_factory) -> None:  # type: ignore[no-untyped-def]
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
-    from thaw.daemon.client import connect
+    from thaw.client import connect
 
     with connect(d.socket) as c:
         c.freeze(cuda_tensors(4, 3), "a")
@@ -96,7 +96,7 @@ def test_daemon_copies_over_cuda_ipc_when_asked(thawd_factory) -> None:  # type:
 def test_share_pool_false_maps_no_pool_memory(thawd_factory) -> None:  # type: ignore[no-untyped-def]
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK,
                                     share_pool=False)  # fmt: skip
-    from thaw.daemon.client import connect
+    from thaw.client import connect
 
     with connect(d.socket) as c:
         assert c.status().share_pool is False
@@ -112,7 +112,7 @@ def test_share_pool_false_maps_no_pool_memory(thawd_factory) -> None:  # type: i
 
 def test_expandable_segments_cannot_take_a_daemon_copy(thawd_factory) -> None:  # type: ignore[no-untyped-def]
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
-    from thaw.daemon.client import connect
+    from thaw.client import connect
 
     with connect(d.socket) as c:
         c.freeze(cuda_tensors(6, 1), "e")
@@ -131,7 +131,7 @@ FREEZE_EXPANDABLE = """
 os.environ['PYTORCH_CUDA_ALLOC_CONF'] = 'expandable_segments:True'
 g = torch.Generator(device="cuda").manual_seed(7)
 tensors = {{f"t{{i}}": torch.randn(1 << 20, generator=g, device="cuda") for i in range(2)}}
-c = thaw.daemon.client.connect({socket!r})
+c = thaw.client.connect({socket!r})
 c.freeze(tensors, "x")  # no IPC handle for these allocations: the client maps the pool instead
 target = {{k: torch.zeros_like(v) for k, v in tensors.items()}}
 c.restore(target, "x")
@@ -154,7 +154,7 @@ for seed in range(3):
                              for i in range(2)}}
 targets = {{n: {{k: torch.zeros_like(v) for k, v in t.items()}} for n, t in expected.items()}}
 targets["m1"]["t1"] = torch.zeros(2 << 20, device="cuda")[::2]  # a temporary: waited for
-c = thaw.daemon.client.connect({socket!r})
+c = thaw.client.connect({socket!r})
 for _ in range(2):  # from the whole pool, mapped at connect, both times
     results = c.restore_many([(targets[n], n) for n in expected])
     ok = all(torch.equal(targets[n][k], expected[n][k]) for n in expected for k in expected[n])
@@ -164,7 +164,7 @@ for _ in range(2):  # from the whole pool, mapped at connect, both times
 
 def test_restore_many_into_cuda_tensors(thawd_factory) -> None:  # type: ignore[no-untyped-def]
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
-    from thaw.daemon.client import connect
+    from thaw.client import connect
 
     with connect(d.socket) as c:
         for seed in range(3):
@@ -181,8 +181,8 @@ def test_daemon_copy_refuses_bad_requests(thawd_factory) -> None:  # type: ignor
     """An unknown GPU and a copy past the end of its region are refused by name."""
     from thaw import errors
     from thaw._proto import thawd_pb2 as pb
+    from thaw.client import connect
     from thaw.copy import daemon_copy
-    from thaw.daemon.client import connect
 
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     with connect(d.socket) as c:
@@ -230,7 +230,7 @@ def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore
     by former clients) and a new one comes with the restarted thawd's pool."""
     import time
 
-    from thaw.daemon.client import connect
+    from thaw.client import connect
 
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     torch.cuda.init()  # connect() maps the pool in a process that uses CUDA
@@ -263,7 +263,7 @@ def test_a_restore_holding_the_map_survives_a_thawd_restart(thawd_factory) -> No
     wait for it in the same thread (a deadlock before)."""
     import threading
 
-    from thaw.daemon.client import connect
+    from thaw.client import connect
 
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     torch.cuda.init()

@@ -196,7 +196,7 @@ def test_doctor_as_a_user_outside_the_sockets_group(thawd):
     code = f"""
 import os, sys, json
 sys.path.insert(0, {str(ROOT)!r})
-import thaw.daemon.client, thaw.errors, thaw.daemon.fdsocket
+import thaw.client, thaw.errors, thaw.daemon.fdsocket
 from thawctl import cli, doctor, sockets, render, schema, exitcodes
 try:
     import thaw.mem.cuda, thaw.mem.vmm

@@ -317,11 +317,11 @@ def default_socket() -> str:
 def connect(socket: str | None = None, *, timeout: float = 30.0) -> Client:
     """Connect to the local thawd; raises DaemonUnavailable (with how to start it) if none runs."""
     client = Client(socket or default_socket(), timeout=timeout)
-    _prepare(client)
+    prepare(client)
     return client
 
 
-def _prepare(client: Client) -> None:
+def prepare(client: Client) -> None:
     """In a process with torch, import the data path now rather than inside the first
     restore (milliseconds that an engine's first restore would pay); in one that already
     uses CUDA, also map thawd's pool for its GPU (in the background) and make the driver
@@ -556,7 +556,7 @@ class Client:
 
     # --- restore and freeze -------------------------------------------------------------------
 
-    def restore(self, target: Any, name: str, *, strict: bool = True,
+    def restore_tensors(self, target: Any, name: str, *, strict: bool = True,
                 expect: Fingerprint | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 mode: str | None = None) -> RestoreResult:  # fmt: skip
@@ -572,16 +572,11 @@ class Client:
         cannot import it; "ipc" never maps pool memory: thawd copies into this process's CUDA
         tensors over CUDA IPC (the file is mapped instead for unpinned snapshots).
         """
-        if _is_vllm_llm(target):  # every rank of a live engine, through its workers
-            from thaw.vllm import api as thaw_vllm
-
-            swapped = thaw_vllm.restore(target, name, socket=self.socket, daemon="require")
-            return swapped  # type: ignore[return-value]
         return self._restore([(target, name)], strict, expect, progress, mode)[0]
 
     def restore_many(self, items: Sequence[tuple[Any, str]], *, strict: bool = True,
                      mode: str | None = None) -> builtins.list[RestoreResult]:  # fmt: skip
-        """Restore several snapshots, each `(target, name)` as `restore` would, with the
+        """Restore several snapshots, each `(target, name)` as `restore_tensors` would, with the
         control calls of all of them overlapped: one round trip to thawd to open them all and
         one to confirm them all, instead of two per snapshot (KV prefixes of many requests, a
         model's parts). The copies run one after the other. When one fails, the ones before
@@ -980,7 +975,7 @@ class Client:
         if cached is not None:
             _close_mapping(cached[1])
 
-    def freeze(self, model: Any, name: str, path: str | None = None,
+    def freeze_tensors(self, model: Any, name: str, path: str | None = None,
                fingerprint: Fingerprint | None = None, *,
                labels: Mapping[str, str] | None = None, pin: bool = True,
                wait: bool = False) -> SnapshotRecord:  # fmt: skip
@@ -990,12 +985,6 @@ class Client:
         file is durable). `path` defaults to the daemon's state directory. pin=False leaves it
         demotable once written.
         """
-        if _is_vllm_llm(model):  # one snapshot per rank, frozen by the engine's workers
-            from thaw.vllm import api as thaw_vllm
-
-            transfer = thaw_vllm.freeze(model, name, path=path, socket=self.socket,
-                                        daemon="require", labels=labels, pin=pin)  # fmt: skip
-            return transfer  # type: ignore[return-value]
         import torch
 
         from thaw.copy import datapath
@@ -1145,12 +1134,6 @@ def _from_pool(name: str, info: pb.OpenRestoreResponse, mirror: Any) -> _Source:
         raise errors.DaemonError(f"restore of {name!r}: DELIVERY_POOL without a pool map")
     start = info.pool_offset
     return mirror.addr + start, True, mirror.mapper(start), _nothing
-
-
-def _is_vllm_llm(target: Any) -> bool:
-    """A `vllm.LLM`, recognised by class without importing vllm (thaw never imports it)."""
-    return any(c.__name__ == "LLM" and c.__module__.startswith("vllm.")
-               for c in type(target).__mro__)  # fmt: skip
 
 
 def _close_mapping(holder: Any) -> None:

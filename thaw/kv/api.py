@@ -17,8 +17,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from thaw.engines import weights
 from thaw.errors import AlreadyExists, NotFound, ThawError
-from thaw.kv import weights
 from thaw.kv.store import KVSpec, rank_name, read_labels, spec_from_vllm_config
 
 CONNECTOR = "ThawKVConnector"
@@ -109,7 +109,7 @@ def _encode(llm: Any, prompt: str, special: bool = True) -> list[int]:
 
 def engine_spec(llm: Any) -> KVSpec:
     """The KV spec of `llm` with the weights it holds now: what thaw.vllm.restore last put
-    into it, else what its config loads (thaw/kv/weights.py)."""
+    into it, else what its config loads (thaw/engines/weights.py)."""
     config = llm.llm_engine.vllm_config
     parts = weights.remembered(llm) or weights.from_vllm_config(config)
     return spec_from_vllm_config(config, weights.combine(parts) if parts else "")
@@ -200,7 +200,7 @@ def restore(llm: Any, name: str) -> KVPrefix:
             for shard in (rank_name(name, rank) for rank in range(stored.tp_size)):  # every rank
                 if client.stat(shard).tier != "pinned":
                     client.pin(shard)
-            client.restore({TOKEN_IDS: ids}, name, strict=False)
+            client.restore_tensors({TOKEN_IDS: ids}, name, strict=False)
     else:
         from thaw.copy.restore import restore_file
 

@@ -8,7 +8,7 @@ blocks go into which allocated block ids, and, on the step that finishes a promp
 which full blocks to save. Worker side: loads blocks (from thawd's pinned tier, or the file)
 into the engine's KV tensors before the forward; saves blocks after it.
 
-KV belongs to the weights that computed it (thaw/kv/weights.py). The chain keys start from
+KV belongs to the weights that computed it (thaw/engines/weights.py). The chain keys start from
 the engine's weights identity: derived from its config at start, unknown after a connector
 reset (`reset_prefix_cache(reset_connector=True)`, which thaw.vllm.restore calls after every
 in-place restore) until the workers report what they hold, which they do every step. While
@@ -34,8 +34,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from thaw.engines import weights
 from thaw.errors import KVMismatch
-from thaw.kv import weights
 from thaw.kv.store import (
     AUTO_LABEL,
     KVStore,

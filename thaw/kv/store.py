@@ -8,7 +8,7 @@ A KV snapshot holds one prefix of full blocks (format 2):
 
 (two tensors, not one per layer: a restore's fixed cost grows with its tensor count, and a
 4k-token prefix of an 8B model is only ~10 ms of copying), and records in its fingerprint
-labels what the bytes mean (the identity of the weights that computed them, thaw/kv/weights.py;
+labels what the bytes mean (the identity of the weights that computed them, thaw/engines/weights.py;
 dtype, layout, block size and shape, layers) plus, for the record only, vLLM's prefix-cache
 hash algorithm and seed of the engine that wrote it. Blocks are looked up by *our* chain key:
 SHA-256 over the KV spec and the token ids of the block and all blocks before it. The key is a
@@ -65,7 +65,7 @@ SPEC_FIELDS = ("weights", "dtype", "layout", "block_size", "block_shape", "num_l
 class KVSpec:
     """What KV bytes mean: two engines with equal specs can exchange blocks as raw bytes."""
 
-    weights: str  # the engine's loaded weights (thaw.kv.weights.combine); "" = not known
+    weights: str  # the engine's loaded weights (thaw.engines.weights.combine); "" = not known
     dtype: str  # KV cache dtype, e.g. "float32"
     layout: str  # e.g. "cpu-LBHNC": vLLM CPU, one [blocks, kv_heads, block, 2*head] per layer
     block_size: int
@@ -82,13 +82,6 @@ class KVSpec:
         fields["tp"] = [self.tp_rank, self.tp_size]
         fields["format"] = FORMAT
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-
-    @property
-    def block_bytes(self) -> int:
-        n = 1
-        for d in self.block_shape:
-            n *= d
-        return n * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
 
     def labels(self) -> dict[str, str]:
         return {
@@ -142,7 +135,7 @@ class KVSpec:
 
 def spec_from_vllm_config(vllm_config: Any, weights: str = "") -> KVSpec:
     """The KV spec an engine with this VllmConfig and these loaded `weights` (an identity
-    from thaw.kv.weights) has; valid in every vLLM process."""
+    from thaw.engines.weights) has; valid in every vLLM process."""
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     kv_heads = mc.get_num_kv_heads(pc)
     head = mc.get_head_size()
@@ -367,7 +360,7 @@ class KVStore:
         n = int(labels["kv.blocks"])
         ids = torch.empty(n, self.spec.block_size, dtype=torch.int64)
         if self.client is not None:
-            self.client.restore({TOKEN_IDS: ids}, name, strict=False)
+            self.client.restore_tensors({TOKEN_IDS: ids}, name, strict=False)
         else:
             from thaw.copy.restore import restore_file
 
@@ -446,8 +439,9 @@ class KVStore:
         tried: set[str] = set()
         while True:
             try:
-                self.client.freeze(tensors, name, self.path_for(name) or None, fingerprint,
-                                   labels=fingerprint.labels, pin=True)  # fmt: skip
+                self.client.freeze_tensors(tensors, name, self.path_for(name) or None,
+                                           fingerprint, labels=fingerprint.labels,
+                                           pin=True)  # fmt: skip
                 return
             except BudgetExceeded:
                 victim = self._least_recent_save(tried)

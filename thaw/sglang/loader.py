@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from thaw.vllm.common import Options, resolve
+from thaw.engines.options import Options
+from thaw.engines.ranks import resolve
 
 
 class ThawSGLangLoader:
@@ -43,10 +44,11 @@ class ThawSGLangLoader:
         from sglang.srt.model_loader.utils import set_default_torch_dtype
 
         from thaw.copy.datapath import model_tensors
+        from thaw.engines.fingerprints import model_name
+        from thaw.engines.sources import locate
+        from thaw.engines.transfer import read_rank, write_rank
         from thaw.format.dtypes import dtype_name
         from thaw.sglang.core import fingerprint
-        from thaw.vllm.common import model_name
-        from thaw.vllm.transfer import locate, read_rank, write_rank
 
         started = time.perf_counter()
         device = torch.device(device_config.device)

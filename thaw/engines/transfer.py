@@ -1,65 +1,69 @@
-"""Moving one rank's tensors to and from its snapshot (thawd or file). No vllm import."""
+"""Moving one rank's tensors to and from its snapshot (thawd or the file), and what moved."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from thaw.errors import DaemonUnavailable
-from thaw.format.fingerprint import Fingerprint, check
-from thaw.vllm.common import (
-    Options,
-    RankRef,
-    RankTransfer,
-    SnapshotMissing,
+from thaw.engines.fingerprints import without
+from thaw.engines.options import Options
+from thaw.engines.ranks import RankRef
+from thaw.engines.sources import (
     Source,
-    connect_daemon,
-    find_source,
+    check_before_copy,
+    client_for,
+    locate,
     missing_message,
-    without,
 )
+from thaw.errors import SnapshotMissing
+from thaw.format.fingerprint import Fingerprint
 
-_CLIENTS: dict[str, Any] = {}
-
-
-def client_for(options: Options) -> Any:
-    """One thawd client per socket and process: its pool mappings are reused by later restores."""
-    if options.daemon == "never":
-        return None
-    key = options.socket or ""
-    client = _CLIENTS.get(key)
-    if client is None:
-        client = connect_daemon(options)
-        if client is not None:
-            _CLIENTS[key] = client
-    return client
+if TYPE_CHECKING:
+    from thaw.daemon.client import Client
 
 
-def locate(ref: RankRef, options: Options) -> tuple[Source, Any]:
-    """The source of a rank's snapshot and the client to use for it (None: the file).
+@dataclasses.dataclass(frozen=True)
+class RankTransfer:
+    """What one rank moved."""
 
-    A thawd that went away since this process connected is forgotten and asked for again:
-    with daemon="auto" and no thawd running, a file given is read instead (daemon="require"
-    raises DaemonUnavailable)."""
-    client = client_for(options)
-    try:
-        source = find_source(ref, client)
-    except DaemonUnavailable:
-        stale = _CLIENTS.pop(options.socket or "", None)
-        if stale is not None:
-            with contextlib.suppress(Exception):  # its sockets are dead already
-                stale.close()
-        client = client_for(options)
-        source = find_source(ref, client)
-    return source, client
+    rank: int
+    snapshot: str
+    source: str  # thawd | file | checkpoint (freeze_on_miss) | engine
+    tier: str  # pinned | warm | cold | file | ""
+    bytes: int
+    seconds: float
+    content_id: str = ""  # what the rank holds now (thaw.engines.weights), "" when not known
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
-def check_before_copy(source: Source, expect: Fingerprint, options: Options) -> None:
-    """FingerprintMismatch naming each difference, raised before a byte moves."""
-    if source.fingerprint is not None:
-        check(without(expect, options.ignore), source.fingerprint)
+@dataclasses.dataclass(frozen=True)
+class EngineTransfer:
+    """A restore or freeze across all ranks of an engine."""
+
+    snapshot: str
+    ranks: tuple[RankTransfer, ...]
+    seconds: float
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.ranks)
+
+    @property
+    def tier(self) -> str:
+        tiers = {r.tier for r in self.ranks}
+        return tiers.pop() if len(tiers) == 1 else ",".join(sorted(tiers))
+
+    @property
+    def paths(self) -> list[str]:
+        return [r.snapshot for r in self.ranks]
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
 
 def read_rank(
@@ -69,7 +73,7 @@ def read_rank(
     expect: Fingerprint,
     rank: int,
     source: Source | None = None,
-    client: Any = None,
+    client: Client | None = None,
 ) -> RankTransfer:
     """Restore `named` (this rank's tensors) from its snapshot; fingerprint checked first."""
     if source is None:
@@ -80,7 +84,8 @@ def read_rank(
     started = time.perf_counter()
     fp = without(expect, options.ignore)
     if source.kind == "thawd":
-        result = client.restore(list(named), source.name, expect=fp)
+        assert client is not None
+        result = client.restore_tensors(list(named), source.name, expect=fp)
         return RankTransfer(rank, source.name, "thawd", result.tier, result.bytes,
                             time.perf_counter() - started, result.content_id)  # fmt: skip
     from thaw.copy.restore import restore_file
@@ -104,7 +109,7 @@ def write_rank(
     started = time.perf_counter()
     client = client_for(options) if ref.name else None
     if ref.name and client is not None:
-        record = client.freeze(
+        record = client.freeze_tensors(
             list(named), ref.name, ref.path or None, fingerprint, pin=options.pin, wait=True
         )
         return RankTransfer(rank, ref.name, source_kind, record.tier, record.size_bytes,
@@ -119,4 +124,3 @@ def write_rank(
     stats = freeze_file(list(named), ref.path, fingerprint=fingerprint)
     return RankTransfer(rank, ref.path, source_kind, "file", stats.bytes,
                         time.perf_counter() - started, stats.content_id)  # fmt: skip
-
