@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from thaw.daemon import client as daemon
-from thaw.daemon.client import RestoreResult, SnapshotRecord, default_socket
+from thaw.daemon.client import default_socket
+from thaw.daemon.records import RestoreResult, SnapshotRecord
 from thaw.engines.adapter import EngineAdapter
 from thaw.engines.transfer import EngineTransfer
 from thaw.format.fingerprint import Fingerprint

@@ -68,7 +68,7 @@ class Context:
         --timeout seconds at most for it to connect and for each short call; a socket that
         cannot be thawd's says what is wrong with that path (thawctl/sockets.py)."""
         import thaw
-        from thaw.daemon.client import default_socket
+        from thaw.client import default_socket
         from thaw.errors import DaemonUnavailable
 
         try:

@@ -77,7 +77,7 @@ def run_doctor(ctx: Context) -> int:
 
 def diagnose(ctx: Context) -> list[Check]:
     """Every check, in the order an operator fixes things: reach thawd, then tune it."""
-    from thaw.daemon.client import default_socket
+    from thaw.client import default_socket
 
     path = ctx.socket or default_socket()
     checks = [socket_check(path), group_check(path)]
@@ -185,7 +185,7 @@ def _group(gid: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class _Daemon:
     check: Check
-    status: Any = None  # thaw.daemon.client.DaemonStatus when thawd answered
+    status: Any = None  # thaw.daemon.records.DaemonStatus when thawd answered
     snapshots: tuple[Any, ...] = ()
 
 

@@ -51,7 +51,7 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def run_events(ctx: Context) -> int:
-    from thaw.daemon.client import Event
+    from thaw.daemon.records import Event
 
     args = ctx.args
     kinds = {k.strip() for text in args.kind for k in text.split(",") if k.strip()}

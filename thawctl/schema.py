@@ -18,13 +18,13 @@ def known(value: Any) -> Any:
     NA is falsy but not None: `known()` turns it into JSON null and into "-" in tables, and
     keeps a real 0 a 0.
     """
-    from thaw.daemon.client import NA
+    from thaw.daemon.records import NA
 
     return None if value is NA else value
 
 
 def snapshot(r: Any) -> dict[str, Any]:
-    """A thaw.daemon.client.SnapshotRecord."""
+    """A thaw.daemon.records.SnapshotRecord."""
     fingerprint = known(r.fingerprint)
     return {
         "name": r.name,
@@ -61,7 +61,7 @@ def gpu(g: Any) -> dict[str, Any]:
 
 
 def status(s: Any) -> dict[str, Any]:
-    """A thaw.daemon.client.DaemonStatus."""
+    """A thaw.daemon.records.DaemonStatus."""
     return {
         "version": s.version,
         "api_version": s.api_version,

@@ -68,7 +68,7 @@ def test_begin_freeze_is_bounded_and_answered_beside_other_clients(
     daemon = thawd_factory(pinned_budget="4GiB")  # type: ignore[operator]
     with connect(daemon.socket) as c:
         def begin(tensors: list[pb.TensorSpec]) -> pb.BeginFreezeResponse:
-            return c._call("BeginFreeze", pb.BeginFreezeRequest(name="many", tensors=tensors))
+            return c._conn.call("BeginFreeze", pb.BeginFreezeRequest(name="many", tensors=tensors))
 
         too_many = [pb.TensorSpec(name=f"t{i}", dtype="float32", shape=[1])
                     for i in range(300_000)]  # fmt: skip
@@ -106,7 +106,7 @@ def test_begin_freeze_is_bounded_and_answered_beside_other_clients(
             done.set()
             prober.join()
         assert len(begun.tensors) == 200_000
-        c._call("AbortFreeze", pb.AbortFreezeRequest(session_id=begun.session_id))
+        c._conn.call("AbortFreeze", pb.AbortFreezeRequest(session_id=begun.session_id))
         assert latencies and max(latencies) < 1.0, max(latencies)
     assert "Traceback" not in daemon.log.read_text()
 
@@ -141,9 +141,9 @@ def test_a_flood_of_bad_requests_is_a_few_log_lines(thawd: ThawdProcess) -> None
     with connect(thawd.socket) as c:
         for i in range(200):
             with pytest.raises(errors.InvalidRequest):
-                c._call("Stat", pb.StatRequest(name=f"bad name {i}"))
+                c._conn.call("Stat", pb.StatRequest(name=f"bad name {i}"))
         with pytest.raises(grpc.RpcError):  # and a raw call the client library would not make
-            c._stub.Pin(pb.PinRequest(name="x", tier=7), metadata=c._metadata(),
+            c._conn._stub.Pin(pb.PinRequest(name="x", tier=7), metadata=c._conn.metadata(),
                         timeout=5).next()  # fmt: skip
     time.sleep(0.2)
     log = thawd.log.read_text()

@@ -7,7 +7,7 @@ import pytest
 from tests.daemon.conftest import ThawdProcess, random_tensors, same, write_snapshot, zeros_like
 from thaw import errors
 from thaw.client import connect
-from thaw.daemon.client import NA
+from thaw.daemon.records import NA
 
 
 def test_register_list_stat_unregister(shared_thawd: ThawdProcess) -> None:

@@ -26,7 +26,7 @@ from tests.daemon.conftest import (
 from thaw import errors
 from thaw.client import connect
 from thaw.daemon import fdsocket
-from thaw.daemon.client import Event, Metrics
+from thaw.daemon.records import Event, Metrics
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -126,25 +126,27 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
             assert result.tier == "pinned" and same(out, tensors)
             deliveries.append(result.delivery)
         assert deliveries == ["fds", "mapped"]
-        buffer_id = c._mappings["modes"][0]
-        again = c._call("OpenRestore", pb.OpenRestoreRequest(name="modes", mapped_buffer=buffer_id))
+        buffer_id = c._restores._mappings["modes"][0]
+        conn = c._conn
+        request = pb.OpenRestoreRequest(name="modes", mapped_buffer=buffer_id)
+        again = conn.call("OpenRestore", request)
         assert (again.delivery, again.buffer_id) == (pb.DELIVERY_MAPPED, buffer_id)
         with pytest.raises(errors.NotFound):  # nothing waits on the fd socket
-            c._redeem(again.session_id)
-        c._call("CloseRestore", pb.CloseRestoreRequest(session_id=again.session_id, ok=False))
+            c._conn.redeem(again.session_id)
+        c._conn.call("CloseRestore", pb.CloseRestoreRequest(session_id=again.session_id, ok=False))
 
-        no_share = c._call("OpenRestore", pb.OpenRestoreRequest(name="modes", daemon_copy=True))
+        no_share = conn.call("OpenRestore", pb.OpenRestoreRequest(name="modes", daemon_copy=True))
         assert (no_share.delivery, no_share.pool_kind) == (pb.DELIVERY_FDS, pb.POOL_KIND_FILE)
         with pytest.raises(errors.InvalidRequest, match="VMM pool"):
-            c._call("CopyInto", pb.DaemonCopyRequest(session_id=no_share.session_id))
-        c._call("CloseRestore", pb.CloseRestoreRequest(session_id=no_share.session_id, ok=False))
+            c._conn.call("CopyInto", pb.DaemonCopyRequest(session_id=no_share.session_id))
+        conn.call("CloseRestore", pb.CloseRestoreRequest(session_id=no_share.session_id, ok=False))
 
-        begin = c._call("BeginFreeze", pb.BeginFreezeRequest(
+        begin = c._conn.call("BeginFreeze", pb.BeginFreezeRequest(
             name="modes-out", tensors=[pb.TensorSpec(name="w", dtype="float32", shape=[4])],
             daemon_copy=True))  # fmt: skip
         with pytest.raises(errors.InvalidRequest, match="VMM pool"):
-            c._call("CopyOut", pb.DaemonCopyRequest(session_id=begin.session_id))
-        c._call("AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id))
+            c._conn.call("CopyOut", pb.DaemonCopyRequest(session_id=begin.session_id))
+        c._conn.call("AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id))
 
         with pytest.raises(errors.InvalidRequest, match="CUDA tensors only"):
             c.restore(zeros_like(tensors), "modes", mode="ipc")
@@ -153,14 +155,14 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
         assert c.stat("modes").clients == 0
 
         # Confirmations go on the fd socket; unknown and malformed ones are refused by name.
-        reply, _ = c._fd_call({"op": "close", "sessions": [{"id": "nope", "ok": True}]})
+        reply, _ = c._conn.fd_call({"op": "close", "sessions": [{"id": "nope", "ok": True}]})
         assert (reply["ok"], reply["error"]) == (False, "NotFound")
-        reply, _ = c._fd_call({"op": "close", "sessions": "nope"})
+        reply, _ = c._conn.fd_call({"op": "close", "sessions": "nope"})
         assert (reply["ok"], reply["error"]) == (False, "InvalidRequest")
         assert "sessions must be a list" in reply["message"]
 
         # A memfd pool is not one to map whole: no pool in the auth reply, "pool" refused.
-        assert c._pool is None and not c.map_pool(0)
+        assert c._conn._pool is None and not c.map_pool(0)
         sock = fdsocket.connect(fdsocket.fd_socket_path(shared_thawd.socket))
         with sock:
             fdsocket.send(sock, {"op": "pool", "start": 0})
@@ -173,9 +175,9 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
         assert "start must be an integer" in bad["message"]
         # A pool id the daemon does not have changes nothing: the buffer's fds, as before.
         c.forget("modes")
-        opened = c._call("OpenRestore", pb.OpenRestoreRequest(name="modes", pool_id=12345))
+        opened = c._conn.call("OpenRestore", pb.OpenRestoreRequest(name="modes", pool_id=12345))
         assert opened.delivery == pb.DELIVERY_FDS
-        c._call("CloseRestore", pb.CloseRestoreRequest(session_id=opened.session_id, ok=False))
+        c._conn.call("CloseRestore", pb.CloseRestoreRequest(session_id=opened.session_id, ok=False))
         c.unpin("modes")
         assert c.restore(zeros_like(tensors), "modes").delivery == "file"
 
@@ -190,13 +192,13 @@ def test_memory_under_an_open_restore_is_not_dropped(shared_thawd: ThawdProcess)
     with connect(shared_thawd.socket) as c:
         c.register(path, "held")
         c.pin("held")
-        opened = c._call("OpenRestore", pb.OpenRestoreRequest(name="held"))
+        opened = c._conn.call("OpenRestore", pb.OpenRestoreRequest(name="held"))
         with pytest.raises(errors.InvalidRequest, match=r"busy \(1 restore\(s\) open\)"):
             c.unpin("held")
         with pytest.raises(errors.InvalidRequest, match="busy"):
             c.unregister("held")
         assert c.stat("held").tier == "pinned"
-        c._close_sessions([pb.CloseRestoreRequest(session_id=opened.session_id, ok=False)])
+        c._restores.close_sessions([pb.CloseRestoreRequest(session_id=opened.session_id, ok=False)])
         assert c.unpin("held").tier == "cold"
         c.unregister("held")
 
@@ -246,12 +248,12 @@ def test_restores_open_on_the_fd_socket(shared_thawd: ThawdProcess) -> None:
     with connect(shared_thawd.socket) as c:
         c.register(write_snapshot(shared_thawd.dir / "fd-small.thaw", small), "fd-small")
         c.register(write_snapshot(shared_thawd.dir / "fd-large.thaw", large), "fd-large")
-        reply, _ = c._fd_call({"op": "open", "restores": encoded("fd-small")})
+        reply, _ = c._conn.fd_call({"op": "open", "restores": encoded("fd-small")})
         assert reply["ok"] and len(reply["opened"]) == 1
         opened = pb.OpenRestoreResponse.FromString(base64.b64decode(reply["opened"][0]))
         assert {t.name for t in opened.tensors} == set(small) and opened.session_id
         assert c.stat("fd-small").clients == 1
-        c._close_sessions([pb.CloseRestoreRequest(session_id=opened.session_id, ok=False)])
+        c._restores.close_sessions([pb.CloseRestoreRequest(session_id=opened.session_id, ok=False)])
         assert c.stat("fd-small").clients == 0
 
         for restores, error, says in (
@@ -263,11 +265,11 @@ def test_restores_open_on_the_fd_socket(shared_thawd: ThawdProcess) -> None:
             ([base64.b64encode(b"\xff\xff\xff").decode()], "InvalidRequest", "Error parsing"),
             (encoded("fd-small", "fd-large"), fdsocket.TOO_LARGE, "open over gRPC"),
         ):
-            reply, _ = c._fd_call({"op": "open", "restores": restores})
+            reply, _ = c._conn.fd_call({"op": "open", "restores": restores})
             assert (reply["ok"], reply["error"]) == (False, error), reply
             assert says in reply["message"]
         # A batch that fails part way leaves nothing open.
-        reply, _ = c._fd_call({"op": "open", "restores": encoded("fd-small", "nope")})
+        reply, _ = c._conn.fd_call({"op": "open", "restores": encoded("fd-small", "nope")})
         assert reply["error"] == "NotFound" and c.stat("fd-small").clients == 0
 
         out = {k: torch.zeros_like(v) for k, v in large.items()}
@@ -293,13 +295,13 @@ def test_a_stopping_thawd_opens_no_restore(thawd: ThawdProcess) -> None:
     c.register(write_snapshot(thawd.dir / "d.thaw", random_tensors(42)), "d")
     opening = pb.OpenRestoreRequest(name="d").SerializeToString()
     request = {"op": "open", "restores": [base64.b64encode(opening).decode()]}
-    assert c._fd_call(request)[0]["ok"]  # an open restore: the drain waits for it
+    assert c._conn.fd_call(request)[0]["ok"]  # an open restore: the drain waits for it
     os.kill(thawd.pid, signal.SIGTERM)
     deadline = time.monotonic() + 1.5  # within drain_grace_s (2 s)
-    reply = c._fd_call(request)[0]
+    reply = c._conn.fd_call(request)[0]
     while reply["ok"] and time.monotonic() < deadline:
         time.sleep(0.02)
-        reply = c._fd_call(request)[0]
+        reply = c._conn.fd_call(request)[0]
     assert (reply["ok"], reply["error"]) == (False, "DaemonUnavailable")
     assert "thawd is stopping" in reply["message"]
     thawd.proc.wait(timeout=30)

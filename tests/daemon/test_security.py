@@ -87,7 +87,7 @@ def test_sessions_are_redeemed_only_by_their_uid(open_thawd: ThawdProcess) -> No
     path = write_snapshot(open_thawd.dir / "s.thaw", random_tensors(11))
     c = connect(open_thawd.socket)  # stays open: its sessions end with its fd-socket connection
     c.register(path, "s")
-    info = c._call("OpenRestore", pb.OpenRestoreRequest(name="s"))
+    info = c._conn.call("OpenRestore", pb.OpenRestoreRequest(name="s"))
     code = f"""
 from thaw.daemon import fdsocket
 s = fdsocket.connect({fdsocket.fd_socket_path(open_thawd.socket)!r})
@@ -100,11 +100,11 @@ print(json.dumps([reply.get("error"), len(fds), closed.get("error")]))
     out = run_client(code, uid=ALLOWED)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
         "PermissionDenied", 0, "PermissionDenied"], out.stderr  # fmt: skip
-    fds, sizes, _ = c._redeem(info.session_id)  # its owner still gets it, once
+    fds, sizes, _ = c._conn.redeem(info.session_id)  # its owner still gets it, once
     assert len(fds) == len(sizes) == 1 and sizes[0] > 0
     import os as _os
 
     _os.close(fds[0])
     with pytest.raises(NotFound):
-        c._redeem(info.session_id)
+        c._conn.redeem(info.session_id)
     c.close()

@@ -111,14 +111,15 @@ def test_a_directory_swapped_after_begin_freeze_writes_nothing_there(
     victim.chmod(0o644)
     before = (victim.stat().st_ino, victim.read_bytes())
     result = client(OUTCOME + f"""
+import thaw.daemon.freezes as freezes
 c = thaw.client.connect({open_thawd.socket!r})
-copy = c._freeze_copy
+copy = freezes._freeze_copy
 def copy_then_swap(*args, **kwargs):
     begun = copy(*args, **kwargs)
     os.rename({str(sub)!r}, {str(base / "old")!r})
     os.symlink({str(protected)!r}, {str(sub)!r})
     return begun
-c._freeze_copy = copy_then_swap
+freezes._freeze_copy = copy_then_swap
 record = outcome(lambda: c.freeze(random_tensors(22), "swapw", path={str(sub / "out.thaw")!r},
                                   wait=True).path)
 print(json.dumps({{"freeze": record}}))
@@ -280,10 +281,11 @@ def test_a_file_modified_after_register_is_never_served(thawd_factory: object) -
         c.register(fresh)
         from thaw._proto import thawd_pb2 as pb
 
-        info = c._open_many([pb.OpenRestoreRequest(name="fresh")])[0]
+        info = c._restores.open_many([pb.OpenRestoreRequest(name="fresh")])[0]
         flip(fresh)
         with pytest.raises(errors.RestoreIncomplete, match="checksum mismatch"):
-            c._copy_session("fresh", info, list(zeros_like(tensors).items()), True, None, None)
+            named = list(zeros_like(tensors).items())
+            c._restores.copy_session("fresh", info, named, True, None, None)
 
 
 def test_a_file_replaced_by_a_smaller_snapshot_is_refused_then_re_registered(

@@ -75,7 +75,7 @@ cpu = {{k: torch.zeros(v.shape, dtype=v.dtype) for k, v in expected.items()}}
 cpu_tier = c.restore(cpu, {name!r}).tier if {cpu} else "skipped"
 print(json.dumps([results, all(torch.equal(target[k], expected[k]) for k in expected),
                   all(torch.equal(cpu[k], expected[k].cpu()) for k in expected) if {cpu} else True,
-                  sorted(c._mappings), cpu_tier]))
+                  sorted(c._restores._mappings), cpu_tier]))
 """
 
 
@@ -100,7 +100,7 @@ def test_share_pool_false_maps_no_pool_memory(thawd_factory) -> None:  # type: i
 
     with connect(d.socket) as c:
         assert c.status().share_pool is False
-        assert c._pool is None and not c.map_pool(0)  # no pool to map whole either
+        assert c._conn._pool is None and not c.map_pool(0)  # no pool to map whole either
         c.freeze(cuda_tensors(5, 2), "b", wait=True)  # CPU clients read the file
     code = DAEMON_COPY.format(seed=5, n=2, socket=d.socket, name="b", mode="auto", cpu=True)
     out = run_client(code)
@@ -194,13 +194,13 @@ def test_daemon_copy_refuses_bad_requests(thawd_factory) -> None:  # type: ignor
             ("GPU-00000000-0000-0000-0000-000000000000", 4 << 20, "does not see GPU"),
             (exported.device_uuid, 4 << 10, "does not fit region 0"),
         ):
-            info = c._call("OpenRestore", pb.OpenRestoreRequest(name="r", daemon_copy=True))
+            info = c._conn.call("OpenRestore", pb.OpenRestoreRequest(name="r", daemon_copy=True))
             with pytest.raises(errors.InvalidRequest, match=match):
-                c._call("CopyInto", pb.DaemonCopyRequest(
+                c._conn.call("CopyInto", pb.DaemonCopyRequest(
                     session_id=info.session_id, device_uuid=uuid,
                     regions=[pb.GpuRegion(ipc_handle=handle, size=region_size)],
                     copies=[pb.GpuCopy(tensor=0, region=0, offset=0)]))  # fmt: skip
-            c._call("CloseRestore", pb.CloseRestoreRequest(session_id=info.session_id))
+            c._conn.call("CloseRestore", pb.CloseRestoreRequest(session_id=info.session_id))
         assert c.stat("r").clients == 0
 
 
@@ -240,7 +240,7 @@ def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore
         target = {k: torch.zeros_like(v) for k, v in tensors.items()}
         assert c.restore(target, "p").delivery == "pool"
         assert all(torch.equal(target[k], tensors[k]) for k in tensors)
-        first = c._pool_map
+        first = c._conn._pool_map
         assert first is not None and first.alive
         d.restart()  # re-pins "p" into a new pool
         deadline = time.monotonic() + 10
@@ -254,7 +254,7 @@ def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore
         target = {k: torch.zeros_like(v) for k, v in tensors.items()}
         assert c.restore(target, "p").delivery == "pool"
         assert all(torch.equal(target[k], tensors[k]) for k in tensors)
-        assert c._pool_map is not None and c._pool_map.pool_id != first.pool_id
+        assert c._conn._pool_map is not None and c._conn._pool_map.pool_id != first.pool_id
 
 
 def test_a_restore_holding_the_map_survives_a_thawd_restart(thawd_factory) -> None:  # type: ignore[no-untyped-def]
@@ -269,20 +269,20 @@ def test_a_restore_holding_the_map_survives_a_thawd_restart(thawd_factory) -> No
     torch.cuda.init()
     with connect(d.socket) as c:
         c.freeze(cuda_tensors(21, 2), "p", wait=True)
-        first = c._pool_map
-        held = c._hold_pool()  # as a restore does before it opens
+        first = c._conn._pool_map
+        held = c._conn.hold_pool()  # as a restore does before it opens
         assert first is not None and held is not None
         d.restart()
         done = threading.Event()
 
         def reauthenticate() -> None:
-            c._authenticate()  # what the restore's open does when it finds the restart
+            c._conn.authenticate()  # what the restore's open does when it finds the restart
             done.set()
 
         worker = threading.Thread(target=reauthenticate, daemon=True)
         worker.start()
         assert done.wait(20), "re-authentication waited for the map its own thread holds"
-        assert c._pool_map is not None and c._pool_map.pool_id != first.pool_id
+        assert c._conn._pool_map is not None and c._conn._pool_map.pool_id != first.pool_id
         held.release()  # the restore ends: now the old map goes
         first._thread.join(20)
         assert not first.alive

@@ -14,7 +14,7 @@ import pytest
 from thawctl_testlib import corrupt_payload, random_tensors, write_snapshot
 
 import thaw
-from thaw.daemon.client import NA, DaemonStatus, Event, GpuRecord, Metrics, SnapshotRecord
+from thaw.daemon.records import NA, DaemonStatus, Event, GpuRecord, Metrics, SnapshotRecord
 from thaw.format.fingerprint import Fingerprint
 from thawctl.tui.app import ThawTop
 from thawctl.tui.screens.confirm import ConfirmScreen

@@ -52,7 +52,7 @@ class DaemonSource:
     def __init__(
         self, socket: str | None = None, interval_s: float = 1.0, timeout_s: float = 10.0
     ) -> None:
-        from thaw.daemon.client import default_socket
+        from thaw.client import default_socket
 
         self.socket = socket or default_socket()
         self.interval_s = interval_s

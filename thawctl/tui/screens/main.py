@@ -130,7 +130,7 @@ class MainScreen(Screen[None]):
 
     @on(SourceUpdate)
     def _received(self, message: SourceUpdate) -> None:
-        from thaw.daemon.client import Event, Metrics
+        from thaw.daemon.records import Event, Metrics
 
         item = message.item
         if isinstance(item, Metrics):
