@@ -18,9 +18,9 @@ def known(value: Any) -> Any:
     NA is falsy but not None: `known()` turns it into JSON null and into "-" in tables, and
     keeps a real 0 a 0.
     """
-    from thaw.daemon.records import NA
+    from thaw.daemon import records
 
-    return None if value is NA else value
+    return records.known(value)
 
 
 def snapshot(r: Any) -> dict[str, Any]:

@@ -116,7 +116,7 @@ class Client:
             last = p
             if progress is not None:
                 progress(p)
-        assert last is not None and last.done
+        assert last is not None and last.done and isinstance(last.snapshot, SnapshotRecord)
         return last.snapshot
 
     def unpin(self, name: str) -> SnapshotRecord:

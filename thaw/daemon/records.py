@@ -5,20 +5,30 @@ pin progress, verify and restore results. Values the daemon did not know are the
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Final, TypeVar
 
 from thaw._proto import thawd_pb2 as pb
 from thaw.format.fingerprint import Fingerprint
 
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
 
-class _NotAvailable:
-    """The value of a field the daemon did not know. Falsy, prints as "NA"."""
+    class StrEnum(str, enum.Enum):
+        def __str__(self) -> str:
+            return str(self.value)
 
-    _instance: _NotAvailable | None = None
 
-    def __new__(cls) -> _NotAvailable:
+class NotAvailable:
+    """The type of `NA`: the value of a field the daemon did not know. Falsy, prints as "NA"."""
+
+    _instance: NotAvailable | None = None
+
+    def __new__(cls) -> NotAvailable:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -35,15 +45,66 @@ class _NotAvailable:
         return "NA"
 
 
-NA: Any = _NotAvailable()
-_TIERS = {pb.TIER_COLD: "cold", pb.TIER_WARM: "warm", pb.TIER_PINNED: "pinned"}
-_CHECKSUM = {
-    pb.CHECKSUM_STATE_UNVERIFIED: "unverified",
-    pb.CHECKSUM_STATE_VERIFIED: "verified",
-    pb.CHECKSUM_STATE_CORRUPT: "corrupt",
+NA: Final = NotAvailable()
+
+T = TypeVar("T")
+
+
+def known(value: T | NotAvailable) -> T | None:
+    """None for NA, the value otherwise (a real 0 stays 0)."""
+    return None if isinstance(value, NotAvailable) else value
+
+
+class Tier(StrEnum):
+    """Where a snapshot's bytes are: on disk only, in the page cache, in the pinned pool."""
+
+    COLD = "cold"
+    WARM = "warm"
+    PINNED = "pinned"
+
+
+class ChecksumState(StrEnum):
+    UNVERIFIED = "unverified"
+    VERIFIED = "verified"
+    CORRUPT = "corrupt"
+
+
+class PoolKind(StrEnum):
+    """What memory a restore reads: thawd's pool (memfd or VMM host memory), or the
+    registered file (a snapshot that is not pinned)."""
+
+    MEMFD = "memfd"
+    VMM = "vmm"
+    FILE = "file"
+
+
+class Delivery(StrEnum):
+    """How a restore's bytes came (docs/DAEMON.md, "Deliveries")."""
+
+    POOL = "pool"  # this process maps thawd's whole pool
+    MAPPED = "mapped"  # an earlier restore mapped the buffer
+    FDS = "fds"  # the buffer's fds were handed over now
+    FILE = "file"  # not pinned: the snapshot file, read with pread and verified here
+    DAEMON_COPY = "daemon_copy"  # thawd copied into our GPU memory (CUDA IPC)
+
+
+TIERS: Final = {pb.TIER_COLD: Tier.COLD, pb.TIER_WARM: Tier.WARM, pb.TIER_PINNED: Tier.PINNED}
+CHECKSUM_STATES: Final = {
+    pb.CHECKSUM_STATE_UNVERIFIED: ChecksumState.UNVERIFIED,
+    pb.CHECKSUM_STATE_VERIFIED: ChecksumState.VERIFIED,
+    pb.CHECKSUM_STATE_CORRUPT: ChecksumState.CORRUPT,
 }
-_POOLS = {pb.POOL_KIND_MEMFD: "memfd", pb.POOL_KIND_VMM: "vmm", pb.POOL_KIND_FILE: "file"}
-_DELIVERIES = {pb.DELIVERY_POOL: "pool", pb.DELIVERY_MAPPED: "mapped", pb.DELIVERY_FDS: "fds"}
+POOL_KINDS: Final = {
+    pb.POOL_KIND_MEMFD: PoolKind.MEMFD,
+    pb.POOL_KIND_VMM: PoolKind.VMM,
+    pb.POOL_KIND_FILE: PoolKind.FILE,
+}
+DELIVERIES: Final = {
+    pb.DELIVERY_POOL: Delivery.POOL,
+    pb.DELIVERY_MAPPED: Delivery.MAPPED,
+    pb.DELIVERY_FDS: Delivery.FDS,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class SnapshotRecord:
@@ -52,22 +113,23 @@ class SnapshotRecord:
     name: str
     path: str
     labels: Mapping[str, str]
-    tier: str  # cold | warm | pinned: where the bytes are now
-    wanted_tier: str  # where the operator asked them to be
+    tier: Tier  # where the bytes are now
+    wanted_tier: Tier  # where the operator asked them to be
     size_bytes: int
-    file_bytes: int | Any  # NA while a frozen snapshot is still being written
+    file_bytes: int | NotAvailable  # NA while a frozen snapshot is still being written
     resident_bytes: int
-    last_used: float | Any  # unix time, NA if never restored
+    last_used: float | NotAvailable  # unix time, NA if never restored
     clients: int
     restores: int
-    checksum_state: str  # unverified | verified | corrupt
-    fingerprint: Fingerprint | Any
+    checksum_state: ChecksumState
+    fingerprint: Fingerprint | NotAvailable
     tensor_count: int
     registered: float
     error: str  # "" when none
     file_pending: bool
     owner_uid: int = -1  # who registered or froze it (they, root or thawd's admins change it)
-    content_id: str | Any = NA  # 16 hex digits naming the payload's bytes (NA while unknown)
+    # 16 hex digits naming the payload's bytes (NA while unknown)
+    content_id: str | NotAvailable = NA
 
     @property
     def resident_fraction(self) -> float:
@@ -75,17 +137,19 @@ class SnapshotRecord:
 
     @classmethod
     def from_pb(cls, m: pb.Snapshot) -> SnapshotRecord:
+        fingerprint: Fingerprint | NotAvailable
         try:
             fingerprint = Fingerprint.from_json(json.loads(m.fingerprint_json))
         except (ValueError, TypeError):
             fingerprint = NA
         return cls(
-            name=m.name, path=m.path, labels=dict(m.labels), tier=_TIERS.get(m.tier, "cold"),
-            wanted_tier=_TIERS.get(m.wanted_tier, "cold"), size_bytes=m.size_bytes,
+            name=m.name, path=m.path, labels=dict(m.labels),
+            tier=TIERS.get(m.tier, Tier.COLD),
+            wanted_tier=TIERS.get(m.wanted_tier, Tier.COLD), size_bytes=m.size_bytes,
             file_bytes=m.file_bytes if m.file_bytes or not m.file_pending else NA,
             resident_bytes=m.resident_bytes, last_used=m.last_used_unix or NA,
             clients=m.clients, restores=m.restores,
-            checksum_state=_CHECKSUM.get(m.checksum_state, "unverified"),
+            checksum_state=CHECKSUM_STATES.get(m.checksum_state, ChecksumState.UNVERIFIED),
             fingerprint=fingerprint, tensor_count=m.tensor_count,
             registered=m.registered_unix, error=m.error, file_pending=m.file_pending,
             owner_uid=m.owner_uid, content_id=m.content_id or NA,
@@ -97,8 +161,8 @@ class GpuRecord:
     index: int
     name: str
     memory_total: int
-    memory_used: int | Any
-    link: str | Any
+    memory_used: int | NotAvailable
+    link: str | NotAvailable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +172,7 @@ class DaemonStatus:
     pid: int
     started: float
     uptime_s: float
-    pool_kind: str  # memfd | vmm
+    pool_kind: PoolKind  # memfd | vmm
     pinned_budget: int
     pinned_used: int
     warm_budget: int
@@ -133,7 +197,7 @@ class DaemonStatus:
                      for g in m.gpus)  # fmt: skip
         return cls(
             version=m.version, api_version=m.api_version, pid=m.pid, started=m.started_unix,
-            uptime_s=m.uptime_s, pool_kind=_POOLS.get(m.pool_kind, "memfd"),
+            uptime_s=m.uptime_s, pool_kind=POOL_KINDS.get(m.pool_kind, PoolKind.MEMFD),
             pinned_budget=m.pinned_budget, pinned_used=m.pinned_used, warm_budget=m.warm_budget,
             warm_used=m.warm_used, host_memory_total=m.host_memory_total,
             host_memory_available=m.host_memory_available, gpus=gpus, snapshots=m.snapshots,
@@ -150,7 +214,7 @@ class Event:
 
     time: float
     kind: str
-    snapshot: str | Any
+    snapshot: str | NotAvailable
     message: str
     bytes: int
     duration_s: float
@@ -172,7 +236,7 @@ class PinProgress:
     total_bytes: int
     elapsed_s: float
     done: bool
-    snapshot: SnapshotRecord | Any  # set on the last message
+    snapshot: SnapshotRecord | NotAvailable  # set on the last message
 
     @property
     def gbps(self) -> float:
@@ -190,13 +254,10 @@ class VerifyResult:
 @dataclasses.dataclass(frozen=True)
 class RestoreResult:
     name: str
-    tier: str
+    tier: Tier
     bytes: int
     seconds: float
-    # How the bytes came (docs/DAEMON.md, "Deliveries"): "pool" (this process maps thawd's
-    # whole pool), "mapped" (an earlier restore mapped the buffer), "fds" (the buffer's fds
-    # were handed over now), "file" (not pinned: the snapshot file), "daemon_copy" (CUDA IPC).
-    delivery: str = ""
+    delivery: Delivery | None = None  # how the bytes came
     content_id: str = ""  # the restored payload's identity (thaw.format.Manifest.content_id)
 
     @property

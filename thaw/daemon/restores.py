@@ -25,7 +25,15 @@ from thaw import errors
 from thaw._proto import thawd_pb2 as pb
 from thaw.daemon import fdsocket
 from thaw.daemon.connection import Connection
-from thaw.daemon.records import _DELIVERIES, _POOLS, _TIERS, RestoreResult
+from thaw.daemon.records import (
+    DELIVERIES,
+    POOL_KINDS,
+    TIERS,
+    Delivery,
+    PoolKind,
+    RestoreResult,
+    Tier,
+)
 from thaw.daemon.refusals import from_rpc, refused
 from thaw.format import TensorEntry
 from thaw.format.fingerprint import Fingerprint, check
@@ -95,7 +103,7 @@ class Restores:
                 seconds = time.perf_counter() - started
                 closes.append(pb.CloseRestoreRequest(session_id=info.session_id, ok=True,
                                                      bytes=copied, duration_s=seconds))  # fmt: skip
-                results.append(RestoreResult(name, _TIERS.get(info.tier, "cold"), copied, seconds,
+                results.append(RestoreResult(name, TIERS.get(info.tier, Tier.COLD), copied, seconds,
                                              delivery, _content_id(info)))  # fmt: skip
             for device in devices if in_flight else ():
                 datapath.finish_copies(device)
@@ -178,8 +186,9 @@ class Restores:
                 raise refused(reply)
 
     def copy_session(self, name: str, info: pb.OpenRestoreResponse, named: Any, strict: bool,
-                      expect: Fingerprint | None, progress: Callable[[int, int], None] | None,
-                      in_flight: bool = False, mirror: Any = None) -> tuple[int, str]:  # fmt: skip
+                     expect: Fingerprint | None, progress: Callable[[int, int], None] | None,
+                     in_flight: bool = False,
+                     mirror: Any = None) -> tuple[int, Delivery]:  # fmt: skip
         """Check and copy one opened restore into its tensors; returns (bytes copied, how they
         came: RestoreResult.delivery).
         `in_flight`: direct GPU copies may still run on return (datapath.finish_copies).
@@ -193,7 +202,7 @@ class Restores:
             check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
         bindings = datapath.bind(entries, named, strict=strict)
         if info.pool_kind == pb.POOL_KIND_FILE:
-            return self._copy_file(name, info, bindings, total, progress), "file"
+            return self._copy_file(name, info, bindings, total, progress), Delivery.FILE
         source = None if info.delivery == pb.DELIVERY_DAEMON_COPY else self._map(
             name, info, bindings, mirror)  # fmt: skip
         if source is None:  # the daemon copies: export our allocations to it
@@ -222,8 +231,8 @@ class Restores:
         if progress is not None:
             progress(copied, total)
         if source is None:
-            return copied, "daemon_copy"
-        return copied, _DELIVERIES.get(info.delivery, "fds")
+            return copied, Delivery.DAEMON_COPY
+        return copied, DELIVERIES.get(info.delivery, Delivery.FDS)
 
     def _copy_file(self, name: str, info: pb.OpenRestoreResponse, bindings: builtins.list[Any],
                    total: int, progress: Callable[[int, int], None] | None) -> int:  # fmt: skip
@@ -257,13 +266,13 @@ class Restores:
         cuda_only = all(b.tensor.device.type == "cuda" for b in bindings)
         if info.delivery == pb.DELIVERY_POOL:
             return _from_pool(name, info, mirror)
-        kind = _POOLS.get(info.pool_kind, "file")
+        kind = POOL_KINDS.get(info.pool_kind, PoolKind.FILE)
         if info.delivery == pb.DELIVERY_MAPPED:
             with self._maps_lock:
                 cached = self._mappings.get(name)
             if cached is None or cached[0] != info.buffer_id:
                 # Forgotten by another thread since we asked: the daemon copies instead.
-                if kind == "vmm" and cuda_only:
+                if kind == PoolKind.VMM and cuda_only:
                     return None
                 raise errors.DaemonError(f"the mapping of {name!r} was dropped during the "
                                          "restore; restore again")  # fmt: skip
@@ -274,7 +283,7 @@ class Restores:
         try:
             # Pool buffers stay mapped (and CUDA-registered) for this process's next restore
             # of the same buffer: mapping and registration are paid once per process.
-            if kind == "vmm":
+            if kind == PoolKind.VMM:
                 from thaw.mem import vmm
 
                 device = datapath.cuda_device(bindings) or 0
@@ -297,7 +306,8 @@ class Restores:
                 holder = MemoryMapping(fds[0], sizes[0], populate=True)
             with self._maps_lock:
                 self._replace(name, (buffer_id, holder))
-            return self._use(holder, kind, cuda, cuda_only, sizes[0] if kind == "memfd" else 0)
+            register = sizes[0] if kind == PoolKind.MEMFD else 0
+            return self._use(holder, kind, cuda, cuda_only, register)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -310,15 +320,15 @@ class Restores:
         self._mappings[name] = cached
 
     @staticmethod
-    def _use(holder: Any, kind: str, cuda: bool, cuda_only: bool, register: int) -> _Source:
-        if kind == "vmm" and not cuda_only:
+    def _use(holder: Any, kind: PoolKind, cuda: bool, cuda_only: bool, register: int) -> _Source:
+        if kind == PoolKind.VMM and not cuda_only:
             holder.enable_host_access()
-        if kind == "memfd" and cuda:
+        if kind == PoolKind.MEMFD and cuda:
             from thaw.mem import cuda as cuda_mod
 
             cuda_mod.register_host(holder.addr, register, read_only=True)
-        ensure = holder.map_until if kind == "vmm" and holder.mapped < holder.size else None
-        return holder.addr, kind == "vmm" or cuda, ensure, _nothing
+        ensure = holder.map_until if kind == PoolKind.VMM and holder.mapped < holder.size else None
+        return holder.addr, kind == PoolKind.VMM or cuda, ensure, _nothing
 
     def forget(self, name: str) -> None:
         """Drop this process's cached mapping of `name`'s pool buffer (if any)."""

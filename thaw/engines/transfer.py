@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from thaw.daemon.records import known
 from thaw.engines.fingerprints import without
 from thaw.engines.options import Options
 from thaw.engines.ranks import RankRef
@@ -112,8 +113,9 @@ def write_rank(
         record = client.freeze_tensors(
             list(named), ref.name, ref.path or None, fingerprint, pin=options.pin, wait=True
         )
+        content_id = known(record.content_id) or ""
         return RankTransfer(rank, ref.name, source_kind, record.tier, record.size_bytes,
-                            time.perf_counter() - started, record.content_id or "")  # fmt: skip
+                            time.perf_counter() - started, content_id)  # fmt: skip
     if not ref.path:
         raise SnapshotMissing(
             f"cannot freeze {ref.name!r}: thawd is not running and no file was given "
