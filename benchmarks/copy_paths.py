@@ -30,6 +30,7 @@ from thaw.copy import datapath
 from thaw.format import layout
 from thaw.format.dtypes import dtype_name
 from thaw.mem import cuda, vmm
+from thawd.buffers import Chunk
 
 CHUNK = 256 << 20
 
@@ -68,7 +69,7 @@ def main() -> None:
     hosts["cudaHostAlloc"] = (pinned.addr, pinned.close)
 
     t0 = time.perf_counter()
-    chunks = [vmm.Chunk(CHUNK) for _ in range(size // CHUNK)]
+    chunks = [Chunk(CHUNK) for _ in range(size // CHUNK)]
     create_s = time.perf_counter() - t0
     for host_access in (True, False):
         t0 = time.perf_counter()
@@ -135,7 +136,7 @@ def main() -> None:
     model_shaped(chunks, args.size_gb)
 
 
-def model_shaped(chunks: list[vmm.Chunk], size_gb: float) -> None:
+def model_shaped(chunks: list[Chunk], size_gb: float) -> None:
     """thaw's own loops (datapath) between Llama-shaped CUDA tensors and VMM host memory laid
     out like a payload: mapped up front, or imported from fds and mapped as the copy goes
     (a new process's first restore, every freeze into thawd)."""

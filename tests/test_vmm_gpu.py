@@ -78,12 +78,13 @@ def test_vmm_host_buffer_shared_with_another_process() -> None:
 def test_chunks_map_contiguously_in_another_process() -> None:
     """The pool's layout: several chunks, one contiguous mapping on each side."""
     from thaw.mem import vmm
+    from thawd.buffers import Chunk, map_chunks
 
     if not vmm.supported():
         pytest.skip("this host has no shareable VMM host memory")
     chunk = vmm.granularity() * 4
-    chunks = [vmm.Chunk(chunk) for _ in range(3)]
-    buf = vmm.HostBuffer.of_chunks(chunks)
+    chunks = [Chunk(chunk) for _ in range(3)]
+    buf = map_chunks(chunks, 0, ())
     fds = [c.export_fd() for c in chunks]
     try:
         src = torch.randint(0, 256, (buf.size,), dtype=torch.uint8)

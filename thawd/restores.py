@@ -274,7 +274,7 @@ async def daemon_copy(d: Daemon, token: str, request: pb.DaemonCopyRequest, host
                       to_host: bool) -> tuple[int, float]:  # fmt: skip
     """Copy between pool memory at `host` (laid out like the payload) and the client's GPU
     allocations named in `request`, on a worker thread. Returns (bytes, seconds)."""
-    from thaw.copy.daemon_copy import Job
+    from thawd.daemon_copy import Job
 
     regions = [(r.ipc_handle, r.size) for r in request.regions]
     jobs = []

@@ -70,7 +70,7 @@ class Daemon:
         )
         self.copier: Any = None  # CUDA IPC copies into clients' GPUs (VMM pool only)
         if pool_kind == "vmm":
-            from thaw.copy.daemon_copy import Copier
+            from thawd.daemon_copy import Copier
 
             self.copier = Copier()
         self.budgets = Budgets(

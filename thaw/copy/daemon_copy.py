@@ -1,29 +1,27 @@
-"""CUDA IPC mode: thawd copies between its pinned pool and a client's GPU memory, so the client
+"""Daemon copy: thawd copies between its pinned pool and a client's GPU memory, so the client
 maps no shared memory at all (isolation between tenants, or a process that cannot import VMM
 fds), and a freeze writes into pool memory the daemon mapped at start.
 
-The client exports each cudaMalloc allocation holding its tensors (`export`); the daemon opens
-those handles on the GPU with the client's UUID and copies to or from its own pinned pool
-(`Copier`) at the link's speed (benchmarks/daemon.py; about 0.1 ms per opened handle).
+The client exports each cudaMalloc allocation holding its tensors over CUDA IPC (`export`);
+thawd opens those handles on the GPU with the client's UUID and copies to or from its own
+pinned pool (thawd/daemon_copy.py) at the link's speed (benchmarks/daemon.py; about 0.1 ms
+per opened handle).
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 from cuda.bindings import driver as cu
 from cuda.bindings import runtime as cudart
 
-from thaw.errors import CudaError, InvalidRequest
+from thaw.errors import CudaError
 from thaw.mem import cuda
 
 HANDLE_BYTES = 64
-# 64 MB copies alternating two streams: the measured way to the link's ceiling (DESIGN.md).
-PIECE = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +37,7 @@ def device_uuid(device: int) -> str:
     """The GPU's UUID as nvidia-smi prints it ("GPU-xxxxxxxx-..."): the same in every process,
     whatever CUDA_VISIBLE_DEVICES renumbers."""
     _, dev = cu.cuDeviceGet(device)
-    err, uuid = cu.cuDeviceGetUuid(dev)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise CudaError(f"cuDeviceGetUuid({device}) failed: {err}")
+    uuid = cuda.check(cu.cuDeviceGetUuid(dev), f"cuDeviceGetUuid({device})")
     h = uuid.bytes.hex()
     return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -58,9 +54,7 @@ def export(targets: Sequence[tuple[int, Any]], device: int) -> Export:
     copies = []
     for index, tensor in targets:
         ptr = int(tensor.data_ptr())
-        err, base, size = cu.cuMemGetAddressRange(ptr)
-        if err != cu.CUresult.CUDA_SUCCESS:
-            raise CudaError(f"cuMemGetAddressRange failed for a tensor at {ptr:#x}: {err}")
+        base, size = cuda.check(cu.cuMemGetAddressRange(ptr), f"cuMemGetAddressRange({ptr:#x})")
         base = int(base)
         if base not in bases:
             try:
@@ -74,100 +68,3 @@ def export(targets: Sequence[tuple[int, Any]], device: int) -> Export:
             regions.append((ctypes.string_at(handle.getPtr(), HANDLE_BYTES), int(size)))
         copies.append((index, bases[base], ptr - base))
     return Export(device_uuid(device), regions, copies)
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    host_offset: int  # from the pool buffer's address
-    region: int
-    region_offset: int
-    length: int
-
-
-class Copier:
-    """The daemon's side: opens clients' handles and copies into them from pool memory.
-
-    Opened handles are kept per client connection (`forget` closes them when it ends): opening
-    costs ~0.8 ms each and an engine restoring again sends the same allocations. A handle names
-    one allocation for good (CUDA gives a re-allocated address a new handle), so a cached
-    mapping is never another allocation's.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._devices: dict[str, int] = {}
-        self._streams: dict[int, list[cuda.Stream]] = {}
-        self._device_locks: dict[int, threading.Lock] = {}
-        self._opened: dict[str, dict[bytes, tuple[int, int]]] = {}  # owner -> handle -> (dev, ptr)
-
-    def device_for(self, uuid: str) -> int:
-        """This process's index of the GPU with `uuid`."""
-        with self._lock:
-            if not self._devices:
-                self._devices = {device_uuid(i): i for i in range(cuda.device_count())}
-            if uuid not in self._devices:
-                raise InvalidRequest(
-                    f"thawd does not see GPU {uuid} (it sees {sorted(self._devices) or 'none'}): "
-                    "run thawd where every engine's GPU is visible to it"
-                )
-            return self._devices[uuid]
-
-    def copy(self, owner: str, uuid: str, host: int, handles: Sequence[tuple[bytes, int]],
-             jobs: Sequence[Job], to_host: bool = False) -> None:  # fmt: skip
-        """Copy `jobs` from host address `host` into the regions `handles` name on `uuid`'s
-        GPU (`to_host`: the other way); returns once the bytes are there. Every job must lie
-        inside its region."""
-        device = self.device_for(uuid)
-        for job in jobs:
-            region = handles[job.region][1] if job.region < len(handles) else -1
-            if job.region_offset + job.length > region:
-                raise InvalidRequest(f"a copy of {job.length} bytes at offset {job.region_offset} "
-                                     f"does not fit region {job.region}")  # fmt: skip
-        with self._lock:
-            lock = self._device_locks.setdefault(device, threading.Lock())
-        with lock:
-            cuda.set_device(device)
-            streams = self._streams.get(device)
-            if streams is None:
-                streams = self._streams[device] = [cuda.Stream(), cuda.Stream()]
-            ptrs = [self._open(owner, device, h) for h, _ in handles]
-            n = 0
-            for job in jobs:
-                for at in range(0, job.length, PIECE):
-                    length = min(PIECE, job.length - at)
-                    gpu = ptrs[job.region] + job.region_offset + at
-                    if to_host:
-                        cuda.copy_d2h(host + job.host_offset + at, gpu, length, streams[n % 2])
-                    else:
-                        cuda.copy_h2d(gpu, host + job.host_offset + at, length, streams[n % 2])
-                    n += 1
-            for s in streams:
-                s.synchronize()
-
-    def _open(self, owner: str, device: int, handle: bytes) -> int:
-        if len(handle) != HANDLE_BYTES:
-            raise InvalidRequest(f"an IPC handle is {HANDLE_BYTES} bytes, not {len(handle)}")
-        with self._lock:  # against `forget` of the same owner
-            opened = self._opened.setdefault(owner, {})
-            if handle not in opened:
-                h = cudart.cudaIpcMemHandle_t()
-                ctypes.memmove(h.getPtr(), handle, HANDLE_BYTES)
-                flags = cudart.cudaIpcMemLazyEnablePeerAccess
-                ptr = cuda.check(cudart.cudaIpcOpenMemHandle(h, flags), "cudaIpcOpenMemHandle")
-                opened[handle] = (device, int(ptr))
-            return opened[handle][1]
-
-    def forget(self, owner: str) -> None:
-        """Close the handles a client connection opened (it went away). Blocks while a copy on
-        the same GPU runs: call it off the event loop."""
-        with self._lock:
-            opened = self._opened.pop(owner, {})
-            locks = dict(self._device_locks)
-        for device, ptr in opened.values():
-            with locks.get(device, self._lock):  # after a copy of the owner's still running
-                cuda.set_device(device)
-                cudart.cudaIpcCloseMemHandle(ptr)
-
-    def close(self) -> None:
-        for owner in list(self._opened):
-            self.forget(owner)

@@ -1,14 +1,13 @@
-"""Mapping pool and snapshot fds into this process: the memory half of the data path.
+"""Mapping fds into this process: the memory half of the data path.
 
-The daemon hands out fds (a sealed memfd pool buffer, a VMM host buffer, or the snapshot
-file itself); this module maps them and hands back addresses for thaw.copy.datapath to copy from.
-thawd uses the same helpers to create, fill and seal memfd buffers.
+thawd hands out fds (a sealed memfd pool buffer, or the snapshot file itself); this module
+maps them and hands back addresses for thaw.copy.datapath to copy from. thawd maps its own
+memfd buffers with it too (and creates and seals them in thawd/buffers.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import mmap
 import os
 from types import TracebackType
@@ -26,10 +25,6 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module does not name it
 PAGE = mmap.PAGESIZE
-
-# Write seals make the buffer immutable for every holder of the fd: clients get it read-only
-# by construction, not by trusting them to map it PROT_READ.
-SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
 def _oserror(call: str) -> OSError:
@@ -90,20 +85,3 @@ class Mapping:
     def __del__(self) -> None:
         if _libc is not None:  # None at interpreter exit, when the process unmaps anyway
             self.close()
-
-
-def create_memfd(name: str, size: int) -> int:
-    """A sealable memfd of `size` bytes (a hole until written)."""
-    fd = os.memfd_create(f"thaw:{name}"[:249], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def seal(fd: int) -> None:
-    """Make a memfd immutable. Fails with EBUSY while any writable mapping of it exists."""
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-

@@ -22,16 +22,8 @@ from thaw.errors import CudaError
 from thaw.mem import cuda
 
 log = logging.getLogger("thaw.mem.vmm")
-_POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
 GIB = 1 << 30
-
-
-def _check(result: tuple[Any, ...], call: str) -> Any:
-    err = result[0]
-    if err != cu.CUresult.CUDA_SUCCESS:
-        _, name = cu.cuGetErrorName(err)
-        raise CudaError(f"{call} failed: {name.decode() if name else err}")
-    return result[1] if len(result) == 2 else None
 
 
 def _context(device: int) -> None:
@@ -44,12 +36,12 @@ def _prop(device: int) -> Any:
     prop = cu.CUmemAllocationProp()
     prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
     prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_HOST_NUMA
-    numa = _check(
+    numa = cuda.check(
         cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID, device),
         "cuDeviceGetAttribute(HOST_NUMA_ID)",
     )
     prop.location.id = max(0, numa)
-    prop.requestedHandleTypes = _POSIX_FD
+    prop.requestedHandleTypes = POSIX_FD
     return prop
 
 
@@ -58,14 +50,15 @@ def warm_up() -> None:
     first use (milliseconds), which a first restore should not pay."""
     cu.cuDriverGetVersion()
     cuda.cudart.cudaGetDevice()
-    cu.cuMemAddressFree(_check(cu.cuMemAddressReserve(GIB, 0, 0, 0), "cuMemAddressReserve"), GIB)
+    reserved = cuda.check(cu.cuMemAddressReserve(GIB, 0, 0, 0), "cuMemAddressReserve")
+    cu.cuMemAddressFree(reserved, GIB)
 
 
 def granularity(device: int = 0) -> int:
     _context(device)
     flag = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
     return int(
-        _check(
+        cuda.check(
             cu.cuMemGetAllocationGranularity(_prop(device), flag), "cuMemGetAllocationGranularity"
         )
     )
@@ -84,44 +77,27 @@ def supported(device: int = 0) -> bool:
     return True
 
 
-class Chunk:
-    """One page-locked host allocation (cuMemCreate), exportable as a POSIX fd.
+def allocate(size: int, device: int = 0) -> tuple[Any, int]:
+    """New page-locked host memory (cuMemCreate, HOST_NUMA, exportable as a POSIX fd) of at
+    least `size` bytes: (its handle, its size rounded up to the VMM granularity)."""
+    _context(device)
+    gran = granularity(device)
+    size = (size + gran - 1) // gran * gran
+    handle = cuda.check(cu.cuMemCreate(size, _prop(device), 0), f"cuMemCreate(HOST_NUMA, {size})")
+    return handle, size
 
-    thawd creates its VMM pool as chunks at start: cuMemCreate pins as it allocates (0.91 s
-    for 4 GiB on H200), far too slow to do while an engine waits to freeze into the pool.
-    """
 
-    def __init__(self, size: int, device: int = 0) -> None:
-        _context(device)
-        gran = granularity(device)
-        self.size = (size + gran - 1) // gran * gran
-        self.device = device
-        self._fd = -1
-        self.handle = _check(
-            cu.cuMemCreate(self.size, _prop(device), 0), f"cuMemCreate(HOST_NUMA, {self.size})"
+def export(handle: Any) -> int:
+    """A new POSIX fd for the allocation `handle`, to send over a Unix socket. Caller closes it."""
+    return int(
+        cuda.check(
+            cu.cuMemExportToShareableHandle(handle, POSIX_FD, 0), "cuMemExportToShareableHandle"
         )
+    )
 
-    def export_fd(self) -> int:
-        """A new fd for this memory, to send over a Unix socket (SCM_RIGHTS). Caller closes it.
 
-        Exported once and duplicated after: a 16 GB buffer is 60 chunks, and every restore
-        hands out all of them."""
-        if self._fd < 0:
-            self._fd = int(
-                _check(
-                    cu.cuMemExportToShareableHandle(self.handle, _POSIX_FD, 0),
-                    "cuMemExportToShareableHandle",
-                )
-            )
-        return os.dup(self._fd)
-
-    def release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self.handle is not None:
-            _check(cu.cuMemRelease(self.handle), "cuMemRelease")
-            self.handle = None
+def release(handle: Any) -> None:
+    cuda.check(cu.cuMemRelease(handle), "cuMemRelease")
 
 
 class HostBuffer:
@@ -148,9 +124,8 @@ class HostBuffer:
         self.mapped = 0  # bytes from `addr` that are mapped and accessible
         self._chunks_mapped = 0
         self._lock = threading.Lock()
-        self.addr = int(
-            _check(cu.cuMemAddressReserve(self.size, 0, 0, 0), f"cuMemAddressReserve({self.size})")
-        )
+        reserved = cu.cuMemAddressReserve(self.size, 0, 0, 0)
+        self.addr = int(cuda.check(reserved, f"cuMemAddressReserve({self.size})"))
         if not lazy:
             self.map_until(self.size)
 
@@ -164,8 +139,8 @@ class HostBuffer:
                 at, size = self.addr + self.mapped, self.sizes[i]
                 try:
                     if i == len(self.handles):
-                        self.handles.append(_check(
-                            cu.cuMemImportFromShareableHandle(self._fds[i], _POSIX_FD),
+                        self.handles.append(cuda.check(
+                            cu.cuMemImportFromShareableHandle(self._fds[i], POSIX_FD),
                             "cuMemImportFromShareableHandle",
                         ))  # fmt: skip
                         os.close(self._fds[i])
@@ -183,23 +158,23 @@ class HostBuffer:
         with self._lock:
             if not self.host_access:
                 access = _access(self.devices, True)
-                _check(cu.cuMemSetAccess(self.addr, self.size, access, len(access)),
+                cuda.check(cu.cuMemSetAccess(self.addr, self.size, access, len(access)),
                        "cuMemSetAccess")  # fmt: skip
                 self.host_access = True
 
     @classmethod
-    def of_chunks(cls, chunks: list[Chunk], device: int = 0,
-                  peers: tuple[int, ...] = ()) -> HostBuffer:  # fmt: skip
-        """Map the daemon's own chunks (which stay owned by the pool), for `device` and `peers`."""
+    def of_handles(cls, handles: list[Any], sizes: list[int], device: int = 0,
+                   peers: tuple[int, ...] = ()) -> HostBuffer:  # fmt: skip
+        """Map allocations this process owns elsewhere (thawd's pool chunks: they stay owned
+        there), for `device` and `peers`."""
         _context(device)
-        return cls([c.handle for c in chunks], [c.size for c in chunks], device, owned=False,
-                   peers=peers)  # fmt: skip
+        return cls(handles, sizes, device, owned=False, peers=peers)
 
     @classmethod
     def create(cls, size: int, device: int = 0) -> HostBuffer:
         """New page-locked host memory of `size` bytes (rounded up to the VMM granularity)."""
-        chunk = Chunk(size, device)
-        return cls([chunk.handle], [chunk.size], device, owned=True)
+        handle, size = allocate(size, device)
+        return cls([handle], [size], device, owned=True)
 
     @classmethod
     def import_fds(cls, fds: list[int], sizes: list[int], device: int = 0, lazy: bool = False,
@@ -227,12 +202,7 @@ class HostBuffer:
     def export_fd(self) -> int:
         """An fd for a single-chunk buffer (tests and tools). Caller closes it."""
         assert len(self.handles) == 1
-        return int(
-            _check(
-                cu.cuMemExportToShareableHandle(self.handles[0], _POSIX_FD, 0),
-                "cuMemExportToShareableHandle",
-            )
-        )
+        return export(self.handles[0])
 
     def close(self) -> None:
         with self._lock:
@@ -283,14 +253,13 @@ class PoolMirror:
         self._cond = threading.Condition()
         self._access = _access((device,), False)
         _context(device)
-        self.addr = int(
-            _check(cu.cuMemAddressReserve(self.size, 0, 0, 0), f"cuMemAddressReserve({self.size})")
-        )
+        reserved = cu.cuMemAddressReserve(self.size, 0, 0, 0)
+        self.addr = int(cuda.check(reserved, f"cuMemAddressReserve({self.size})"))
 
     def add(self, start: int, fds: list[int]) -> None:
         """Import the chunks from `start` from their fds (which stay the caller's)."""
         for i, fd in enumerate(fds, start):
-            self._handles[i] = _check(cu.cuMemImportFromShareableHandle(fd, _POSIX_FD),
+            self._handles[i] = cuda.check(cu.cuMemImportFromShareableHandle(fd, POSIX_FD),
                                       "cuMemImportFromShareableHandle")  # fmt: skip
 
     def map_range(self, start: int, end: int) -> None:
@@ -365,9 +334,9 @@ class PoolMirror:
 
 def _map(at: int, size: int, handle: Any, access: list[Any]) -> None:
     """Map `handle` at address `at` and grant `access`; nothing stays mapped if either fails."""
-    _check(cu.cuMemMap(at, size, 0, handle, 0), "cuMemMap")
+    cuda.check(cu.cuMemMap(at, size, 0, handle, 0), "cuMemMap")
     try:
-        _check(cu.cuMemSetAccess(at, size, access, len(access)), "cuMemSetAccess")
+        cuda.check(cu.cuMemSetAccess(at, size, access, len(access)), "cuMemSetAccess")
     except CudaError:
         cu.cuMemUnmap(at, size)
         raise
