@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from thaw import _native, freeze_file, open_snapshot, restore_file
 from thaw.copy.datapath import SLOT_SIZE
-from thaw.copy.pieces import Digests, plan
+from thaw.copy.pieces import plan
 from thaw.errors import (
     ChecksumMismatch,
     FingerprintMismatch,
@@ -20,6 +20,7 @@ from thaw.errors import (
     TensorMismatch,
 )
 from thaw.format import ALIGNMENT, layout
+from thaw.format.checksum import Digests
 from thaw.format.dtypes import DTYPES, dtype_name, itemsize, torch_dtype
 from thaw.format.fingerprint import Fingerprint
 

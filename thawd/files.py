@@ -23,9 +23,9 @@ import os
 import stat
 from collections.abc import Sequence
 
-from thaw import _native
 from thaw.errors import ChecksumMismatch, SnapshotChanged
-from thaw.format import Snapshot, TensorEntry, align_up, read_snapshot
+from thaw.format import Snapshot, TensorEntry, read_snapshot
+from thaw.format.checksum import file_checksums
 
 # Verifying a file reads it through a scratch buffer of this size: a multiple of the 16 MiB
 # hash block, so a tensor's block hashes come out piece by piece.
@@ -154,17 +154,9 @@ def verify_file(file: SnapshotFile, tensors: Sequence[TensorEntry], threads: int
     view = ctypes.c_char.from_buffer(scratch)
     fd = file.direct()
     try:
-        addr = ctypes.addressof(view)
+        buffer = (ctypes.addressof(view), SCRATCH)
         base = file.snapshot.payload_offset
-        for t in tensors:
-            digests = []
-            for at in range(0, t.length, SCRATCH):
-                n = min(SCRATCH, t.length - at)
-                # O_DIRECT reads whole 4 KiB blocks; tensors start on them and the payload
-                # ends on one, so the rounded read stays inside the payload.
-                _native.pread_into(fd, addr, align_up(n), base + t.offset + at, threads)
-                digests.append(_native.block_hashes(addr, n, threads))
-            found = _native.xxh3(b"".join(digests))
+        for t, found in file_checksums(fd, base, tensors, buffer, threads, direct=True):
             if found != t.checksum:
                 raise ChecksumMismatch(file.path, t.name, t.checksum, found)
     finally:

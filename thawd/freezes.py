@@ -21,7 +21,6 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
-from thaw import _native
 from thaw._proto import thawd_pb2 as pb
 from thaw.errors import AlreadyExists, DaemonError, InvalidRequest
 from thaw.format import (
@@ -35,6 +34,7 @@ from thaw.format import (
     TensorEntry,
     layout,
 )
+from thaw.format.checksum import checksum
 from thaw.format.dtypes import DTYPES
 from thaw.format.fingerprint import Fingerprint
 from thawd import paths
@@ -213,7 +213,7 @@ class Freezes:
         t0 = time.monotonic()
 
         def work() -> SnapshotFile:
-            checksums = [_native.tree_hash(buf.addr + t.offset, t.length, threads)
+            checksums = [checksum(buf.addr + t.offset, t.length, threads)
                          for t in manifest.tensors]  # fmt: skip
             pairs = zip(manifest.tensors, checksums, strict=True)
             tensors = tuple(dataclasses.replace(t, checksum=c) for t, c in pairs)

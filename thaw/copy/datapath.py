@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from thaw import _native
-from thaw.copy.pieces import Digests, Piece, Segment, plan
+from thaw.copy.pieces import Piece, Segment, plan
 from thaw.errors import ModelMismatch, TensorMismatch
-from thaw.format import TensorEntry, verify_tensor
+from thaw.format import TensorEntry
+from thaw.format.checksum import Digests, verify_tensor
 from thaw.format.dtypes import dtype_name
 from thaw.format.fingerprint import Fingerprint
 

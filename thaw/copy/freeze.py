@@ -12,9 +12,10 @@ from typing import Any
 
 from thaw import _native
 from thaw.copy import datapath
-from thaw.copy.pieces import Digests, Piece, plan
+from thaw.copy.pieces import Piece, plan
 from thaw.copy.restore import TransferStats
 from thaw.format import PAYLOAD_OFFSET, Manifest, SnapshotWriter, layout
+from thaw.format.checksum import Digests, checksum
 from thaw.format.dtypes import dtype_name
 from thaw.format.fingerprint import Fingerprint
 
@@ -78,7 +79,7 @@ def freeze_file(
                 src = b.tensor.contiguous()
                 addr = int(src.data_ptr())
                 writer.write_at(b.entry.offset, addr, b.entry.length, threads)
-                checksums[i] = _native.tree_hash(addr, b.entry.length, threads)
+                checksums[i] = checksum(addr, b.entry.length, threads)
         gpu = [i for i, b in enumerate(bindings) if b.tensor.device.type == "cuda"]
         if gpu:
             gpu_bindings = [bindings[i] for i in gpu]

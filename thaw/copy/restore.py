@@ -9,9 +9,10 @@ from typing import Any
 
 from thaw import _native
 from thaw.copy import datapath
-from thaw.copy.pieces import Digests, Piece
+from thaw.copy.pieces import Piece
 from thaw.errors import RestoreIncomplete, SnapshotError, ThawError
 from thaw.format import Snapshot, TensorEntry, payload_fd, read_snapshot
+from thaw.format.checksum import Digests
 from thaw.format.fingerprint import Fingerprint, check
 
 # Below this share of the payload in page cache, CUDA restores read with O_DIRECT: buffered
@@ -151,7 +152,7 @@ def read_tensor(snapshot: Snapshot, entry: TensorEntry, verify: bool = True) -> 
     """One tensor of a snapshot as a new CPU tensor (for inspection and tools)."""
     import torch
 
-    from thaw.format import verify_tensor
+    from thaw.format.checksum import verify_tensor
     from thaw.format.dtypes import torch_dtype
 
     out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))

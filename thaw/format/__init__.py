@@ -6,6 +6,7 @@ here imports torch at module level or knows about thawd: every other layer reads
 snapshots through this one.
 """
 
+from thaw.format.checksum import Digests, checksum, file_checksums, verify_tensor
 from thaw.format.fingerprint import Fingerprint
 from thaw.format.snapshot import (
     ALIGNMENT,
@@ -29,7 +30,6 @@ from thaw.format.snapshot import (
     parse_manifest,
     payload_fd,
     read_snapshot,
-    verify_tensor,
 )
 
 __all__ = [
@@ -44,12 +44,15 @@ __all__ = [
     "PAYLOAD_OFFSET",
     "TEMP_SUFFIX",
     "VERSION",
+    "Digests",
     "Fingerprint",
     "Manifest",
     "Snapshot",
     "SnapshotWriter",
     "TensorEntry",
     "align_up",
+    "checksum",
+    "file_checksums",
     "layout",
     "open_snapshot",
     "parse_manifest",

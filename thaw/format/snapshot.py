@@ -29,7 +29,6 @@ from typing import Any
 import thaw._native as _native
 from thaw.errors import (
     BadMagic,
-    ChecksumMismatch,
     HeaderCorrupt,
     ManifestCorrupt,
     ManifestOutOfBounds,
@@ -302,13 +301,6 @@ def _parse_entry(raw: Any) -> TensorEntry:
     if entry.numel * itemsize(dtype) != length:
         raise ValueError(f"tensor {name!r}: length {length} does not match {dtype}{shape}")
     return entry
-
-
-def verify_tensor(path: object, entry: TensorEntry, addr: int, threads: int = 1) -> None:
-    """Check the bytes of one tensor at `addr` against its recorded checksum."""
-    found = _native.tree_hash(addr, entry.length, threads)
-    if found != entry.checksum:
-        raise ChecksumMismatch(path, entry.name, entry.checksum, found)
 
 
 # --- writing --------------------------------------------------------------------------------
