@@ -236,13 +236,3 @@ def run_client(
         prelude += f"os.setgroups({list(groups)}); os.setgid({uid}); os.setuid({uid})\n"
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
                           timeout=timeout, cwd="/")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def shared_thawd() -> Iterator[ThawdProcess]:
-    """One daemon for a whole module: each start pays the interpreter's torch import."""
-    directory = make_dir()
-    daemon = ThawdProcess(directory).start()
-    yield daemon
-    daemon.close()
-    shutil.rmtree(directory, ignore_errors=True)

@@ -10,8 +10,8 @@ from thaw.client import connect
 from thaw.daemon.records import NA
 
 
-def test_register_list_stat_unregister(shared_thawd: ThawdProcess) -> None:
-    thawd = shared_thawd
+def test_register_list_stat_unregister(module_thawd: ThawdProcess) -> None:
+    thawd = module_thawd
     path = write_snapshot(thawd.dir / "a.thaw", random_tensors())
     with connect(thawd.socket) as c:
         rec = c.register(path, "model-a", labels={"team": "x"})

@@ -37,10 +37,10 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def test_concurrent_processes_restore_bit_identically(shared_thawd: ThawdProcess) -> None:
+def test_concurrent_processes_restore_bit_identically(module_thawd: ThawdProcess) -> None:
     tensors = random_tensors(10, scale=8)
-    path = write_snapshot(shared_thawd.dir / "many.thaw", tensors)
-    with connect(shared_thawd.socket) as c:
+    path = write_snapshot(module_thawd.dir / "many.thaw", tensors)
+    with connect(module_thawd.socket) as c:
         c.register(path, "many")
         rec = c.pin("many")
         assert (rec.tier, rec.checksum_state) == ("pinned", "verified")
@@ -48,7 +48,7 @@ def test_concurrent_processes_restore_bit_identically(shared_thawd: ThawdProcess
 sys.path.insert(0, {str(ROOT)!r})
 from tests.daemon.conftest import random_tensors, zeros_like
 from tests.daemon.test_restore import digest
-c = thaw.client.connect({shared_thawd.socket!r})
+c = thaw.client.connect({module_thawd.socket!r})
 out = zeros_like(random_tensors(10, scale=8))
 results = [c.restore(out, "many").tier for _ in range(3)]
 print(json.dumps({{"digest": digest(out), "tiers": results}}))
@@ -65,14 +65,14 @@ print(json.dumps({{"digest": digest(out), "tiers": results}}))
         assert p.returncode == 0, err
         result = json.loads(out.strip().splitlines()[-1])
         assert result == {"digest": expected, "tiers": ["pinned"] * 3}
-    with connect(shared_thawd.socket) as c:
+    with connect(module_thawd.socket) as c:
         rec = c.stat("many")
         assert rec.restores == 12 and rec.clients == 0
 
 
-def test_freeze_then_restore(shared_thawd: ThawdProcess) -> None:
+def test_freeze_then_restore(module_thawd: ThawdProcess) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48))
-    with connect(shared_thawd.socket) as c:
+    with connect(module_thawd.socket) as c:
         rec = c.freeze(model, "frozen", labels={"by": "test"})
         assert rec.tier == "pinned"  # checksums and the file come behind the client
         target = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48))
@@ -94,10 +94,10 @@ def test_freeze_then_restore(shared_thawd: ThawdProcess) -> None:
             c.freeze(model, "frozen")
 
 
-def test_warm_and_cold_restores(shared_thawd: ThawdProcess) -> None:
+def test_warm_and_cold_restores(module_thawd: ThawdProcess) -> None:
     tensors = random_tensors(3)
-    path = write_snapshot(shared_thawd.dir / "w.thaw", tensors)
-    with connect(shared_thawd.socket) as c:
+    path = write_snapshot(module_thawd.dir / "w.thaw", tensors)
+    with connect(module_thawd.socket) as c:
         c.register(path, "w")
         out = zeros_like(tensors)
         assert c.restore(out, "w").tier == "cold" and same(out, tensors)
@@ -108,15 +108,15 @@ def test_warm_and_cold_restores(shared_thawd: ThawdProcess) -> None:
         assert c.status().warm_used >= rec.size_bytes
 
 
-def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
+def test_restore_deliveries_on_a_memfd_pool(module_thawd: ThawdProcess) -> None:
     """A client that maps the pool buffer already gets no fds again; asking for no shared
     memory (CUDA IPC mode) on a host without a VMM pool gets the file; the daemon refuses a
     daemon copy it cannot make."""
     from thaw._proto import thawd_pb2 as pb
 
     tensors = random_tensors(4)
-    path = write_snapshot(shared_thawd.dir / "modes.thaw", tensors)
-    with connect(shared_thawd.socket) as c:
+    path = write_snapshot(module_thawd.dir / "modes.thaw", tensors)
+    with connect(module_thawd.socket) as c:
         c.register(path, "modes")
         c.pin("modes")
         deliveries = []
@@ -163,7 +163,7 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
 
         # A memfd pool is not one to map whole: no pool in the auth reply, "pool" refused.
         assert c._conn._pool is None and not c.map_pool(0)
-        sock = fdsocket.connect(fdsocket.fd_socket_path(shared_thawd.socket))
+        sock = fdsocket.connect(fdsocket.fd_socket_path(module_thawd.socket))
         with sock:
             fdsocket.send(sock, {"op": "pool", "start": 0})
             reply, fds = fdsocket.recv(sock)
@@ -182,14 +182,14 @@ def test_restore_deliveries_on_a_memfd_pool(shared_thawd: ThawdProcess) -> None:
         assert c.restore(zeros_like(tensors), "modes").delivery == "file"
 
 
-def test_memory_under_an_open_restore_is_not_dropped(shared_thawd: ThawdProcess) -> None:
+def test_memory_under_an_open_restore_is_not_dropped(module_thawd: ThawdProcess) -> None:
     """Unpin and unregister wait for open restores: a pool buffer's memory goes back to the
     pool, and another pin could overwrite it under a client still copying from it."""
     from thaw._proto import thawd_pb2 as pb
 
     tensors = random_tensors(5)
-    path = write_snapshot(shared_thawd.dir / "held.thaw", tensors)
-    with connect(shared_thawd.socket) as c:
+    path = write_snapshot(module_thawd.dir / "held.thaw", tensors)
+    with connect(module_thawd.socket) as c:
         c.register(path, "held")
         c.pin("held")
         opened = c._conn.call("OpenRestore", pb.OpenRestoreRequest(name="held"))
@@ -203,11 +203,11 @@ def test_memory_under_an_open_restore_is_not_dropped(shared_thawd: ThawdProcess)
         c.unregister("held")
 
 
-def test_restore_many_overlaps_the_control_calls(shared_thawd: ThawdProcess) -> None:
+def test_restore_many_overlaps_the_control_calls(module_thawd: ThawdProcess) -> None:
     sets = {f"many{i}": random_tensors(20 + i) for i in range(3)}
-    with connect(shared_thawd.socket) as c:
+    with connect(module_thawd.socket) as c:
         for name, tensors in sets.items():
-            c.register(write_snapshot(shared_thawd.dir / f"{name}.thaw", tensors), name)
+            c.register(write_snapshot(module_thawd.dir / f"{name}.thaw", tensors), name)
         c.pin("many0")  # pinned, warm and cold in one batch
         c.pin("many1", warm=True)
         outs = {name: zeros_like(t) for name, t in sets.items()}
@@ -229,7 +229,7 @@ def test_restore_many_overlaps_the_control_calls(shared_thawd: ThawdProcess) -> 
         assert c.stat("many0").clients == 0
 
 
-def test_restores_open_on_the_fd_socket(shared_thawd: ThawdProcess) -> None:
+def test_restores_open_on_the_fd_socket(module_thawd: ThawdProcess) -> None:
     """Restores open with one packet on the fd socket. Malformed or unauthenticated opens are
     refused by name; a batch whose manifests do not fit a packet opens nothing there and the
     client opens it over gRPC instead."""
@@ -245,9 +245,9 @@ def test_restores_open_on_the_fd_socket(shared_thawd: ThawdProcess) -> None:
     # 1500 tensors with long names: a manifest of ~100 KB, over the 64 KiB packet.
     large = {f"model.layers.{i}.a_rather_long_parameter_name.weight": torch.full((2,), float(i))
              for i in range(1500)}  # fmt: skip
-    with connect(shared_thawd.socket) as c:
-        c.register(write_snapshot(shared_thawd.dir / "fd-small.thaw", small), "fd-small")
-        c.register(write_snapshot(shared_thawd.dir / "fd-large.thaw", large), "fd-large")
+    with connect(module_thawd.socket) as c:
+        c.register(write_snapshot(module_thawd.dir / "fd-small.thaw", small), "fd-small")
+        c.register(write_snapshot(module_thawd.dir / "fd-large.thaw", large), "fd-large")
         reply, _ = c._conn.fd_call({"op": "open", "restores": encoded("fd-small")})
         assert reply["ok"] and len(reply["opened"]) == 1
         opened = pb.OpenRestoreResponse.FromString(base64.b64decode(reply["opened"][0]))
@@ -277,7 +277,7 @@ def test_restores_open_on_the_fd_socket(shared_thawd: ThawdProcess) -> None:
         assert all(torch.equal(out[k], large[k]) for k in large)
         assert c.stat("fd-large").clients == 0
 
-    sock = fdsocket.connect(fdsocket.fd_socket_path(shared_thawd.socket))
+    sock = fdsocket.connect(fdsocket.fd_socket_path(module_thawd.socket))
     with sock:  # a connection that never authenticated opens nothing
         fdsocket.send(sock, {"op": "open", "restores": encoded("fd-small")})
         reply, _ = fdsocket.recv(sock)
@@ -321,10 +321,10 @@ def test_a_client_restores_again_after_thawd_restarts(thawd: ThawdProcess) -> No
         assert c.restore(out, "r").tier == "pinned" and same(out, tensors)
 
 
-def test_mismatch_is_refused_before_any_copy(shared_thawd: ThawdProcess) -> None:
+def test_mismatch_is_refused_before_any_copy(module_thawd: ThawdProcess) -> None:
     tensors = random_tensors(4)
-    path = write_snapshot(shared_thawd.dir / "mm.thaw", tensors)
-    with connect(shared_thawd.socket) as c:
+    path = write_snapshot(module_thawd.dir / "mm.thaw", tensors)
+    with connect(module_thawd.socket) as c:
         c.register(path, "mm")
         wrong = zeros_like(tensors)
         wrong["layers.0.proj"] = torch.zeros(96, 129)
@@ -335,11 +335,11 @@ def test_mismatch_is_refused_before_any_copy(shared_thawd: ThawdProcess) -> None
         assert c.stat("mm").clients == 0  # the session was closed as failed
 
 
-def test_corrupt_snapshot_refused_at_pin_naming_the_tensor(shared_thawd: ThawdProcess) -> None:
+def test_corrupt_snapshot_refused_at_pin_naming_the_tensor(module_thawd: ThawdProcess) -> None:
     tensors = random_tensors(5)
-    path = write_snapshot(shared_thawd.dir / "bad.thaw", tensors)
+    path = write_snapshot(module_thawd.dir / "bad.thaw", tensors)
     flip_byte(path, "layers.0.proj", 100)
-    with connect(shared_thawd.socket) as c:
+    with connect(module_thawd.socket) as c:
         c.register(path, "bad")
         with pytest.raises(errors.SnapshotCorrupt) as info:
             c.pin("bad")
@@ -350,9 +350,9 @@ def test_corrupt_snapshot_refused_at_pin_naming_the_tensor(shared_thawd: ThawdPr
         assert "layers.0.proj" in rec.error
 
 
-def test_verify_rechecks_the_pool_and_the_file(shared_thawd: ThawdProcess) -> None:
-    path = write_snapshot(shared_thawd.dir / "checked.thaw", random_tensors(8))
-    with connect(shared_thawd.socket) as c:
+def test_verify_rechecks_the_pool_and_the_file(module_thawd: ThawdProcess) -> None:
+    path = write_snapshot(module_thawd.dir / "checked.thaw", random_tensors(8))
+    with connect(module_thawd.socket) as c:
         c.register(path, "checked")
         cold = c.verify("checked")
         assert (cold.source, cold.snapshot.checksum_state) == ("file", "verified")
@@ -362,7 +362,7 @@ def test_verify_rechecks_the_pool_and_the_file(shared_thawd: ThawdProcess) -> No
         c.unpin("checked")
         # Damage on disk that no write through the filesystem made (bit rot keeps mtime and
         # ctime): a file damaged before it was registered is the same bytes thawd reads.
-        rotten = write_snapshot(shared_thawd.dir / "rotten.thaw", random_tensors(8))
+        rotten = write_snapshot(module_thawd.dir / "rotten.thaw", random_tensors(8))
         flip_byte(rotten, "layers.0.proj", 7)
         c.register(rotten, "rotten")
         with pytest.raises(errors.SnapshotCorrupt) as info:
@@ -374,9 +374,9 @@ def test_verify_rechecks_the_pool_and_the_file(shared_thawd: ThawdProcess) -> No
             c.verify("no-such-snapshot")
 
 
-def test_watch_streams_events_and_metrics(shared_thawd: ThawdProcess) -> None:
-    path = write_snapshot(shared_thawd.dir / "watched.thaw", random_tensors(6))
-    with connect(shared_thawd.socket) as c:
+def test_watch_streams_events_and_metrics(module_thawd: ThawdProcess) -> None:
+    path = write_snapshot(module_thawd.dir / "watched.thaw", random_tensors(6))
+    with connect(module_thawd.socket) as c:
         stream = c.watch(interval_s=0.2)
         first = next(stream)
         assert isinstance(first, Metrics) and first.status.pool_kind == "memfd"

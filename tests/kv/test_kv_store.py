@@ -72,9 +72,9 @@ def test_spec_check_names_every_difference() -> None:
 
 @pytest.mark.parametrize("backend", ["thawd", "files"])
 def test_store_round_trip_and_index_from_token_ids(
-    backend: str, tmp_path: Any, kv_thawd: Any
+    backend: str, tmp_path: Any, module_thawd: Any
 ) -> None:
-    socket = kv_thawd.socket if backend == "thawd" else None
+    socket = module_thawd.socket if backend == "thawd" else None
     directory = str(tmp_path / "kv")
     writer = KVStore(SPEC, socket=socket, directory=directory)
     tokens = list(range(100, 113))  # 3 full blocks + 1 token
@@ -106,9 +106,9 @@ def test_store_round_trip_and_index_from_token_ids(
 
 @pytest.mark.parametrize("backend", ["thawd", "files"])
 def test_load_many_stages_several_prefixes_at_once(
-    backend: str, tmp_path: Any, kv_thawd: Any
+    backend: str, tmp_path: Any, module_thawd: Any
 ) -> None:
-    socket = kv_thawd.socket if backend == "thawd" else None
+    socket = module_thawd.socket if backend == "thawd" else None
     store = KVStore(SPEC, socket=socket, directory=str(tmp_path / "kv"))
     saved = {}
     for seed in range(3):
@@ -126,17 +126,19 @@ def test_load_many_stages_several_prefixes_at_once(
     store.close()
 
 
-def test_files_written_without_daemon_are_registered_later(tmp_path: Any, kv_thawd: Any) -> None:
+def test_files_written_without_daemon_are_registered_later(
+    tmp_path: Any, module_thawd: Any
+) -> None:
     directory = str(tmp_path / "kv")
     tokens = list(range(8))
     offline = KVStore(SPEC, directory=directory)
     offline.save(
         "offline-prefix", blocks(2, 1), torch.tensor(tokens).view(2, 4), labels_for(tokens)
     )
-    online = KVStore(SPEC, socket=kv_thawd.socket, directory=directory)
+    online = KVStore(SPEC, socket=module_thawd.socket, directory=directory)
     online.refresh(force=True)
     assert [r.name for r in online.match(chain_keys(SPEC.key, tokens, 4))] == ["offline-prefix"] * 2
-    with thaw.connect(kv_thawd.socket) as client:
+    with thaw.connect(module_thawd.socket) as client:
         assert client.stat("offline-prefix").path.endswith("offline-prefix.thaw")
     online.close()
 
@@ -222,13 +224,13 @@ def test_copy_blocks_checks_the_tokens_before_writing() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["thawd", "files"])
 def test_a_gpu_engine_saves_and_loads_in_gpu_memory(
-    backend: str, tmp_path: Any, kv_thawd: Any
+    backend: str, tmp_path: Any, module_thawd: Any
 ) -> None:
     """A GPU engine's blocks go to the store from GPU memory and come back into it, with no
     host staging; copy_blocks then places them in a cache laid out like vLLM's GPU cache."""
     spec = KVSpec(weights="m-gpu", dtype="bfloat16", layout="gpu-2NBHD", block_size=16,
                   block_shape=(2, 16, 8, 128), num_layers=2)  # fmt: skip
-    socket = kv_thawd.socket if backend == "thawd" else None
+    socket = module_thawd.socket if backend == "thawd" else None
     store = KVStore(spec, socket=socket, directory=str(tmp_path / "kv"))
     store.device = torch.device("cuda")
     # vLLM's GPU cache: per layer [2 (K, V), num_blocks, 16, 8, 128]; blocks index dim 1.

@@ -23,7 +23,7 @@ FULL_PREFIX = (PROMPT_TOKENS - 1) // BLOCK * BLOCK  # 896
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, kv_thawd: Any) -> dict[str, Any]:
+def setup(tmp_path_factory: pytest.TempPathFactory, module_thawd: Any) -> dict[str, Any]:
     import thaw.demo.tiny
 
     root = tmp_path_factory.mktemp("kv")
@@ -33,7 +33,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, kv_thawd: Any) -> dict[str, 
         "model": str(model),
         "prompt": thaw.demo.tiny.make_prompt(tokenizer, PROMPT_TOKENS, seed=3),
         "prompt2": thaw.demo.tiny.make_prompt(tokenizer, PROMPT_TOKENS, seed=4),
-        "socket": kv_thawd.socket,
+        "socket": module_thawd.socket,
         "name": "sess-a",
         "snapshot_dir": str(root / "kv"),
         "root": root,
@@ -80,11 +80,11 @@ def test_kv_snapshot_in_thawd_and_on_disk(setup: dict[str, Any], engine_a: dict[
 
 
 def test_new_engine_other_hash_seed_restores_after_thawd_restart(
-    setup: dict[str, Any], engine_a: dict[str, Any], engine: Any, kv_thawd: Any
+    setup: dict[str, Any], engine_a: dict[str, Any], engine: Any, module_thawd: Any
 ) -> None:
     import thaw
 
-    kv_thawd.restart()
+    module_thawd.restart()
     with thaw.connect(setup["socket"]) as client:
         names = {r.name for r in client.list()}
     assert "sess-a" in names  # the registry survived; the file is re-read on demand

@@ -26,16 +26,6 @@ def thawctl(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
     return run
 
 
-@pytest.fixture(scope="module")
-def module_thawd() -> Iterator[ThawdProcess]:
-    """One thawd for a test module (each start pays the torch import of a new interpreter)."""
-    directory = make_dir()
-    daemon = ThawdProcess(directory).start()
-    yield daemon
-    daemon.close()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
 @pytest.fixture
 def thawd(module_thawd: ThawdProcess, monkeypatch: pytest.MonkeyPatch) -> Iterator[ThawdProcess]:
     """The module's thawd, on $THAW_SOCKET, with no snapshots registered before and after."""
