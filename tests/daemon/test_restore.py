@@ -148,8 +148,9 @@ def test_restore_deliveries_on_a_memfd_pool(module_thawd: ThawdProcess) -> None:
             c._conn.call("CopyOut", pb.DaemonCopyRequest(session_id=begin.session_id))
         c._conn.call("AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id))
 
-        with pytest.raises(errors.InvalidRequest, match="CUDA tensors only"):
-            c.restore(zeros_like(tensors), "modes", mode="ipc")
+        for mode in ("daemon_copy", "ipc"):  # "ipc": the mode's older name
+            with pytest.raises(errors.InvalidRequest, match="CUDA tensors only"):
+                c.restore(zeros_like(tensors), "modes", mode=mode)
         with pytest.raises(errors.InvalidRequest, match="restore mode 'fast'"):
             c.restore(zeros_like(tensors), "modes", mode="fast")
         assert c.stat("modes").clients == 0

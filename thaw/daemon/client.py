@@ -174,8 +174,9 @@ class Client:
 
         `mode` (default $THAW_RESTORE_MODE, else "auto"): "auto" maps the daemon's pool memory
         and copies with this process's streams, falling back to a daemon copy when this process
-        cannot import it; "ipc" never maps pool memory: thawd copies into this process's CUDA
-        tensors over CUDA IPC (the file is mapped instead for unpinned snapshots).
+        cannot import it; "daemon_copy" (its older name "ipc" is accepted) never maps pool
+        memory: thawd copies into this process's CUDA tensors over CUDA IPC (the file is read
+        instead for unpinned snapshots).
         """
         return self._restores.restore([(target, name)], strict, expect, progress, mode)[0]
 

@@ -39,7 +39,10 @@ from thaw.format import TensorEntry
 from thaw.format.fingerprint import Fingerprint, check
 from thaw.mem.mapping import Mapping as MemoryMapping
 
-RESTORE_MODES = ("auto", "ipc")
+# "daemon_copy": thawd copies into our CUDA tensors (proto daemon_copy, CopyInto); "ipc" is
+# its older name, still accepted.
+RESTORE_MODES = ("auto", "daemon_copy")
+_MODE_ALIASES = {"ipc": "daemon_copy"}
 
 log = logging.getLogger("thaw.daemon")
 
@@ -56,6 +59,7 @@ class Restores:
                  expect: Fingerprint | None, progress: Callable[[int, int], None] | None,
                  mode: str | None) -> builtins.list[RestoreResult]:  # fmt: skip
         mode = mode or os.environ.get("THAW_RESTORE_MODE") or "auto"
+        mode = _MODE_ALIASES.get(mode, mode)
         if mode not in RESTORE_MODES:
             raise errors.InvalidRequest(f"restore mode {mode!r}: use one of {RESTORE_MODES}")
         held = self._conn.hold_pool()
@@ -75,8 +79,9 @@ class Restores:
         for target, name in items:
             named = datapath.model_tensors(target)
             cuda_only = bool(named) and all(t.device.type == "cuda" for _, t in named)
-            if mode == "ipc" and not cuda_only:
-                raise errors.InvalidRequest("restore mode 'ipc' copies into CUDA tensors only; "
+            if mode == "daemon_copy" and not cuda_only:
+                raise errors.InvalidRequest("restore mode 'daemon_copy' copies into CUDA tensors "
+                                            "only; "
                                             "use mode 'auto' for CPU tensors")  # fmt: skip
             with self._maps_lock:
                 cached = self._mappings.get(name)
@@ -84,8 +89,9 @@ class Restores:
             mirror = held if cuda_only and held is not None and devices == {held.device} else None
             plans.append((name, named, mirror))
             requests.append(pb.OpenRestoreRequest(
-                name=name, mapped_buffer=cached[0] if cached else 0, daemon_copy=mode == "ipc",
-                can_daemon_copy=cuda_only, pool_id=mirror.id if mirror else 0))  # fmt: skip
+                name=name, mapped_buffer=cached[0] if cached else 0,
+                daemon_copy=mode == "daemon_copy", can_daemon_copy=cuda_only,
+                pool_id=mirror.id if mirror else 0))  # fmt: skip
         infos = self.open_many(requests)
         t_open = time.perf_counter()
         closes: builtins.list[pb.CloseRestoreRequest] = []

@@ -1,5 +1,12 @@
 """Where each tensor-parallel rank's snapshot lives: one snapshot per rank, named from the
-one the caller gave (docs/ENGINES.md, "Ranks")."""
+one the caller gave (docs/ENGINES.md, "Ranks").
+
+All rank naming is here. Three spellings name snapshots that already exist on disk and in
+thawd registries, so they stay as they are: an engine's snapshot files insert ".rank{N}"
+before the suffix (`rank_path`), its thawd names append "-rank{N}" (`rank_name`), and a KV
+prefix's shards other than rank 0 append ".tp{N}" (`kv_rank_name`). "{rank}" in a name or
+path given by the caller replaces all three.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +40,12 @@ def rank_name(name: str, rank: int, tp_size: int) -> str:
     if "{rank}" in name:
         return name.replace("{rank}", str(rank))
     return name if tp_size == 1 else f"{name}-rank{rank}"
+
+
+def kv_rank_name(name: str, rank: int) -> str:
+    """The thawd name of one rank's shard of KV prefix `name`: rank 0 keeps the name (a
+    prefix is looked up by it), other ranks store theirs beside it."""
+    return name if rank == 0 else f"{name}.tp{rank}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from thaw.engines import weights
+from thaw.engines.ranks import kv_rank_name
 from thaw.errors import AlreadyExists, NotFound, ThawError
-from thaw.kv.store import KVSpec, rank_name, read_labels, spec_from_vllm_config
+from thaw.kv.store import KVSpec, read_labels, spec_from_vllm_config
 
 CONNECTOR = "ThawKVConnector"
 MODULE = "thaw.kv.connector"
@@ -197,7 +198,7 @@ def restore(llm: Any, name: str) -> KVPrefix:
         from thaw.daemon.client import connect
 
         with connect(socket) as client:
-            for shard in (rank_name(name, rank) for rank in range(stored.tp_size)):  # every rank
+            for shard in (kv_rank_name(name, rank) for rank in range(stored.tp_size)):  # every rank
                 if client.stat(shard).tier != "pinned":
                     client.pin(shard)
             client.restore_tensors({TOKEN_IDS: ids}, name, strict=False)

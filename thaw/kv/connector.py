@@ -35,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from thaw.engines import weights
+from thaw.engines.ranks import kv_rank_name
 from thaw.errors import KVMismatch
 from thaw.kv.store import (
     AUTO_LABEL,
@@ -43,7 +44,6 @@ from thaw.kv.store import (
     chain_keys,
     copy_blocks,
     engine_labels,
-    rank_name,
     spec_from_vllm_config,
 )
 
@@ -208,7 +208,7 @@ class ThawKVConnector(KVConnectorBase_V1):
         # The scheduler names rank 0's snapshot; every other rank loads its own shard.
         refs = []
         for item in meta.loads:
-            name = rank_name(item.name, self.spec.tp_rank)
+            name = kv_rank_name(item.name, self.spec.tp_rank)
             path = item.path if name == item.name else self.store.path_for(name)
             refs.append(BlockRef(name, 0, item.n_blocks, path))
         staged: list[dict[str, torch.Tensor] | None] = [None] * len(refs)
@@ -253,7 +253,7 @@ class ThawKVConnector(KVConnectorBase_V1):
                     torch.index_select(self._blocks(layer), 0, ids, out=out)
                 tokens = torch.tensor(item.token_ids, dtype=torch.int64, device=device)
                 tokens = tokens.view(len(ids), -1)
-                name = rank_name(item.name, self.spec.tp_rank)
+                name = kv_rank_name(item.name, self.spec.tp_rank)
                 self.store.save(name, blocks, tokens, item.labels)
             except Exception as e:  # the engine serves on; this prefix is just not stored
                 log.error("thaw KV save of %s failed: %s", item.name, e)

@@ -218,11 +218,6 @@ def auto_name(spec: KVSpec, keys: Sequence[str]) -> str:
     return f"kv-{spec.key[:12]}-{keys[-1][:20]}-{len(keys)}"
 
 
-def rank_name(name: str, rank: int) -> str:
-    """Rank 0 keeps the name; other tensor-parallel ranks store their shard beside it."""
-    return name if rank == 0 else f"{name}.tp{rank}"
-
-
 # --- the store --------------------------------------------------------------------------------
 
 
