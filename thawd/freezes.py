@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from thaw._proto import thawd_pb2 as pb
@@ -265,7 +266,7 @@ class Freezes:
                 path.unlink(missing_ok=True)
 
 
-def _layout(specs: builtins.list[pb.TensorSpec]) -> builtins.list[TensorEntry]:
+def _layout(specs: Sequence[pb.TensorSpec]) -> builtins.list[TensorEntry]:
     """Check a freeze's tensor specs as the snapshot reader will (thaw/format.py), then lay
     them out: every refusal is InvalidRequest naming the tensor."""
     if not specs:

@@ -16,7 +16,7 @@ import builtins
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from thaw._proto import thawd_pb2 as pb
 from thaw.daemon import freezes
@@ -35,6 +35,8 @@ from thaw.daemon.restores import Restores
 from thaw.format.fingerprint import Fingerprint
 
 __all__ = ["NA", "Client", "connect", "default_socket"]
+
+_C = TypeVar("_C", bound="Client")
 
 
 def connect(socket: str | None = None, *, timeout: float = 30.0) -> Client:
@@ -215,7 +217,7 @@ class Client:
         self._restores.close()
         self._conn.close_transport()
 
-    def __enter__(self) -> Client:
+    def __enter__(self: _C) -> _C:
         return self
 
     def __exit__(self, *exc: object) -> None:

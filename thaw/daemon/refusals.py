@@ -41,7 +41,8 @@ _BY_CODE: dict[grpc.StatusCode, type[errors.DaemonError]] = {
 def from_rpc(e: grpc.RpcError, socket: str) -> errors.DaemonError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else "") or str(code)
-    trailers = dict(e.trailing_metadata() or ()) if hasattr(e, "trailing_metadata") else {}
+    metadata = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    trailers: dict[str, Any] = {m.key: m.value for m in metadata or ()}
     cls_name = trailers.get("thaw-error", "")
     snapshot_error = getattr(errors, cls_name, None) if cls_name else None
     if code is grpc.StatusCode.DATA_LOSS or (
