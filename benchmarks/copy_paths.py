@@ -35,8 +35,15 @@ from thawd.buffers import Chunk
 CHUNK = 256 << 20
 
 
-def copies(direction: str, host: int, dev: int, size: int, piece: int, nstreams: int,
-           streams: list[cuda.Stream]) -> Callable[[], None]:  # fmt: skip
+def copies(
+    direction: str,
+    host: int,
+    dev: int,
+    size: int,
+    piece: int,
+    nstreams: int,
+    streams: list[cuda.Stream],
+) -> Callable[[], None]:
     copy = cuda.copy_h2d if direction == "H2D" else cuda.copy_d2h
 
     def run() -> None:
@@ -53,8 +60,9 @@ def copies(direction: str, host: int, dev: int, size: int, piece: int, nstreams:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size-gb", type=float, default=4.0)
     args = p.parse_args()
     size = int(args.size_gb * (1 << 30)) // CHUNK * CHUNK
@@ -73,8 +81,13 @@ def main() -> None:
     create_s = time.perf_counter() - t0
     for host_access in (True, False):
         t0 = time.perf_counter()
-        buf = vmm.HostBuffer([c.handle for c in chunks], [CHUNK] * len(chunks), 0, owned=False,
-                             host_access=host_access)  # fmt: skip
+        buf = vmm.HostBuffer(
+            [c.handle for c in chunks],
+            [CHUNK] * len(chunks),
+            0,
+            owned=False,
+            host_access=host_access,
+        )
         map_s = time.perf_counter() - t0
         label = "VMM host, CPU access" if host_access else "VMM host, GPU access only"
         print(f"{label}: map {map_s / len(chunks) * 1e3:.2f} ms per 256 MiB chunk", flush=True)
@@ -88,8 +101,10 @@ def main() -> None:
     t0 = time.perf_counter()
     imported.map_until(size)
     imap_s = time.perf_counter() - t0
-    print(f"fd import: {import_s / len(fds) * 1e3:.2f} ms per chunk; "
-          f"map without CPU access {imap_s / len(fds) * 1e3:.2f} ms per chunk")  # fmt: skip
+    print(
+        f"fd import: {import_s / len(fds) * 1e3:.2f} ms per chunk; "
+        f"map without CPU access {imap_s / len(fds) * 1e3:.2f} ms per chunk"
+    )
     imported.close()
     for fd in fds:
         os.close(fd)
@@ -109,14 +124,21 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for label, (host, _) in hosts.items():
         for direction in ("H2D", "D2H"):
-            for piece, nstreams in ((size, 1), (64 << 20, 2), (256 << 20, 2), (64 << 20, 4),
-                                    (256 << 20, 1)):  # fmt: skip
+            for piece, nstreams in (
+                (size, 1),
+                (64 << 20, 2),
+                (256 << 20, 2),
+                (64 << 20, 4),
+                (256 << 20, 1),
+            ):
                 run = copies(direction, host, dev, size, piece, nstreams, streams)
                 run()
                 best = min(timed(run) for _ in range(3))
                 what = "one" if piece == size else f"{piece >> 20} MB"
-                print(f"| {label} | {direction} | {what} | {nstreams} | {size / best / 1e9:.2f} |",
-                      flush=True)  # fmt: skip
+                print(
+                    f"| {label} | {direction} | {what} | {nstreams} | {size / best / 1e9:.2f} |",
+                    flush=True,
+                )
     # CPU clients copy from pool memory with memcpy: the same host memory kinds, read by
     # 16 threads into ordinary (malloc'd, pre-faulted) memory.
     dst = torch.empty(size, dtype=torch.uint8)

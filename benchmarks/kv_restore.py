@@ -309,8 +309,9 @@ def ttft_forward(args: argparse.Namespace, shape: Any = None) -> None:
             client = thaw.connect(str(directory / "thawd.sock"))
             labels = {**spec.labels(), "kv.blocks": str(n)}
             fingerprint = thaw.Fingerprint(model=spec.weights, dtype=spec.dtype, labels=labels)
-            client.freeze(kv, "prefix", str(directory / "prefix.thaw"), fingerprint,
-                          labels=labels, pin=True)  # fmt: skip
+            client.freeze(
+                kv, "prefix", str(directory / "prefix.thaw"), fingerprint, labels=labels, pin=True
+            )
             staging = {k: torch.empty_like(v) for k, v in kv.items()}
             # The engine's cache: per layer K and V as [positions, heads, head], which the
             # model reads as [heads, positions, head].
@@ -338,8 +339,9 @@ def ttft_forward(args: argparse.Namespace, shape: Any = None) -> None:
 
             restored()
             restored_s = min(timed(restored, sync) for _ in range(args.repeat))
-            restore_s = min(timed(lambda: client.restore(staging, "prefix"), sync)
-                            for _ in range(args.repeat))  # fmt: skip
+            restore_s = min(
+                timed(lambda: client.restore(staging, "prefix"), sync) for _ in range(args.repeat)
+            )
             load_s = min(timed(lambda: load(staging), sync) for _ in range(args.repeat))
             step_s = min(timed(step, sync) for _ in range(args.repeat))
             # Every restore must give the model's own KV, bit for bit, and the token computed

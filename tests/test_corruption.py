@@ -216,15 +216,21 @@ def test_truncated_at_several_points(small_snapshot):
     original = path.read_bytes()
     h = read_header(path)
     points = {
-        0: BadMagic, 1: BadMagic, 7: BadMagic,
-        8: TruncatedSnapshot, 50: TruncatedSnapshot, HEADER.size - 1: TruncatedSnapshot,
-        HEADER.size: TruncatedSnapshot, 4096: TruncatedSnapshot, 1 << 20: TruncatedSnapshot,
+        0: BadMagic,
+        1: BadMagic,
+        7: BadMagic,
+        8: TruncatedSnapshot,
+        50: TruncatedSnapshot,
+        HEADER.size - 1: TruncatedSnapshot,
+        HEADER.size: TruncatedSnapshot,
+        4096: TruncatedSnapshot,
+        1 << 20: TruncatedSnapshot,
         h["payload_offset"]: TruncatedSnapshot,
         h["payload_offset"] + 100: TruncatedSnapshot,
         h["manifest_offset"]: TruncatedSnapshot,
         h["manifest_offset"] + 17: TruncatedSnapshot,
         len(original) - 1: TruncatedSnapshot,
-    }  # fmt: skip
+    }
     for length, cls in points.items():
         path.write_bytes(original[:length])
         e = rejects(path, cls)
@@ -386,11 +392,13 @@ def test_flipped_payload_byte(small_snapshot, name):
     restored = targets(source)
     restore_file(restored, path, verify=False)
     for other, t in source.items():
-        same = torch.equal(restored[other].view(-1).view(torch.uint8)[:-1],
-                           t.view(-1).view(torch.uint8)[:-1])  # fmt: skip
+        same = torch.equal(
+            restored[other].view(-1).view(torch.uint8)[:-1], t.view(-1).view(torch.uint8)[:-1]
+        )
         assert same, other
-        last_equal = torch.equal(restored[other].view(-1).view(torch.uint8)[-1:],
-                                 t.view(-1).view(torch.uint8)[-1:])  # fmt: skip
+        last_equal = torch.equal(
+            restored[other].view(-1).view(torch.uint8)[-1:], t.view(-1).view(torch.uint8)[-1:]
+        )
         assert last_equal == (other != name)
 
 
@@ -566,8 +574,10 @@ def test_manifest_parse_cost_is_bounded_by_its_structure(small_snapshot):
         (lambda m: m["tensors"].append([]), "exactly the keys"),
         (lambda m: entry(m, "step").update(checksum="F" * 16), "16 lowercase hex digits"),
         (lambda m: entry(m, "step").update(checksum="0" * 15), "16 lowercase hex digits"),
-        (lambda m: m["fingerprint"].update(labels={str(i): "" for i in range(1025)}),
-         "at most 1024"),
+        (
+            lambda m: m["fingerprint"].update(labels={str(i): "" for i in range(1025)}),
+            "at most 1024",
+        ),
         (lambda m: m["fingerprint"].update(model="m" * 5000), "longer than 4096"),
     ],
 )
@@ -586,7 +596,11 @@ def test_fuzz_parse_manifest_refuses_with_manifest_corrupt(tensors, fingerprint)
     manifest or raises ManifestCorrupt, never another exception."""
     from thaw.format import CHECKSUM_ALGORITHM, parse_manifest
 
-    doc = {"format": "thaw-snapshot", "checksum_algorithm": CHECKSUM_ALGORITHM,
-           "fingerprint": fingerprint, "tensors": tensors}  # fmt: skip
+    doc = {
+        "format": "thaw-snapshot",
+        "checksum_algorithm": CHECKSUM_ALGORITHM,
+        "fingerprint": fingerprint,
+        "tensors": tensors,
+    }
     with contextlib.suppress(ManifestCorrupt):
         parse_manifest("fuzz", json.dumps(doc).encode(), 1 << 20)

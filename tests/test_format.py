@@ -44,13 +44,13 @@ def test_constants():
 
 def test_layout_aligns_every_tensor():
     specs = [
-        ("a", "float32", (3, 5)),      # 60 bytes
+        ("a", "float32", (3, 5)),  # 60 bytes
         ("empty", "float16", (0, 7)),  # 0 bytes
-        ("b", "bfloat16", (4096,)),    # exactly 2 pages
-        ("s", "int64", ()),            # a scalar
+        ("b", "bfloat16", (4096,)),  # exactly 2 pages
+        ("s", "int64", ()),  # a scalar
         ("c", "uint8", (4097,)),
         ("d", "complex128", (2,)),
-    ]  # fmt: skip
+    ]
     entries = layout(specs)
     assert [(e.name, e.dtype, e.shape) for e in entries] == specs
     assert [e.length for e in entries] == [60, 0, 8192, 8, 4097, 32]
@@ -159,10 +159,17 @@ def test_unicode_names(tmp_path):
 
 def test_fingerprint_is_stored(tmp_path):
     fp = Fingerprint(
-        architecture="LlamaForCausalLM", dtype="bfloat16", parameter_count=3, quantization="fp8",
-        tp_rank=3, tp_size=8, engine="sglang", engine_version="0.5.23", model="meta-llama/x",
+        architecture="LlamaForCausalLM",
+        dtype="bfloat16",
+        parameter_count=3,
+        quantization="fp8",
+        tp_rank=3,
+        tp_size=8,
+        engine="sglang",
+        engine_version="0.5.23",
+        model="meta-llama/x",
         labels={"owner": "ops", "ünï": "cödé"},
-    )  # fmt: skip
+    )
     freeze_file({"w": torch.ones(3)}, tmp_path / "f.thaw", fingerprint=fp)
     assert open_snapshot(tmp_path / "f.thaw").fingerprint == fp
 

@@ -314,9 +314,11 @@ def test_copy_through_registered_host_memory(host_payload, gpu_accessible):
     ]
     target = zeros_like_model(source, "cuda")
     copy_to_tensors(
-        [Binding(e, target[e.name]) for e in entries], payload.addr,
-        gpu_accessible=gpu_accessible, verify=True,
-    )  # fmt: skip
+        [Binding(e, target[e.name]) for e in entries],
+        payload.addr,
+        gpu_accessible=gpu_accessible,
+        verify=True,
+    )
     assert_same(source, target)
 
     # ...and a flipped byte in the third piece of the big tensor is named.
@@ -325,8 +327,10 @@ def test_copy_through_registered_host_memory(host_payload, gpu_accessible):
     with pytest.raises(ChecksumMismatch) as info:
         copy_to_tensors(
             [Binding(e, zeros_like_model(source, "cuda")[e.name]) for e in entries],
-            payload.addr, gpu_accessible=gpu_accessible, verify=True,
-        )  # fmt: skip
+            payload.addr,
+            gpu_accessible=gpu_accessible,
+            verify=True,
+        )
     assert info.value.tensor == "embed"
 
 

@@ -231,9 +231,15 @@ def test_missing_tensor_is_model_mismatch(tmp_path):
 
 def test_fingerprint_mismatch_names_the_key(tmp_path):
     recorded = Fingerprint(
-        architecture="LlamaForCausalLM", dtype="bfloat16", parameter_count=6,
-        engine="vllm", engine_version="0.9", tp_rank=1, tp_size=2, labels={"run": "a"},
-    )  # fmt: skip
+        architecture="LlamaForCausalLM",
+        dtype="bfloat16",
+        parameter_count=6,
+        engine="vllm",
+        engine_version="0.9",
+        tp_rank=1,
+        tp_size=2,
+        labels={"run": "a"},
+    )
     freeze_file({"w": torch.ones(6)}, tmp_path / "s.thaw", fingerprint=recorded)
     assert open_snapshot(tmp_path / "s.thaw").fingerprint == recorded
 
@@ -247,10 +253,16 @@ def test_fingerprint_mismatch_names_the_key(tmp_path):
 
     # Unrecorded values ("" and -1) and labels are never compared.
     restore_file(
-        target, tmp_path / "s.thaw",
-        expect=Fingerprint(architecture="LlamaForCausalLM", tp_rank=1, tp_size=2, engine="vllm",
-                           labels={"run": "b"}),
-    )  # fmt: skip
+        target,
+        tmp_path / "s.thaw",
+        expect=Fingerprint(
+            architecture="LlamaForCausalLM",
+            tp_rank=1,
+            tp_size=2,
+            engine="vllm",
+            labels={"run": "b"},
+        ),
+    )
     assert target["w"].eq(1).all()
 
 

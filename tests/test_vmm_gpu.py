@@ -96,8 +96,11 @@ def test_chunks_map_contiguously_in_another_process() -> None:
         )
         out = subprocess.run(
             [sys.executable, "-c", code, str(fds[0]), str(buf.size), str(expected)],
-            pass_fds=tuple(fds), capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            pass_fds=tuple(fds),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
     finally:
         for fd in fds:

@@ -41,10 +41,16 @@ class Client(daemon.Client):
     """A connection to thawd (thaw.daemon.Client) whose restore and freeze also take a live
     engine. Thread-safe; close() (or `with`) releases sockets and mappings."""
 
-    def restore(self, target: Any, name: str, *, strict: bool = True,
-                expect: Fingerprint | None = None,
-                progress: Callable[[int, int], None] | None = None,
-                mode: str | None = None) -> RestoreResult | EngineTransfer:  # fmt: skip
+    def restore(
+        self,
+        target: Any,
+        name: str,
+        *,
+        strict: bool = True,
+        expect: Fingerprint | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        mode: str | None = None,
+    ) -> RestoreResult | EngineTransfer:
         """Restore `target` from snapshot `name`: a torch module, a state dict or (name, tensor)
         pairs (see restore_tensors: names, dtypes and shapes are checked before a byte moves),
         or a live engine (a `vllm.LLM`: every rank's snapshot is found and its fingerprint
@@ -52,20 +58,29 @@ class Client(daemon.Client):
         adapter = adapter_for(target)
         if adapter is not None:
             return adapter.restore(target, name, client=self)
-        return self.restore_tensors(target, name, strict=strict, expect=expect,
-                                    progress=progress, mode=mode)  # fmt: skip
+        return self.restore_tensors(
+            target, name, strict=strict, expect=expect, progress=progress, mode=mode
+        )
 
-    def freeze(self, target: Any, name: str, path: str | None = None,
-               fingerprint: Fingerprint | None = None, *,
-               labels: Mapping[str, str] | None = None, pin: bool = True,
-               wait: bool = False) -> SnapshotRecord | EngineTransfer:  # fmt: skip
+    def freeze(
+        self,
+        target: Any,
+        name: str,
+        path: str | None = None,
+        fingerprint: Fingerprint | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        pin: bool = True,
+        wait: bool = False,
+    ) -> SnapshotRecord | EngineTransfer:
         """Freeze `target` into a new snapshot held by thawd and written behind: tensors (see
         freeze_tensors), or a live engine, one snapshot per rank frozen by its workers."""
         adapter = adapter_for(target)
         if adapter is not None:
             return adapter.freeze(target, name, client=self, path=path, labels=labels, pin=pin)
-        return self.freeze_tensors(target, name, path, fingerprint, labels=labels, pin=pin,
-                                   wait=wait)  # fmt: skip
+        return self.freeze_tensors(
+            target, name, path, fingerprint, labels=labels, pin=pin, wait=wait
+        )
 
 
 def connect(socket: str | None = None, *, timeout: float = 30.0) -> Client:

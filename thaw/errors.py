@@ -165,8 +165,9 @@ class SnapshotCorrupt(DaemonError):
     `expected` and `found` are its recorded and computed checksums (None when not a mismatch).
     """
 
-    def __init__(self, message: str, tensor: str = "", expected: int | None = None,
-                 found: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, message: str, tensor: str = "", expected: int | None = None, found: int | None = None
+    ) -> None:
         self.tensor = tensor
         self.expected = expected
         self.found = found

@@ -239,8 +239,13 @@ def memlock_check(status: Any) -> Check:
     if status.pool_kind == "vmm":
         # The CUDA driver pins the VMM pool itself; only memfd fallbacks and warm mappings
         # are mlocked.
-        return Check("memlock", "warn", detail + " (the VMM pool is pinned by the driver; "
-                     "warm mappings are mlocked under this limit)" + locked, UNIT_HINT)  # fmt: skip
+        return Check(
+            "memlock",
+            "warn",
+            detail + " (the VMM pool is pinned by the driver; "
+            "warm mappings are mlocked under this limit)" + locked,
+            UNIT_HINT,
+        )
     return Check(
         "memlock",
         "fail",
@@ -353,8 +358,9 @@ def _nvidia_smi_links() -> list[Link]:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return []
-    fields = ",".join(f"pcie.link.{q}" for q in ("gen.current", "gen.max", "width.current",
-                                                  "width.max"))  # fmt: skip
+    fields = ",".join(
+        f"pcie.link.{q}" for q in ("gen.current", "gen.max", "width.current", "width.max")
+    )
     try:
         out = subprocess.run(
             [exe, f"--query-gpu=index,{fields}", "--format=csv,noheader,nounits"],

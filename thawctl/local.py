@@ -116,8 +116,15 @@ def verify_file(
     try:
         _native.fadvise(fd, snap.payload_offset, snap.payload_length, _native.FADV_SEQUENTIAL)
         buffer = (int(buf.ctypes.data), CHUNK)
-        for t, found in file_checksums(fd, snap.payload_offset, snap.tensors, buffer, threads,
-                                       task_bytes=4 << 20, on_bytes=advance):  # fmt: skip
+        for t, found in file_checksums(
+            fd,
+            snap.payload_offset,
+            snap.tensors,
+            buffer,
+            threads,
+            task_bytes=4 << 20,
+            on_bytes=advance,
+        ):
             if found != t.checksum:
                 mismatches.append(Mismatch(t.name, t.checksum, found))
     finally:

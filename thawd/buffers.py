@@ -94,8 +94,9 @@ def map_chunks(chunks: list[Chunk], device: int, peers: tuple[int, ...]) -> Any:
     them owned by the pool), for `device` and `peers`."""
     from thaw.mem import vmm
 
-    return vmm.HostBuffer.of_handles([c.handle for c in chunks], [c.size for c in chunks],
-                                     device, peers)  # fmt: skip
+    return vmm.HostBuffer.of_handles(
+        [c.handle for c in chunks], [c.size for c in chunks], device, peers
+    )
 
 
 def round_size(n: int) -> int:
@@ -196,8 +197,9 @@ class VmmArena:
 class PoolBuffer:
     """`size` bytes of pool memory; `addr` is writable until `finish()`."""
 
-    def __init__(self, kind: str, name: str, size: int, lock: bool,
-                 arena: VmmArena | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, kind: str, name: str, size: int, lock: bool, arena: VmmArena | None = None
+    ) -> None:
         self.kind = kind
         # Random, so ids never repeat across daemon restarts: clients key their cached
         # mappings by it and must never take a new buffer for an old one.

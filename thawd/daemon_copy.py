@@ -54,8 +54,15 @@ class Copier:
                 )
             return self._devices[uuid]
 
-    def copy(self, owner: str, uuid: str, host: int, handles: Sequence[tuple[bytes, int]],
-             jobs: Sequence[Job], to_host: bool = False) -> None:  # fmt: skip
+    def copy(
+        self,
+        owner: str,
+        uuid: str,
+        host: int,
+        handles: Sequence[tuple[bytes, int]],
+        jobs: Sequence[Job],
+        to_host: bool = False,
+    ) -> None:
         """Copy `jobs` from host address `host` into the regions `handles` name on `uuid`'s
         GPU (`to_host`: the other way); returns once the bytes are there. Every job must lie
         inside its region."""
@@ -63,8 +70,10 @@ class Copier:
         for job in jobs:
             region = handles[job.region][1] if job.region < len(handles) else -1
             if job.region_offset + job.length > region:
-                raise InvalidRequest(f"a copy of {job.length} bytes at offset {job.region_offset} "
-                                     f"does not fit region {job.region}")  # fmt: skip
+                raise InvalidRequest(
+                    f"a copy of {job.length} bytes at offset {job.region_offset} "
+                    f"does not fit region {job.region}"
+                )
         with self._lock:
             lock = self._device_locks.setdefault(device, threading.Lock())
         with lock:

@@ -92,8 +92,11 @@ class FdServer:
                         reply = {"ok": True, "token": token, "uid": uid, "gid": gid, "pid": pid}
                         arena = self.daemon.restores.shared_arena() if self.daemon else None
                         if arena is not None and arena.chunks:
-                            reply["pool"] = {"id": arena.id, "chunk": arena.chunk,
-                                             "chunks": len(arena.chunks)}  # fmt: skip
+                            reply["pool"] = {
+                                "id": arena.id,
+                                "chunk": arena.chunk,
+                                "chunks": len(arena.chunks),
+                            }
                         fdsocket.send(conn, reply)
                     elif op == "open":
                         reply = await self._open_restores(peer, token, message.get("restores"))
@@ -106,31 +109,60 @@ class FdServer:
                         assert self.daemon is not None
                         start = _integer(message, "start", 0, 1 << 31)
                         fds, sizes, pool_id = self.daemon.restores.pool_fds(start, fdsocket.MAX_FDS)
-                        _hand_over(conn, {"ok": True, "pool": pool_id, "start": start,
-                                          "sizes": sizes}, fds)  # fmt: skip
+                        _hand_over(
+                            conn, {"ok": True, "pool": pool_id, "start": start, "sizes": sizes}, fds
+                        )
                     elif op == "fd":
                         assert self.daemon is not None
                         t0 = time.perf_counter()
                         fds, sizes, kind, buffer_id = self.daemon.restores.redeem(
                             _text(message, "session", 64), uid
                         )
-                        _hand_over(conn, {"ok": True, "sizes": sizes, "kind": kind,
-                                          "buffer": buffer_id}, fds)  # fmt: skip
-                        log.debug("fd socket: %d fds to pid %d in %.2f ms", len(fds), pid,
-                                  (time.perf_counter() - t0) * 1e3)  # fmt: skip
+                        _hand_over(
+                            conn,
+                            {"ok": True, "sizes": sizes, "kind": kind, "buffer": buffer_id},
+                            fds,
+                        )
+                        log.debug(
+                            "fd socket: %d fds to pid %d in %.2f ms",
+                            len(fds),
+                            pid,
+                            (time.perf_counter() - t0) * 1e3,
+                        )
                     else:
-                        fdsocket.send(conn, {"ok": False, "error": "InvalidRequest",
-                                           "message": f"unknown op {op!r}"})  # fmt: skip
+                        fdsocket.send(
+                            conn,
+                            {
+                                "ok": False,
+                                "error": "InvalidRequest",
+                                "message": f"unknown op {op!r}",
+                            },
+                        )
                 except ThawError as e:
-                    _refusals.log(log, logging.INFO, "fd socket: pid %d uid %d refused: %s",
-                                  pid, uid, str(e)[:300])  # fmt: skip
+                    _refusals.log(
+                        log,
+                        logging.INFO,
+                        "fd socket: pid %d uid %d refused: %s",
+                        pid,
+                        uid,
+                        str(e)[:300],
+                    )
                     fdsocket.send(conn, {"ok": False, "error": type(e).__name__, "message": str(e)})
                 except (ValueError, TypeError, OverflowError, RecursionError, DecodeError) as e:
                     # A malformed message (fields are checked above; this is the backstop).
-                    _refusals.log(log, logging.INFO, "fd socket: pid %d uid %d sent a malformed "
-                                  "message: %s", pid, uid, str(e)[:300])  # fmt: skip
-                    reply = {"ok": False, "error": "InvalidRequest",
-                             "message": f"malformed message: {str(e)[:300]}"}  # fmt: skip
+                    _refusals.log(
+                        log,
+                        logging.INFO,
+                        "fd socket: pid %d uid %d sent a malformed message: %s",
+                        pid,
+                        uid,
+                        str(e)[:300],
+                    )
+                    reply = {
+                        "ok": False,
+                        "error": "InvalidRequest",
+                        "message": f"malformed message: {str(e)[:300]}",
+                    }
                     fdsocket.send(conn, reply)
         except (ConnectionError, OSError) as e:
             log.debug("fd socket connection ended: %s", e)
@@ -155,14 +187,20 @@ class FdServer:
             or not 0 < len(restores) <= fdsocket.MAX_OPENS
             or not all(isinstance(r, str) for r in restores)
         ):
-            raise InvalidRequest(f"open: restores must be a list of 1 to {fdsocket.MAX_OPENS} "
-                                 "serialized OpenRestoreRequests")  # fmt: skip
-        requests = [pb.OpenRestoreRequest.FromString(base64.b64decode(r, validate=True))
-                    for r in restores]  # fmt: skip
+            raise InvalidRequest(
+                f"open: restores must be a list of 1 to {fdsocket.MAX_OPENS} "
+                "serialized OpenRestoreRequests"
+            )
+        requests = [
+            pb.OpenRestoreRequest.FromString(base64.b64decode(r, validate=True)) for r in restores
+        ]
         sizes = [self.daemon.restores.open_size(r.name) for r in requests]
         if fdsocket.open_reply_size(sizes) > fdsocket.MAX_MESSAGE:
-            return {"ok": False, "error": fdsocket.TOO_LARGE,
-                    "message": "the manifests do not fit one packet: open over gRPC"}  # fmt: skip
+            return {
+                "ok": False,
+                "error": fdsocket.TOO_LARGE,
+                "message": "the manifests do not fit one packet: open over gRPC",
+            }
         opened: list[pb.OpenRestoreResponse] = []
         try:
             for request in requests:
@@ -172,8 +210,10 @@ class FdServer:
             for o in opened:
                 self.daemon.restores.close(peer, o.session_id, False, 0, 0.0, why)
             raise
-        return {"ok": True, "opened": [base64.b64encode(o.SerializeToString()).decode()
-                                       for o in opened]}  # fmt: skip
+        return {
+            "ok": True,
+            "opened": [base64.b64encode(o.SerializeToString()).decode() for o in opened],
+        }
 
     def _close_sessions(self, peer: Peer, sessions: list[dict[str, Any]]) -> None:
         """End each restore session (as CloseRestore), then raise the first refusal."""
@@ -183,9 +223,16 @@ class FdServer:
         if len(sessions) > fdsocket.MAX_CLOSES:
             raise InvalidRequest(f"close: at most {fdsocket.MAX_CLOSES} sessions per message")
         # Every field checked before any session ends: a bad one refuses the whole message.
-        closes = [(_text(s, "id", 64), s.get("ok") is True, _integer(s, "bytes", 0, 1 << 63),
-                   _number(s, "seconds", 1e9), _text(s, "error", 1 << 16, "")[:1000])
-                  for s in sessions]  # fmt: skip
+        closes = [
+            (
+                _text(s, "id", 64),
+                s.get("ok") is True,
+                _integer(s, "bytes", 0, 1 << 63),
+                _number(s, "seconds", 1e9),
+                _text(s, "error", 1 << 16, "")[:1000],
+            )
+            for s in sessions
+        ]
         first: ThawError | None = None
         for session_id, ok, nbytes, seconds, error in closes:
             try:

@@ -44,9 +44,15 @@ class ThawdProcess:
         self.dir = directory
         self.socket = str(directory / "thawd.sock")
         self.config_path = directory / "thawd.toml"
-        settings = {"socket": self.socket, "state_dir": str(directory / "state"),
-                    "pool": "memfd", "io_threads": 2, "drain_grace_s": 2.0,
-                    "pinned_budget": "256MiB", "warm_budget": "256MiB"}  # fmt: skip
+        settings = {
+            "socket": self.socket,
+            "state_dir": str(directory / "state"),
+            "pool": "memfd",
+            "io_threads": 2,
+            "drain_grace_s": 2.0,
+            "pinned_budget": "256MiB",
+            "warm_budget": "256MiB",
+        }
         settings.update(config)
         self.config_path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -174,8 +180,9 @@ def random_tensors(seed: int = 0, scale: int = 1) -> dict[str, torch.Tensor]:
     }
 
 
-def write_snapshot(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
-                   model: str = "fixture") -> Path:  # fmt: skip
+def write_snapshot(
+    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], model: str = "fixture"
+) -> Path:
     """A snapshot written with thaw.format.SnapshotWriter (no dependence on thaw.demo.tiny)."""
     from thaw import _native
     from thaw.format import SnapshotWriter, layout
@@ -212,9 +219,12 @@ def zeros_like(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(
-        torch.equal(a[n].view(torch.uint8) if a[n].dtype != torch.bool else a[n],
-                    b[n].view(torch.uint8) if b[n].dtype != torch.bool else b[n]) for n in a
-    )  # fmt: skip
+        torch.equal(
+            a[n].view(torch.uint8) if a[n].dtype != torch.bool else a[n],
+            b[n].view(torch.uint8) if b[n].dtype != torch.bool else b[n],
+        )
+        for n in a
+    )
 
 
 def run_client(
@@ -234,5 +244,10 @@ def run_client(
     prelude += "import tests.daemon.conftest\n"
     if uid is not None:
         prelude += f"os.setgroups({list(groups)}); os.setgid({uid}); os.setuid({uid})\n"
-    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
-                          timeout=timeout, cwd="/")  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+    )

@@ -33,21 +33,44 @@ def test_a_manifest_bomb_costs_thawd_nothing(thawd: ThawdProcess) -> None:
     path = write_snapshot(thawd.dir / "bomb.thaw", random_tensors(40))
     with open(path, "rb") as f:
         head = HEADER.unpack(f.read(HEADER.size))
-        fields = dict(zip(("magic", "version", "flags", "header_size", "alignment",
-                           "payload_offset", "payload_length", "manifest_offset",
-                           "manifest_length", "file_length", "manifest_checksum",
-                           "header_checksum"), head, strict=True))  # fmt: skip
+        fields = dict(
+            zip(
+                (
+                    "magic",
+                    "version",
+                    "flags",
+                    "header_size",
+                    "alignment",
+                    "payload_offset",
+                    "payload_length",
+                    "manifest_offset",
+                    "manifest_length",
+                    "file_length",
+                    "manifest_checksum",
+                    "header_checksum",
+                ),
+                head,
+                strict=True,
+            )
+        )
         f.seek(fields["manifest_offset"])
         manifest = json.loads(f.read(fields["manifest_length"]))
     manifest["tensors"] = []
-    blob = json.dumps(manifest).encode().replace(b'"tensors": []',
-                                                 b'"tensors": [' + b"{}," * 10_000_000 + b"{}]")
+    blob = (
+        json.dumps(manifest)
+        .encode()
+        .replace(b'"tensors": []', b'"tensors": [' + b"{}," * 10_000_000 + b"{}]")
+    )
     with open(path, "r+b") as f:
         f.seek(fields["manifest_offset"])
         f.write(blob)
         f.truncate(fields["manifest_offset"] + len(blob))
-        fields.update(manifest_length=len(blob), file_length=fields["manifest_offset"] + len(blob),
-                      manifest_checksum=_native.xxh3(blob), header_checksum=0)  # fmt: skip
+        fields.update(
+            manifest_length=len(blob),
+            file_length=fields["manifest_offset"] + len(blob),
+            manifest_checksum=_native.xxh3(blob),
+            header_checksum=0,
+        )
         raw = HEADER.pack(*fields.values())[:-8]
         f.seek(0)
         f.write(raw + _native.xxh3(raw).to_bytes(8, "little"))
@@ -67,11 +90,11 @@ def test_begin_freeze_is_bounded_and_answered_beside_other_clients(
 ) -> None:
     daemon = thawd_factory(pinned_budget="4GiB")  # type: ignore[operator]
     with connect(daemon.socket) as c:
+
         def begin(tensors: list[pb.TensorSpec]) -> pb.BeginFreezeResponse:
             return c._conn.call("BeginFreeze", pb.BeginFreezeRequest(name="many", tensors=tensors))
 
-        too_many = [pb.TensorSpec(name=f"t{i}", dtype="float32", shape=[1])
-                    for i in range(300_000)]  # fmt: skip
+        too_many = [pb.TensorSpec(name=f"t{i}", dtype="float32", shape=[1]) for i in range(300_000)]
         with pytest.raises(errors.InvalidRequest, match="at most 262144"):
             begin(too_many)
         for bad, phrase in (
@@ -116,13 +139,20 @@ def test_fd_socket_numbers_out_of_range_are_refused(thawd: ThawdProcess) -> None
     sock.connect(fdsocket.fd_socket_path(thawd.socket))
     with sock:
         replies = []
-        for raw in (b'{"op":"pool","start":1e400}', b'{"op":"pool","start":-1}',
-                    b'{"op":"pool","start":1.5}', b'{"op":"auth"}'):  # fmt: skip
+        for raw in (
+            b'{"op":"pool","start":1e400}',
+            b'{"op":"pool","start":-1}',
+            b'{"op":"pool","start":1.5}',
+            b'{"op":"auth"}',
+        ):
             sock.send(raw)
             replies.append(fdsocket.recv(sock)[0])
         token_reply = replies.pop()
-        sock.send(json.dumps({"op": "close", "sessions": [{"id": "x", "ok": True}]}).encode()
-                  .replace(b'"ok": true', b'"ok": true, "bytes": 1e400'))  # fmt: skip
+        sock.send(
+            json.dumps({"op": "close", "sessions": [{"id": "x", "ok": True}]})
+            .encode()
+            .replace(b'"ok": true', b'"ok": true, "bytes": 1e400')
+        )
         replies.append(fdsocket.recv(sock)[0])
         sock.send(b'{"op":"close","sessions":[{"id":"x","ok":true,"seconds":1e400}]}')
         replies.append(fdsocket.recv(sock)[0])
@@ -143,8 +173,9 @@ def test_a_flood_of_bad_requests_is_a_few_log_lines(thawd: ThawdProcess) -> None
             with pytest.raises(errors.InvalidRequest):
                 c._conn.call("Stat", pb.StatRequest(name=f"bad name {i}"))
         with pytest.raises(grpc.RpcError):  # and a raw call the client library would not make
-            c._conn._stub.Pin(pb.PinRequest(name="x", tier=7), metadata=c._conn.metadata(),
-                        timeout=5).next()  # fmt: skip
+            c._conn._stub.Pin(
+                pb.PinRequest(name="x", tier=7), metadata=c._conn.metadata(), timeout=5
+            ).next()
     time.sleep(0.2)
     log = thawd.log.read_text()
     refusals = [line for line in log.splitlines() if "refused request" in line]

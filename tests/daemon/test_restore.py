@@ -54,11 +54,17 @@ results = [c.restore(out, "many").tier for _ in range(3)]
 print(json.dumps({{"digest": digest(out), "tiers": results}}))
 """
     prelude = (
-        f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\n"
-        "import torch, thaw.client\n"
+        f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\nimport torch, thaw.client\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", prelude + code], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", prelude + code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     expected = digest(tensors)
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -141,9 +147,14 @@ def test_restore_deliveries_on_a_memfd_pool(module_thawd: ThawdProcess) -> None:
             c._conn.call("CopyInto", pb.DaemonCopyRequest(session_id=no_share.session_id))
         conn.call("CloseRestore", pb.CloseRestoreRequest(session_id=no_share.session_id, ok=False))
 
-        begin = c._conn.call("BeginFreeze", pb.BeginFreezeRequest(
-            name="modes-out", tensors=[pb.TensorSpec(name="w", dtype="float32", shape=[4])],
-            daemon_copy=True))  # fmt: skip
+        begin = c._conn.call(
+            "BeginFreeze",
+            pb.BeginFreezeRequest(
+                name="modes-out",
+                tensors=[pb.TensorSpec(name="w", dtype="float32", shape=[4])],
+                daemon_copy=True,
+            ),
+        )
         with pytest.raises(errors.InvalidRequest, match="VMM pool"):
             c._conn.call("CopyOut", pb.DaemonCopyRequest(session_id=begin.session_id))
         c._conn.call("AbortFreeze", pb.AbortFreezeRequest(session_id=begin.session_id))
@@ -214,13 +225,21 @@ def test_restore_many_overlaps_the_control_calls(module_thawd: ThawdProcess) -> 
         outs = {name: zeros_like(t) for name, t in sets.items()}
         results = c.restore_many([(outs[n], n) for n in sets])
         assert [(r.name, r.tier) for r in results] == [
-            ("many0", "pinned"), ("many1", "warm"), ("many2", "cold")]  # fmt: skip
+            ("many0", "pinned"),
+            ("many1", "warm"),
+            ("many2", "cold"),
+        ]
         assert all(same(outs[n], sets[n]) for n in sets)
         # The second fails its checks: the first is restored and confirmed, the third is not.
         wrong = {k: torch.zeros(3) for k in sets["many1"]}
         with pytest.raises(errors.TensorMismatch) as info:
-            c.restore_many([(zeros_like(sets["many0"]), "many0"), (wrong, "many1"),
-                            (zeros_like(sets["many2"]), "many2")])  # fmt: skip
+            c.restore_many(
+                [
+                    (zeros_like(sets["many0"]), "many0"),
+                    (wrong, "many1"),
+                    (zeros_like(sets["many2"]), "many2"),
+                ]
+            )
         assert "before it: 'many0'" in "".join(info.value.__notes__)
         records = {n: c.stat(n) for n in sets}
         assert {n: r.restores for n, r in records.items()} == {"many0": 2, "many1": 1, "many2": 1}
@@ -239,13 +258,17 @@ def test_restores_open_on_the_fd_socket(module_thawd: ThawdProcess) -> None:
     from thaw._proto import thawd_pb2 as pb
 
     def encoded(*names: str) -> list[str]:
-        return [base64.b64encode(pb.OpenRestoreRequest(name=n).SerializeToString()).decode()
-                for n in names]  # fmt: skip
+        return [
+            base64.b64encode(pb.OpenRestoreRequest(name=n).SerializeToString()).decode()
+            for n in names
+        ]
 
     small = random_tensors(40)
     # 1500 tensors with long names: a manifest of ~100 KB, over the 64 KiB packet.
-    large = {f"model.layers.{i}.a_rather_long_parameter_name.weight": torch.full((2,), float(i))
-             for i in range(1500)}  # fmt: skip
+    large = {
+        f"model.layers.{i}.a_rather_long_parameter_name.weight": torch.full((2,), float(i))
+        for i in range(1500)
+    }
     with connect(module_thawd.socket) as c:
         c.register(write_snapshot(module_thawd.dir / "fd-small.thaw", small), "fd-small")
         c.register(write_snapshot(module_thawd.dir / "fd-large.thaw", large), "fd-large")

@@ -99,7 +99,10 @@ print(json.dumps([reply.get("error"), len(fds), closed.get("error")]))
 """
     out = run_client(code, uid=ALLOWED)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
-        "PermissionDenied", 0, "PermissionDenied"], out.stderr  # fmt: skip
+        "PermissionDenied",
+        0,
+        "PermissionDenied",
+    ], out.stderr
     fds, sizes, _ = c._conn.redeem(info.session_id)  # its owner still gets it, once
     assert len(fds) == len(sizes) == 1 and sizes[0] > 0
     import os as _os

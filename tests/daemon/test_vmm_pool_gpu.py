@@ -59,8 +59,7 @@ def test_freeze_restore_and_fragmented_pool(thawd_factory) -> None:  # type: ign
             out = run_client(RESTORE.format(seed=seed, n=n, socket=d.socket, name=name))
             assert out.returncode == 0, out.stderr
             second = "mapped" if how == "fds" else how
-            assert json.loads(out.stdout.strip().splitlines()[-1]) == [
-                "pinned", how, second, True]  # fmt: skip
+            assert json.loads(out.stdout.strip().splitlines()[-1]) == ["pinned", how, second, True]
 
 
 DAEMON_COPY = """
@@ -90,12 +89,18 @@ def test_daemon_copies_over_cuda_ipc_when_asked(thawd_factory) -> None:  # type:
     assert out.returncode == 0, out.stderr
     # Both restores copied by the daemon: this process mapped no pool memory.
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
-        ["pinned", "pinned"], True, True, [], "skipped"]  # fmt: skip
+        ["pinned", "pinned"],
+        True,
+        True,
+        [],
+        "skipped",
+    ]
 
 
 def test_share_pool_false_maps_no_pool_memory(thawd_factory) -> None:  # type: ignore[no-untyped-def]
-    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK,
-                                    share_pool=False)  # fmt: skip
+    d: ThawdProcess = thawd_factory(
+        pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK, share_pool=False
+    )
     from thaw.client import connect
 
     with connect(d.socket) as c:
@@ -107,7 +112,12 @@ def test_share_pool_false_maps_no_pool_memory(thawd_factory) -> None:  # type: i
     assert out.returncode == 0, out.stderr
     # CUDA tensors: daemon copies; CPU tensors: the file, mapped for the copy and dropped.
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
-        ["pinned", "pinned"], True, True, [], "pinned"]  # fmt: skip
+        ["pinned", "pinned"],
+        True,
+        True,
+        [],
+        "pinned",
+    ]
 
 
 def test_expandable_segments_cannot_take_a_daemon_copy(thawd_factory) -> None:  # type: ignore[no-untyped-def]
@@ -169,8 +179,10 @@ def test_restore_many_into_cuda_tensors(thawd_factory) -> None:  # type: ignore[
     with connect(d.socket) as c:
         for seed in range(3):
             g = torch.Generator(device="cuda").manual_seed(10 + seed)
-            c.freeze({f"t{i}": torch.randn(1 << 20, generator=g, device="cuda")
-                      for i in range(2)}, f"m{seed}")  # fmt: skip
+            c.freeze(
+                {f"t{i}": torch.randn(1 << 20, generator=g, device="cuda") for i in range(2)},
+                f"m{seed}",
+            )
     out = run_client(RESTORE_MANY.format(socket=d.socket))
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
@@ -196,10 +208,15 @@ def test_daemon_copy_refuses_bad_requests(thawd_factory) -> None:  # type: ignor
         ):
             info = c._conn.call("OpenRestore", pb.OpenRestoreRequest(name="r", daemon_copy=True))
             with pytest.raises(errors.InvalidRequest, match=match):
-                c._conn.call("CopyInto", pb.DaemonCopyRequest(
-                    session_id=info.session_id, device_uuid=uuid,
-                    regions=[pb.GpuRegion(ipc_handle=handle, size=region_size)],
-                    copies=[pb.GpuCopy(tensor=0, region=0, offset=0)]))  # fmt: skip
+                c._conn.call(
+                    "CopyInto",
+                    pb.DaemonCopyRequest(
+                        session_id=info.session_id,
+                        device_uuid=uuid,
+                        regions=[pb.GpuRegion(ipc_handle=handle, size=region_size)],
+                        copies=[pb.GpuCopy(tensor=0, region=0, offset=0)],
+                    ),
+                )
             c._conn.call("CloseRestore", pb.CloseRestoreRequest(session_id=info.session_id))
         assert c.stat("r").clients == 0
 

@@ -134,8 +134,10 @@ def main(job: dict) -> dict:
     t0 = time.perf_counter()
     extra: dict = {"worker_extension_cls": "thaw.vllm.worker.ThawWorkerExtension"}
     if job.get("load"):  # load_format="thaw" from this snapshot
-        extra.update(load_format="thaw",
-                     model_loader_extra_config={"snapshot": job["load"], "socket": job["socket"]})
+        extra.update(
+            load_format="thaw",
+            model_loader_extra_config={"snapshot": job["load"], "socket": job["socket"]},
+        )
     llm = make_llm(job, **extra)
     result: dict = {"init_s": time.perf_counter() - t0}
     prompt = job["prompt"]

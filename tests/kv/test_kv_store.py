@@ -150,8 +150,14 @@ def test_a_full_pinned_budget_unpins_the_oldest_automatic_saves(tmp_path: Any) -
     from tests.daemon.conftest import ThawdProcess, make_dir
     from thaw.errors import BudgetExceeded
 
-    spec = KVSpec(weights="m-big", dtype="float32", layout="cpu-LBHNC", block_size=4,
-                  block_shape=(1024, 1024), num_layers=2)  # fmt: skip
+    spec = KVSpec(
+        weights="m-big",
+        dtype="float32",
+        layout="cpu-LBHNC",
+        block_size=4,
+        block_shape=(1024, 1024),
+        num_layers=2,
+    )
     daemon = ThawdProcess(make_dir(), pinned_budget="24MiB").start()
     try:
         store = KVStore(spec, socket=daemon.socket, directory=str(tmp_path / "kv"))
@@ -160,8 +166,11 @@ def test_a_full_pinned_budget_unpins_the_oldest_automatic_saves(tmp_path: Any) -
             g = torch.Generator().manual_seed(seed)
             data = torch.randn(2, 1, 1024, 1024, generator=g)
             tokens = list(range(seed * 4, seed * 4 + 4))
-            labels = {"kv.blocks": "1", "kv.tokens": "4",
-                      "kv.chain": chain_keys(spec.key, tokens, 4)[-1]}  # fmt: skip
+            labels = {
+                "kv.blocks": "1",
+                "kv.tokens": "4",
+                "kv.chain": chain_keys(spec.key, tokens, 4)[-1],
+            }
             if auto:
                 labels[AUTO_LABEL] = "1"
             store.save(name, data, torch.tensor(tokens).view(1, 4), labels)
@@ -228,8 +237,14 @@ def test_a_gpu_engine_saves_and_loads_in_gpu_memory(
 ) -> None:
     """A GPU engine's blocks go to the store from GPU memory and come back into it, with no
     host staging; copy_blocks then places them in a cache laid out like vLLM's GPU cache."""
-    spec = KVSpec(weights="m-gpu", dtype="bfloat16", layout="gpu-2NBHD", block_size=16,
-                  block_shape=(2, 16, 8, 128), num_layers=2)  # fmt: skip
+    spec = KVSpec(
+        weights="m-gpu",
+        dtype="bfloat16",
+        layout="gpu-2NBHD",
+        block_size=16,
+        block_shape=(2, 16, 8, 128),
+        num_layers=2,
+    )
     socket = module_thawd.socket if backend == "thawd" else None
     store = KVStore(spec, socket=socket, directory=str(tmp_path / "kv"))
     store.device = torch.device("cuda")
@@ -239,14 +254,18 @@ def test_a_gpu_engine_saves_and_loads_in_gpu_memory(
     tokens = list(range(1000, 1048))
     keys = chain_keys(spec.key, tokens, 16)
     name = f"gpu-prefix-{backend}"
-    store.save(name, torch.stack([layer.transpose(0, 1).index_select(0, used) for layer in cache]),
-               torch.tensor(tokens, device="cuda").view(3, 16),
-               {"kv.blocks": "3", "kv.tokens": "48", "kv.chain": keys[-1]})  # fmt: skip
+    store.save(
+        name,
+        torch.stack([layer.transpose(0, 1).index_select(0, used) for layer in cache]),
+        torch.tensor(tokens, device="cuda").view(3, 16),
+        {"kv.blocks": "3", "kv.tokens": "48", "kv.chain": keys[-1]},
+    )
     (loaded,) = store.load_many([BlockRef(name, 0, 3, store.path_for(name))])
     assert {t.device.type for t in loaded.values()} == {"cuda"}
     target = [torch.zeros_like(layer) for layer in cache]
-    copy_blocks(loaded, name, [0, 1, 2], [30, 31, 5], tokens,
-                [layer.transpose(0, 1) for layer in target])  # fmt: skip
+    copy_blocks(
+        loaded, name, [0, 1, 2], [30, 31, 5], tokens, [layer.transpose(0, 1) for layer in target]
+    )
     for layer, out in zip(cache, target, strict=True):
         assert torch.equal(out[:, [30, 31, 5]], layer[:, [7, 3, 21]])
         assert not out[:, [0, 7, 3, 21]].any()

@@ -57,8 +57,10 @@ def test_engine_a_captures_and_its_connector_reloads(engine_a: dict[str, Any]) -
     # scheduled in the same step, through restore_many), with the same greedy tokens.
     both = engine_a["both"]
     assert [b["cached"] for b in both] == [FULL_PREFIX, FULL_PREFIX]
-    assert [b["tokens"] for b in both] == [engine_a["first"]["tokens"],
-                                           engine_a["second"]["tokens"]]  # fmt: skip
+    assert [b["tokens"] for b in both] == [
+        engine_a["first"]["tokens"],
+        engine_a["second"]["tokens"],
+    ]
 
 
 def test_kv_snapshot_in_thawd_and_on_disk(setup: dict[str, Any], engine_a: dict[str, Any]) -> None:
@@ -114,9 +116,7 @@ def test_mismatched_engine_is_refused(
     assert "unfinished requests" in c["busy"]
 
 
-def test_kv_never_outlives_the_weights_that_computed_it(
-    setup: dict[str, Any], engine: Any
-) -> None:
+def test_kv_never_outlives_the_weights_that_computed_it(setup: dict[str, Any], engine: Any) -> None:
     """An engine serves a prompt (its KV stored), then `thaw.connect().restore(llm, other)`
     swaps its weights in place: the prompt is computed again with the new weights, never
     served from the old weights' KV, and the new weights' KV is stored under their own key.

@@ -47,8 +47,9 @@ def test_status(thawctl, thawd):
 
 
 def test_register_ls_and_filters(thawctl, thawd, snapshot_file, snapshot_dir):
-    result = thawctl("register", str(snapshot_file), "--name", "alpha", "--label", "team=a",
-                     "--json")  # fmt: skip
+    result = thawctl(
+        "register", str(snapshot_file), "--name", "alpha", "--label", "team=a", "--json"
+    )
     assert result.code == 0, result.err
     record = result.json()["snapshot"]
     assert_keys(record, SNAPSHOT_KEYS)
@@ -83,9 +84,16 @@ def test_register_ls_and_filters(thawctl, thawd, snapshot_file, snapshot_dir):
     assert alpha[-6:-3] == ["unverified", "team=a", "fixture"] and alpha[-2] == "ago"
     from thawctl.snapshots import fingerprint_summary
 
-    shard = {"architecture": "LlamaForCausalLM", "dtype": "float32", "quantization": "",
-             "engine": "vllm", "engine_version": "0.32.0", "tp_rank": 1, "tp_size": 2,
-             "model": "tiny"}  # fmt: skip
+    shard = {
+        "architecture": "LlamaForCausalLM",
+        "dtype": "float32",
+        "quantization": "",
+        "engine": "vllm",
+        "engine_version": "0.32.0",
+        "tp_rank": 1,
+        "tp_size": 2,
+        "model": "tiny",
+    }
     assert fingerprint_summary(shard) == "LlamaForCausalLM/float32/vllm-0.32.0/tp1of2/tiny"
 
 
@@ -157,8 +165,13 @@ def test_a_hung_daemon_is_reported_within_the_timeout(thawctl, own_thawd):
 
 
 def test_unknown_name_exits_4(thawctl, thawd):
-    for argv in (["info", "nope"], ["pin", "nope"], ["unpin", "nope"], ["rm", "nope"],
-                 ["verify", "nope"]):  # fmt: skip
+    for argv in (
+        ["info", "nope"],
+        ["pin", "nope"],
+        ["unpin", "nope"],
+        ["rm", "nope"],
+        ["verify", "nope"],
+    ):
         result = thawctl(*argv)
         assert result.code == exitcodes.NOT_FOUND, (argv, result.err)
         assert "nope" in one_error_line(result.err)
@@ -289,8 +302,9 @@ def test_budget_exceeded_exits_6(thawctl, own_thawd, snapshot_dir):
 
 
 def test_bench_measures_every_tier_and_leaves_thawd_as_it_was(thawctl, thawd, snapshot_dir):
-    result = thawctl("bench", "--size", "8MiB", "--repeat", "2", "--dir", str(snapshot_dir),
-                     "--json")  # fmt: skip
+    result = thawctl(
+        "bench", "--size", "8MiB", "--repeat", "2", "--dir", str(snapshot_dir), "--json"
+    )
     assert result.code == 0, result.err
     doc = result.json()
     assert_keys(doc, BENCH_KEYS)
@@ -332,9 +346,14 @@ def test_fish_completes_snapshot_names_from_the_daemon(thawctl, thawd, snapshot_
     script.write_text(thawctl("completion", "fish").out)
     bin_dir = tmp_path / "bin"  # `thawctl` on PATH, as an installed one would be
     bin_dir.mkdir()
-    (bin_dir / "thawctl").write_text(f"#!/bin/sh\nexec {sys.executable} -m thawctl \"$@\"\n")
+    (bin_dir / "thawctl").write_text(f'#!/bin/sh\nexec {sys.executable} -m thawctl "$@"\n')
     (bin_dir / "thawctl").chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
-    done = subprocess.run(["fish", "-c", f"source {script}; complete -C 'thawctl unpin al'"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    done = subprocess.run(
+        ["fish", "-c", f"source {script}; complete -C 'thawctl unpin al'"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert done.stdout.split() == ["alpha"], done.stderr

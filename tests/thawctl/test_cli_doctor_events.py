@@ -29,9 +29,12 @@ def start_events(*argv: str, socket: str) -> subprocess.Popen[str]:
     """`thawctl events ARGS` in its own interpreter, stdout a pipe."""
     return subprocess.Popen(
         [sys.executable, "-m", "thawctl", "--socket", socket, "events", *argv],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(ROOT),
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )  # fmt: skip
+    )
 
 
 def until_done(proc: subprocess.Popen[str], step, timeout: float = 60.0) -> tuple[str, str]:  # type: ignore[no-untyped-def]
@@ -52,8 +55,7 @@ def until_done(proc: subprocess.Popen[str], step, timeout: float = 60.0) -> tupl
 
 def test_events_as_lines_and_as_json_lines_filtered_by_kind(thawd, snapshot_file):
     lines = start_events("--kind", "registered", "--count", "3", socket=thawd.socket)
-    jsonl = start_events("--json", "--kind", "pinned,unpinned", "--count", "4",
-                         socket=thawd.socket)  # fmt: skip
+    jsonl = start_events("--json", "--kind", "pinned,unpinned", "--count", "4", socket=thawd.socket)
     with thaw.connect(thawd.socket) as client:
         client.register(snapshot_file, "p")
 
@@ -155,8 +157,9 @@ def test_doctor_passes_on_a_host_set_up_for_thaw(thawctl, own_thawd):
     checks = by_name(doc)
     assert doc["ok"] is True
     assert {c["state"] for c in doc["checks"]} <= {"pass", "skip"}, result.out
-    assert checks["thawd"]["detail"].startswith(f"thawd {thaw.__version__} (api thaw.v1), "
-                                                f"pid {daemon.pid}")  # fmt: skip
+    assert checks["thawd"]["detail"].startswith(
+        f"thawd {thaw.__version__} (api thaw.v1), pid {daemon.pid}"
+    )
     assert checks["memlock"]["detail"] == (
         "thawd's RLIMIT_MEMLOCK is 8.0 MiB, its pinned budget 4.0 MiB"
     )
@@ -208,8 +211,9 @@ import thaw, grpc
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 sys.exit(cli.main(["--socket", {thawd.socket!r}, "doctor", "--json"]))
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd="/")  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/"
+    )
     assert done.returncode == exitcodes.ERROR, done.stderr
     checks = by_name(json.loads(done.stdout))
     assert checks["socket"]["state"] == "fail"
@@ -244,16 +248,30 @@ def test_pcie_links_from_sysfs(tmp_path):
     warns; one trained down while idle passes with a note; other devices are ignored."""
     from thawctl import doctor
 
-    gen5 = {"vendor": "0x10de", "class": "0x030200", "max_link_speed": "32.0 GT/s PCIe",
-            "max_link_width": "16"}  # fmt: skip
-    _device(tmp_path, "0000:17:00.0", current_link_speed="2.5 GT/s PCIe",
-            current_link_width="16", **gen5)  # fmt: skip
+    gen5 = {
+        "vendor": "0x10de",
+        "class": "0x030200",
+        "max_link_speed": "32.0 GT/s PCIe",
+        "max_link_width": "16",
+    }
+    _device(
+        tmp_path,
+        "0000:17:00.0",
+        current_link_speed="2.5 GT/s PCIe",
+        current_link_width="16",
+        **gen5,
+    )
     _device(tmp_path, "0000:00:1f.6", vendor="0x8086", **{"class": "0x020000"})
     idle = doctor.pcie_check(str(tmp_path), nvidia_smi=list)
     assert idle.state == "pass"
     assert idle.detail == "0000:17:00.0 Gen1 x16 (Gen5 under load; idle links train down)"
-    _device(tmp_path, "0000:4b:00.0", current_link_speed="32.0 GT/s PCIe",
-            current_link_width="8", **gen5)  # fmt: skip
+    _device(
+        tmp_path,
+        "0000:4b:00.0",
+        current_link_speed="32.0 GT/s PCIe",
+        current_link_width="8",
+        **gen5,
+    )
     narrow = doctor.pcie_check(str(tmp_path), nvidia_smi=list)
     assert narrow.state == "warn" and "0000:4b:00.0 Gen5 x8 (of x16)" in narrow.detail
     assert doctor.pcie_check(str(tmp_path / "none"), nvidia_smi=list).state == "skip"

@@ -31,8 +31,21 @@ from thawctl.progress import Progress
 def test_help_in_a_fresh_interpreter_lists_commands_and_exit_codes():
     done = run_subprocess("--help")
     assert done.returncode == 0, done.stderr
-    for command in ("status", "ls", "info", "register", "pin", "unpin", "rm", "verify",
-                    "freeze", "bench", "demo", "top", "completion"):  # fmt: skip
+    for command in (
+        "status",
+        "ls",
+        "info",
+        "register",
+        "pin",
+        "unpin",
+        "rm",
+        "verify",
+        "freeze",
+        "bench",
+        "demo",
+        "top",
+        "completion",
+    ):
         assert command in done.stdout
     assert "exit codes:" in done.stdout
     for code in range(8):
@@ -49,8 +62,21 @@ def test_console_script_is_installed_and_runs():
 
 
 def test_every_subcommand_has_help(thawctl):
-    for command in ("status", "ls", "info", "register", "pin", "unpin", "rm", "verify",
-                    "freeze", "bench", "demo", "top", "completion"):  # fmt: skip
+    for command in (
+        "status",
+        "ls",
+        "info",
+        "register",
+        "pin",
+        "unpin",
+        "rm",
+        "verify",
+        "freeze",
+        "bench",
+        "demo",
+        "top",
+        "completion",
+    ):
         result = thawctl(command, "--help")
         assert result.code == 0
         assert result.out.startswith(f"usage: thawctl {command}")
@@ -169,8 +195,11 @@ def test_info_file_json_schema(thawctl, snapshot_file):
     assert info["tensor_count"] == 4
     assert info["format_version"] == 1
     assert {t["name"] for t in info["tensors"]} == {
-        "embed.weight", "layers.0.norm", "layers.0.proj", "layers.0.index",
-    }  # fmt: skip
+        "embed.weight",
+        "layers.0.norm",
+        "layers.0.proj",
+        "layers.0.index",
+    }
     for t in info["tensors"]:
         assert_keys(t, TENSOR_KEYS)
         assert len(t["checksum"]) == 16
@@ -271,10 +300,12 @@ def test_fish_completion_is_valid_fish_and_completes(thawctl, tmp_path):
     result = thawctl("completion", "fish")
     assert result.code == 0
     assert result.out.startswith("# fish completion for thawctl")
-    for line in ("complete -c thawctl -n '__thawctl_using ls' -l tier -x -a 'cold warm pinned'",
-                 "complete -c thawctl -n '__thawctl_using freeze' -s o -l output -r -F",
-                 "complete -c thawctl -n '__thawctl_using pin' -F -a '(__thawctl_snapshots)'"):
-        assert line in result.out  # fmt: skip
+    for line in (
+        "complete -c thawctl -n '__thawctl_using ls' -l tier -x -a 'cold warm pinned'",
+        "complete -c thawctl -n '__thawctl_using freeze' -s o -l output -r -F",
+        "complete -c thawctl -n '__thawctl_using pin' -F -a '(__thawctl_snapshots)'",
+    ):
+        assert line in result.out
     if not shutil.which("fish"):
         pytest.skip("fish is not installed: the script's behaviour is not checked")
     script = tmp_path / "thawctl.fish"
@@ -282,8 +313,12 @@ def test_fish_completion_is_valid_fish_and_completes(thawctl, tmp_path):
     assert subprocess.run(["fish", "-n", str(script)]).returncode == 0
 
     def complete(line: str) -> list[str]:
-        done = subprocess.run(["fish", "-c", f"source {script}; complete -C {line!r}"],
-                              capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+        done = subprocess.run(
+            ["fish", "-c", f"source {script}; complete -C {line!r}"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         assert done.stderr == "", done.stderr
         return [c.split("\t")[0] for c in done.stdout.splitlines()]
 
@@ -305,8 +340,16 @@ def test_freeze_tiny_with_torch(thawctl, snapshot_dir):
     result = thawctl("freeze", "--model", "tiny", "-o", str(out), "--label", "run=test", "--json")
     assert result.code == 0, result.err
     doc = result.json()
-    assert {"engine", "model", "dtype", "tensor_parallel_size", "load_seconds", "freeze",
-            "fingerprint", "files"} <= doc.keys()  # fmt: skip
+    assert {
+        "engine",
+        "model",
+        "dtype",
+        "tensor_parallel_size",
+        "load_seconds",
+        "freeze",
+        "fingerprint",
+        "files",
+    } <= doc.keys()
     assert doc["engine"] == "torch" and doc["model"] == "tiny"
     assert doc["fingerprint"]["architecture"] == "LlamaForCausalLM"
     assert doc["fingerprint"]["labels"] == {"run": "test"}
@@ -318,8 +361,9 @@ def test_freeze_tiny_with_torch(thawctl, snapshot_dir):
     assert thawctl("verify", str(out)).code == 0
     again = thawctl("freeze", "--model", "tiny", "-o", str(out))
     assert again.code == exitcodes.ERROR and "--force" in one_error_line(again.err)
-    half = thawctl("freeze", "--model", "tiny", "-o", str(snapshot_dir / "h.thaw"),
-                   "--dtype", "float16")  # fmt: skip
+    half = thawctl(
+        "freeze", "--model", "tiny", "-o", str(snapshot_dir / "h.thaw"), "--dtype", "float16"
+    )
     assert half.code == 0, half.err
     assert "float16" in thawctl("info", str(snapshot_dir / "h.thaw"), "--summary").out
     from thawctl import render
@@ -383,8 +427,9 @@ def test_freeze_with_an_engine_that_is_not_installed(thawctl, snapshot_dir, engi
         if name == engine or name.startswith(f"{engine}."):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, engine, None)
-    result = thawctl("freeze", "--engine", engine, "--model", "tiny",
-                     "-o", str(snapshot_dir / "e.thaw"))  # fmt: skip
+    result = thawctl(
+        "freeze", "--engine", engine, "--model", "tiny", "-o", str(snapshot_dir / "e.thaw")
+    )
     assert result.code == exitcodes.ERROR
     assert f"install thaw[{engine}]" in one_error_line(result.err)
     assert not (snapshot_dir / "e.thaw").exists()
@@ -417,8 +462,18 @@ def test_demo_json(thawctl):
 
 
 def test_bench_without_daemon_skips_the_pinned_tier(thawctl, snapshot_dir):
-    result = thawctl("--socket", NO_DAEMON, "bench", "--size", "4MiB", "--repeat", "1",
-                     "--dir", str(snapshot_dir), "--json")  # fmt: skip
+    result = thawctl(
+        "--socket",
+        NO_DAEMON,
+        "bench",
+        "--size",
+        "4MiB",
+        "--repeat",
+        "1",
+        "--dir",
+        str(snapshot_dir),
+        "--json",
+    )
     assert result.code == 0, result.err
     doc = result.json()
     tiers = {r["tier"]: r for r in doc["results"]}
@@ -479,8 +534,12 @@ def test_thawctl_never_imports_the_daemon():
         "bad = sorted(m for m in sys.modules if m == 'thawd' or m.startswith('thawd.'))\n"
         "assert not bad, bad\n"
     )
-    done = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True,
-                          text=True, cwd=str(Path(__file__).resolve().parents[2]))  # fmt: skip
+    done = subprocess.run(
+        [__import__("sys").executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -491,6 +550,10 @@ def test_help_does_not_import_torch():
         "heavy = [m for m in ('torch', 'grpc', 'textual', 'thaw') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    done = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True,
-                          text=True, cwd=str(Path(__file__).resolve().parents[2]))  # fmt: skip
+    done = subprocess.run(
+        [__import__("sys").executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     assert done.returncode == 0, done.stderr

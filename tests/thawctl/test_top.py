@@ -53,8 +53,12 @@ def log_text(app: ThawTop) -> str:
 
 def restores_logged(text: str) -> int:
     """Restores the log accounts for: one a `restore_finished` line, N a line of N restores."""
-    return sum(int(line.split(" restores, ")[0].split()[-1]) if " restores, " in line
-               else "restore_finished" in line for line in text.splitlines())  # fmt: skip
+    return sum(
+        int(line.split(" restores, ")[0].split()[-1])
+        if " restores, " in line
+        else "restore_finished" in line
+        for line in text.splitlines()
+    )
 
 
 def make_app(socket: str) -> ThawTop:
@@ -213,24 +217,30 @@ def test_unpin_of_a_snapshot_in_use_asks_first(thawd, snapshot_dir):
             app = make_app(thawd.socket)
             async with app.run_test(size=(100, 30)) as pilot:
                 screen = main_screen(app)
-                await wait_for(pilot, lambda: [r.clients for r in screen.snapshots] == [1],
-                               "the open restore")  # fmt: skip
+                await wait_for(
+                    pilot, lambda: [r.clients for r in screen.snapshots] == [1], "the open restore"
+                )
                 await pilot.press("u")
                 assert isinstance(app.screen, ConfirmScreen)
                 assert "in use: 1 restore(s) open" in str(app.screen.question)
                 await pilot.press("n")
                 assert isinstance(app.screen, MainScreen)
                 await pilot.press("u", "y")
-                await wait_for(pilot, lambda: "busy (1 restore(s) open)" in log_text(app),
-                               "thawd's refusal")  # fmt: skip
+                await wait_for(
+                    pilot, lambda: "busy (1 restore(s) open)" in log_text(app), "thawd's refusal"
+                )
                 assert [r.tier for r in screen.snapshots] == ["pinned"]
                 release.set()
-                await wait_for(pilot, lambda: [r.clients for r in screen.snapshots] == [0],
-                               "the restore to end")  # fmt: skip
+                await wait_for(
+                    pilot,
+                    lambda: [r.clients for r in screen.snapshots] == [0],
+                    "the restore to end",
+                )
                 await pilot.press("u")  # no longer in use: no question
                 assert isinstance(app.screen, MainScreen)
-                await wait_for(pilot, lambda: [r.tier for r in screen.snapshots] == ["cold"],
-                               "cold")  # fmt: skip
+                await wait_for(
+                    pilot, lambda: [r.tier for r in screen.snapshots] == ["cold"], "cold"
+                )
                 await pilot.press("q")
 
         asyncio.run(scenario())
@@ -257,8 +267,9 @@ def test_restores_are_gathered_in_the_log_under_load(thawd, snapshot_dir):
                 target = zeros_like(random_tensors(0))
                 for _ in range(60):
                     await asyncio.to_thread(client.restore, target, "hot")
-            await wait_for(pilot, lambda: restores_logged(log_text(app)) == 60,
-                           "all sixty restores in the log")  # fmt: skip
+            await wait_for(
+                pilot, lambda: restores_logged(log_text(app)) == 60, "all sixty restores in the log"
+            )
             lines = log_text(app).splitlines()
             gathered = [line for line in lines if " restores, " in line]
             assert gathered and all(" hot (" in line for line in gathered)
@@ -371,13 +382,24 @@ class StaticSource:
 
 def _snapshot(name: str, tier: str, size: int, **kw: Any) -> SnapshotRecord:
     values: dict[str, Any] = {
-        "name": name, "path": f"/snapshots/{name}.thaw", "labels": {}, "tier": tier,
-        "wanted_tier": tier, "size_bytes": size, "file_bytes": size + (2 << 20),
-        "resident_bytes": size if tier != "cold" else 0, "last_used": NA, "clients": 0,
-        "restores": 0, "checksum_state": "verified" if tier == "pinned" else "unverified",
+        "name": name,
+        "path": f"/snapshots/{name}.thaw",
+        "labels": {},
+        "tier": tier,
+        "wanted_tier": tier,
+        "size_bytes": size,
+        "file_bytes": size + (2 << 20),
+        "resident_bytes": size if tier != "cold" else 0,
+        "last_used": NA,
+        "clients": 0,
+        "restores": 0,
+        "checksum_state": "verified" if tier == "pinned" else "unverified",
         "fingerprint": Fingerprint(architecture="LlamaForCausalLM", dtype="bfloat16"),
-        "tensor_count": 291, "registered": T0 - 86400, "error": "", "file_pending": False,
-    }  # fmt: skip
+        "tensor_count": 291,
+        "registered": T0 - 86400,
+        "error": "",
+        "file_pending": False,
+    }
     values.update(kw)
     return SnapshotRecord(**values)
 
@@ -386,22 +408,43 @@ def fixed_items() -> list[Any]:
     gpus = tuple(GpuRecord(i, "NVIDIA H200", 150_019_129_344, NA, "PCIe Gen5 x16") for i in (0, 1))
     now = T0 + 7530
     status = DaemonStatus(
-        version="0.1.0", api_version="thaw.v1", pid=4242, started=T0, uptime_s=7530.0,
-        pool_kind="vmm", pinned_budget=64 * GIB, pinned_used=46 * GIB, warm_budget=128 * GIB,
-        warm_used=52 * GIB, host_memory_total=512 * GIB, host_memory_available=301 * GIB,
-        gpus=gpus, snapshots=5, active_restores=1, active_freezes=0, restores_total=57,
-        bytes_restored_total=912 * GIB, memory_locked=True, socket="/run/thawd/thawd.sock",
+        version="0.1.0",
+        api_version="thaw.v1",
+        pid=4242,
+        started=T0,
+        uptime_s=7530.0,
+        pool_kind="vmm",
+        pinned_budget=64 * GIB,
+        pinned_used=46 * GIB,
+        warm_budget=128 * GIB,
+        warm_used=52 * GIB,
+        host_memory_total=512 * GIB,
+        host_memory_available=301 * GIB,
+        gpus=gpus,
+        snapshots=5,
+        active_restores=1,
+        active_freezes=0,
+        restores_total=57,
+        bytes_restored_total=912 * GIB,
+        memory_locked=True,
+        socket="/run/thawd/thawd.sock",
         share_pool=True,
-    )  # fmt: skip
+    )
     snapshots = (
         _snapshot("llama-8b", "pinned", 16 * GIB, restores=41, clients=1, last_used=now - 12),
-        _snapshot("qwen-32b", "warm", 52 * GIB, resident_bytes=42 * GIB, restores=9,
-                  last_used=now - 1500),
+        _snapshot(
+            "qwen-32b", "warm", 52 * GIB, resident_bytes=42 * GIB, restores=9, last_used=now - 1500
+        ),
         _snapshot("mistral-7b", "pinned", 14 * GIB, restores=7, last_used=now - 3 * 3600),
         _snapshot("llama-70b", "cold", 141 * GIB, wanted_tier="pinned"),
-        _snapshot("broken", "cold", 2 * GIB, checksum_state="corrupt",
-                  error="checksum mismatch in tensor 'lm_head.weight'"),
-    )  # fmt: skip
+        _snapshot(
+            "broken",
+            "cold",
+            2 * GIB,
+            checksum_state="corrupt",
+            error="checksum mismatch in tensor 'lm_head.weight'",
+        ),
+    )
     items: list[Any] = [Connection("connected", "thawd 0.1.0, pid 4242", now - 60)]
     events = [
         ("pinned", "llama-8b", "16.00 GiB in 0.31 s", -50),
@@ -428,8 +471,7 @@ def test_main_screen_snapshot(snap_compare, monkeypatch):
         await pilot.pause()
 
     try:
-        assert snap_compare(ThawTop(StaticSource(items)), terminal_size=(80, 24),
-                            run_before=settle)  # fmt: skip
+        assert snap_compare(ThawTop(StaticSource(items)), terminal_size=(80, 24), run_before=settle)
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
@@ -505,8 +547,7 @@ def test_the_log_gathers_each_seconds_restores_and_keeps_the_rest():
     items: list[Any] = [Connection("connected", "thawd 0.1.0, pid 4242", t - 1)]
 
     def restore(at: float, name: str = "llama-8b") -> Event:
-        return Event(at, "restore_finished", name, "16.00 GiB in 0.30 s (57.3 GB/s)",
-                     16 * GIB, 0.3)  # fmt: skip
+        return Event(at, "restore_finished", name, "16.00 GiB in 0.30 s (57.3 GB/s)", 16 * GIB, 0.3)
 
     items += [restore(t + i / 40, "qwen-32b" if i % 10 == 0 else "llama-8b") for i in range(20)]
     items.append(Event(t + 0.9, "pinned", "mistral-7b", "14.00 GiB in 0.28 s", 14 * GIB, 0.28))

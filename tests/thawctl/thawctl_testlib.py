@@ -34,8 +34,9 @@ class Result:
         return json.loads(self.out)
 
 
-def run_subprocess(*argv: str, env: dict[str, str] | None = None,
-                   timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_subprocess(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """`python -m thawctl ARGS...` in a fresh interpreter (stdout is a pipe, not a TTY)."""
     return subprocess.run(
         [sys.executable, "-m", "thawctl", *argv],

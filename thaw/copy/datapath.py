@@ -234,8 +234,9 @@ def warm_up(device: int) -> None:
     staging = Staging.for_device(device)
     with staging.lock:
         cuda.set_device(device)
-        cuda.cudart.cudaMemcpyAsync(0, 0, 0, cuda.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                                    staging.streams[0].handle)  # fmt: skip
+        cuda.cudart.cudaMemcpyAsync(
+            0, 0, 0, cuda.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, staging.streams[0].handle
+        )
         for stream in staging.streams:
             stream.synchronize()
         cuda.device_synchronize()
@@ -557,17 +558,22 @@ def export_for_daemon(
 
     device = cuda_device(bindings)
     if device is None or any(b.tensor.device.type != "cuda" for b in bindings):
-        raise ModelMismatch("CUDA IPC mode restores CUDA tensors only; CPU tensors need "
-                            "mode='auto' (they copy from pool memory or the file)")  # fmt: skip
+        raise ModelMismatch(
+            "CUDA IPC mode restores CUDA tensors only; CPU tensors need "
+            "mode='auto' (they copy from pool memory or the file)"
+        )
     # Non-contiguous tensors go through contiguous temporaries, alive until `finish`.
     targets = _Targets(bindings, copy_in=freeze)
     cuda.set_device(device)
     cuda.device_synchronize()  # the tensors are final and idle before another process copies
     exported = daemon_copy.export(
-        [(index[b.entry.name], targets.tensors[i]) for i, b in enumerate(bindings)
-         if b.entry.length],
+        [
+            (index[b.entry.name], targets.tensors[i])
+            for i, b in enumerate(bindings)
+            if b.entry.length
+        ],
         device,
-    )  # fmt: skip
+    )
 
     def finish() -> int:
         if not freeze:

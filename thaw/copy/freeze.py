@@ -102,6 +102,8 @@ def freeze_file(
             datapath.copy_from_cuda(gpu_bindings, drain)
         writer.commit(fingerprint, checksums)
     size = sum(e.length for e in entries)
-    frozen = Manifest(fingerprint, tuple(dataclasses.replace(e, checksum=c)
-                                         for e, c in zip(entries, checksums, strict=True)))
+    frozen = Manifest(
+        fingerprint,
+        tuple(dataclasses.replace(e, checksum=c) for e, c in zip(entries, checksums, strict=True)),
+    )
     return TransferStats(size, time.perf_counter() - started, "memory", frozen.content_id)

@@ -88,11 +88,13 @@ class Client:
 
     # --- snapshots ----------------------------------------------------------------------------
 
-    def register(self, path: str | os.PathLike[str], name: str = "",
-                 labels: Mapping[str, str] | None = None) -> SnapshotRecord:  # fmt: skip
+    def register(
+        self, path: str | os.PathLike[str], name: str = "", labels: Mapping[str, str] | None = None
+    ) -> SnapshotRecord:
         """Register a snapshot file (cold) under `name` (default: the file name)."""
-        request = pb.RegisterRequest(path=os.path.abspath(os.fspath(path)), name=name,
-                                     labels=dict(labels or {}))  # fmt: skip
+        request = pb.RegisterRequest(
+            path=os.path.abspath(os.fspath(path)), name=name, labels=dict(labels or {})
+        )
         return SnapshotRecord.from_pb(self._conn.call("Register", request).snapshot)
 
     def unregister(self, name: str) -> None:
@@ -103,11 +105,21 @@ class Client:
         """Pin (or warm) a snapshot, yielding progress; the last item has done=True."""
         tier = pb.TIER_WARM if warm else pb.TIER_PINNED
         for p in self._conn.stream("Pin", pb.PinRequest(name=name, tier=tier), None):
-            yield PinProgress(p.done_bytes, p.total_bytes, p.elapsed_s, p.done,
-                              SnapshotRecord.from_pb(p.snapshot) if p.done else NA)  # fmt: skip
+            yield PinProgress(
+                p.done_bytes,
+                p.total_bytes,
+                p.elapsed_s,
+                p.done,
+                SnapshotRecord.from_pb(p.snapshot) if p.done else NA,
+            )
 
-    def pin(self, name: str, *, warm: bool = False,
-            progress: Callable[[PinProgress], None] | None = None) -> SnapshotRecord:  # fmt: skip
+    def pin(
+        self,
+        name: str,
+        *,
+        warm: bool = False,
+        progress: Callable[[PinProgress], None] | None = None,
+    ) -> SnapshotRecord:
         """Pin a snapshot into the daemon's page-locked pool (warm=True: page cache only).
 
         Every tensor's checksum is verified while reading; a damaged file raises
@@ -140,8 +152,9 @@ class Client:
         Raises SnapshotCorrupt naming the tensor when one does not match; the snapshot is then
         marked corrupt. Takes as long as hashing the payload: no deadline."""
         reply = self._conn.call("Verify", pb.VerifyRequest(name=name), timeout=None)
-        return VerifyResult(SnapshotRecord.from_pb(reply.snapshot), reply.bytes, reply.duration_s,
-                            reply.source)  # fmt: skip
+        return VerifyResult(
+            SnapshotRecord.from_pb(reply.snapshot), reply.bytes, reply.duration_s, reply.source
+        )
 
     def status(self) -> DaemonStatus:
         return DaemonStatus.from_pb(self._conn.call("Status", pb.StatusRequest()))
@@ -157,16 +170,25 @@ class Client:
                 yield Event(u.time_unix, e.kind, e.snapshot or NA, e.message, e.bytes, e.duration_s)
             else:
                 m = u.metrics
-                yield Metrics(u.time_unix, DaemonStatus.from_pb(m.status),
-                              tuple(SnapshotRecord.from_pb(s) for s in m.snapshots),
-                              m.restore_bytes_per_s)  # fmt: skip
+                yield Metrics(
+                    u.time_unix,
+                    DaemonStatus.from_pb(m.status),
+                    tuple(SnapshotRecord.from_pb(s) for s in m.snapshots),
+                    m.restore_bytes_per_s,
+                )
 
     # --- restore and freeze -------------------------------------------------------------------
 
-    def restore_tensors(self, target: Any, name: str, *, strict: bool = True,
-                expect: Fingerprint | None = None,
-                progress: Callable[[int, int], None] | None = None,
-                mode: str | None = None) -> RestoreResult:  # fmt: skip
+    def restore_tensors(
+        self,
+        target: Any,
+        name: str,
+        *,
+        strict: bool = True,
+        expect: Fingerprint | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        mode: str | None = None,
+    ) -> RestoreResult:
         """Restore `target` (torch module, state dict or (name, tensor) pairs) from snapshot `name`.
 
         Names, dtypes and shapes (and the fingerprint, with `expect`) are checked before a byte
@@ -182,8 +204,9 @@ class Client:
         """
         return self._restores.restore([(target, name)], strict, expect, progress, mode)[0]
 
-    def restore_many(self, items: Sequence[tuple[Any, str]], *, strict: bool = True,
-                     mode: str | None = None) -> builtins.list[RestoreResult]:  # fmt: skip
+    def restore_many(
+        self, items: Sequence[tuple[Any, str]], *, strict: bool = True, mode: str | None = None
+    ) -> builtins.list[RestoreResult]:
         """Restore several snapshots, each `(target, name)` as `restore_tensors` would, with the
         control calls of all of them overlapped: one round trip to thawd to open them all and
         one to confirm them all, instead of two per snapshot (KV prefixes of many requests, a
@@ -195,18 +218,26 @@ class Client:
         """Drop this process's cached mapping of `name`'s pool buffer (if any)."""
         self._restores.forget(name)
 
-    def freeze_tensors(self, model: Any, name: str, path: str | None = None,
-                       fingerprint: Fingerprint | None = None, *,
-                       labels: Mapping[str, str] | None = None, pin: bool = True,
-                       wait: bool = False) -> SnapshotRecord:  # fmt: skip
+    def freeze_tensors(
+        self,
+        model: Any,
+        name: str,
+        path: str | None = None,
+        fingerprint: Fingerprint | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        pin: bool = True,
+        wait: bool = False,
+    ) -> SnapshotRecord:
         """Freeze `model`'s tensors into a new snapshot held by the daemon and written behind.
 
         Returns once the bytes are in the daemon's pool and checksummed (wait=True: once the
         file is durable). `path` defaults to the daemon's state directory. pin=False leaves it
         demotable once written.
         """
-        return freezes.freeze(self._conn, model, name, path, fingerprint, labels=labels,
-                              pin=pin, wait=wait)  # fmt: skip
+        return freezes.freeze(
+            self._conn, model, name, path, fingerprint, labels=labels, pin=pin, wait=wait
+        )
 
     # --- lifetime -----------------------------------------------------------------------------
 

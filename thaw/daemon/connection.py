@@ -155,8 +155,9 @@ class Connection:
         deadline = self.timeout if timeout == "default" else timeout
         for attempt in (0, 1):
             try:
-                return getattr(self._stub, method)(request, metadata=self.metadata(),
-                                                   timeout=deadline)  # fmt: skip
+                return getattr(self._stub, method)(
+                    request, metadata=self.metadata(), timeout=deadline
+                )
             except grpc.RpcError as e:
                 if attempt == 0 and e.code() is grpc.StatusCode.UNAUTHENTICATED:
                     self.authenticate()
@@ -184,8 +185,7 @@ class Connection:
     def redeem(self, session_id: str) -> tuple[list[int], list[int], int]:
         """The fds of an open session, over the fd socket (checked against our SO_PEERCRED):
         (fds, bytes each maps, the daemon's buffer id). The caller closes the fds."""
-        reply, fds = self.fd_call({"op": "fd", "session": session_id},
-                                   "while handing over memory")  # fmt: skip
+        reply, fds = self.fd_call({"op": "fd", "session": session_id}, "while handing over memory")
         sizes = [int(n) for n in reply.get("sizes", [])]
         if not reply.get("ok") or not fds or len(fds) != len(sizes):
             for fd in fds:
@@ -193,16 +193,24 @@ class Connection:
             raise refused(reply)
         return fds, sizes, int(reply.get("buffer", 0))
 
-    def fd_request(self, message: dict[str, Any], doing: str, reconnect: bool = False,
-                    ) -> dict[str, Any]:  # fmt: skip
+    def fd_request(
+        self,
+        message: dict[str, Any],
+        doing: str,
+        reconnect: bool = False,
+    ) -> dict[str, Any]:
         """`_fd_call` for a request whose reply carries no fds (any that come are closed)."""
         reply, fds = self.fd_call(message, doing, reconnect)
         for fd in fds:
             os.close(fd)
         return reply
 
-    def fd_call(self, message: dict[str, Any], doing: str = "", reconnect: bool = False,
-                 ) -> tuple[dict[str, Any], builtins.list[int]]:  # fmt: skip
+    def fd_call(
+        self,
+        message: dict[str, Any],
+        doing: str = "",
+        reconnect: bool = False,
+    ) -> tuple[dict[str, Any], builtins.list[int]]:
         """One request and its reply on the fd socket: (reply, the fds attached, which the
         caller closes). DaemonUnavailable when thawd is gone (`doing` says when).
         `reconnect`: connect anew when the connection is gone or broke (thawd restarted) and
@@ -229,8 +237,12 @@ class Connection:
                         ) from None
         raise AssertionError("unreachable")
 
-    def exchange(self, sock: Any, message: dict[str, Any], when: str,
-                  ) -> tuple[dict[str, Any], builtins.list[int]]:  # fmt: skip
+    def exchange(
+        self,
+        sock: Any,
+        message: dict[str, Any],
+        when: str,
+    ) -> tuple[dict[str, Any], builtins.list[int]]:
         """Send `message` on an fd-socket connection and receive the reply: DaemonUnavailable
         when thawd does not answer within the timeout (`when`: " while ...", or "");
         a broken connection raises as it is."""
@@ -250,12 +262,14 @@ class Connection:
             self._fd_sock.close()
             self._fd_sock = None
 
-    def in_flight(self, method: str, requests: builtins.list[Any],
-                   ) -> tuple[builtins.list[Any], builtins.list[grpc.RpcError]]:  # fmt: skip
+    def in_flight(
+        self,
+        method: str,
+        requests: builtins.list[Any],
+    ) -> tuple[builtins.list[Any], builtins.list[grpc.RpcError]]:
         """Send every request at once; (the replies that came, the failures), once all ended."""
         call = getattr(self._stub, method)
-        futures = [call.future(r, metadata=self.metadata(), timeout=self.timeout)
-                   for r in requests]  # fmt: skip
+        futures = [call.future(r, metadata=self.metadata(), timeout=self.timeout) for r in requests]
         replies, failures = [], []
         for future in futures:
             try:
@@ -264,20 +278,31 @@ class Connection:
                 failures.append(e)
         return replies, failures
 
-    def daemon_copy(self, method: str, session_id: str,
-                     batches: Iterator[tuple[Any, Callable[[], int]]]) -> int:  # fmt: skip
+    def daemon_copy(
+        self, method: str, session_id: str, batches: Iterator[tuple[Any, Callable[[], int]]]
+    ) -> int:
         """Have thawd copy between its pool and our exported GPU allocations (`CopyInto` for a
         restore, `CopyOut` for a freeze), one call per batch: each batch is sent before the
         next is exported, so exporting overlaps the daemon's copies. Returns bytes moved."""
         calls, finishes = [], []
         try:
             for exported, finish in batches:
-                calls.append(getattr(self._stub, method).future(pb.DaemonCopyRequest(
-                    session_id=session_id, device_uuid=exported.device_uuid,
-                    regions=[pb.GpuRegion(ipc_handle=h, size=n) for h, n in exported.regions],
-                    copies=[pb.GpuCopy(tensor=t, region=r, offset=o)
-                            for t, r, o in exported.copies],
-                ), metadata=self.metadata()))  # fmt: skip
+                calls.append(
+                    getattr(self._stub, method).future(
+                        pb.DaemonCopyRequest(
+                            session_id=session_id,
+                            device_uuid=exported.device_uuid,
+                            regions=[
+                                pb.GpuRegion(ipc_handle=h, size=n) for h, n in exported.regions
+                            ],
+                            copies=[
+                                pb.GpuCopy(tensor=t, region=r, offset=o)
+                                for t, r, o in exported.copies
+                            ],
+                        ),
+                        metadata=self.metadata(),
+                    )
+                )
                 finishes.append(finish)
             for call in calls:
                 call.result()

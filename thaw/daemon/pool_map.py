@@ -55,8 +55,12 @@ class PoolMap:
             self._sock.close()
             raise
         self._mirror: Any = mirror
-        log.debug("pool %d: %d chunks imported in %.1f ms", self.pool_id, self._chunks,
-                  (time.perf_counter() - t0) * 1e3)  # fmt: skip
+        log.debug(
+            "pool %d: %d chunks imported in %.1f ms",
+            self.pool_id,
+            self._chunks,
+            (time.perf_counter() - t0) * 1e3,
+        )
         self._thread = threading.Thread(target=self._run, name="thaw-pool-map", daemon=True)
         self._thread.start()
 

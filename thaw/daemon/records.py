@@ -143,17 +143,26 @@ class SnapshotRecord:
         except (ValueError, TypeError):
             fingerprint = NA
         return cls(
-            name=m.name, path=m.path, labels=dict(m.labels),
+            name=m.name,
+            path=m.path,
+            labels=dict(m.labels),
             tier=TIERS.get(m.tier, Tier.COLD),
-            wanted_tier=TIERS.get(m.wanted_tier, Tier.COLD), size_bytes=m.size_bytes,
+            wanted_tier=TIERS.get(m.wanted_tier, Tier.COLD),
+            size_bytes=m.size_bytes,
             file_bytes=m.file_bytes if m.file_bytes or not m.file_pending else NA,
-            resident_bytes=m.resident_bytes, last_used=m.last_used_unix or NA,
-            clients=m.clients, restores=m.restores,
+            resident_bytes=m.resident_bytes,
+            last_used=m.last_used_unix or NA,
+            clients=m.clients,
+            restores=m.restores,
             checksum_state=CHECKSUM_STATES.get(m.checksum_state, ChecksumState.UNVERIFIED),
-            fingerprint=fingerprint, tensor_count=m.tensor_count,
-            registered=m.registered_unix, error=m.error, file_pending=m.file_pending,
-            owner_uid=m.owner_uid, content_id=m.content_id or NA,
-        )  # fmt: skip
+            fingerprint=fingerprint,
+            tensor_count=m.tensor_count,
+            registered=m.registered_unix,
+            error=m.error,
+            file_pending=m.file_pending,
+            owner_uid=m.owner_uid,
+            content_id=m.content_id or NA,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,19 +202,35 @@ class DaemonStatus:
 
     @classmethod
     def from_pb(cls, m: pb.DaemonStatus) -> DaemonStatus:
-        gpus = tuple(GpuRecord(g.index, g.name, g.memory_total, g.memory_used or NA, g.link or NA)
-                     for g in m.gpus)  # fmt: skip
+        gpus = tuple(
+            GpuRecord(g.index, g.name, g.memory_total, g.memory_used or NA, g.link or NA)
+            for g in m.gpus
+        )
         return cls(
-            version=m.version, api_version=m.api_version, pid=m.pid, started=m.started_unix,
-            uptime_s=m.uptime_s, pool_kind=POOL_KINDS.get(m.pool_kind, PoolKind.MEMFD),
-            pinned_budget=m.pinned_budget, pinned_used=m.pinned_used, warm_budget=m.warm_budget,
-            warm_used=m.warm_used, host_memory_total=m.host_memory_total,
-            host_memory_available=m.host_memory_available, gpus=gpus, snapshots=m.snapshots,
-            active_restores=m.active_restores, active_freezes=m.active_freezes,
-            restores_total=m.restores_total, bytes_restored_total=m.bytes_restored_total,
-            memory_locked=m.memory_locked, socket=m.socket, share_pool=m.share_pool,
-            registry_unsaved=m.registry_unsaved, registry_error=m.registry_error,
-        )  # fmt: skip
+            version=m.version,
+            api_version=m.api_version,
+            pid=m.pid,
+            started=m.started_unix,
+            uptime_s=m.uptime_s,
+            pool_kind=POOL_KINDS.get(m.pool_kind, PoolKind.MEMFD),
+            pinned_budget=m.pinned_budget,
+            pinned_used=m.pinned_used,
+            warm_budget=m.warm_budget,
+            warm_used=m.warm_used,
+            host_memory_total=m.host_memory_total,
+            host_memory_available=m.host_memory_available,
+            gpus=gpus,
+            snapshots=m.snapshots,
+            active_restores=m.active_restores,
+            active_freezes=m.active_freezes,
+            restores_total=m.restores_total,
+            bytes_restored_total=m.bytes_restored_total,
+            memory_locked=m.memory_locked,
+            socket=m.socket,
+            share_pool=m.share_pool,
+            registry_unsaved=m.registry_unsaved,
+            registry_error=m.registry_error,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

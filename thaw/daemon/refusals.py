@@ -49,14 +49,18 @@ def from_rpc(e: grpc.RpcError, socket: str) -> errors.DaemonError:
         isinstance(snapshot_error, type) and issubclass(snapshot_error, errors.SnapshotError)
     ):
         checksums = trailers.get("thaw-checksums", "").split()
-        return errors.SnapshotCorrupt(details, trailers.get("thaw-tensor", ""),
-                                      *(int(c, 16) for c in checksums[:2]))  # fmt: skip
+        return errors.SnapshotCorrupt(
+            details, trailers.get("thaw-tensor", ""), *(int(c, 16) for c in checksums[:2])
+        )
     if code is grpc.StatusCode.UNAVAILABLE and not cls_name:
-        return errors.DaemonUnavailable(f"thawd at {socket} is not answering ({details}); "
-                                        + HOW_TO_START)  # fmt: skip
+        return errors.DaemonUnavailable(
+            f"thawd at {socket} is not answering ({details}); " + HOW_TO_START
+        )
     if code is grpc.StatusCode.DEADLINE_EXCEEDED and not cls_name:
-        return errors.DaemonUnavailable(f"thawd at {socket} did not answer in time: stopped "
-                                        "or stuck? check `systemctl status thawd`")  # fmt: skip
+        return errors.DaemonUnavailable(
+            f"thawd at {socket} did not answer in time: stopped "
+            "or stuck? check `systemctl status thawd`"
+        )
     cls = _BY_NAME.get(cls_name) or _BY_CODE.get(code, errors.DaemonError)
     return cls(details)
 

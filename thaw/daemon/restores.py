@@ -55,9 +55,14 @@ class Restores:
         self._maps_lock = threading.Lock()
         self._mappings: dict[str, tuple[int, Any]] = {}  # name -> (buffer id, mapping)
 
-    def restore(self, items: builtins.list[tuple[Any, str]], strict: bool,
-                 expect: Fingerprint | None, progress: Callable[[int, int], None] | None,
-                 mode: str | None) -> builtins.list[RestoreResult]:  # fmt: skip
+    def restore(
+        self,
+        items: builtins.list[tuple[Any, str]],
+        strict: bool,
+        expect: Fingerprint | None,
+        progress: Callable[[int, int], None] | None,
+        mode: str | None,
+    ) -> builtins.list[RestoreResult]:
         mode = mode or os.environ.get("THAW_RESTORE_MODE") or "auto"
         mode = _MODE_ALIASES.get(mode, mode)
         if mode not in RESTORE_MODES:
@@ -69,9 +74,15 @@ class Restores:
             if held is not None:
                 held.release()
 
-    def _restore_held(self, items: builtins.list[tuple[Any, str]], strict: bool,
-                      expect: Fingerprint | None, progress: Callable[[int, int], None] | None,
-                      mode: str, held: Any) -> builtins.list[RestoreResult]:  # fmt: skip
+    def _restore_held(
+        self,
+        items: builtins.list[tuple[Any, str]],
+        strict: bool,
+        expect: Fingerprint | None,
+        progress: Callable[[int, int], None] | None,
+        mode: str,
+        held: Any,
+    ) -> builtins.list[RestoreResult]:
         from thaw.copy import datapath
 
         t0 = time.perf_counter()
@@ -80,18 +91,25 @@ class Restores:
             named = datapath.model_tensors(target)
             cuda_only = bool(named) and all(t.device.type == "cuda" for _, t in named)
             if mode == "daemon_copy" and not cuda_only:
-                raise errors.InvalidRequest("restore mode 'daemon_copy' copies into CUDA tensors "
-                                            "only; "
-                                            "use mode 'auto' for CPU tensors")  # fmt: skip
+                raise errors.InvalidRequest(
+                    "restore mode 'daemon_copy' copies into CUDA tensors "
+                    "only; "
+                    "use mode 'auto' for CPU tensors"
+                )
             with self._maps_lock:
                 cached = self._mappings.get(name)
             devices = {t.device.index or 0 for _, t in named}
             mirror = held if cuda_only and held is not None and devices == {held.device} else None
             plans.append((name, named, mirror))
-            requests.append(pb.OpenRestoreRequest(
-                name=name, mapped_buffer=cached[0] if cached else 0,
-                daemon_copy=mode == "daemon_copy", can_daemon_copy=cuda_only,
-                pool_id=mirror.id if mirror else 0))  # fmt: skip
+            requests.append(
+                pb.OpenRestoreRequest(
+                    name=name,
+                    mapped_buffer=cached[0] if cached else 0,
+                    daemon_copy=mode == "daemon_copy",
+                    can_daemon_copy=cuda_only,
+                    pool_id=mirror.id if mirror else 0,
+                )
+            )
         infos = self.open_many(requests)
         t_open = time.perf_counter()
         closes: builtins.list[pb.CloseRestoreRequest] = []
@@ -99,18 +117,34 @@ class Restores:
         # A batch leaves each snapshot's GPU copies in flight and waits once, at the end: no
         # idle link between one snapshot's copies and the next one's.
         in_flight = len(items) > 1
-        devices = {t.device.index or 0 for _, named, _ in plans for _, t in named
-                   if t.device.type == "cuda"}  # fmt: skip
+        devices = {
+            t.device.index or 0
+            for _, named, _ in plans
+            for _, t in named
+            if t.device.type == "cuda"
+        }
         try:
             for (name, named, mirror), info in zip(plans, infos, strict=True):
                 started = time.perf_counter()
-                copied, delivery = self.copy_session(name, info, named, strict, expect,
-                                                      progress, in_flight, mirror)  # fmt: skip
+                copied, delivery = self.copy_session(
+                    name, info, named, strict, expect, progress, in_flight, mirror
+                )
                 seconds = time.perf_counter() - started
-                closes.append(pb.CloseRestoreRequest(session_id=info.session_id, ok=True,
-                                                     bytes=copied, duration_s=seconds))  # fmt: skip
-                results.append(RestoreResult(name, TIERS.get(info.tier, Tier.COLD), copied, seconds,
-                                             delivery, _content_id(info)))  # fmt: skip
+                closes.append(
+                    pb.CloseRestoreRequest(
+                        session_id=info.session_id, ok=True, bytes=copied, duration_s=seconds
+                    )
+                )
+                results.append(
+                    RestoreResult(
+                        name,
+                        TIERS.get(info.tier, Tier.COLD),
+                        copied,
+                        seconds,
+                        delivery,
+                        _content_id(info),
+                    )
+                )
             for device in devices if in_flight else ():
                 datapath.finish_copies(device)
         except BaseException as e:
@@ -119,8 +153,11 @@ class Restores:
                     datapath.finish_copies(device)
             failure = f"{type(e).__name__}: {e}"[:1000]
             done = {c.session_id for c in closes}
-            closes += [pb.CloseRestoreRequest(session_id=i.session_id, ok=False, error=failure)
-                       for i in infos if i.session_id not in done]  # fmt: skip
+            closes += [
+                pb.CloseRestoreRequest(session_id=i.session_id, ok=False, error=failure)
+                for i in infos
+                if i.session_id not in done
+            ]
             with contextlib.suppress(errors.DaemonError):  # the original error says more
                 self.close_sessions(closes)
             if len(items) > 1:
@@ -138,28 +175,41 @@ class Restores:
             ) from e
         seconds = time.perf_counter() - t0
         total = sum(r.bytes for r in results)
-        log.debug("restore %s: open %.1f ms, copy %.1f ms (%.2f GB/s), close %.1f ms",
-                  ", ".join(r.name for r in results), (t_open - t0) * 1e3,
-                  (t_copy - t_open) * 1e3, total / max(t_copy - t_open, 1e-9) / 1e9,
-                  (seconds - (t_copy - t0)) * 1e3)  # fmt: skip
+        log.debug(
+            "restore %s: open %.1f ms, copy %.1f ms (%.2f GB/s), close %.1f ms",
+            ", ".join(r.name for r in results),
+            (t_open - t0) * 1e3,
+            (t_copy - t_open) * 1e3,
+            total / max(t_copy - t_open, 1e-9) / 1e9,
+            (seconds - (t_copy - t0)) * 1e3,
+        )
         if len(results) == 1:  # the whole call, control path included
             results[0] = dataclasses.replace(results[0], seconds=seconds)
         return results
 
-    def open_many(self, requests: builtins.list[pb.OpenRestoreRequest],
-                   ) -> builtins.list[pb.OpenRestoreResponse]:  # fmt: skip
+    def open_many(
+        self,
+        requests: builtins.list[pb.OpenRestoreRequest],
+    ) -> builtins.list[pb.OpenRestoreResponse]:
         """Open a restore session for each request: in one packet on the fd socket (a tenth of
         a gRPC call's latency), or, where their manifests do not fit one, with OpenRestore
         calls all in flight at once. On any failure no session stays open and the first
         error is raised."""
         if len(requests) <= fdsocket.MAX_OPENS:
             reply = self._conn.fd_request(
-                {"op": "open",
-                 "restores": [base64.b64encode(r.SerializeToString()).decode() for r in requests]},
-                "while opening a restore", reconnect=True)  # fmt: skip
+                {
+                    "op": "open",
+                    "restores": [
+                        base64.b64encode(r.SerializeToString()).decode() for r in requests
+                    ],
+                },
+                "while opening a restore",
+                reconnect=True,
+            )
             if reply.get("ok"):
-                return [pb.OpenRestoreResponse.FromString(base64.b64decode(o))
-                        for o in reply["opened"]]  # fmt: skip
+                return [
+                    pb.OpenRestoreResponse.FromString(base64.b64decode(o)) for o in reply["opened"]
+                ]
             if reply.get("error") != fdsocket.TOO_LARGE:
                 raise refused(reply)
         if len(requests) == 1:
@@ -169,9 +219,16 @@ class Restores:
             if not failures:
                 return infos
             with contextlib.suppress(errors.DaemonError):
-                self.close_sessions([pb.CloseRestoreRequest(
-                    session_id=i.session_id, ok=False, error="not restored: another of the "
-                    "batch failed to open") for i in infos])  # fmt: skip
+                self.close_sessions(
+                    [
+                        pb.CloseRestoreRequest(
+                            session_id=i.session_id,
+                            ok=False,
+                            error="not restored: another of the batch failed to open",
+                        )
+                        for i in infos
+                    ]
+                )
             if attempt == 0 and not infos and failures[0].code() is grpc.StatusCode.UNAUTHENTICATED:
                 self._conn.authenticate()  # the daemon restarted and forgot our token
                 continue
@@ -183,18 +240,33 @@ class Restores:
         for a whole batch, at a tenth of a gRPC call's latency (every restore waits for its
         confirmation). Raises the daemon's first refusal, DaemonUnavailable if it is gone."""
         for at in range(0, len(closes), fdsocket.MAX_CLOSES):
-            sessions = [{"id": c.session_id, "ok": c.ok, "bytes": c.bytes,
-                         "seconds": c.duration_s, "error": c.error}
-                        for c in closes[at : at + fdsocket.MAX_CLOSES]]  # fmt: skip
-            reply = self._conn.fd_request({"op": "close", "sessions": sessions},
-                                     "while confirming a restore")  # fmt: skip
+            sessions = [
+                {
+                    "id": c.session_id,
+                    "ok": c.ok,
+                    "bytes": c.bytes,
+                    "seconds": c.duration_s,
+                    "error": c.error,
+                }
+                for c in closes[at : at + fdsocket.MAX_CLOSES]
+            ]
+            reply = self._conn.fd_request(
+                {"op": "close", "sessions": sessions}, "while confirming a restore"
+            )
             if not reply.get("ok"):
                 raise refused(reply)
 
-    def copy_session(self, name: str, info: pb.OpenRestoreResponse, named: Any, strict: bool,
-                     expect: Fingerprint | None, progress: Callable[[int, int], None] | None,
-                     in_flight: bool = False,
-                     mirror: Any = None) -> tuple[int, Delivery]:  # fmt: skip
+    def copy_session(
+        self,
+        name: str,
+        info: pb.OpenRestoreResponse,
+        named: Any,
+        strict: bool,
+        expect: Fingerprint | None,
+        progress: Callable[[int, int], None] | None,
+        in_flight: bool = False,
+        mirror: Any = None,
+    ) -> tuple[int, Delivery]:
         """Check and copy one opened restore into its tensors; returns (bytes copied, how they
         came: RestoreResult.delivery).
         `in_flight`: direct GPU copies may still run on return (datapath.finish_copies).
@@ -202,15 +274,20 @@ class Restores:
         from thaw.copy import datapath
 
         total = sum(t.length for t in info.tensors)
-        entries = [TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length, t.checksum)
-                   for t in info.tensors]  # fmt: skip
+        entries = [
+            TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length, t.checksum)
+            for t in info.tensors
+        ]
         if expect is not None:
             check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
         bindings = datapath.bind(entries, named, strict=strict)
         if info.pool_kind == pb.POOL_KIND_FILE:
             return self._copy_file(name, info, bindings, total, progress), Delivery.FILE
-        source = None if info.delivery == pb.DELIVERY_DAEMON_COPY else self._map(
-            name, info, bindings, mirror)  # fmt: skip
+        source = (
+            None
+            if info.delivery == pb.DELIVERY_DAEMON_COPY
+            else self._map(name, info, bindings, mirror)
+        )
         if source is None:  # the daemon copies: export our allocations to it
             index = {t.name: i for i, t in enumerate(info.tensors)}
             batches = datapath.batches_for_daemon(bindings, index)
@@ -225,8 +302,13 @@ class Restores:
                 base, gpu_accessible, ensure_mapped, release = source
                 try:
                     copied = datapath.copy_to_tensors(
-                        bindings, base, gpu_accessible=gpu_accessible, path=f"thawd:{name}",
-                        ensure_mapped=ensure_mapped, in_flight=in_flight)  # fmt: skip
+                        bindings,
+                        base,
+                        gpu_accessible=gpu_accessible,
+                        path=f"thawd:{name}",
+                        ensure_mapped=ensure_mapped,
+                        in_flight=in_flight,
+                    )
                 finally:
                     release()
         except errors.ThawError as e:
@@ -240,8 +322,14 @@ class Restores:
             return copied, Delivery.DAEMON_COPY
         return copied, DELIVERIES.get(info.delivery, Delivery.FDS)
 
-    def _copy_file(self, name: str, info: pb.OpenRestoreResponse, bindings: builtins.list[Any],
-                   total: int, progress: Callable[[int, int], None] | None) -> int:  # fmt: skip
+    def _copy_file(
+        self,
+        name: str,
+        info: pb.OpenRestoreResponse,
+        bindings: builtins.list[Any],
+        total: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> int:
         """A snapshot that is not pinned: thawd hands over the registered file's fd, which is
         read with pread and verified against the manifest thawd registered, tensor by tensor,
         as the bytes land (the file is the one part of the path thawd does not hold)."""
@@ -251,8 +339,13 @@ class Restores:
         if progress is not None:
             progress(0, total)
         try:
-            copied, _ = restore.read_payload(bindings, fds[0], info.payload_offset,
-                                             info.payload_length, f"{info.path} (thawd:{name})")
+            copied, _ = restore.read_payload(
+                bindings,
+                fds[0],
+                info.payload_offset,
+                info.payload_length,
+                f"{info.path} (thawd:{name})",
+            )
         finally:
             for fd in fds:
                 os.close(fd)
@@ -260,8 +353,13 @@ class Restores:
             progress(copied, total)
         return copied
 
-    def _map(self, name: str, info: pb.OpenRestoreResponse, bindings: builtins.list[Any],
-             mirror: Any = None) -> _Source | None:  # fmt: skip
+    def _map(
+        self,
+        name: str,
+        info: pb.OpenRestoreResponse,
+        bindings: builtins.list[Any],
+        mirror: Any = None,
+    ) -> _Source | None:
         """Map what the session delivers: (payload address, whether CUDA can DMA from it, for
         a pool buffer still being mapped the function that maps it up to a payload offset, and
         the function to call after the copy). None: this process cannot import the pool
@@ -280,8 +378,9 @@ class Restores:
                 # Forgotten by another thread since we asked: the daemon copies instead.
                 if kind == PoolKind.VMM and cuda_only:
                     return None
-                raise errors.DaemonError(f"the mapping of {name!r} was dropped during the "
-                                         "restore; restore again")  # fmt: skip
+                raise errors.DaemonError(
+                    f"the mapping of {name!r} was dropped during the restore; restore again"
+                )
             return self._use(cached[1], kind, cuda, cuda_only, info.pool_size)
         t0 = time.perf_counter()
         fds, sizes, buffer_id = self._conn.redeem(info.session_id)
@@ -294,14 +393,19 @@ class Restores:
 
                 device = datapath.cuda_device(bindings) or 0
                 # Lazy: the copy imports and maps chunk by chunk, overlapping it with DMA.
-                holder: Any = vmm.HostBuffer.import_fds(fds, sizes, device, lazy=True,
-                                                        host_access=not cuda_only)  # fmt: skip
+                holder: Any = vmm.HostBuffer.import_fds(
+                    fds, sizes, device, lazy=True, host_access=not cuda_only
+                )
                 t_import = time.perf_counter()
                 try:
                     holder.map_until(1)  # the first chunk: proves this process can import
-                    log.debug("pool %s: redeem %.1f ms, import %.1f ms, first chunk %.1f ms",
-                              name, (t_redeem - t0) * 1e3, (t_import - t_redeem) * 1e3,
-                              (time.perf_counter() - t_import) * 1e3)  # fmt: skip
+                    log.debug(
+                        "pool %s: redeem %.1f ms, import %.1f ms, first chunk %.1f ms",
+                        name,
+                        (t_redeem - t0) * 1e3,
+                        (t_import - t_redeem) * 1e3,
+                        (time.perf_counter() - t_import) * 1e3,
+                    )
                 except errors.CudaError as e:
                     holder.close()
                     if not cuda_only:
@@ -364,8 +468,10 @@ def _content_id(info: pb.OpenRestoreResponse) -> str:
     """The restored payload's content id, from the manifest thawd sent."""
     from thaw.format import Manifest
 
-    entries = tuple(TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length, t.checksum)
-                    for t in info.tensors)  # fmt: skip
+    entries = tuple(
+        TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length, t.checksum)
+        for t in info.tensors
+    )
     return Manifest(Fingerprint(), entries).content_id
 
 

@@ -64,4 +64,3 @@ def without(fp: Fingerprint, keys: Sequence[str]) -> Fingerprint:
         return fp
     unset: dict[str, Any] = {k: (-1 if isinstance(getattr(fp, k), int) else "") for k in keys}
     return dataclasses.replace(fp, **unset)
-

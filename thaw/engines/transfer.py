@@ -87,13 +87,27 @@ def read_rank(
     if source.kind == "thawd":
         assert client is not None
         result = client.restore_tensors(list(named), source.name, expect=fp)
-        return RankTransfer(rank, source.name, "thawd", result.tier, result.bytes,
-                            time.perf_counter() - started, result.content_id)  # fmt: skip
+        return RankTransfer(
+            rank,
+            source.name,
+            "thawd",
+            result.tier,
+            result.bytes,
+            time.perf_counter() - started,
+            result.content_id,
+        )
     from thaw.copy.restore import restore_file
 
     stats = restore_file(list(named), source.path, expect=fp, verify=options.verify)
-    return RankTransfer(rank, source.path, "file", "file", stats.bytes,
-                        time.perf_counter() - started, stats.content_id)  # fmt: skip
+    return RankTransfer(
+        rank,
+        source.path,
+        "file",
+        "file",
+        stats.bytes,
+        time.perf_counter() - started,
+        stats.content_id,
+    )
 
 
 def write_rank(
@@ -114,8 +128,15 @@ def write_rank(
             list(named), ref.name, ref.path or None, fingerprint, pin=options.pin, wait=True
         )
         content_id = known(record.content_id) or ""
-        return RankTransfer(rank, ref.name, source_kind, record.tier, record.size_bytes,
-                            time.perf_counter() - started, content_id)  # fmt: skip
+        return RankTransfer(
+            rank,
+            ref.name,
+            source_kind,
+            record.tier,
+            record.size_bytes,
+            time.perf_counter() - started,
+            content_id,
+        )
     if not ref.path:
         raise SnapshotMissing(
             f"cannot freeze {ref.name!r}: thawd is not running and no file was given "
@@ -124,5 +145,12 @@ def write_rank(
     from thaw.copy.freeze import freeze_file
 
     stats = freeze_file(list(named), ref.path, fingerprint=fingerprint)
-    return RankTransfer(rank, ref.path, source_kind, "file", stats.bytes,
-                        time.perf_counter() - started, stats.content_id)  # fmt: skip
+    return RankTransfer(
+        rank,
+        ref.path,
+        source_kind,
+        "file",
+        stats.bytes,
+        time.perf_counter() - started,
+        stats.content_id,
+    )

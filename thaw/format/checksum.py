@@ -102,8 +102,9 @@ def file_checksums(
             if task_bytes is None:
                 _native.pread_into(fd, addr, length, payload_offset + t.offset + at, threads)
             else:
-                _native.pread_into(fd, addr, length, payload_offset + t.offset + at, threads,
-                                   task_bytes)  # fmt: skip
+                _native.pread_into(
+                    fd, addr, length, payload_offset + t.offset + at, threads, task_bytes
+                )
             digests.append(_native.block_hashes(addr, n, threads))
             if on_bytes is not None:
                 on_bytes(n)

@@ -187,8 +187,12 @@ class ThawKVConnector(KVConnectorBase_V1):
         keyed = meta.weights.get(self.spec.tp_rank)
         if mine is not None and keyed != mine:
             if meta.loads or meta.saves:
-                log.warning("thaw KV: this rank holds weights %s, the step was keyed for %s: "
-                            "its KV loads and saves are skipped", mine, keyed)  # fmt: skip
+                log.warning(
+                    "thaw KV: this rank holds weights %s, the step was keyed for %s: "
+                    "its KV loads and saves are skipped",
+                    mine,
+                    keyed,
+                )
             return False
         identity = _identity(meta.weights)
         if identity != self.spec.weights:
@@ -216,8 +220,9 @@ class ThawKVConnector(KVConnectorBase_V1):
             try:
                 staged = list(self.store.load_many(refs))
             except Exception as e:
-                log.warning("thaw KV: loading %d prefixes together failed (%s); one by one",
-                            len(refs), e)  # fmt: skip
+                log.warning(
+                    "thaw KV: loading %d prefixes together failed (%s); one by one", len(refs), e
+                )
         for item, ref, stored in zip(meta.loads, refs, staged, strict=True):
             try:
                 self._load(item, stored if stored is not None else self.store.load(ref))
@@ -226,8 +231,14 @@ class ThawKVConnector(KVConnectorBase_V1):
                 self._load_errors.update(item.dst)
 
     def _load(self, item: LoadItem, stored: dict[str, torch.Tensor]) -> None:
-        copy_blocks(stored, item.name, item.src, item.dst, item.token_ids,
-                    [self._blocks(layer) for layer in self._layers])  # fmt: skip
+        copy_blocks(
+            stored,
+            item.name,
+            item.src,
+            item.dst,
+            item.token_ids,
+            [self._blocks(layer) for layer in self._layers],
+        )
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous in start_load_kv

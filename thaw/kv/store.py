@@ -102,8 +102,10 @@ class KVSpec:
         if labels.get(KIND_LABEL) != KIND:
             raise ThawError("not a KV-cache snapshot (no thaw.kind=kv label)")
         if labels.get("kv.format", "1") != str(FORMAT):
-            raise KVMismatch(f"KV snapshot format {labels.get('kv.format', '1')}: this thaw "
-                             f"reads format {FORMAT}; capture the prefix again")  # fmt: skip
+            raise KVMismatch(
+                f"KV snapshot format {labels.get('kv.format', '1')}: this thaw "
+                f"reads format {FORMAT}; capture the prefix again"
+            )
         try:
             rank, size = labels.get("kv.tp", "0/1").split("/")
             return cls(
@@ -434,9 +436,14 @@ class KVStore:
         tried: set[str] = set()
         while True:
             try:
-                self.client.freeze_tensors(tensors, name, self.path_for(name) or None,
-                                           fingerprint, labels=fingerprint.labels,
-                                           pin=True)  # fmt: skip
+                self.client.freeze_tensors(
+                    tensors,
+                    name,
+                    self.path_for(name) or None,
+                    fingerprint,
+                    labels=fingerprint.labels,
+                    pin=True,
+                )
                 return
             except BudgetExceeded:
                 victim = self._least_recent_save(tried)
@@ -450,10 +457,14 @@ class KVStore:
     def _least_recent_save(self, skip: set[str]) -> str | None:
         """The pinned automatic save of this spec used longest ago, not in use, not in `skip`."""
         candidates = [
-            r for r in self.client.list()
-            if r.labels.get("kv.spec") == self.spec.key and r.labels.get(AUTO_LABEL) == "1"
-            and r.tier == "pinned" and not r.clients and r.name not in skip
-        ]  # fmt: skip
+            r
+            for r in self.client.list()
+            if r.labels.get("kv.spec") == self.spec.key
+            and r.labels.get(AUTO_LABEL) == "1"
+            and r.tier == "pinned"
+            and not r.clients
+            and r.name not in skip
+        ]
         if not candidates:
             return None
         return min(candidates, key=lambda r: r.last_used or r.registered).name
@@ -490,8 +501,9 @@ class KVStore:
                     and len(self._staging) > 1
                 ):
                     self._staging.popitem(last=False)
-        return [got if got is not None else fresh[ref.name]
-                for ref, got in zip(refs, out, strict=True)]  # fmt: skip
+        return [
+            got if got is not None else fresh[ref.name] for ref, got in zip(refs, out, strict=True)
+        ]
 
     def _empty(self, n_blocks: int) -> dict[str, torch.Tensor]:
         dtype = getattr(torch, self.spec.dtype)
@@ -499,10 +511,11 @@ class KVStore:
         # Both on the engine's device: a restore into CUDA tensors only takes the direct path
         # from thawd's pool (docs/DAEMON.md).
         return {
-            LAYERS: torch.empty(spec.num_layers, n_blocks, *spec.block_shape, dtype=dtype,
-                                device=device),
+            LAYERS: torch.empty(
+                spec.num_layers, n_blocks, *spec.block_shape, dtype=dtype, device=device
+            ),
             TOKEN_IDS: torch.empty(n_blocks, spec.block_size, dtype=torch.int64, device=device),
-        }  # fmt: skip
+        }
 
     def close(self) -> None:
         if self._client is not None:

@@ -15,8 +15,13 @@ from types import TracebackType
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
-]  # fmt: skip
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -35,8 +40,15 @@ def _oserror(call: str) -> OSError:
 class Mapping:
     """A shared mapping of [offset, offset+length) of an fd; `addr` is its first byte."""
 
-    def __init__(self, fd: int, length: int, offset: int = 0, *, writable: bool = False,
-                 populate: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        fd: int,
+        length: int,
+        offset: int = 0,
+        *,
+        writable: bool = False,
+        populate: bool = False,
+    ) -> None:
         if length <= 0:
             raise ValueError("cannot map an empty range")
         if offset % PAGE:
@@ -78,8 +90,9 @@ class Mapping:
     def __enter__(self) -> Mapping:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __del__(self) -> None:

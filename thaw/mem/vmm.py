@@ -110,9 +110,17 @@ class HostBuffer:
     (`map_until`) and a first restore overlaps that with the DMA of the mapped chunks.
     """
 
-    def __init__(self, handles: list[Any], sizes: list[int], device: int, owned: bool,
-                 lazy: bool = False, host_access: bool = True, peers: tuple[int, ...] = (),
-                 fds: list[int] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        handles: list[Any],
+        sizes: list[int],
+        device: int,
+        owned: bool,
+        lazy: bool = False,
+        host_access: bool = True,
+        peers: tuple[int, ...] = (),
+        fds: list[int] | None = None,
+    ) -> None:
         self.handles, self.sizes, self.device, self.owned = handles, sizes, device, owned
         self.devices = (device, *(p for p in peers if p != device))
         # CPU access is optional: a process that only DMAs to its GPU skips the CPU page
@@ -139,10 +147,12 @@ class HostBuffer:
                 at, size = self.addr + self.mapped, self.sizes[i]
                 try:
                     if i == len(self.handles):
-                        self.handles.append(cuda.check(
-                            cu.cuMemImportFromShareableHandle(self._fds[i], POSIX_FD),
-                            "cuMemImportFromShareableHandle",
-                        ))  # fmt: skip
+                        self.handles.append(
+                            cuda.check(
+                                cu.cuMemImportFromShareableHandle(self._fds[i], POSIX_FD),
+                                "cuMemImportFromShareableHandle",
+                            )
+                        )
                         os.close(self._fds[i])
                         self._fds[i] = -1
                     _map(at, size, self.handles[i], _access(self.devices, self.host_access))
@@ -158,13 +168,15 @@ class HostBuffer:
         with self._lock:
             if not self.host_access:
                 access = _access(self.devices, True)
-                cuda.check(cu.cuMemSetAccess(self.addr, self.size, access, len(access)),
-                       "cuMemSetAccess")  # fmt: skip
+                cuda.check(
+                    cu.cuMemSetAccess(self.addr, self.size, access, len(access)), "cuMemSetAccess"
+                )
                 self.host_access = True
 
     @classmethod
-    def of_handles(cls, handles: list[Any], sizes: list[int], device: int = 0,
-                   peers: tuple[int, ...] = ()) -> HostBuffer:  # fmt: skip
+    def of_handles(
+        cls, handles: list[Any], sizes: list[int], device: int = 0, peers: tuple[int, ...] = ()
+    ) -> HostBuffer:
         """Map allocations this process owns elsewhere (thawd's pool chunks: they stay owned
         there), for `device` and `peers`."""
         _context(device)
@@ -177,8 +189,14 @@ class HostBuffer:
         return cls([handle], [size], device, owned=True)
 
     @classmethod
-    def import_fds(cls, fds: list[int], sizes: list[int], device: int = 0, lazy: bool = False,
-                   host_access: bool = True) -> HostBuffer:  # fmt: skip
+    def import_fds(
+        cls,
+        fds: list[int],
+        sizes: list[int],
+        device: int = 0,
+        lazy: bool = False,
+        host_access: bool = True,
+    ) -> HostBuffer:
         """Map chunks another process exported, in order; the fds stay owned by the caller.
         `lazy`: import and map each chunk on `map_until` (importing 60 chunks up front costs
         a first restore tens of milliseconds)."""
@@ -194,9 +212,14 @@ class HostBuffer:
             for fd in own:
                 os.close(fd)
             raise
-        log.debug("%d chunks (%d bytes): context %.1f ms, %d bytes mapped in %.1f ms", len(fds),
-                  buf.size, (t_context - t0) * 1e3, buf.mapped,
-                  (time.perf_counter() - t_context) * 1e3)  # fmt: skip
+        log.debug(
+            "%d chunks (%d bytes): context %.1f ms, %d bytes mapped in %.1f ms",
+            len(fds),
+            buf.size,
+            (t_context - t0) * 1e3,
+            buf.mapped,
+            (time.perf_counter() - t_context) * 1e3,
+        )
         return buf
 
     def export_fd(self) -> int:
@@ -259,8 +282,9 @@ class PoolMirror:
     def add(self, start: int, fds: list[int]) -> None:
         """Import the chunks from `start` from their fds (which stay the caller's)."""
         for i, fd in enumerate(fds, start):
-            self._handles[i] = cuda.check(cu.cuMemImportFromShareableHandle(fd, POSIX_FD),
-                                      "cuMemImportFromShareableHandle")  # fmt: skip
+            self._handles[i] = cuda.check(
+                cu.cuMemImportFromShareableHandle(fd, POSIX_FD), "cuMemImportFromShareableHandle"
+            )
 
     def map_range(self, start: int, end: int) -> None:
         """Make pool bytes start..end readable by the GPU, mapping the chunks not yet mapped."""

@@ -22,8 +22,9 @@ class SGLangAdapter:
     def restore(self, target: object, snapshot: str, *, client: Client) -> EngineTransfer:
         from thaw.sglang import engine
 
-        return engine.restore(target, snapshot, socket=client.socket, daemon="require",
-                              client=client)  # fmt: skip
+        return engine.restore(
+            target, snapshot, socket=client.socket, daemon="require", client=client
+        )
 
     def freeze(
         self,

@@ -60,4 +60,3 @@ def per_rank_named_tensors(
             missing = sorted(set(names) ^ set(other))[:5]
             raise ValueError(f"rank {r} holds other tensors than rank 0 (e.g. {missing})")
     return [(name, wrap([named[i][1] for named in ranks])) for i, name in enumerate(names)]
-

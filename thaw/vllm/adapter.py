@@ -23,8 +23,7 @@ class VllmAdapter:
     def restore(self, target: object, snapshot: str, *, client: Client) -> EngineTransfer:
         from thaw.vllm import api
 
-        return api.restore(target, snapshot, socket=client.socket, daemon="require",
-                           client=client)  # fmt: skip
+        return api.restore(target, snapshot, socket=client.socket, daemon="require", client=client)
 
     def freeze(
         self,
@@ -38,8 +37,15 @@ class VllmAdapter:
     ) -> EngineTransfer:
         from thaw.vllm import api
 
-        return api.freeze(target, snapshot, path=path, socket=client.socket, daemon="require",
-                          labels=labels, pin=pin)  # fmt: skip
+        return api.freeze(
+            target,
+            snapshot,
+            path=path,
+            socket=client.socket,
+            daemon="require",
+            labels=labels,
+            pin=pin,
+        )
 
 
 ADAPTER = VllmAdapter()
