@@ -9,6 +9,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
+from thaw.daemon.records import StrEnum
 from thaw.engines.fingerprints import without
 from thaw.engines.options import Options
 from thaw.engines.ranks import RankRef, resolve
@@ -19,11 +20,17 @@ if TYPE_CHECKING:
     from thaw.daemon.client import Client
 
 
+class SourceKind(StrEnum):
+    THAWD = "thawd"  # thawd holds it (by name, or a registered file by path)
+    FILE = "file"  # the snapshot file, read here
+    MISSING = "missing"  # neither
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
     """Where one rank's bytes come from: thawd (a name, and its tier) or a file."""
 
-    kind: str  # "thawd" | "file" | "missing"
+    kind: SourceKind
     name: str = ""
     path: str = ""
     tier: str = ""
@@ -100,10 +107,11 @@ def find_source(ref: RankRef, client: Client | None) -> Source:
             record = next((r for r in client.list() if os.path.abspath(r.path) == ref.path), None)
         if record is not None and not record.error:
             fp = record.fingerprint if isinstance(record.fingerprint, Fingerprint) else None
-            return Source("thawd", record.name, record.path, record.tier, fp)
+            return Source(SourceKind.THAWD, record.name, record.path, record.tier, fp)
     if ref.path and os.path.exists(ref.path):
-        return Source("file", "", ref.path, "file", open_snapshot(ref.path).fingerprint)
-    return Source("missing", ref.name, ref.path)
+        fp = open_snapshot(ref.path).fingerprint
+        return Source(SourceKind.FILE, "", ref.path, "file", fp)
+    return Source(SourceKind.MISSING, ref.name, ref.path)
 
 
 def check_before_copy(source: Source, expect: Fingerprint, options: Options) -> None:
@@ -159,7 +167,7 @@ def preflight(options: Options, tp_size: int) -> None:
     try:
         for rank in range(tp_size):
             ref = resolve(options, rank, tp_size)
-            if find_source(ref, client).kind == "missing":
+            if find_source(ref, client).kind == SourceKind.MISSING:
                 raise SnapshotMissing(
                     (f"rank {rank}: " if tp_size > 1 else "")
                     + missing_message(ref, options, daemon_running=client is not None)

@@ -13,6 +13,7 @@ from thaw.engines.options import Options
 from thaw.engines.ranks import RankRef
 from thaw.engines.sources import (
     Source,
+    SourceKind,
     check_before_copy,
     client_for,
     locate,
@@ -79,12 +80,12 @@ def read_rank(
     """Restore `named` (this rank's tensors) from its snapshot; fingerprint checked first."""
     if source is None:
         source, client = locate(ref, options)
-    if source.kind == "missing":
+    if source.kind == SourceKind.MISSING:
         raise SnapshotMissing(missing_message(ref, options, daemon_running=client is not None))
     check_before_copy(source, expect, options)
     started = time.perf_counter()
     fp = without(expect, options.ignore)
-    if source.kind == "thawd":
+    if source.kind == SourceKind.THAWD:
         assert client is not None
         result = client.restore_tensors(list(named), source.name, expect=fp)
         return RankTransfer(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from thaw.engines.options import Options
 from thaw.engines.ranks import rank_path, resolve
-from thaw.engines.sources import locate
+from thaw.engines.sources import SourceKind, locate
 from thaw.engines.transfer import EngineTransfer, read_rank
 from thaw.errors import SnapshotMissing
 from thaw.sglang.core import BATCH_BYTES, batches, per_rank_named_tensors
@@ -57,7 +57,7 @@ def restore(
     for rank in range(size):
         ref = resolve(options, rank, size)
         source, used = locate(ref, options, client)
-        if source.kind == "missing":
+        if source.kind == SourceKind.MISSING:
             raise SnapshotMissing(f"rank {rank}: snapshot {ref.label!r} not found")
         if source.fingerprint is not None and source.fingerprint.tp_size not in (-1, size):
             from thaw.errors import FingerprintMismatch
@@ -65,7 +65,7 @@ def restore(
             raise FingerprintMismatch([("tp_size", size, source.fingerprint.tp_size)])
         entries = (
             open_snapshot(source.path).tensors
-            if source.kind == "file"
+            if source.kind == SourceKind.FILE
             else _entries(used, source.name)
         )
         named = [(e.name, torch.empty(e.shape, dtype=torch_dtype(e.dtype))) for e in entries]

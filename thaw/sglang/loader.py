@@ -45,7 +45,7 @@ class ThawSGLangLoader:
 
         from thaw.copy.datapath import model_tensors
         from thaw.engines.fingerprints import model_name
-        from thaw.engines.sources import locate
+        from thaw.engines.sources import SourceKind, locate
         from thaw.engines.transfer import read_rank, write_rank
         from thaw.format.dtypes import dtype_name
         from thaw.sglang.core import fingerprint
@@ -70,7 +70,7 @@ class ThawSGLangLoader:
         ref = resolve(self.options, rank, size)
         source, client = locate(ref, self.options)
         default = DefaultModelLoader(self._default_config())
-        if source.kind == "missing" and self.options.freeze_on_miss:
+        if source.kind == SourceKind.MISSING and self.options.freeze_on_miss:
             model.load_weights(
                 default._get_weights_iterator(
                     DefaultModelLoader.Source.init_new(model_config, model)

@@ -11,7 +11,7 @@ from thaw.engines import weights
 from thaw.engines.adapter import is_instance_of
 from thaw.engines.options import Options
 from thaw.engines.ranks import rank_path, resolve
-from thaw.engines.sources import check_before_copy, locate, missing_message
+from thaw.engines.sources import SourceKind, check_before_copy, locate, missing_message
 from thaw.engines.transfer import EngineTransfer, RankTransfer
 from thaw.errors import EngineBusy, ExtensionMissing, SnapshotMissing
 from thaw.format.fingerprint import Fingerprint
@@ -96,7 +96,7 @@ def restore(
     for fp in expected:
         ref = resolve(options, fp.tp_rank, fp.tp_size)
         source, used = locate(ref, options, client)  # a thawd gone since: the file, with "auto"
-        if source.kind == "missing":
+        if source.kind == SourceKind.MISSING:
             raise SnapshotMissing(
                 f"rank {fp.tp_rank}: "
                 + missing_message(ref, options, daemon_running=used is not None)

@@ -22,7 +22,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from thaw.engines import weights
 from thaw.engines.options import Options
 from thaw.engines.ranks import resolve
-from thaw.engines.sources import client_for, locate
+from thaw.engines.sources import SourceKind, client_for, locate
 from thaw.engines.transfer import RankTransfer, read_rank, write_rank
 from thaw.vllm import model as vmodel
 
@@ -71,7 +71,7 @@ class ThawModelLoader(BaseModelLoader):
         specs = {n: (tuple(t.shape), t.dtype) for n, t in named}
         expect = vmodel.fingerprint(vllm_config, specs, dict(self.options.labels))
         source, client = locate(ref, self.options)
-        if source.kind == "missing" and self.options.freeze_on_miss:
+        if source.kind == SourceKind.MISSING and self.options.freeze_on_miss:
             logger.info("thaw: %s not found; loading the checkpoint and freezing it", ref.label)
             self._default().load_weights(model, model_config)
             loaded = time.perf_counter() - started

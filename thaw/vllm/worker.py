@@ -17,7 +17,7 @@ import torch
 from thaw.engines import weights
 from thaw.engines.options import Options
 from thaw.engines.ranks import resolve
-from thaw.engines.sources import check_before_copy, locate
+from thaw.engines.sources import SourceKind, check_before_copy, locate
 from thaw.engines.transfer import RankTransfer, read_rank, write_rank
 from thaw.errors import SnapshotMissing
 from thaw.vllm import WORKER_EXTENSION
@@ -49,7 +49,7 @@ def restore_rank(worker: Any, config: dict[str, Any]) -> dict[str, Any]:
     specs = vmodel.preprocessing_specs(model)
     expect = vmodel.fingerprint(vllm_config, specs)
     source, client = locate(ref, options)
-    if source.kind == "missing":
+    if source.kind == SourceKind.MISSING:
         raise SnapshotMissing(f"rank {rank}: snapshot {ref.label!r} not found")
     check_before_copy(source, expect, options)  # before a byte moves or memory is taken
     started = time.perf_counter()
