@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import llama_shaped, nbytes, timed
 
 from thaw import _native
-from thaw.copy import datapath
+from thaw.copy import binding, datapath
 from thaw.format import layout
 from thaw.format.dtypes import dtype_name
 from thaw.mem import cuda, vmm
@@ -164,7 +164,7 @@ def model_shaped(chunks: list[Chunk], size_gb: float) -> None:
     (a new process's first restore, every freeze into thawd)."""
     tensors = llama_shaped(size_gb * 0.9, torch.bfloat16, "cuda")
     entries = layout([(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()])
-    bindings = datapath.bind(entries, list(tensors.items()))
+    bindings = binding.bind(entries, list(tensors.items()))
     size = nbytes(tensors)
     print(f"\nthaw's loops, {len(tensors)} Llama-shaped tensors, {size / 1e9:.2f} GB:")
     print("| host memory | direction | GB/s |\n|---|---|---|")

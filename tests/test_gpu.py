@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from thaw import _native, freeze_file, open_snapshot, restore_file
-from thaw.copy.datapath import SLOT_SIZE, Binding, copy_from_tensors, copy_to_tensors
+from thaw.copy.binding import Binding
+from thaw.copy.datapath import SLOT_SIZE, copy_from_tensors, copy_to_tensors
 from thaw.errors import ChecksumMismatch, RestoreIncomplete
 from thaw.format import Manifest, layout
 from thaw.format.dtypes import dtype_name

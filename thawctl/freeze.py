@@ -166,14 +166,14 @@ def freeze_torch(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from thaw import freeze_file
-    from thaw.copy import datapath
+    from thaw.copy import binding
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CommandError("--device cuda but torch sees no CUDA GPU; use --device cpu")
     started = time.perf_counter()
     model = load_torch_model(args.model, args.dtype, args.device)
     loaded = time.perf_counter() - started
-    fingerprint = datapath.describe(
+    fingerprint = binding.describe(
         model,
         engine="torch",
         model=args.model if args.model == TINY else _model_name(args.model),

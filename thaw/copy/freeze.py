@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from thaw import _native
-from thaw.copy import datapath
+from thaw.copy import binding, datapath
 from thaw.copy.pieces import Piece, plan
 from thaw.copy.restore import TransferStats
 from thaw.format import PAYLOAD_OFFSET, Manifest, SnapshotWriter, layout
@@ -66,11 +66,11 @@ def freeze_file(
     written with O_DIRECT.
     """
     started = time.perf_counter()
-    named = datapath.model_tensors(source)
+    named = binding.model_tensors(source)
     if fingerprint is None:
-        fingerprint = datapath.describe(source)
+        fingerprint = binding.describe(source)
     entries = layout([(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in named])
-    bindings = [datapath.Binding(e, t) for e, (_, t) in zip(entries, named, strict=True)]
+    bindings = [binding.Binding(e, t) for e, (_, t) in zip(entries, named, strict=True)]
     checksums = [0] * len(entries)
     lock = threading.Lock()
     with SnapshotWriter(path, entries) as writer:

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from thaw import _native
-from thaw.copy import datapath
+from thaw.copy import binding, datapath
 from thaw.copy.pieces import Piece
 from thaw.errors import RestoreIncomplete, SnapshotError, ThawError
 from thaw.format import Snapshot, TensorEntry, payload_fd, read_snapshot
@@ -63,7 +63,7 @@ def restore_file(
         snapshot = read_snapshot(fd, path)
         if expect is not None:
             check(expect, snapshot.fingerprint)
-        bindings = datapath.bind(snapshot.tensors, datapath.model_tensors(target), strict=strict)
+        bindings = binding.bind(snapshot.tensors, binding.model_tensors(target), strict=strict)
         copied, source = read_payload(bindings, fd, snapshot.payload_offset,
                                       snapshot.payload_length, snapshot.path, verify=verify,
                                       threads=threads)  # fmt: skip
@@ -74,7 +74,7 @@ def restore_file(
 
 
 def read_payload(
-    bindings: list[datapath.Binding],
+    bindings: list[binding.Binding],
     fd: int,
     payload_offset: int,
     payload_length: int,
@@ -98,7 +98,7 @@ def read_payload(
 
 
 def _restore(
-    bindings: list[datapath.Binding], fd: int, payload_offset: int, payload_length: int,
+    bindings: list[binding.Binding], fd: int, payload_offset: int, payload_length: int,
     path: object, verify: bool, threads: int,
 ) -> tuple[int, str]:  # fmt: skip
     cpu = [b for b in bindings if b.tensor.device.type == "cpu"]
@@ -138,7 +138,7 @@ def _direct(fd: int) -> int:
 
 
 def _digests(
-    path: object, bindings: list[datapath.Binding], verify: bool, threads: int
+    path: object, bindings: list[binding.Binding], verify: bool, threads: int
 ) -> Digests | None:
     return Digests([b.entry for b in bindings], path, threads) if verify else None
 

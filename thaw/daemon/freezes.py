@@ -44,13 +44,13 @@ def freeze(
     """
     import torch
 
-    from thaw.copy import datapath
+    from thaw.copy import binding
     from thaw.format.dtypes import dtype_name
 
-    named = datapath.model_tensors(model)
+    named = binding.model_tensors(model)
     if fingerprint is None:
         fingerprint = (
-            datapath.describe(model) if isinstance(model, torch.nn.Module) else Fingerprint()
+            binding.describe(model) if isinstance(model, torch.nn.Module) else Fingerprint()
         )
     specs = [
         pb.TensorSpec(name=n, dtype=dtype_name(t.dtype), shape=list(t.shape)) for n, t in named
@@ -83,7 +83,7 @@ def _freeze_copy(
 ) -> pb.BeginFreezeResponse:
     """Open a freeze session and copy the tensors into it: by daemon copy for CUDA
     tensors on a VMM pool, else into the pool buffer mapped here. Returns the session."""
-    from thaw.copy import datapath
+    from thaw.copy import binding
 
     # CUDA tensors: the daemon copies them into pool memory it mapped at start (CopyOut);
     # a process mapping a fresh pool buffer pays for it during the copy.
@@ -106,11 +106,13 @@ def _freeze_copy(
                 TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length)
                 for t in begin.tensors
             ]
-            bindings = datapath.bind(entries, named, strict=True)
+            bindings = binding.bind(entries, named, strict=True)
             if daemon_copy and begin.pool_kind == pb.POOL_KIND_VMM:
+                from thaw.copy.daemon_copy import batches_for_daemon
+
                 t_begin = time.perf_counter()
                 index = {t.name: i for i, t in enumerate(begin.tensors)}
-                batches = datapath.batches_for_daemon(bindings, index, freeze=True)
+                batches = batches_for_daemon(bindings, index, freeze=True)
                 try:
                     first = next(batches, None)
                 except errors.CudaError as e:  # e.g. expandable segments: map instead
@@ -141,7 +143,7 @@ def _freeze_mapped(
     conn: Connection, name: str, begin: pb.BeginFreezeResponse, bindings: builtins.list[Any]
 ) -> None:
     """Copy the tensors into the freeze session's pool buffer, mapped here."""
-    from thaw.copy import datapath
+    from thaw.copy import binding, datapath
 
     t0 = time.perf_counter()
     fds, sizes, _ = conn.redeem(begin.session_id)
@@ -149,7 +151,7 @@ def _freeze_mapped(
         if begin.pool_kind == pb.POOL_KIND_VMM:
             from thaw.mem import vmm
 
-            device = datapath.cuda_device(bindings) or 0
+            device = binding.cuda_device(bindings) or 0
             t_redeem = time.perf_counter()
             cuda_only = all(b.tensor.device.type == "cuda" for b in bindings)
             buf = vmm.HostBuffer.import_fds(

@@ -83,12 +83,12 @@ class Restores:
         mode: str,
         held: Any,
     ) -> builtins.list[RestoreResult]:
-        from thaw.copy import datapath
+        from thaw.copy import binding, datapath
 
         t0 = time.perf_counter()
         plans, requests = [], []
         for target, name in items:
-            named = datapath.model_tensors(target)
+            named = binding.model_tensors(target)
             cuda_only = bool(named) and all(t.device.type == "cuda" for _, t in named)
             if mode == "daemon_copy" and not cuda_only:
                 raise errors.InvalidRequest(
@@ -271,7 +271,7 @@ class Restores:
         came: RestoreResult.delivery).
         `in_flight`: direct GPU copies may still run on return (datapath.finish_copies).
         `mirror`: our map of the whole pool, when the request offered it."""
-        from thaw.copy import datapath
+        from thaw.copy import binding, datapath
 
         total = sum(t.length for t in info.tensors)
         entries = [
@@ -280,7 +280,7 @@ class Restores:
         ]
         if expect is not None:
             check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
-        bindings = datapath.bind(entries, named, strict=strict)
+        bindings = binding.bind(entries, named, strict=strict)
         if info.pool_kind == pb.POOL_KIND_FILE:
             return self._copy_file(name, info, bindings, total, progress), Delivery.FILE
         source = (
@@ -289,8 +289,10 @@ class Restores:
             else self._map(name, info, bindings, mirror)
         )
         if source is None:  # the daemon copies: export our allocations to it
+            from thaw.copy.daemon_copy import batches_for_daemon
+
             index = {t.name: i for i, t in enumerate(info.tensors)}
-            batches = datapath.batches_for_daemon(bindings, index)
+            batches = batches_for_daemon(bindings, index)
             first = next(batches, None)  # a refusal here is before any byte moved
         if progress is not None:
             progress(0, total)
@@ -364,9 +366,9 @@ class Restores:
         a pool buffer still being mapped the function that maps it up to a payload offset, and
         the function to call after the copy). None: this process cannot import the pool
         memory, a daemon copy must do."""
-        from thaw.copy import datapath
+        from thaw.copy import binding
 
-        cuda = datapath.cuda_device(bindings) is not None
+        cuda = binding.cuda_device(bindings) is not None
         cuda_only = all(b.tensor.device.type == "cuda" for b in bindings)
         if info.delivery == pb.DELIVERY_POOL:
             return _from_pool(name, info, mirror)
@@ -391,7 +393,7 @@ class Restores:
             if kind == PoolKind.VMM:
                 from thaw.mem import vmm
 
-                device = datapath.cuda_device(bindings) or 0
+                device = binding.cuda_device(bindings) or 0
                 # Lazy: the copy imports and maps chunk by chunk, overlapping it with DMA.
                 holder: Any = vmm.HostBuffer.import_fds(
                     fds, sizes, device, lazy=True, host_access=not cuda_only

@@ -43,7 +43,7 @@ class ThawSGLangLoader:
         from sglang.srt.model_loader.loader import DefaultModelLoader, _initialize_model
         from sglang.srt.model_loader.utils import set_default_torch_dtype
 
-        from thaw.copy.datapath import model_tensors
+        from thaw.copy.binding import model_tensors
         from thaw.engines.fingerprints import model_name
         from thaw.engines.sources import SourceKind, locate
         from thaw.engines.transfer import read_rank, write_rank

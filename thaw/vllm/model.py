@@ -67,7 +67,7 @@ def fingerprint(
 
 def parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The model's parameters as (vLLM name, tensor), shared ones once: what a snapshot holds."""
-    from thaw.copy.datapath import model_tensors
+    from thaw.copy.binding import model_tensors
 
     return model_tensors(list(model.named_parameters()))
 
