@@ -311,7 +311,7 @@ class Freezes:
 
 
 def _layout(specs: Sequence[pb.TensorSpec]) -> builtins.list[TensorEntry]:
-    """Check a freeze's tensor specs as the snapshot reader will (thaw/format.py), then lay
+    """Check a freeze's tensor specs as the snapshot reader will (thaw/format/), then lay
     them out: every refusal is InvalidRequest naming the tensor."""
     if not specs:
         raise InvalidRequest("a freeze needs at least one tensor")

@@ -8,7 +8,7 @@ from typing import Any
 
 from thaw.errors import FingerprintMismatch
 
-# What a manifest's fingerprint may hold (thaw/format.py bounds the rest of a manifest).
+# What a manifest's fingerprint may hold (thaw/format/snapshot.py bounds the rest of a manifest).
 MAX_LABELS = 1024
 MAX_TEXT = 4096
 
