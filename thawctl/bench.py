@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from thawctl import exitcodes, render
-from thawctl.cli import Context
+from thawctl.context import Context
 from thawctl.exitcodes import CommandError
 from thawctl.refs import looks_like_path
 

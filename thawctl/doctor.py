@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from thawctl import exitcodes, render
-from thawctl.cli import Context
+from thawctl.context import Context
 
 STATES = ("pass", "warn", "fail", "skip")
 PCI_DEVICES = "/sys/bus/pci/devices"

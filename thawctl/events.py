@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from thawctl import exitcodes
-from thawctl.cli import Context
+from thawctl.context import Context
 
 # The kinds thawd emits (proto/thaw/v1/thawd.proto, Event.kind); --kind takes others too, so
 # that a newer thawd's kinds can be filtered by an older thawctl.

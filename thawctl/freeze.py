@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from thawctl import exitcodes, render, schema
-from thawctl.cli import Context
+from thawctl.context import Context
 from thawctl.exitcodes import CommandError
 from thawctl.snapshots import add_label_option
 

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from thawctl import exitcodes, render, schema
-from thawctl.cli import Context
+from thawctl.context import Context
 from thawctl.progress import Progress
 from thawctl.refs import looks_like_path
 
@@ -529,7 +529,7 @@ def run_verify(ctx: Context) -> int:
         for m in result.mismatches:
             ctx.print(f"CORRUPT {m.tensor}: recorded {m.expected:016x}, computed {m.found:016x}")
     if not result.ok:
-        from thawctl.cli import report
+        from thawctl.context import report
 
         return report(result.error(), ctx.err)
     return exitcodes.OK
@@ -579,7 +579,7 @@ def _verify_in_daemon(ctx: Context, name: str) -> int:
         for m in mismatches:
             ctx.print(f"CORRUPT {m['tensor']}: recorded {m['expected']}, computed {m['found']}")
     if error is not None:
-        from thawctl.cli import report
+        from thawctl.context import report
 
         return report(error, ctx.err)
     return exitcodes.OK
