@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def module_thawd() -> Iterator[ThawdProcess]:
 
 
 @pytest.fixture
-def small_snapshot(tmp_path):
+def small_snapshot(tmp_path: Path) -> Any:
     """A valid snapshot of three CPU tensors (float32, bfloat16, an int64 scalar) and its source.
 
     Returns (path, source): `source` maps each tensor name to the tensor that was frozen.

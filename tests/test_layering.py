@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,7 +84,7 @@ def imports() -> dict:
     return run_python(SCRIPT)
 
 
-def test_importing_thaw_loads_neither_torch_nor_cuda(imports):
+def test_importing_thaw_loads_neither_torch_nor_cuda(imports: Any) -> None:
     """thawd and tools read manifests through thaw without paying for torch or CUDA."""
     light = imports["light"]
     assert "torch" not in light
@@ -91,17 +92,17 @@ def test_importing_thaw_loads_neither_torch_nor_cuda(imports):
     assert offending(light) == []
 
 
-def test_core_modules_import_no_daemon_cli_or_textual(imports):
+def test_core_modules_import_no_daemon_cli_or_textual(imports: Any) -> None:
     assert offending(imports["core"]) == []
 
 
-def test_cpu_freeze_and_restore_load_no_cuda(imports):
+def test_cpu_freeze_and_restore_load_no_cuda(imports: Any) -> None:
     assert "thaw.mem.cuda" not in imports["core"]
     # Whatever CUDA modules torch loads on its own, thaw adds none on a CPU-only path.
     assert imports["after_import"] == imports["torch_only"]
     assert imports["after_round_trip"] == imports["torch_only"]
 
 
-def test_no_thaw_module_imports_daemon_cli_or_textual(imports):
+def test_no_thaw_module_imports_daemon_cli_or_textual(imports: Any) -> None:
     assert "thaw.format" in imports["imported"]
     assert offending(imports["all"]) == [], imports["skipped"]

@@ -13,8 +13,8 @@ adapter (thaw.engines.adapter): the engines sit below this module and never impo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, overload
 
 from thaw.daemon import client as daemon
 from thaw.daemon.client import default_socket
@@ -23,7 +23,16 @@ from thaw.engines.adapter import EngineAdapter
 from thaw.engines.transfer import EngineTransfer
 from thaw.format.fingerprint import Fingerprint
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["Client", "connect", "default_socket"]
+
+# What restore and freeze move without an engine: a torch module, a state dict, (name, tensor)
+# pairs; for these they return the daemon's records.
+Tensors: TypeAlias = (
+    "torch.nn.Module | Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]]"
+)
 
 
 def adapter_for(target: object) -> EngineAdapter | None:
@@ -40,6 +49,30 @@ def adapter_for(target: object) -> EngineAdapter | None:
 class Client(daemon.Client):
     """A connection to thawd (thaw.daemon.Client) whose restore and freeze also take a live
     engine. Thread-safe; close() (or `with`) releases sockets and mappings."""
+
+    @overload
+    def restore(
+        self,
+        target: Tensors,
+        name: str,
+        *,
+        strict: bool = True,
+        expect: Fingerprint | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        mode: str | None = None,
+    ) -> RestoreResult: ...
+
+    @overload
+    def restore(
+        self,
+        target: object,
+        name: str,
+        *,
+        strict: bool = True,
+        expect: Fingerprint | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        mode: str | None = None,
+    ) -> RestoreResult | EngineTransfer: ...
 
     def restore(
         self,
@@ -61,6 +94,32 @@ class Client(daemon.Client):
         return self.restore_tensors(
             target, name, strict=strict, expect=expect, progress=progress, mode=mode
         )
+
+    @overload
+    def freeze(
+        self,
+        target: Tensors,
+        name: str,
+        path: str | None = None,
+        fingerprint: Fingerprint | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        pin: bool = True,
+        wait: bool = False,
+    ) -> SnapshotRecord: ...
+
+    @overload
+    def freeze(
+        self,
+        target: object,
+        name: str,
+        path: str | None = None,
+        fingerprint: Fingerprint | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        pin: bool = True,
+        wait: bool = False,
+    ) -> SnapshotRecord | EngineTransfer: ...
 
     def freeze(
         self,

@@ -174,7 +174,9 @@ def test_a_flood_of_bad_requests_is_a_few_log_lines(thawd: ThawdProcess) -> None
                 c._conn.call("Stat", pb.StatRequest(name=f"bad name {i}"))
         with pytest.raises(grpc.RpcError):  # and a raw call the client library would not make
             c._conn._stub.Pin(
-                pb.PinRequest(name="x", tier=7), metadata=c._conn.metadata(), timeout=5
+                pb.PinRequest(name="x", tier=7),  # type: ignore[arg-type]
+                metadata=c._conn.metadata(),
+                timeout=5,
             ).next()
     time.sleep(0.2)
     log = thawd.log.read_text()

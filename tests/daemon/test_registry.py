@@ -8,6 +8,7 @@ from tests.daemon.conftest import ThawdProcess, random_tensors, same, write_snap
 from thaw import errors
 from thaw.client import connect
 from thaw.daemon.records import NA
+from thaw.format.fingerprint import Fingerprint
 
 
 def test_register_list_stat_unregister(module_thawd: ThawdProcess) -> None:
@@ -22,7 +23,7 @@ def test_register_list_stat_unregister(module_thawd: ThawdProcess) -> None:
             4,
         )
         assert rec.last_used is NA and rec.labels == {"team": "x"}
-        assert rec.fingerprint.model == "fixture"
+        assert isinstance(rec.fingerprint, Fingerprint) and rec.fingerprint.model == "fixture"
         assert [s.name for s in c.list()] == ["model-a"]
         assert c.stat("model-a") == rec
         assert c.register(path).name == "a"  # default name: the file's stem

@@ -88,7 +88,8 @@ def test_freeze_then_restore(module_thawd: ThawdProcess) -> None:
         while c.stat("frozen").file_pending and time.monotonic() < deadline:
             time.sleep(0.05)
         rec = c.stat("frozen")
-        assert os.path.exists(rec.path) and not rec.file_pending and rec.file_bytes > 0
+        assert os.path.exists(rec.path) and not rec.file_pending
+        assert isinstance(rec.file_bytes, int) and rec.file_bytes > 0
         assert rec.checksum_state == "verified"
         from_file = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.LayerNorm(48))
         thaw.restore_file(from_file, rec.path)  # verifies the checksums the daemon computed
@@ -328,6 +329,7 @@ def test_a_stopping_thawd_opens_no_restore(thawd: ThawdProcess) -> None:
         reply = c._conn.fd_call(request)[0]
     assert (reply["ok"], reply["error"]) == (False, "DaemonUnavailable")
     assert "thawd is stopping" in reply["message"]
+    assert thawd.proc is not None
     thawd.proc.wait(timeout=30)
     c.close()
 
@@ -453,6 +455,7 @@ def test_daemon_killed_mid_restore_is_never_a_success(thawd: ThawdProcess) -> No
     def kill(done: int, total: int) -> None:
         if done == 0:  # the fd is mapped, the copy has not started: kill the daemon now
             os.kill(thawd.pid, signal.SIGKILL)
+            assert thawd.proc is not None
             thawd.proc.wait()
 
     with pytest.raises(errors.DaemonError) as info:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -19,7 +20,7 @@ ALLOWED, STRANGER = 65534, 65533
 
 
 @pytest.fixture(scope="module")
-def open_thawd() -> ThawdProcess:
+def open_thawd() -> Iterator[ThawdProcess]:
     # Mode 0666 so the allow-list, not the socket's mode, is what stops the stranger.
     from tests.daemon.conftest import make_dir
 

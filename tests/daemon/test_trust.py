@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ OWNER, OTHER, ADMIN, ADMIN_GROUP = 65534, 65532, 65531, 65530
 
 
 @pytest.fixture(scope="module")
-def open_thawd() -> ThawdProcess:
+def open_thawd() -> Iterator[ThawdProcess]:
     # Mode 0666: the allow-list decides who talks to it; OTHER is allowed but owns nothing.
     directory = make_dir()
     daemon = ThawdProcess(
@@ -60,7 +61,7 @@ def client(code: str, uid: int = OWNER, groups: tuple[int, ...] = ()) -> dict[st
     """Run `code` as `uid`; it prints one JSON object last, which is returned."""
     out = run_client(code, uid=uid, groups=groups)
     assert out.returncode == 0, out.stdout + out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 OUTCOME = """

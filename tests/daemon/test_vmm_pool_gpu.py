@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ print(json.dumps([first.tier, first.delivery, second.delivery,
 """
 
 
-def test_freeze_restore_and_fragmented_pool(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_freeze_restore_and_fragmented_pool(thawd_factory: Any) -> None:
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     from thaw.client import connect
 
@@ -78,7 +79,7 @@ print(json.dumps([results, all(torch.equal(target[k], expected[k]) for k in expe
 """
 
 
-def test_daemon_copies_over_cuda_ipc_when_asked(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_copies_over_cuda_ipc_when_asked(thawd_factory: Any) -> None:
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     from thaw.client import connect
 
@@ -97,7 +98,7 @@ def test_daemon_copies_over_cuda_ipc_when_asked(thawd_factory) -> None:  # type:
     ]
 
 
-def test_share_pool_false_maps_no_pool_memory(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_share_pool_false_maps_no_pool_memory(thawd_factory: Any) -> None:
     d: ThawdProcess = thawd_factory(
         pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK, share_pool=False
     )
@@ -120,7 +121,7 @@ def test_share_pool_false_maps_no_pool_memory(thawd_factory) -> None:  # type: i
     ]
 
 
-def test_expandable_segments_cannot_take_a_daemon_copy(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_expandable_segments_cannot_take_a_daemon_copy(thawd_factory: Any) -> None:
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     from thaw.client import connect
 
@@ -149,7 +150,7 @@ print(json.dumps(all(torch.equal(target[k], tensors[k]) for k in tensors)))
 """
 
 
-def test_freeze_of_expandable_segments_maps_the_pool(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_freeze_of_expandable_segments_maps_the_pool(thawd_factory: Any) -> None:
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     out = run_client(FREEZE_EXPANDABLE.format(socket=d.socket))
     assert out.returncode == 0, out.stderr
@@ -172,7 +173,7 @@ for _ in range(2):  # from the whole pool, mapped at connect, both times
 """
 
 
-def test_restore_many_into_cuda_tensors(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_restore_many_into_cuda_tensors(thawd_factory: Any) -> None:
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     from thaw.client import connect
 
@@ -189,7 +190,7 @@ def test_restore_many_into_cuda_tensors(thawd_factory) -> None:  # type: ignore[
     assert lines == [[[["m0", "pool"], ["m1", "pool"], ["m2", "pool"]], True]] * 2
 
 
-def test_daemon_copy_refuses_bad_requests(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_copy_refuses_bad_requests(thawd_factory: Any) -> None:
     """An unknown GPU and a copy past the end of its region are refused by name."""
     from thaw import errors
     from thaw._proto import thawd_pb2 as pb
@@ -221,7 +222,7 @@ def test_daemon_copy_refuses_bad_requests(thawd_factory) -> None:  # type: ignor
         assert c.stat("r").clients == 0
 
 
-def test_pool_op_refuses_chunks_out_of_range(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_pool_op_refuses_chunks_out_of_range(thawd_factory: Any) -> None:
     from thaw.daemon import fdsocket
 
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
@@ -242,7 +243,7 @@ def test_pool_op_refuses_chunks_out_of_range(thawd_factory) -> None:  # type: ig
         assert (ok, n) == (False, 0) and f"out of range 0..{chunks - 1}" in message
 
 
-def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_pool_map_follows_thawd_restarts(thawd_factory: Any) -> None:
     """A client's map of the whole pool goes when thawd stops (its pinned memory is not held
     by former clients) and a new one comes with the restarted thawd's pool."""
     import time
@@ -274,7 +275,7 @@ def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore
         assert c._conn._pool_map is not None and c._conn._pool_map.pool_id != first.pool_id
 
 
-def test_a_restore_holding_the_map_survives_a_thawd_restart(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_restore_holding_the_map_survives_a_thawd_restart(thawd_factory: Any) -> None:
     """thawd restarts while a restore holds the pool map: the restore's next call finds the
     restart and re-authenticates, and the old map must go once that restore lets it go, not
     wait for it in the same thread (a deadlock before)."""

@@ -12,7 +12,7 @@ from thaw import FingerprintMismatch
 from thaw.engines.fingerprints import make_fingerprint, without
 from thaw.engines.options import Options
 from thaw.engines.ranks import rank_name, rank_path, resolve
-from thaw.engines.sources import Source, check_before_copy, missing_message
+from thaw.engines.sources import Source, SourceKind, check_before_copy, missing_message
 from thaw.format.fingerprint import Fingerprint
 from thaw.sglang.core import batches, fingerprint, per_rank_named_tensors
 
@@ -72,11 +72,11 @@ def test_a_missing_snapshot_says_whether_thawd_runs() -> None:
 
 def test_fingerprint_refusal_names_each_difference() -> None:
     engine = _fp()
-    source = Source("file", path="/x", fingerprint=_fp(dtype="float16", tp_size=2))
+    source = Source(SourceKind.FILE, path="/x", fingerprint=_fp(dtype="float16", tp_size=2))
     with pytest.raises(FingerprintMismatch) as e:
         check_before_copy(source, engine, Options.from_config({"snapshot": "/x"}))
     assert "dtype" in str(e.value) and "tp_size" in str(e.value)
-    other_model = Source("file", path="/x", fingerprint=_fp(model="tiny-ft"))
+    other_model = Source(SourceKind.FILE, path="/x", fingerprint=_fp(model="tiny-ft"))
     check_before_copy(
         other_model, engine, Options.from_config({"snapshot": "/x", "ignore": ["model"]})
     )

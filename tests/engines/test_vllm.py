@@ -143,11 +143,12 @@ def test_fingerprint_mismatch_is_refused_before_any_copy(
 
     src = open_snapshot(state["f0"])
     tensors = {e.name: read_tensor(src, e) for e in src.tensors}
-    for change, word in [
+    changes: list[tuple[dict[str, Any], str]] = [
         ({"tp_size": 2, "tp_rank": 1}, "tp_size"),
         ({"dtype": "float16"}, "dtype"),
         ({"engine_version": "0.31.0"}, "engine_version"),
-    ]:
+    ]
+    for change, word in changes:
         bad = tmp_path / f"bad-{word}.thaw"
         freeze_file(tensors, bad, fingerprint=dataclasses.replace(src.fingerprint, **change))
         with pytest.raises(FingerprintMismatch, match=word):

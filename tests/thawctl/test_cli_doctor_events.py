@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from thawctl_testlib import NO_DAEMON, ROOT, one_error_line
@@ -37,7 +38,7 @@ def start_events(*argv: str, socket: str) -> subprocess.Popen[str]:
     )
 
 
-def until_done(proc: subprocess.Popen[str], step, timeout: float = 60.0) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+def until_done(proc: subprocess.Popen[str], step: Any, timeout: float = 60.0) -> tuple[str, str]:
     """Call `step(i)` every 0.2 s until `proc` exits: thawd keeps no history of events, so
     the first ones may come before the watcher has subscribed."""
     deadline = time.monotonic() + timeout
@@ -53,7 +54,7 @@ def until_done(proc: subprocess.Popen[str], step, timeout: float = 60.0) -> tupl
 # --- events ---------------------------------------------------------------------------------------
 
 
-def test_events_as_lines_and_as_json_lines_filtered_by_kind(thawd, snapshot_file):
+def test_events_as_lines_and_as_json_lines_filtered_by_kind(thawd: Any, snapshot_file: Any) -> None:
     lines = start_events("--kind", "registered", "--count", "3", socket=thawd.socket)
     jsonl = start_events("--json", "--kind", "pinned,unpinned", "--count", "4", socket=thawd.socket)
     with thaw.connect(thawd.socket) as client:
@@ -89,7 +90,7 @@ def test_events_as_lines_and_as_json_lines_filtered_by_kind(thawd, snapshot_file
     assert all(a != b for a, b in itertools.pairwise(kinds))  # they alternate
 
 
-def first_line(proc: subprocess.Popen[str], step, timeout: float = 60.0) -> str:  # type: ignore[no-untyped-def]
+def first_line(proc: subprocess.Popen[str], step: Any, timeout: float = 60.0) -> str:
     """Call `step(i)` until `proc` prints a line (then it is subscribed); that line."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
@@ -101,7 +102,9 @@ def first_line(proc: subprocess.Popen[str], step, timeout: float = 60.0) -> str:
     return proc.stdout.readline()
 
 
-def test_events_end_quietly_on_ctrl_c_and_with_exit_3_when_thawd_stops(own_thawd, snapshot_file):
+def test_events_end_quietly_on_ctrl_c_and_with_exit_3_when_thawd_stops(
+    own_thawd: Any, snapshot_file: Any
+) -> None:
     daemon = own_thawd()
     interrupted = start_events(socket=daemon.socket)
     stopped = start_events("--json", socket=daemon.socket)
@@ -140,7 +143,7 @@ def memlock_limit(soft: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, before)
 
 
-def by_name(doc: dict) -> dict[str, dict]:  # type: ignore[type-arg]
+def by_name(doc: dict) -> dict[str, dict]:
     assert [c["name"] for c in doc["checks"]] == CHECKS
     for c in doc["checks"]:
         assert set(c) == {"name", "state", "detail", "hint"}
@@ -148,7 +151,7 @@ def by_name(doc: dict) -> dict[str, dict]:  # type: ignore[type-arg]
     return {c["name"]: c for c in doc["checks"]}
 
 
-def test_doctor_passes_on_a_host_set_up_for_thaw(thawctl, own_thawd):
+def test_doctor_passes_on_a_host_set_up_for_thaw(thawctl: Any, own_thawd: Any) -> None:
     with memlock_limit(8 << 20):
         daemon = own_thawd(pinned_budget="4MiB")  # within its locked-memory limit
     result = thawctl("doctor", "--json")
@@ -172,7 +175,7 @@ def test_doctor_passes_on_a_host_set_up_for_thaw(thawctl, own_thawd):
     assert human.out.splitlines()[3].startswith("PASS  memlock     thawd's RLIMIT_MEMLOCK")
 
 
-def test_doctor_fails_a_memlock_limit_below_the_pinned_budget(thawctl, own_thawd):
+def test_doctor_fails_a_memlock_limit_below_the_pinned_budget(thawctl: Any, own_thawd: Any) -> None:
     with memlock_limit(1 << 20):
         own_thawd(pinned_budget="16MiB")
     result = thawctl("doctor")
@@ -182,7 +185,7 @@ def test_doctor_fails_a_memlock_limit_below_the_pinned_budget(thawctl, own_thawd
     assert "LimitMEMLOCK=infinity" in result.out
 
 
-def test_doctor_without_a_daemon(thawctl):
+def test_doctor_without_a_daemon(thawctl: Any) -> None:
     result = thawctl("--socket", NO_DAEMON, "doctor", "--json")
     assert result.code == exitcodes.ERROR
     checks = by_name(result.json())
@@ -193,7 +196,7 @@ def test_doctor_without_a_daemon(thawctl):
     assert checks["memlock"]["state"] == checks["page cache"]["state"] == "skip"
 
 
-def test_doctor_as_a_user_outside_the_sockets_group(thawd):
+def test_doctor_as_a_user_outside_the_sockets_group(thawd: Any) -> None:
     """uid 65534, not in the socket's group (root): the socket and group checks fail and say
     how to join; thawd is unreachable for this user."""
     code = f"""
@@ -224,7 +227,9 @@ sys.exit(cli.main(["--socket", {thawd.socket!r}, "doctor", "--json"]))
     assert checks["thawd"]["state"] == "fail"
 
 
-def test_page_cache_warns_when_the_warm_snapshots_do_not_fit(thawctl, thawd, snapshot_file):
+def test_page_cache_warns_when_the_warm_snapshots_do_not_fit(
+    thawctl: Any, thawd: Any, snapshot_file: Any
+) -> None:
     from thawctl import doctor
 
     assert thawctl("pin", str(snapshot_file), "--warm").code == 0
@@ -243,7 +248,7 @@ def _device(root: Path, address: str, **files: str) -> None:
         (d / name).write_text(text + "\n")
 
 
-def test_pcie_links_from_sysfs(tmp_path):
+def test_pcie_links_from_sysfs(tmp_path: Path) -> None:
     """The kernel's /sys/bus/pci/devices layout: a GPU whose link runs narrower than it can
     warns; one trained down while idle passes with a note; other devices are ignored."""
     from thawctl import doctor

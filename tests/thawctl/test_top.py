@@ -8,13 +8,22 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from thawctl_testlib import corrupt_payload, random_tensors, write_snapshot
 
 import thaw
-from thaw.daemon.records import NA, DaemonStatus, Event, GpuRecord, Metrics, SnapshotRecord
+from thaw.daemon.records import (
+    NA,
+    DaemonStatus,
+    Event,
+    GpuRecord,
+    Metrics,
+    PoolKind,
+    SnapshotRecord,
+)
 from thaw.format.fingerprint import Fingerprint
 from thawctl.tui.app import ThawTop
 from thawctl.tui.screens.confirm import ConfirmScreen
@@ -82,7 +91,7 @@ def snapshot_files(directory: Any, *names: str) -> list[Any]:
 # --- against a real daemon ----------------------------------------------------------------------
 
 
-def test_pin_from_the_table(thawd, snapshot_dir):
+def test_pin_from_the_table(thawd: Any, snapshot_dir: Any) -> None:
     (path,) = snapshot_files(snapshot_dir, "llama")
     register(thawd.socket, path, "llama")
 
@@ -112,7 +121,7 @@ def test_pin_from_the_table(thawd, snapshot_dir):
         assert client.stat("llama").tier == "cold"
 
 
-def test_filter_sort_and_help(thawd, snapshot_dir):
+def test_filter_sort_and_help(thawd: Any, snapshot_dir: Any) -> None:
     paths = snapshot_files(snapshot_dir, "alpha", "beta", "gamma")
     for path, name in zip(paths, ("alpha", "beta", "gamma"), strict=True):
         register(thawd.socket, path, name, team="red" if name == "gamma" else "blue")
@@ -161,7 +170,7 @@ def test_filter_sort_and_help(thawd, snapshot_dir):
     asyncio.run(scenario())
 
 
-def test_remove_asks_first(thawd, snapshot_dir):
+def test_remove_asks_first(thawd: Any, snapshot_dir: Any) -> None:
     paths = snapshot_files(snapshot_dir, "keep", "drop")
     register(thawd.socket, paths[0], "keep")
     register(thawd.socket, paths[1], "drop")
@@ -188,7 +197,7 @@ def test_remove_asks_first(thawd, snapshot_dir):
     assert paths[1].exists()
 
 
-def test_unpin_of_a_snapshot_in_use_asks_first(thawd, snapshot_dir):
+def test_unpin_of_a_snapshot_in_use_asks_first(thawd: Any, snapshot_dir: Any) -> None:
     """A restore held open (its progress callback waits) makes the snapshot's clients 1: `u`
     asks first; no keeps it pinned; yes asks thawd, which refuses while the restore runs."""
     from tests.daemon.conftest import zeros_like
@@ -249,7 +258,7 @@ def test_unpin_of_a_snapshot_in_use_asks_first(thawd, snapshot_dir):
         restorer.join(TIMEOUT)
 
 
-def test_restores_are_gathered_in_the_log_under_load(thawd, snapshot_dir):
+def test_restores_are_gathered_in_the_log_under_load(thawd: Any, snapshot_dir: Any) -> None:
     """Sixty real restores in a burst: a few lines of "N restores", and the pin before them
     stays in sight."""
     from tests.daemon.conftest import zeros_like
@@ -282,7 +291,7 @@ def test_restores_are_gathered_in_the_log_under_load(thawd, snapshot_dir):
     asyncio.run(scenario())
 
 
-def test_verify_from_the_table_reports_corruption(thawd, snapshot_dir):
+def test_verify_from_the_table_reports_corruption(thawd: Any, snapshot_dir: Any) -> None:
     (path,) = snapshot_files(snapshot_dir, "v")
     corrupt_payload(path, "layers.0.proj")  # damaged before register: the bytes thawd reads
     register(thawd.socket, path, "v")
@@ -298,7 +307,7 @@ def test_verify_from_the_table_reports_corruption(thawd, snapshot_dir):
     asyncio.run(scenario())
 
 
-def test_daemon_restart_shows_reconnecting_then_recovers(own_thawd, snapshot_dir):
+def test_daemon_restart_shows_reconnecting_then_recovers(own_thawd: Any, snapshot_dir: Any) -> None:
     daemon = own_thawd()
     (path,) = snapshot_files(snapshot_dir, "survivor")
     register(daemon.socket, path, "survivor")
@@ -335,7 +344,7 @@ def test_daemon_restart_shows_reconnecting_then_recovers(own_thawd, snapshot_dir
     asyncio.run(scenario())
 
 
-def test_top_against_no_daemon_keeps_trying(tmp_path):
+def test_top_against_no_daemon_keeps_trying(tmp_path: Path) -> None:
     async def scenario() -> None:
         app = make_app(str(tmp_path / "absent.sock"))
         async with app.run_test(size=(80, 24)) as pilot:
@@ -413,7 +422,7 @@ def fixed_items() -> list[Any]:
         pid=4242,
         started=T0,
         uptime_s=7530.0,
-        pool_kind="vmm",
+        pool_kind=PoolKind.VMM,
         pinned_budget=64 * GIB,
         pinned_used=46 * GIB,
         warm_budget=128 * GIB,
@@ -460,7 +469,7 @@ def fixed_items() -> list[Any]:
     return items
 
 
-def test_main_screen_snapshot(snap_compare, monkeypatch):
+def test_main_screen_snapshot(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     items = fixed_items()
@@ -478,7 +487,7 @@ def test_main_screen_snapshot(snap_compare, monkeypatch):
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40), (60, 20)])
-def test_layout_holds_at_other_sizes(size):
+def test_layout_holds_at_other_sizes(size: Any) -> None:
     async def scenario() -> None:
         app = ThawTop(StaticSource(fixed_items()))
         async with app.run_test(size=size) as pilot:
@@ -492,7 +501,7 @@ def test_layout_holds_at_other_sizes(size):
     asyncio.run(scenario())
 
 
-def test_at_120x35_the_path_shows_and_no_row_is_left_empty():
+def test_at_120x35_the_path_shows_and_no_row_is_left_empty() -> None:
     async def scenario() -> None:
         app = ThawTop(StaticSource(fixed_items()))
         async with app.run_test(size=(120, 35)) as pilot:
@@ -511,7 +520,7 @@ def test_at_120x35_the_path_shows_and_no_row_is_left_empty():
     asyncio.run(scenario())
 
 
-def test_column_widths_share_the_room_between_names_and_paths():
+def test_column_widths_share_the_room_between_names_and_paths() -> None:
     # 80 columns: 76 inside the border and scrollbar, all of it names; no path.
     assert column_widths(76, 10, 1) == (12, 0)
     # 120 columns: the names as wide as the longest, the path the rest.
@@ -522,7 +531,7 @@ def test_column_widths_share_the_room_between_names_and_paths():
     assert column_widths(90, 30, 1) == (26, 0)
 
 
-def test_keys_j_k_home_end_move_the_selection():
+def test_keys_j_k_home_end_move_the_selection() -> None:
     async def scenario() -> None:
         app = ThawTop(StaticSource(fixed_items()))
         async with app.run_test(size=(80, 24)) as pilot:
@@ -542,7 +551,7 @@ def test_keys_j_k_home_end_move_the_selection():
     asyncio.run(scenario())
 
 
-def test_the_log_gathers_each_seconds_restores_and_keeps_the_rest():
+def test_the_log_gathers_each_seconds_restores_and_keeps_the_rest() -> Any:
     t = T0 + 100
     items: list[Any] = [Connection("connected", "thawd 0.1.0, pid 4242", t - 1)]
 
@@ -575,7 +584,7 @@ def test_the_log_gathers_each_seconds_restores_and_keeps_the_rest():
     asyncio.run(scenario())
 
 
-def test_the_plot_is_labelled_with_its_scale():
+def test_the_plot_is_labelled_with_its_scale() -> None:
     async def scenario() -> None:
         app = ThawTop(StaticSource(fixed_items()))
         async with app.run_test(size=(80, 24)) as pilot:

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.daemon.conftest import ThawdProcess, make_dir, random_tensors, write_snapshot
 
@@ -28,7 +29,7 @@ class Result:
     out: str
     err: str
 
-    def json(self):  # type: ignore[no-untyped-def]
+    def json(self) -> Any:
         import json
 
         return json.loads(self.out)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import builtins
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from thaw._proto import thawd_pb2 as pb
@@ -159,7 +159,7 @@ class Client:
     def status(self) -> DaemonStatus:
         return DaemonStatus.from_pb(self._conn.call("Status", pb.StatusRequest()))
 
-    def watch(self, interval_s: float = 1.0) -> Iterator[Event | Metrics]:
+    def watch(self, interval_s: float = 1.0) -> Generator[Event | Metrics, None, None]:
         """Events as they happen and Metrics every `interval_s`, until the iterator is closed.
 
         Raises DaemonUnavailable when the daemon goes away; reconnecting is the caller's loop.
