@@ -49,8 +49,9 @@ def _run(cfg: dict, log: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "INFO"}
     with open(log, "w") as out:
         argv = [sys.executable, str(script), json.dumps(cfg)]
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=out, text=True, env=env,
-                              timeout=900)  # fmt: skip
+        proc = subprocess.run(
+            argv, stdout=subprocess.PIPE, stderr=out, text=True, env=env, timeout=900
+        )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"engine failed ({proc.returncode}); see {log}")
@@ -86,38 +87,60 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="thaw-cold-"))
     daemon_dir = make_dir()
-    daemon = ThawdProcess(daemon_dir, pool=args.pool, pinned_budget=args.budget,
-                          warm_budget=args.budget).start()  # fmt: skip
+    daemon = ThawdProcess(
+        daemon_dir, pool=args.pool, pinned_budget=args.budget, warm_budget=args.budget
+    ).start()
     try:
         model = args.model
         if not model:
-            from thaw import tiny
+            from thaw.demo import tiny
 
             model = str(tiny.write_model_dir(work / "tiny"))
         snap = work / "model.thaw"
         base = {"model": model, "dtype": args.dtype, "kv": args.kv_bytes}
         # Create the snapshot: one engine start that loads normally and freezes (not timed).
-        _run({**base, "extra": {"load_format": "thaw", "model_loader_extra_config": {
-            "snapshot": str(snap), "freeze_on_miss": True, "daemon": "never"}}},
-             work / "freeze.log")  # fmt: skip
+        _run(
+            {
+                **base,
+                "extra": {
+                    "load_format": "thaw",
+                    "model_loader_extra_config": {
+                        "snapshot": str(snap),
+                        "freeze_on_miss": True,
+                        "daemon": "never",
+                    },
+                },
+            },
+            work / "freeze.log",
+        )
         client = thaw.connect(daemon.socket)
         client.register(snap, "cold-start")
         pinned = client.pin("cold-start")
-        thaw_extra = {"load_format": "thaw", "model_loader_extra_config": {
-            "snapshot": "cold-start", "socket": daemon.socket, "daemon": "require"}}  # fmt: skip
+        thaw_extra = {
+            "load_format": "thaw",
+            "model_loader_extra_config": {
+                "snapshot": "cold-start",
+                "socket": daemon.socket,
+                "daemon": "require",
+            },
+        }
         rows = []
         for run in range(args.runs):
             for label, extra in (("default loader", {}), ("thaw (pinned)", thaw_extra)):
                 res = _run({**base, "extra": extra}, work / f"{run}-{label[:4]}.log")
                 rows.append((label, res))
-        print(f"\nmodel {model} ({args.dtype}), snapshot {pinned.size_bytes / 1e6:.1f} MB "
-              f"{pinned.tier}, thawd pool {args.pool}")  # fmt: skip
+        print(
+            f"\nmodel {model} ({args.dtype}), snapshot {pinned.size_bytes / 1e6:.1f} MB "
+            f"{pinned.tier}, thawd pool {args.pool}"
+        )
         print(f"{'':16} {'engine init':>12} {'weight load':>12} {'first token':>12} {'total':>10}")
         for label, r in rows:
             init = r["ready_s"] - (r["load_s"] if r["load_s"] == r["load_s"] else 0.0)
             total = r["ready_s"] + r["first_token_s"]
-            print(f"{label:16} {init:11.2f}s {r['load_s']:11.4f}s {r['first_token_s']:11.3f}s "
-                  f"{total:9.2f}s")  # fmt: skip
+            print(
+                f"{label:16} {init:11.2f}s {r['load_s']:11.4f}s {r['first_token_s']:11.3f}s "
+                f"{total:9.2f}s"
+            )
     finally:
         daemon.close()
         shutil.rmtree(daemon_dir, ignore_errors=True)

@@ -115,7 +115,7 @@ def print_table(title: str, rows: list[Row]) -> None:
 
 def pinned_h2d_ceiling(size: int) -> float:
     """One pinned buffer copied to the GPU in 64 MB chunks on two streams (DESIGN.md)."""
-    from thaw import cuda
+    from thaw.mem import cuda
 
     buf = cuda.PinnedBuffer(size)
     _native.prefault(buf.addr, size, 8)

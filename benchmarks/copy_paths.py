@@ -25,15 +25,25 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import llama_shaped, nbytes, timed
 
-from thaw import _native, cuda, datapath, vmm
-from thaw.dtypes import dtype_name
+from thaw import _native
+from thaw.copy import binding, datapath
 from thaw.format import layout
+from thaw.format.dtypes import dtype_name
+from thaw.mem import cuda, vmm
+from thawd.buffers import Chunk
 
 CHUNK = 256 << 20
 
 
-def copies(direction: str, host: int, dev: int, size: int, piece: int, nstreams: int,
-           streams: list[cuda.Stream]) -> Callable[[], None]:  # fmt: skip
+def copies(
+    direction: str,
+    host: int,
+    dev: int,
+    size: int,
+    piece: int,
+    nstreams: int,
+    streams: list[cuda.Stream],
+) -> Callable[[], None]:
     copy = cuda.copy_h2d if direction == "H2D" else cuda.copy_d2h
 
     def run() -> None:
@@ -50,8 +60,9 @@ def copies(direction: str, host: int, dev: int, size: int, piece: int, nstreams:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size-gb", type=float, default=4.0)
     args = p.parse_args()
     size = int(args.size_gb * (1 << 30)) // CHUNK * CHUNK
@@ -66,12 +77,17 @@ def main() -> None:
     hosts["cudaHostAlloc"] = (pinned.addr, pinned.close)
 
     t0 = time.perf_counter()
-    chunks = [vmm.Chunk(CHUNK) for _ in range(size // CHUNK)]
+    chunks = [Chunk(CHUNK) for _ in range(size // CHUNK)]
     create_s = time.perf_counter() - t0
     for host_access in (True, False):
         t0 = time.perf_counter()
-        buf = vmm.HostBuffer([c.handle for c in chunks], [CHUNK] * len(chunks), 0, owned=False,
-                             host_access=host_access)  # fmt: skip
+        buf = vmm.HostBuffer(
+            [c.handle for c in chunks],
+            [CHUNK] * len(chunks),
+            0,
+            owned=False,
+            host_access=host_access,
+        )
         map_s = time.perf_counter() - t0
         label = "VMM host, CPU access" if host_access else "VMM host, GPU access only"
         print(f"{label}: map {map_s / len(chunks) * 1e3:.2f} ms per 256 MiB chunk", flush=True)
@@ -85,8 +101,10 @@ def main() -> None:
     t0 = time.perf_counter()
     imported.map_until(size)
     imap_s = time.perf_counter() - t0
-    print(f"fd import: {import_s / len(fds) * 1e3:.2f} ms per chunk; "
-          f"map without CPU access {imap_s / len(fds) * 1e3:.2f} ms per chunk")  # fmt: skip
+    print(
+        f"fd import: {import_s / len(fds) * 1e3:.2f} ms per chunk; "
+        f"map without CPU access {imap_s / len(fds) * 1e3:.2f} ms per chunk"
+    )
     imported.close()
     for fd in fds:
         os.close(fd)
@@ -106,14 +124,21 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for label, (host, _) in hosts.items():
         for direction in ("H2D", "D2H"):
-            for piece, nstreams in ((size, 1), (64 << 20, 2), (256 << 20, 2), (64 << 20, 4),
-                                    (256 << 20, 1)):  # fmt: skip
+            for piece, nstreams in (
+                (size, 1),
+                (64 << 20, 2),
+                (256 << 20, 2),
+                (64 << 20, 4),
+                (256 << 20, 1),
+            ):
                 run = copies(direction, host, dev, size, piece, nstreams, streams)
                 run()
                 best = min(timed(run) for _ in range(3))
                 what = "one" if piece == size else f"{piece >> 20} MB"
-                print(f"| {label} | {direction} | {what} | {nstreams} | {size / best / 1e9:.2f} |",
-                      flush=True)  # fmt: skip
+                print(
+                    f"| {label} | {direction} | {what} | {nstreams} | {size / best / 1e9:.2f} |",
+                    flush=True,
+                )
     # CPU clients copy from pool memory with memcpy: the same host memory kinds, read by
     # 16 threads into ordinary (malloc'd, pre-faulted) memory.
     dst = torch.empty(size, dtype=torch.uint8)
@@ -133,13 +158,13 @@ def main() -> None:
     model_shaped(chunks, args.size_gb)
 
 
-def model_shaped(chunks: list[vmm.Chunk], size_gb: float) -> None:
+def model_shaped(chunks: list[Chunk], size_gb: float) -> None:
     """thaw's own loops (datapath) between Llama-shaped CUDA tensors and VMM host memory laid
     out like a payload: mapped up front, or imported from fds and mapped as the copy goes
     (a new process's first restore, every freeze into thawd)."""
     tensors = llama_shaped(size_gb * 0.9, torch.bfloat16, "cuda")
     entries = layout([(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()])
-    bindings = datapath.bind(entries, list(tensors.items()))
+    bindings = binding.bind(entries, list(tensors.items()))
     size = nbytes(tensors)
     print(f"\nthaw's loops, {len(tensors)} Llama-shaped tensors, {size / 1e9:.2f} GB:")
     print("| host memory | direction | GB/s |\n|---|---|---|")

@@ -100,8 +100,12 @@ def child(args: argparse.Namespace) -> None:
         client.restore(tensors, args.name, mode=args.mode)
         sync()
         results.append(time.perf_counter() - t0)
-    out = {"seconds": results, "bytes": nbytes(tensors), "digest": digest(tensors),
-           "connect_s": connect_s}  # fmt: skip
+    out = {
+        "seconds": results,
+        "bytes": nbytes(tensors),
+        "digest": digest(tensors),
+        "connect_s": connect_s,
+    }
     if not args.device.startswith("cuda"):
         out["same_tensors_memcpy_s"] = memcpy_into(list(tensors.values()))
     print(json.dumps(out))
@@ -120,12 +124,37 @@ def memcpy_into(tensors: list[torch.Tensor]) -> float:
     return min(timed(lambda: _native.copy_many(dsts, srcs, sizes, threads)) for _ in range(3))
 
 
-def run_child(args: argparse.Namespace, socket: str, name: str, device: str, repeat: int,
-              start_at: float = 0.0, mode: str = "auto",
-              connect_late: bool = False) -> subprocess.Popen[str]:  # fmt: skip
-    cmd = [sys.executable, str(HERE), "--child", "--socket", socket, "--name", name,
-           "--device", device, "--size-gb", str(args.size_gb), "--dtype", args.dtype,
-           "--repeat", str(repeat), "--start-at", str(start_at), "--mode", mode]  # fmt: skip
+def run_child(
+    args: argparse.Namespace,
+    socket: str,
+    name: str,
+    device: str,
+    repeat: int,
+    start_at: float = 0.0,
+    mode: str = "auto",
+    connect_late: bool = False,
+) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable,
+        str(HERE),
+        "--child",
+        "--socket",
+        socket,
+        "--name",
+        name,
+        "--device",
+        device,
+        "--size-gb",
+        str(args.size_gb),
+        "--dtype",
+        args.dtype,
+        "--repeat",
+        str(repeat),
+        "--start-at",
+        str(start_at),
+        "--mode",
+        mode,
+    ]
     if connect_late:
         cmd.append("--connect-late")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -179,9 +208,14 @@ def main() -> None:
         print(f"thawd {status.version}, pool {status.pool_kind}, {card}", flush=True)
 
         size, expected, freeze_s = freeze_into_daemon(args, client, directory, sync)
-        rows.append(Row("freeze into thawd (engine released)", size / freeze_s / 1e9,
-                        target=">= 45 GB/s" if gpu else "",
-                        ok=size / freeze_s / 1e9 >= 45 if gpu else None))  # fmt: skip
+        rows.append(
+            Row(
+                "freeze into thawd (engine released)",
+                size / freeze_s / 1e9,
+                target=">= 45 GB/s" if gpu else "",
+                ok=size / freeze_s / 1e9 >= 45 if gpu else None,
+            )
+        )
         ceiling = pinned_h2d_ceiling(4 << 30) if gpu else 0.0
 
         # A brand-new process: the first restore includes mapping the pool (no pinning cost).
@@ -189,25 +223,42 @@ def main() -> None:
         first, second = (size / s / 1e9 for s in result["seconds"])
         same = result["digest"] == expected
         baseline = "in-process pinned H2D ceiling" if gpu else ""
-        rows.append(Row("restore, pinned tier, new process, 1st", first, baseline, ceiling,
-                        ">= 52 GB/s" if gpu else "", first >= 52 if gpu else None))  # fmt: skip
+        rows.append(
+            Row(
+                "restore, pinned tier, new process, 1st",
+                first,
+                baseline,
+                ceiling,
+                ">= 52 GB/s" if gpu else "",
+                first >= 52 if gpu else None,
+            )
+        )
         rows.append(Row("restore, pinned tier, new process, 2nd", second, baseline, ceiling))
         connect_ms = [result["connect_s"] * 1e3]
         if gpu:  # the worst case: connect, then restore at once (the pool still being mapped)
-            late = finish(run_child(args, socket, "bench", args.device, repeat=1,
-                                    connect_late=True))  # fmt: skip
+            late = finish(
+                run_child(args, socket, "bench", args.device, repeat=1, connect_late=True)
+            )
             same = same and late["digest"] == expected
             connect_ms.append(late["connect_s"] * 1e3)
-            rows.append(Row("restore, pinned tier, new process, connect then restore",
-                            size / late["seconds"][0] / 1e9, baseline, ceiling))  # fmt: skip
+            rows.append(
+                Row(
+                    "restore, pinned tier, new process, connect then restore",
+                    size / late["seconds"][0] / 1e9,
+                    baseline,
+                    ceiling,
+                )
+            )
         if gpu:  # CUDA IPC mode: thawd copies into the new process's tensors, nothing mapped
             ipc = finish(run_child(args, socket, "bench", args.device, repeat=2, mode="ipc"))
             first, second = (size / s / 1e9 for s in ipc["seconds"])
             same = same and ipc["digest"] == expected
-            rows.append(Row("restore, daemon copy (CUDA IPC), new process, 1st", first,
-                            baseline, ceiling))  # fmt: skip
-            rows.append(Row("restore, daemon copy (CUDA IPC), new process, 2nd", second,
-                            baseline, ceiling))  # fmt: skip
+            rows.append(
+                Row("restore, daemon copy (CUDA IPC), new process, 1st", first, baseline, ceiling)
+            )
+            rows.append(
+                Row("restore, daemon copy (CUDA IPC), new process, 2nd", second, baseline, ceiling)
+            )
 
         median_s = small_restore_latency(args, client, directory, sync)
         label = f"1 MB restore, median latency {median_s * 1e3:.2f} ms"
@@ -228,13 +279,25 @@ def main() -> None:
         cpu_gbps = size / min(cpu_result["seconds"]) / 1e9
         threads = min(16, os.cpu_count() or 1)
         memcpy_gbps = memcpy_rate(size // 4, threads)
-        rows.append(Row("restore, pinned tier, CPU tensors, new process", cpu_gbps,
-                        f"memcpy, {threads} threads, one process", memcpy_gbps, ">= 80%",
-                        cpu_gbps >= 0.8 * memcpy_gbps))  # fmt: skip
+        rows.append(
+            Row(
+                "restore, pinned tier, CPU tensors, new process",
+                cpu_gbps,
+                f"memcpy, {threads} threads, one process",
+                memcpy_gbps,
+                ">= 80%",
+                cpu_gbps >= 0.8 * memcpy_gbps,
+            )
+        )
         same = same and cpu_result["digest"] == expected
-        rows.append(Row("thaw's copy into the CPU client's tensors, same process",
-                        size / cpu_result["same_tensors_memcpy_s"] / 1e9,
-                        f"memcpy, {threads} threads, one process", memcpy_gbps))  # fmt: skip
+        rows.append(
+            Row(
+                "thaw's copy into the CPU client's tensors, same process",
+                size / cpu_result["same_tensors_memcpy_s"] / 1e9,
+                f"memcpy, {threads} threads, one process",
+                memcpy_gbps,
+            )
+        )
 
         # Warm tier: no pool memory; the client reads the registered file's fd with pread and
         # checks every tensor's checksum as it lands, against the same-run restore_file.
@@ -243,16 +306,23 @@ def main() -> None:
         warm = finish(run_child(args, socket, "bench", args.device, repeat=2))
         same = same and warm["digest"] == expected
         file_s = restore_file_seconds(args, directory / "bench.thaw", sync)
-        rows.append(Row("restore, warm tier (file fd, verified), new process, best of 2",
-                        size / min(warm["seconds"]) / 1e9, "thaw.restore_file, page cache, "
-                        "verified", size / file_s / 1e9))  # fmt: skip
+        rows.append(
+            Row(
+                "restore, warm tier (file fd, verified), new process, best of 2",
+                size / min(warm["seconds"]) / 1e9,
+                "thaw.restore_file, page cache, verified",
+                size / file_s / 1e9,
+            )
+        )
 
         if args.tp == 2 and gpu and torch.cuda.device_count() >= 2:
             rows += tensor_parallel(args, client, socket, directory)
         title = f"thawd, {size / 1e9:.1f} GB {args.dtype}, {card}, pool {status.pool_kind}"
         print_table(title, rows)
-        print("connect() in the new process (before the model is built; connect then "
-              f"restore): {', '.join(f'{ms:.1f} ms' for ms in connect_ms)}")  # fmt: skip
+        print(
+            "connect() in the new process (before the model is built; connect then "
+            f"restore): {', '.join(f'{ms:.1f} ms' for ms in connect_ms)}"
+        )
         print(f"bit-identical (sampled digest) in the new processes: {same}")
     finally:
         daemon.terminate()
@@ -261,7 +331,10 @@ def main() -> None:
 
 
 def freeze_into_daemon(
-    args: argparse.Namespace, client: thaw.client.Client, directory: Path, sync: Callable[[], None]
+    args: argparse.Namespace,
+    client: thaw.client.Client,
+    directory: Path,
+    sync: Callable[[], None],
 ) -> tuple[int, dict[str, int], float]:
     """Freeze model-shaped CUDA tensors into thawd; the engine is free once its bytes are in the
     pool. Returns (bytes, digest, seconds until released), after the file is written."""
@@ -277,7 +350,10 @@ def freeze_into_daemon(
 
 
 def small_restore_latency(
-    args: argparse.Namespace, client: thaw.client.Client, directory: Path, sync: Callable[[], None]
+    args: argparse.Namespace,
+    client: thaw.client.Client,
+    directory: Path,
+    sync: Callable[[], None],
 ) -> float:
     """Median seconds to restore a pinned 1 MB snapshot: the control path's overhead."""
     small = {"w": torch.randn(512, 512, device=args.device)}
@@ -292,8 +368,9 @@ def restore_file_seconds(args: argparse.Namespace, path: Path, sync: Callable[[]
     """Best of two verified restores of the snapshot file from the page cache, in this process:
     the warm tier's baseline (the same bytes, no daemon)."""
     shapes = llama_shaped(args.size_gb, getattr(torch, args.dtype), "meta")
-    tensors = {k: torch.zeros(v.shape, dtype=v.dtype, device=args.device)
-               for k, v in shapes.items()}  # fmt: skip
+    tensors = {
+        k: torch.zeros(v.shape, dtype=v.dtype, device=args.device) for k, v in shapes.items()
+    }
     seconds = min(timed(lambda: thaw.restore_file(tensors, path), sync) for _ in range(2))
     tensors.clear()
     if args.device.startswith("cuda"):
@@ -330,14 +407,19 @@ def memcpy_rate(size: int, threads: int) -> float:
 
     def run() -> None:
         with ThreadPoolExecutor(len(slices)) as pool:
-            list(pool.map(lambda s: memcpy(int(dst.data_ptr()) + s[0], int(src.data_ptr()) + s[0],
-                                           s[1]), slices))  # fmt: skip
+            list(
+                pool.map(
+                    lambda s: memcpy(int(dst.data_ptr()) + s[0], int(src.data_ptr()) + s[0], s[1]),
+                    slices,
+                )
+            )
 
     return size / min(timed(run) for _ in range(3)) / 1e9
 
 
-def tensor_parallel(args: argparse.Namespace, client: thaw.client.Client, socket: str,
-                    directory: Path) -> list[Row]:  # fmt: skip
+def tensor_parallel(
+    args: argparse.Namespace, client: thaw.client.Client, socket: str, directory: Path
+) -> list[Row]:
     """Two ranks, each its own shard on its own GPU: alone, then both at the same time."""
     rows = []
     for rank in range(2):
@@ -353,13 +435,23 @@ def tensor_parallel(args: argparse.Namespace, client: thaw.client.Client, socket
     half = _half(args)
     # Three restores each, started together; the best of each rank's (mapped) restores counts,
     # as alone: the first one of a process also maps the pool buffer.
-    procs = [run_child(half, socket, f"rank{r}", f"cuda:{r}", repeat=3, start_at=start_at)
-             for r in range(2)]  # fmt: skip
+    procs = [
+        run_child(half, socket, f"rank{r}", f"cuda:{r}", repeat=3, start_at=start_at)
+        for r in range(2)
+    ]
     together = [finish(p) for p in procs]
     for rank in range(2):
         gbps = together[rank]["bytes"] / min(together[rank]["seconds"]) / 1e9
-        rows.append(Row(f"TP rank {rank} restore, both ranks at once", gbps, f"rank {rank} alone",
-                        alone[rank], ">= 90%", gbps >= 0.9 * alone[rank]))  # fmt: skip
+        rows.append(
+            Row(
+                f"TP rank {rank} restore, both ranks at once",
+                gbps,
+                f"rank {rank} alone",
+                alone[rank],
+                ">= 90%",
+                gbps >= 0.9 * alone[rank],
+            )
+        )
     return rows
 
 

@@ -201,15 +201,16 @@ def ttft(args: argparse.Namespace) -> None:
     """CPU: first-token time of a long prompt, restored prefix vs full prefill (tiny model)."""
     from vllm import LLM, SamplingParams
 
+    import thaw.demo.tiny
     import thaw.kv
-    import thaw.tiny
 
     with tempfile.TemporaryDirectory(prefix="thaw-kvttft-") as tmp:
         directory = Path(tmp)
         daemon = start_daemon(directory, 1 << 30)
         try:
-            model = thaw.tiny.write_model_dir(directory / "tiny")
-            prompt = thaw.tiny.make_prompt(thaw.tiny.build_tokenizer(), args.ttft_tokens, seed=7)
+            model = thaw.demo.tiny.write_model_dir(directory / "tiny")
+            tokenizer = thaw.demo.tiny.build_tokenizer()
+            prompt = thaw.demo.tiny.make_prompt(tokenizer, args.ttft_tokens, seed=7)
             # The tiny model's config says 2048 positions; its random weights serve any (RoPE).
             positions = args.ttft_tokens + 128
             llm = LLM(
@@ -308,8 +309,9 @@ def ttft_forward(args: argparse.Namespace, shape: Any = None) -> None:
             client = thaw.connect(str(directory / "thawd.sock"))
             labels = {**spec.labels(), "kv.blocks": str(n)}
             fingerprint = thaw.Fingerprint(model=spec.weights, dtype=spec.dtype, labels=labels)
-            client.freeze(kv, "prefix", str(directory / "prefix.thaw"), fingerprint,
-                          labels=labels, pin=True)  # fmt: skip
+            client.freeze(
+                kv, "prefix", str(directory / "prefix.thaw"), fingerprint, labels=labels, pin=True
+            )
             staging = {k: torch.empty_like(v) for k, v in kv.items()}
             # The engine's cache: per layer K and V as [positions, heads, head], which the
             # model reads as [heads, positions, head].
@@ -337,8 +339,9 @@ def ttft_forward(args: argparse.Namespace, shape: Any = None) -> None:
 
             restored()
             restored_s = min(timed(restored, sync) for _ in range(args.repeat))
-            restore_s = min(timed(lambda: client.restore(staging, "prefix"), sync)
-                            for _ in range(args.repeat))  # fmt: skip
+            restore_s = min(
+                timed(lambda: client.restore(staging, "prefix"), sync) for _ in range(args.repeat)
+            )
             load_s = min(timed(lambda: load(staging), sync) for _ in range(args.repeat))
             step_s = min(timed(step, sync) for _ in range(args.repeat))
             # Every restore must give the model's own KV, bit for bit, and the token computed

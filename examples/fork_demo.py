@@ -102,7 +102,7 @@ def main() -> None:
     if args.role == "b":
         return engine_b(args.model, args.socket, args.n)
 
-    import thaw.tiny
+    import thaw.demo.tiny
 
     tmp = Path(tempfile.mkdtemp(prefix="thaw-fork-demo-"))
     daemon = None
@@ -113,8 +113,8 @@ def main() -> None:
 
         daemon = start_daemon(tmp, 1 << 30)
         socket = str(tmp / "thawd.sock")
-    model = str(thaw.tiny.write_model_dir(tmp / "tiny"))
-    session = thaw.tiny.make_prompt(thaw.tiny.build_tokenizer(), 1500, seed=11)
+    model = str(thaw.demo.tiny.write_model_dir(tmp / "tiny"))
+    session = thaw.demo.tiny.make_prompt(thaw.demo.tiny.build_tokenizer(), 1500, seed=11)
     env = dict(os.environ, FORK_SESSION=json.dumps(session), PYTHONPATH=str(ROOT))
     try:
         for role, seed in (("a", "1"), ("b", "2")):

@@ -8,6 +8,16 @@ import struct
 MiB = 1 << 20
 HEADER = struct.Struct("<8sIIIIQQQQQQQ")
 FIELDS = (
-    "magic", "version", "flags", "header_size", "alignment", "payload_offset", "payload_length",
-    "manifest_offset", "manifest_length", "file_length", "manifest_checksum", "header_checksum",
-)  # fmt: skip
+    "magic",
+    "version",
+    "flags",
+    "header_size",
+    "alignment",
+    "payload_offset",
+    "payload_length",
+    "manifest_offset",
+    "manifest_length",
+    "file_length",
+    "manifest_checksum",
+    "header_checksum",
+)

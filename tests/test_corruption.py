@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import tracemalloc
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 
 from tests.format_spec import FIELDS, HEADER, MiB
 from thaw import _native, freeze_file, open_snapshot, restore_file
+from thaw.copy.restore import read_tensor
 from thaw.errors import (
     BadMagic,
     ChecksumMismatch,
@@ -26,7 +29,6 @@ from thaw.errors import (
     TruncatedSnapshot,
     UnsupportedVersion,
 )
-from thaw.restore import read_tensor
 
 SETTINGS = settings(
     max_examples=50,
@@ -35,12 +37,12 @@ SETTINGS = settings(
 )
 
 
-def read_header(path) -> dict:
+def read_header(path: Path) -> dict:
     with open(path, "rb") as f:
         return dict(zip(FIELDS, HEADER.unpack(f.read(HEADER.size)), strict=True))
 
 
-def write_header(path, header: dict, *, fix_checksum: bool = True) -> None:
+def write_header(path: Path, header: dict, *, fix_checksum: bool = True) -> None:
     header = dict(header)
     if fix_checksum:
         head = HEADER.pack(*(header[f] for f in FIELDS[:-1]), 0)[:-8]
@@ -49,19 +51,19 @@ def write_header(path, header: dict, *, fix_checksum: bool = True) -> None:
         f.write(HEADER.pack(*(header[f] for f in FIELDS)))
 
 
-def set_header(path, **fields) -> None:
+def set_header(path: Path, **fields: Any) -> None:
     """Change header fields and recompute the header checksum, so that only they are wrong."""
     write_header(path, {**read_header(path), **fields})
 
 
-def read_manifest(path) -> dict:
+def read_manifest(path: Path) -> dict:
     h = read_header(path)
     with open(path, "rb") as f:
         f.seek(h["manifest_offset"])
         return json.loads(f.read(h["manifest_length"]))
 
 
-def write_manifest(path, manifest: dict | bytes) -> None:
+def write_manifest(path: Path, manifest: dict | bytes) -> None:
     """Replace the manifest with a correctly checksummed one: only its content is wrong."""
     blob = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
     h = read_header(path)
@@ -77,7 +79,7 @@ def write_manifest(path, manifest: dict | bytes) -> None:
     )
 
 
-def flip(path, position: int, mask: int = 0x01) -> None:
+def flip(path: Path, position: int, mask: int = 0x01) -> None:
     with open(path, "r+b") as f:
         f.seek(position)
         byte = f.read(1)[0]
@@ -85,7 +87,7 @@ def flip(path, position: int, mask: int = 0x01) -> None:
         f.write(bytes([byte ^ mask]))
 
 
-def rejects(path, cls: type[SnapshotError], *phrases: str) -> SnapshotError:
+def rejects(path: Path, cls: type[SnapshotError], *phrases: str) -> SnapshotError:
     """open_snapshot raises exactly `cls`, with the path and every phrase in its message."""
     with pytest.raises(SnapshotError) as info:
         open_snapshot(path)
@@ -98,7 +100,9 @@ def rejects(path, cls: type[SnapshotError], *phrases: str) -> SnapshotError:
     return e
 
 
-def rejects_without_allocating(path, cls: type[SnapshotError], phrase: str, damage) -> None:
+def rejects_without_allocating(
+    path: Path, cls: type[SnapshotError], phrase: str, damage: Any
+) -> None:
     """`rejects`, and the rejection allocates under 4 MiB: nothing sized by a damaged field."""
     tracemalloc.start()
     try:
@@ -116,14 +120,14 @@ def targets(source: dict) -> dict:
 # --- header ---------------------------------------------------------------------------------
 
 
-def test_valid_snapshot_opens(small_snapshot):
+def test_valid_snapshot_opens(small_snapshot: Any) -> None:
     path, source = small_snapshot
     snapshot = open_snapshot(path)
     assert [t.name for t in snapshot.tensors] == list(source)
 
 
 @pytest.mark.parametrize("magic", [b"THAWSNAQ", b"\0" * 8, b"PK\x03\x04\0\0\0\0", b"thawsnap"])
-def test_wrong_magic(small_snapshot, magic):
+def test_wrong_magic(small_snapshot: Any, magic: Any) -> None:
     path, _ = small_snapshot
     with open(path, "r+b") as f:
         f.write(magic)
@@ -131,14 +135,14 @@ def test_wrong_magic(small_snapshot, magic):
 
 
 @pytest.mark.parametrize("content", [b"", b"THAW", b"THAWSNA", b"not a snapshot at all" * 100])
-def test_not_a_snapshot(tmp_path, content):
+def test_not_a_snapshot(tmp_path: Path, content: Any) -> None:
     path = tmp_path / "other.bin"
     path.write_bytes(content)
     rejects(path, BadMagic, "not a thaw snapshot")
 
 
 @pytest.mark.parametrize("version", [0, 2, 99, 2**32 - 1])
-def test_unknown_version(small_snapshot, version):
+def test_unknown_version(small_snapshot: Any, version: Any) -> None:
     path, _ = small_snapshot
     set_header(path, version=version)
     e = rejects(path, UnsupportedVersion, f"format version {version}", "version 1")
@@ -158,7 +162,7 @@ def test_unknown_version(small_snapshot, version):
         79,
     ],
 )
-def test_header_checksum_damage(small_snapshot, position):
+def test_header_checksum_damage(small_snapshot: Any, position: Any) -> None:
     path, _ = small_snapshot
     flip(path, position)
     rejects(path, HeaderCorrupt, "header checksum mismatch")
@@ -179,13 +183,15 @@ def test_header_checksum_damage(small_snapshot, position):
         ({"file_length": 1 << 60}, TruncatedSnapshot, "truncated"),
     ],
 )
-def test_absurd_header_fields_allocate_nothing(small_snapshot, fields, cls, phrase):
+def test_absurd_header_fields_allocate_nothing(
+    small_snapshot: Any, fields: Any, cls: type[SnapshotError], phrase: Any
+) -> None:
     path, _ = small_snapshot
     set_header(path, **fields)
     rejects_without_allocating(path, cls, phrase, fields)
 
 
-def test_declared_length_differs_from_file(small_snapshot):
+def test_declared_length_differs_from_file(small_snapshot: Any) -> None:
     path, _ = small_snapshot
     size = os.path.getsize(path)
     set_header(path, file_length=size - 1)
@@ -194,14 +200,14 @@ def test_declared_length_differs_from_file(small_snapshot):
     rejects(path, TruncatedSnapshot, f"file is {size} bytes, header says {size + 1}")
 
 
-def test_shorter_manifest_length_fails_manifest_checksum(small_snapshot):
+def test_shorter_manifest_length_fails_manifest_checksum(small_snapshot: Any) -> None:
     path, _ = small_snapshot
     h = read_header(path)
     set_header(path, manifest_length=h["manifest_length"] - 1)
     rejects(path, ManifestCorrupt, "manifest checksum mismatch")
 
 
-def test_shorter_payload_leaves_tensor_outside(small_snapshot):
+def test_shorter_payload_leaves_tensor_outside(small_snapshot: Any) -> None:
     path, _ = small_snapshot
     h = read_header(path)
     set_header(path, payload_length=h["payload_length"] - 4096)
@@ -211,20 +217,26 @@ def test_shorter_payload_leaves_tensor_outside(small_snapshot):
 # --- truncation -----------------------------------------------------------------------------
 
 
-def test_truncated_at_several_points(small_snapshot):
+def test_truncated_at_several_points(small_snapshot: Any) -> None:
     path, _ = small_snapshot
     original = path.read_bytes()
     h = read_header(path)
     points = {
-        0: BadMagic, 1: BadMagic, 7: BadMagic,
-        8: TruncatedSnapshot, 50: TruncatedSnapshot, HEADER.size - 1: TruncatedSnapshot,
-        HEADER.size: TruncatedSnapshot, 4096: TruncatedSnapshot, 1 << 20: TruncatedSnapshot,
+        0: BadMagic,
+        1: BadMagic,
+        7: BadMagic,
+        8: TruncatedSnapshot,
+        50: TruncatedSnapshot,
+        HEADER.size - 1: TruncatedSnapshot,
+        HEADER.size: TruncatedSnapshot,
+        4096: TruncatedSnapshot,
+        1 << 20: TruncatedSnapshot,
         h["payload_offset"]: TruncatedSnapshot,
         h["payload_offset"] + 100: TruncatedSnapshot,
         h["manifest_offset"]: TruncatedSnapshot,
         h["manifest_offset"] + 17: TruncatedSnapshot,
         len(original) - 1: TruncatedSnapshot,
-    }  # fmt: skip
+    }
     for length, cls in points.items():
         path.write_bytes(original[:length])
         e = rejects(path, cls)
@@ -236,7 +248,7 @@ def test_truncated_at_several_points(small_snapshot):
 
 
 @pytest.mark.parametrize("where", [0, 1, 40, -2, -1])
-def test_manifest_bytes_flipped(small_snapshot, where):
+def test_manifest_bytes_flipped(small_snapshot: Any, where: Any) -> None:
     path, _ = small_snapshot
     h = read_header(path)
     flip(path, h["manifest_offset"] + where % h["manifest_length"], 0x20)
@@ -247,7 +259,7 @@ def entry(manifest: dict, name: str) -> dict:
     return next(t for t in manifest["tensors"] if t["name"] == name)
 
 
-def test_entry_outside_payload(small_snapshot):
+def test_entry_outside_payload(small_snapshot: Any) -> None:
     path, _ = small_snapshot
     m = read_manifest(path)
     entry(m, "step")["offset"] = read_header(path)["payload_length"]
@@ -255,7 +267,7 @@ def test_entry_outside_payload(small_snapshot):
     rejects(path, ManifestOutOfBounds, "'step'", "outside the payload")
 
 
-def test_entry_overlapping_another(small_snapshot):
+def test_entry_overlapping_another(small_snapshot: Any) -> None:
     path, _ = small_snapshot
     m = read_manifest(path)
     entry(m, "norm.weight")["offset"] = entry(m, "embed.weight")["offset"]
@@ -263,7 +275,7 @@ def test_entry_overlapping_another(small_snapshot):
     rejects(path, ManifestOutOfBounds, "overlaps")
 
 
-def test_entry_misaligned(small_snapshot):
+def test_entry_misaligned(small_snapshot: Any) -> None:
     path, _ = small_snapshot
     m = read_manifest(path)
     entry(m, "norm.weight")["offset"] += 64
@@ -271,7 +283,7 @@ def test_entry_misaligned(small_snapshot):
     rejects(path, ManifestOutOfBounds, "'norm.weight'", "not aligned")
 
 
-def test_duplicate_names(small_snapshot):
+def test_duplicate_names(small_snapshot: Any) -> None:
     path, _ = small_snapshot
     m = read_manifest(path)
     entry(m, "step")["name"] = "norm.weight"
@@ -308,7 +320,7 @@ def test_duplicate_names(small_snapshot):
         (lambda m: m["fingerprint"].update(labels={"a": 1}), "labels must map strings"),
     ],
 )
-def test_invalid_manifest_content(small_snapshot, mutate, phrase):
+def test_invalid_manifest_content(small_snapshot: Any, mutate: Any, phrase: Any) -> None:
     path, _ = small_snapshot
     m = read_manifest(path)
     mutate(m)
@@ -330,7 +342,7 @@ def test_invalid_manifest_content(small_snapshot, mutate, phrase):
     ],
     ids=["empty", "unclosed", "not-utf8", "list", "null", "no-tensors", "deep-list", "deep-dict"],
 )
-def test_manifest_not_a_manifest(small_snapshot, blob):
+def test_manifest_not_a_manifest(small_snapshot: Any, blob: Any) -> None:
     path, _ = small_snapshot
     write_manifest(path, blob)
     rejects(path, ManifestCorrupt, "invalid manifest")
@@ -345,7 +357,9 @@ def test_manifest_not_a_manifest(small_snapshot, blob):
         ({"offset": (1 << 56) - 4096}, ManifestOutOfBounds, "outside the payload"),
     ],
 )
-def test_absurd_tensor_sizes_allocate_nothing(small_snapshot, update, cls, phrase):
+def test_absurd_tensor_sizes_allocate_nothing(
+    small_snapshot: Any, update: Any, cls: type[SnapshotError], phrase: Any
+) -> None:
     path, _ = small_snapshot
     m = read_manifest(path)
     entry(m, "step").update(update)
@@ -353,7 +367,7 @@ def test_absurd_tensor_sizes_allocate_nothing(small_snapshot, update, cls, phras
     rejects_without_allocating(path, cls, phrase, update)
 
 
-def test_unopenable_paths(tmp_path):
+def test_unopenable_paths(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError, match="cannot open"):
         open_snapshot(tmp_path / "missing.thaw")
     # A directory is not a snapshot: a SnapshotError, not an OSError from reading it.
@@ -365,7 +379,7 @@ def test_unopenable_paths(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["embed.weight", "norm.weight", "step"])
-def test_flipped_payload_byte(small_snapshot, name):
+def test_flipped_payload_byte(small_snapshot: Any, name: str) -> None:
     path, source = small_snapshot
     snapshot = open_snapshot(path)
     e = snapshot.tensor(name)
@@ -386,15 +400,17 @@ def test_flipped_payload_byte(small_snapshot, name):
     restored = targets(source)
     restore_file(restored, path, verify=False)
     for other, t in source.items():
-        same = torch.equal(restored[other].view(-1).view(torch.uint8)[:-1],
-                           t.view(-1).view(torch.uint8)[:-1])  # fmt: skip
+        same = torch.equal(
+            restored[other].view(-1).view(torch.uint8)[:-1], t.view(-1).view(torch.uint8)[:-1]
+        )
         assert same, other
-        last_equal = torch.equal(restored[other].view(-1).view(torch.uint8)[-1:],
-                                 t.view(-1).view(torch.uint8)[-1:])  # fmt: skip
+        last_equal = torch.equal(
+            restored[other].view(-1).view(torch.uint8)[-1:], t.view(-1).view(torch.uint8)[-1:]
+        )
         assert last_equal == (other != name)
 
 
-def test_flip_in_payload_padding_is_harmless(small_snapshot):
+def test_flip_in_payload_padding_is_harmless(small_snapshot: Any) -> None:
     path, source = small_snapshot
     snapshot = open_snapshot(path)
     e = snapshot.tensor("norm.weight")
@@ -411,7 +427,7 @@ def test_flip_in_payload_padding_is_harmless(small_snapshot):
 class FuzzBase:
     """A small valid snapshot's bytes, header and source (with a short repr for hypothesis)."""
 
-    def __init__(self, directory, path) -> None:
+    def __init__(self, directory: Any, path: Path) -> None:
         g = torch.Generator().manual_seed(5)
         self.source = {
             "a": torch.randn(40, 30, generator=g),
@@ -430,12 +446,12 @@ class FuzzBase:
 
 
 @pytest.fixture(scope="module")
-def fuzz_base(tmp_path_factory):
+def fuzz_base(tmp_path_factory: pytest.TempPathFactory) -> Any:
     directory = tmp_path_factory.mktemp("fuzz")
     return FuzzBase(directory, directory / "base.thaw")
 
 
-def only_thaw_errors(path, source) -> None:
+def only_thaw_errors(path: Path, source: Any) -> None:
     """open_snapshot and restore_file raise nothing but ThawError subclasses."""
     try:
         open_snapshot(path)
@@ -449,7 +465,7 @@ def only_thaw_errors(path, source) -> None:
 
 @SETTINGS
 @given(data=st.data())
-def test_fuzz_flipped_bytes_and_truncation(fuzz_base, data):
+def test_fuzz_flipped_bytes_and_truncation(fuzz_base: Any, data: Any) -> None:
     directory, original, h, source = (
         fuzz_base.directory,
         fuzz_base.original,
@@ -476,7 +492,7 @@ def test_fuzz_flipped_bytes_and_truncation(fuzz_base, data):
 
 @SETTINGS
 @given(length=st.integers(0, 2**21 + 2**15))
-def test_fuzz_truncation_never_opens(fuzz_base, length):
+def test_fuzz_truncation_never_opens(fuzz_base: Any, length: int) -> None:
     directory, original = fuzz_base.directory, fuzz_base.original
     length = min(length, len(original) - 1)
     path = directory / "truncated.thaw"
@@ -502,7 +518,7 @@ small_ints = st.integers(-1, 3) | st.integers(0, 8).map(lambda k: k * 4096) | st
 
 @SETTINGS
 @given(data=st.data())
-def test_fuzz_manifest_content(fuzz_base, data):
+def test_fuzz_manifest_content(fuzz_base: Any, data: Any) -> None:
     """Validly checksummed manifests with wrong content: only ThawError, never another."""
     directory, original, h, source = (
         fuzz_base.directory,
@@ -540,7 +556,7 @@ def test_fuzz_manifest_content(fuzz_base, data):
     only_thaw_errors(path, source)
 
 
-def test_manifest_parse_cost_is_bounded_by_its_structure(small_snapshot):
+def test_manifest_parse_cost_is_bounded_by_its_structure(small_snapshot: Any) -> None:
     """64 MiB of `[{},{},...]` with a valid checksum was 22 million dicts (~1.5 GB) in the
     parser: the structure is counted on the raw bytes first and such a manifest is refused
     without building it."""
@@ -566,12 +582,14 @@ def test_manifest_parse_cost_is_bounded_by_its_structure(small_snapshot):
         (lambda m: m["tensors"].append([]), "exactly the keys"),
         (lambda m: entry(m, "step").update(checksum="F" * 16), "16 lowercase hex digits"),
         (lambda m: entry(m, "step").update(checksum="0" * 15), "16 lowercase hex digits"),
-        (lambda m: m["fingerprint"].update(labels={str(i): "" for i in range(1025)}),
-         "at most 1024"),
+        (
+            lambda m: m["fingerprint"].update(labels={str(i): "" for i in range(1025)}),
+            "at most 1024",
+        ),
         (lambda m: m["fingerprint"].update(model="m" * 5000), "longer than 4096"),
     ],
 )
-def test_manifest_entries_have_one_shape(small_snapshot, mutate, phrase):
+def test_manifest_entries_have_one_shape(small_snapshot: Any, mutate: Any, phrase: Any) -> None:
     path, _ = small_snapshot
     m = read_manifest(path)
     mutate(m)
@@ -581,12 +599,16 @@ def test_manifest_entries_have_one_shape(small_snapshot, mutate, phrase):
 
 @SETTINGS
 @given(tensors=st.lists(json_values, max_size=6), fingerprint=json_values)
-def test_fuzz_parse_manifest_refuses_with_manifest_corrupt(tensors, fingerprint):
+def test_fuzz_parse_manifest_refuses_with_manifest_corrupt(tensors: Any, fingerprint: Any) -> None:
     """Whatever JSON stands where the tensors and fingerprint go, the parser returns a
     manifest or raises ManifestCorrupt, never another exception."""
     from thaw.format import CHECKSUM_ALGORITHM, parse_manifest
 
-    doc = {"format": "thaw-snapshot", "checksum_algorithm": CHECKSUM_ALGORITHM,
-           "fingerprint": fingerprint, "tensors": tensors}  # fmt: skip
+    doc = {
+        "format": "thaw-snapshot",
+        "checksum_algorithm": CHECKSUM_ALGORITHM,
+        "fingerprint": fingerprint,
+        "tensors": tensors,
+    }
     with contextlib.suppress(ManifestCorrupt):
         parse_manifest("fuzz", json.dumps(doc).encode(), 1 << 20)

@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -70,12 +72,14 @@ class Writer:
         )
 
     def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
     def _until(self, word: str) -> tuple[str, list[str]]:
         """Read lines until one starts with `word`; return it and the lines before."""
-        before = []
+        before: list[str] = []
+        assert self.proc.stdout is not None
         while True:
             line = self.proc.stdout.readline()
             assert line, "the writer process died"
@@ -97,6 +101,7 @@ class Writer:
         return done[0] if done else None
 
     def close(self) -> None:
+        assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
 
@@ -135,14 +140,14 @@ def check_leftovers(directory: Path, name: str, seeds: tuple[int, ...]) -> None:
 
 
 @pytest.fixture(scope="module")
-def writer():
+def writer() -> Iterator[Any]:
     w = Writer()
     yield w
     w.close()
 
 
 @pytest.fixture(scope="module")
-def calibration(writer, tmp_path_factory) -> tuple[float, Path]:
+def calibration(writer: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[float, Path]:
     """Time one whole freeze, and keep its snapshot (seed 1) as the 'old' content."""
     path = tmp_path_factory.mktemp("calibrate") / "old.thaw"
     # Twice: the first freeze of a process is slower (page faults, first fsync).
@@ -159,7 +164,9 @@ def delays(seconds: float, n: int, seed: int) -> list[float]:
     return [span * (k + rng.random()) / n for k in range(n)] + [seconds * 2 + 1]
 
 
-def test_killed_writer_leaves_nothing_or_a_valid_snapshot(tmp_path, writer, calibration):
+def test_killed_writer_leaves_nothing_or_a_valid_snapshot(
+    tmp_path: Path, writer: Any, calibration: Any
+) -> None:
     seconds, _ = calibration
     outcomes = []
     for k, delay in enumerate(delays(seconds, 5, seed=2026)):
@@ -178,7 +185,9 @@ def test_killed_writer_leaves_nothing_or_a_valid_snapshot(tmp_path, writer, cali
     assert outcomes[-1] == "complete", f"a freeze given twice its time did not finish: {outcomes}"
 
 
-def test_killed_overwrite_never_damages_the_old_snapshot(tmp_path, writer, calibration):
+def test_killed_overwrite_never_damages_the_old_snapshot(
+    tmp_path: Path, writer: Any, calibration: Any
+) -> None:
     seconds, old = calibration
     outcomes = []
     for k, delay in enumerate(delays(seconds, 4, seed=7)):

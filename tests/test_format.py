@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +16,6 @@ from hypothesis import strategies as st
 from tests.format_spec import FIELDS, HEADER, MiB
 from thaw import _native, freeze_file, open_snapshot, restore_file
 from thaw.errors import ThawError
-from thaw.fingerprint import Fingerprint
 from thaw.format import (
     ALIGNMENT,
     HEADER_SIZE,
@@ -25,9 +26,10 @@ from thaw.format import (
     align_up,
     layout,
 )
+from thaw.format.fingerprint import Fingerprint
 
 
-def read_header(path) -> dict:
+def read_header(path: Path) -> dict:
     with open(path, "rb") as f:
         return dict(zip(FIELDS, HEADER.unpack(f.read(HEADER.size)), strict=True))
 
@@ -36,21 +38,21 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def test_constants():
+def test_constants() -> None:
     assert MAGIC == b"THAWSNAP" and VERSION == 1
     assert HEADER_SIZE == 4096 and ALIGNMENT == 4096
     assert PAYLOAD_OFFSET == 2 << 20  # a huge-page boundary
 
 
-def test_layout_aligns_every_tensor():
+def test_layout_aligns_every_tensor() -> None:
     specs = [
-        ("a", "float32", (3, 5)),      # 60 bytes
+        ("a", "float32", (3, 5)),  # 60 bytes
         ("empty", "float16", (0, 7)),  # 0 bytes
-        ("b", "bfloat16", (4096,)),    # exactly 2 pages
-        ("s", "int64", ()),            # a scalar
+        ("b", "bfloat16", (4096,)),  # exactly 2 pages
+        ("s", "int64", ()),  # a scalar
         ("c", "uint8", (4097,)),
         ("d", "complex128", (2,)),
-    ]  # fmt: skip
+    ]
     entries = layout(specs)
     assert [(e.name, e.dtype, e.shape) for e in entries] == specs
     assert [e.length for e in entries] == [60, 0, 8192, 8, 4097, 32]
@@ -63,7 +65,7 @@ def test_layout_aligns_every_tensor():
     assert align_up(0) == 0 and align_up(1) == 4096 and align_up(4096) == 4096
 
 
-def test_header_fields(small_snapshot):
+def test_header_fields(small_snapshot: Any) -> None:
     path, _ = small_snapshot
     h = read_header(path)
     size = os.path.getsize(path)
@@ -85,7 +87,7 @@ def test_header_fields(small_snapshot):
     assert raw[HEADER.size : h["payload_offset"]] == bytes(h["payload_offset"] - HEADER.size)
 
 
-def test_payload_starts_at_2_mib(small_snapshot):
+def test_payload_starts_at_2_mib(small_snapshot: Any) -> None:
     path, source = small_snapshot
     raw = path.read_bytes()
     snapshot = open_snapshot(path)
@@ -100,7 +102,7 @@ def test_payload_starts_at_2_mib(small_snapshot):
     assert snapshot.payload_length == align_up(end)
 
 
-def test_manifest_content(small_snapshot):
+def test_manifest_content(small_snapshot: Any) -> None:
     path, source = small_snapshot
     h = read_header(path)
     doc = json.loads(path.read_bytes()[h["manifest_offset"] :])
@@ -120,7 +122,7 @@ def test_manifest_content(small_snapshot):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077, 0o002])
-def test_file_mode_follows_umask(tmp_path, umask):
+def test_file_mode_follows_umask(tmp_path: Path, umask: Any) -> None:
     old = os.umask(umask)
     try:
         freeze_file({"w": torch.ones(3)}, tmp_path / "m.thaw")
@@ -131,7 +133,7 @@ def test_file_mode_follows_umask(tmp_path, umask):
 
 
 @pytest.mark.parametrize("source", [{}, [], torch.nn.ReLU()], ids=["dict", "list", "module"])
-def test_empty_model_round_trips(tmp_path, source):
+def test_empty_model_round_trips(tmp_path: Path, source: Any) -> None:
     path = tmp_path / "empty.thaw"
     freeze_file(source, path)
     snapshot = open_snapshot(path)
@@ -143,7 +145,7 @@ def test_empty_model_round_trips(tmp_path, source):
     assert stats.bytes == 0
 
 
-def test_unicode_names(tmp_path):
+def test_unicode_names(tmp_path: Path) -> None:
     names = ["模型.层.0.weight", "naïve·norm", "emoji🙂.bias", 'quote"back\\slash', "new\nline"]
     names.append("x" * 1024)  # the longest name the reader accepts
     source = {name: torch.full((i + 1,), float(i)) for i, name in enumerate(names)}
@@ -157,17 +159,24 @@ def test_unicode_names(tmp_path):
         assert torch.equal(target[name], source[name]), name
 
 
-def test_fingerprint_is_stored(tmp_path):
+def test_fingerprint_is_stored(tmp_path: Path) -> None:
     fp = Fingerprint(
-        architecture="LlamaForCausalLM", dtype="bfloat16", parameter_count=3, quantization="fp8",
-        tp_rank=3, tp_size=8, engine="sglang", engine_version="0.5.23", model="meta-llama/x",
+        architecture="LlamaForCausalLM",
+        dtype="bfloat16",
+        parameter_count=3,
+        quantization="fp8",
+        tp_rank=3,
+        tp_size=8,
+        engine="sglang",
+        engine_version="0.5.23",
+        model="meta-llama/x",
         labels={"owner": "ops", "ünï": "cödé"},
-    )  # fmt: skip
+    )
     freeze_file({"w": torch.ones(3)}, tmp_path / "f.thaw", fingerprint=fp)
     assert open_snapshot(tmp_path / "f.thaw").fingerprint == fp
 
 
-def test_default_fingerprint_describes_module(tmp_path):
+def test_default_fingerprint_describes_module(tmp_path: Path) -> None:
     model = torch.nn.Linear(4, 2).to(torch.bfloat16)
     freeze_file(model, tmp_path / "m.thaw")
     fp = open_snapshot(tmp_path / "m.thaw").fingerprint
@@ -193,11 +202,11 @@ texts = st.text(max_size=20)
         labels=st.dictionaries(texts, texts, max_size=4),
     )
 )
-def test_fingerprint_json_round_trip(fp):
+def test_fingerprint_json_round_trip(fp: Any) -> None:
     assert Fingerprint.from_json(json.loads(json.dumps(fp.to_json()))) == fp
 
 
-def test_fingerprint_from_empty_json_is_default():
+def test_fingerprint_from_empty_json_is_default() -> None:
     assert Fingerprint.from_json({}) == Fingerprint()
 
 
@@ -216,12 +225,12 @@ def test_fingerprint_from_empty_json_is_default():
         ({"labels": None}, "labels must map strings to strings"),
     ],
 )
-def test_fingerprint_from_json_rejects(data, phrase):
+def test_fingerprint_from_json_rejects(data: Any, phrase: Any) -> None:
     with pytest.raises(ValueError, match=phrase.replace("[", r"\[").replace("]", r"\]")):
         Fingerprint.from_json(data)
 
 
-def test_writer_failure_leaves_nothing(tmp_path):
+def test_writer_failure_leaves_nothing(tmp_path: Path) -> None:
     path = tmp_path / "w.thaw"
     path.write_bytes(b"previous content")
     entries = layout([("w", "float32", (1024,))])
@@ -233,7 +242,7 @@ def test_writer_failure_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.thaw"]
 
 
-def test_freeze_replaces_existing_file_atomically(tmp_path):
+def test_freeze_replaces_existing_file_atomically(tmp_path: Path) -> None:
     path = tmp_path / "r.thaw"
     freeze_file({"a": torch.ones(2)}, path)
     old_inode = os.stat(path).st_ino
@@ -243,7 +252,7 @@ def test_freeze_replaces_existing_file_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.thaw"]
 
 
-def test_source_with_a_non_tensor_is_refused(tmp_path):
+def test_source_with_a_non_tensor_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="'n' is a int"):
         freeze_file({"w": torch.ones(2), "n": 3}, tmp_path / "x.thaw")
     assert list(tmp_path.iterdir()) == []
@@ -258,7 +267,7 @@ def test_source_with_a_non_tensor_is_refused(tmp_path):
     ],
     ids=["name-over-1024", "empty-name", "17-dims"],
 )
-def test_freeze_writes_only_what_the_reader_accepts(tmp_path, source):
+def test_freeze_writes_only_what_the_reader_accepts(tmp_path: Path, source: Any) -> None:
     """A snapshot freeze_file writes must open; what the reader would refuse, freeze refuses."""
     path = tmp_path / "x.thaw"
     try:

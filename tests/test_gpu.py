@@ -11,19 +11,24 @@ import hashlib
 import math
 import mmap
 import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from thaw import _native, freeze_file, open_snapshot, restore_file
-from thaw.datapath import SLOT_SIZE, Binding, copy_from_tensors, copy_to_tensors
-from thaw.dtypes import dtype_name
+from thaw.copy.binding import Binding
+from thaw.copy.datapath import SLOT_SIZE, copy_from_tensors, copy_to_tensors
 from thaw.errors import ChecksumMismatch, RestoreIncomplete
-from thaw.fingerprint import Fingerprint
 from thaw.format import Manifest, layout
+from thaw.format.dtypes import dtype_name
+from thaw.format.fingerprint import Fingerprint
 
+thaw_cuda: Any
 try:
-    from thaw import cuda as thaw_cuda
+    from thaw.mem import cuda as thaw_cuda
 
     DEVICES = thaw_cuda.device_count()
 except Exception:  # cuda-bindings cannot load without a driver
@@ -92,13 +97,13 @@ def assert_same(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
         assert same_bytes(source[name], target[name]), name
 
 
-def warm_page_cache(path) -> None:
+def warm_page_cache(path: Path) -> None:
     with open(path, "rb") as f:
         while f.read(64 * MiB):
             pass
 
 
-def drop_page_cache(path) -> float:
+def drop_page_cache(path: Path) -> float:
     """Write back and drop the file's pages; return the share of the payload still cached."""
     snapshot = open_snapshot(path)
     fd = os.open(path, os.O_RDONLY)
@@ -111,7 +116,7 @@ def drop_page_cache(path) -> float:
     return resident / max(1, snapshot.payload_length)
 
 
-def flip(path, position: int) -> None:
+def flip(path: Path, position: int) -> None:
     with open(path, "r+b") as f:
         f.seek(position)
         byte = f.read(1)[0]
@@ -119,14 +124,14 @@ def flip(path, position: int) -> None:
         f.write(bytes([byte ^ 0x01]))
 
 
-def set_cache(path, cache: str) -> float:
+def set_cache(path: Path, cache: str) -> float:
     if cache == "warm":
         warm_page_cache(path)
         return 1.0
     return drop_page_cache(path)
 
 
-def check_source(stats, cache: str, resident: float) -> None:
+def check_source(stats: Any, cache: str, resident: float) -> None:
     if cache == "warm":
         assert stats.source == "page cache"
     elif resident < 0.5:  # where the filesystem honours DONTNEED, the read went to disk
@@ -137,7 +142,7 @@ def check_source(stats, cache: str, resident: float) -> None:
 
 
 @pytest.mark.parametrize("cache", ["warm", "cold"])
-def test_cuda_round_trip(tmp_path, cache):
+def test_cuda_round_trip(tmp_path: Path, cache: Any) -> None:
     source = model("cuda")
     path = tmp_path / "m.thaw"
     freeze_file(source, path)
@@ -150,7 +155,7 @@ def test_cuda_round_trip(tmp_path, cache):
 
 
 @pytest.mark.parametrize("cache", ["warm", "cold"])
-def test_cpu_snapshot_into_cuda_model(tmp_path, cache):
+def test_cpu_snapshot_into_cuda_model(tmp_path: Path, cache: Any) -> None:
     source = model("cpu", seed=1)
     path = tmp_path / "cpu.thaw"
     freeze_file(source, path)
@@ -161,7 +166,7 @@ def test_cpu_snapshot_into_cuda_model(tmp_path, cache):
     check_source(stats, cache, resident)
 
 
-def test_cuda_snapshot_into_cpu_model(tmp_path):
+def test_cuda_snapshot_into_cpu_model(tmp_path: Path) -> None:
     source = model("cuda", seed=2)
     path = tmp_path / "cuda.thaw"
     freeze_file(source, path)
@@ -170,7 +175,7 @@ def test_cuda_snapshot_into_cpu_model(tmp_path):
     assert_same(source, target)
 
 
-def file_digest(path) -> str:
+def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(64 * MiB):
@@ -178,7 +183,7 @@ def file_digest(path) -> str:
     return h.hexdigest()
 
 
-def test_cuda_and_cpu_freeze_write_identical_files(tmp_path):
+def test_cuda_and_cpu_freeze_write_identical_files(tmp_path: Path) -> None:
     """A snapshot's bytes depend on the tensors only: gaps in staging slots are zeroed."""
     source = model("cuda", seed=3)
     freeze_file(source, tmp_path / "from_cuda.thaw")
@@ -199,7 +204,7 @@ def mixed_model(seed: int = 4) -> dict[str, torch.Tensor]:
     }
 
 
-def test_mixed_cpu_and_cuda_model_round_trips(tmp_path):
+def test_mixed_cpu_and_cuda_model_round_trips(tmp_path: Path) -> None:
     source = mixed_model()
     path = tmp_path / "mixed.thaw"
     freeze_file(source, path)
@@ -214,7 +219,7 @@ def test_mixed_cpu_and_cuda_model_round_trips(tmp_path):
     [("embed", 2 * SLOT_SIZE + 777), ("norm", 5), ("big", SLOT_SIZE + 1)],
     ids=["embed-third-piece", "norm", "big-second-piece"],
 )
-def test_corrupt_payload_byte(tmp_path, cache, name, where):
+def test_corrupt_payload_byte(tmp_path: Path, cache: Any, name: str, where: Any) -> None:
     source = model("cuda", seed=5)
     path = tmp_path / "bad.thaw"
     freeze_file(source, path)
@@ -249,14 +254,14 @@ def test_corrupt_payload_byte(tmp_path, cache, name, where):
 class HostPayload:
     """Anonymous page-aligned memory laid out like a snapshot's payload, registered with CUDA."""
 
-    def __init__(self, entries) -> None:
+    def __init__(self, entries: Any) -> None:
         self.entries = entries
         self.length = max(4096, Manifest(Fingerprint(), tuple(entries)).payload_length)
         self.buf = mmap.mmap(-1, self.length)
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
         thaw_cuda.register_host(self.addr, self.length)
 
-    def tensor_bytes(self, entry) -> bytes:
+    def tensor_bytes(self, entry: Any) -> bytes:
         return self.buf[entry.offset : entry.offset + entry.length]
 
     def flip(self, position: int) -> None:
@@ -267,10 +272,10 @@ class HostPayload:
 
 
 @pytest.fixture
-def host_payload():
+def host_payload() -> Iterator[Any]:
     made = []
 
-    def make(entries) -> HostPayload:
+    def make(entries: Any) -> HostPayload:
         made.append(HostPayload(entries))
         return made[-1]
 
@@ -279,7 +284,7 @@ def host_payload():
         payload.close()
 
 
-def entries_for(source: dict[str, torch.Tensor]):
+def entries_for(source: dict[str, torch.Tensor]) -> Any:
     return layout([(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in source.items()])
 
 
@@ -288,7 +293,7 @@ def cpu_bytes(t: torch.Tensor) -> bytes:
 
 
 @pytest.mark.parametrize("gpu_accessible", [True, False], ids=["direct", "staged"])
-def test_copy_through_registered_host_memory(host_payload, gpu_accessible):
+def test_copy_through_registered_host_memory(host_payload: Any, gpu_accessible: Any) -> None:
     source = model("cuda", seed=6)
     entries = entries_for(source)
     payload = host_payload(entries)
@@ -314,9 +319,11 @@ def test_copy_through_registered_host_memory(host_payload, gpu_accessible):
     ]
     target = zeros_like_model(source, "cuda")
     copy_to_tensors(
-        [Binding(e, target[e.name]) for e in entries], payload.addr,
-        gpu_accessible=gpu_accessible, verify=True,
-    )  # fmt: skip
+        [Binding(e, target[e.name]) for e in entries],
+        payload.addr,
+        gpu_accessible=gpu_accessible,
+        verify=True,
+    )
     assert_same(source, target)
 
     # ...and a flipped byte in the third piece of the big tensor is named.
@@ -325,13 +332,15 @@ def test_copy_through_registered_host_memory(host_payload, gpu_accessible):
     with pytest.raises(ChecksumMismatch) as info:
         copy_to_tensors(
             [Binding(e, zeros_like_model(source, "cuda")[e.name]) for e in entries],
-            payload.addr, gpu_accessible=gpu_accessible, verify=True,
-        )  # fmt: skip
+            payload.addr,
+            gpu_accessible=gpu_accessible,
+            verify=True,
+        )
     assert info.value.tensor == "embed"
 
 
 @pytest.mark.parametrize("gpu_accessible", [True, False], ids=["direct", "staged"])
-def test_copy_from_mixed_tensors_keeps_cpu_bytes(host_payload, gpu_accessible):
+def test_copy_from_mixed_tensors_keeps_cpu_bytes(host_payload: Any, gpu_accessible: Any) -> None:
     """CPU tensors between CUDA ones keep their bytes when the CUDA ones are staged around them."""
     source = mixed_model()
     entries = entries_for(source)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,11 +43,11 @@ SCRIPT = """
 import importlib, json, pkgutil, sys, tempfile
 def cuda_modules():
     return sorted(m for m in sys.modules if m == "cuda" or m.startswith("cuda."))
-import thaw, thaw.format, thaw.dtypes, thaw.fingerprint, thaw.errors, thaw.pieces
+import thaw, thaw.format, thaw.format.dtypes, thaw.format.fingerprint, thaw.errors, thaw.copy.pieces
 light = sorted(sys.modules)
 import torch  # torch itself may load cuda.bindings; what thaw adds is what counts
 torch_only = cuda_modules()
-import thaw, thaw.format, thaw.datapath, thaw.restore, thaw.freeze
+import thaw, thaw.format, thaw.copy.datapath, thaw.copy.restore, thaw.copy.freeze
 after_import = cuda_modules()
 directory = tempfile.mkdtemp()
 source = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(3)}
@@ -85,7 +86,7 @@ def imports() -> dict:
     return run_python(SCRIPT)
 
 
-def test_importing_thaw_loads_neither_torch_nor_cuda(imports):
+def test_importing_thaw_loads_neither_torch_nor_cuda(imports: Any) -> None:
     """thawd and tools read manifests through thaw without paying for torch or CUDA."""
     light = imports["light"]
     assert "torch" not in light
@@ -93,25 +94,25 @@ def test_importing_thaw_loads_neither_torch_nor_cuda(imports):
     assert offending(light) == []
 
 
-def test_core_modules_import_no_daemon_cli_or_textual(imports):
+def test_core_modules_import_no_daemon_cli_or_textual(imports: Any) -> None:
     assert offending(imports["core"]) == []
 
 
-def test_cpu_freeze_and_restore_load_no_cuda(imports):
-    assert "thaw.cuda" not in imports["core"]
+def test_cpu_freeze_and_restore_load_no_cuda(imports: Any) -> None:
+    assert "thaw.mem.cuda" not in imports["core"]
     # Whatever CUDA modules torch loads on its own, thaw adds none on a CPU-only path.
     assert imports["after_import"] == imports["torch_only"]
     assert imports["after_round_trip"] == imports["torch_only"]
 
 
-def test_no_thaw_module_imports_daemon_cli_or_textual(imports):
+def test_no_thaw_module_imports_daemon_cli_or_textual(imports: Any) -> None:
     assert "thaw.format" in imports["imported"]
     assert offending(imports["all"]) == [], imports["skipped"]
 
 
-def test_the_client_loads_nothing_the_client_install_lacks():
+def test_the_client_loads_nothing_the_client_install_lacks() -> None:
     """`pip install thaw` (no extras) is enough for `import thaw` and `thaw.connect()`."""
-    modules = run_python(
+    modules: list[str] = run_python(  # type: ignore[assignment]
         "import json, sys\nimport thaw, thaw.client\nprint(json.dumps(sorted(sys.modules)))"
     )
     assert "thaw.client" in modules

@@ -7,6 +7,8 @@ import errno
 import mmap
 import os
 import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +18,7 @@ MiB = 1 << 20
 BLOCK = _native.BLOCK_HASH_SIZE
 
 
-def addr_of(buf) -> int:
+def addr_of(buf: Any) -> int:
     """Address of a writable buffer (bytearray or mmap)."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
@@ -26,8 +28,8 @@ def random_bytes(n: int, seed: int = 0) -> bytes:
 
 
 @pytest.fixture
-def data_file(tmp_path):
-    def make(content: bytes):
+def data_file(tmp_path: Path) -> Any:
+    def make(content: bytes) -> Any:
         path = tmp_path / "data.bin"
         path.write_bytes(content)
         return path
@@ -40,7 +42,7 @@ def data_file(tmp_path):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("length", [1, 4095, 4097, 3 * MiB + 17])
-def test_pread_into_reads_exact_range(data_file, threads, length):
+def test_pread_into_reads_exact_range(data_file: Any, threads: int, length: int) -> None:
     content = random_bytes(length + 1000, seed=length)
     path = data_file(content)
     buf = bytearray(length)
@@ -53,7 +55,7 @@ def test_pread_into_reads_exact_range(data_file, threads, length):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])
-def test_pwrite_then_pread_round_trip(tmp_path, threads):
+def test_pwrite_then_pread_round_trip(tmp_path: Path, threads: int) -> None:
     length = 5 * MiB + 123
     src = bytearray(random_bytes(length, seed=threads))
     path = tmp_path / "out.bin"
@@ -69,7 +71,7 @@ def test_pwrite_then_pread_round_trip(tmp_path, threads):
     assert path.read_bytes()[4096:] == bytes(src)
 
 
-def test_zero_length_is_a_no_op(data_file):
+def test_zero_length_is_a_no_op(data_file: Any) -> None:
     fd = os.open(data_file(b"abc"), os.O_RDONLY)
     try:
         _native.pread_into(fd, 0, 0, 0)
@@ -78,7 +80,7 @@ def test_zero_length_is_a_no_op(data_file):
         os.close(fd)
 
 
-def _open_direct(tmp_path):
+def _open_direct(tmp_path: Path) -> Any:
     """An O_DIRECT fd in the first directory whose filesystem accepts it."""
     for d in (tmp_path, "/var/tmp", os.path.expanduser("~")):
         path = os.path.join(d, f"thaw-direct-{os.getpid()}.bin")
@@ -93,7 +95,7 @@ def _open_direct(tmp_path):
 
 
 @pytest.mark.parametrize("threads", [1, 4])
-def test_o_direct_round_trip_with_aligned_buffers(tmp_path, threads):
+def test_o_direct_round_trip_with_aligned_buffers(tmp_path: Path, threads: int) -> None:
     length = 4 * MiB
     fd, path = _open_direct(tmp_path)
     src = mmap.mmap(-1, length)  # anonymous mappings are page-aligned
@@ -110,7 +112,7 @@ def test_o_direct_round_trip_with_aligned_buffers(tmp_path, threads):
         dst.close()
 
 
-def test_o_direct_misaligned_offset_raises_oserror(tmp_path):
+def test_o_direct_misaligned_offset_raises_oserror(tmp_path: Path) -> None:
     fd, path = _open_direct(tmp_path)
     buf = mmap.mmap(-1, 8192)
     try:
@@ -126,7 +128,7 @@ def test_o_direct_misaligned_offset_raises_oserror(tmp_path):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_pread_hashed_reads_and_hashes_what_landed(data_file, threads):
+def test_pread_hashed_reads_and_hashes_what_landed(data_file: Any, threads: int) -> None:
     content = random_bytes(BLOCK * 2 + 3 * MiB, seed=11)
     path = data_file(content)
     # Ranges of every shape: empty, tiny, unaligned, more than one hash block.
@@ -148,7 +150,7 @@ def test_pread_hashed_reads_and_hashes_what_landed(data_file, threads):
         buf.close()
 
 
-def test_pread_hashed_with_o_direct(tmp_path):
+def test_pread_hashed_with_o_direct(tmp_path: Path) -> None:
     fd, path = _open_direct(tmp_path)
     src = mmap.mmap(-1, BLOCK + 8192)
     dst = mmap.mmap(-1, BLOCK + 8192)
@@ -168,7 +170,7 @@ def test_pread_hashed_with_o_direct(tmp_path):
         dst.close()
 
 
-def test_pread_hashed_past_eof_names_the_offset(data_file):
+def test_pread_hashed_past_eof_names_the_offset(data_file: Any) -> None:
     path = data_file(random_bytes(MiB))
     buf = mmap.mmap(-1, 2 * MiB)
     fd = os.open(path, os.O_RDONLY)
@@ -183,7 +185,9 @@ def test_pread_hashed_past_eof_names_the_offset(data_file):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_pread_past_eof_raises_eoferror_naming_offset_and_missing(data_file, threads):
+def test_pread_past_eof_raises_eoferror_naming_offset_and_missing(
+    data_file: Any, threads: int
+) -> None:
     fd = os.open(data_file(b"x" * 10_000), os.O_RDONLY)
     buf = bytearray(20_000)
     try:
@@ -198,7 +202,7 @@ def test_pread_past_eof_raises_eoferror_naming_offset_and_missing(data_file, thr
     )
 
 
-def test_pread_bad_fd_raises_oserror_naming_pread():
+def test_pread_bad_fd_raises_oserror_naming_pread() -> None:
     buf = bytearray(4096)
     with pytest.raises(OSError) as info:
         _native.pread_into(987654, addr_of(buf), 4096, 4096)
@@ -206,7 +210,7 @@ def test_pread_bad_fd_raises_oserror_naming_pread():
     assert "pread(fd=987654, offset=4096, length=4096)" in str(info.value)
 
 
-def test_pwrite_to_read_only_fd_raises_oserror_naming_pwrite(data_file):
+def test_pwrite_to_read_only_fd_raises_oserror_naming_pwrite(data_file: Any) -> None:
     fd = os.open(data_file(b"abc"), os.O_RDONLY)
     buf = bytearray(100)
     try:
@@ -217,7 +221,7 @@ def test_pwrite_to_read_only_fd_raises_oserror_naming_pwrite(data_file):
     assert info.value.errno == errno.EBADF
 
 
-def test_pwrite_to_full_device_raises_enospc():
+def test_pwrite_to_full_device_raises_enospc() -> None:
     fd = os.open("/dev/full", os.O_WRONLY)
     buf = bytearray(8192)
     try:
@@ -233,7 +237,7 @@ def test_pwrite_to_full_device_raises_enospc():
 
 @pytest.mark.parametrize("threads", [1, 2, 7])
 @pytest.mark.parametrize("length", [0, 1, 2 * MiB - 1, 2 * MiB + 1, 19 * MiB + 4097])
-def test_copy_copies_exactly(threads, length):
+def test_copy_copies_exactly(threads: int, length: int) -> None:
     src = bytearray(random_bytes(length, seed=length))
     dst = bytearray(length + 16)
     if length:
@@ -242,7 +246,7 @@ def test_copy_copies_exactly(threads, length):
     assert dst[:8] == bytes(8) and dst[8 + length :] == bytes(8)
 
 
-def test_copy_between_large_mappings():
+def test_copy_between_large_mappings() -> None:
     length = 64 * MiB
     src, dst = mmap.mmap(-1, length), mmap.mmap(-1, length)
     try:
@@ -254,7 +258,7 @@ def test_copy_between_large_mappings():
         dst.close()
 
 
-def test_copy_rejects_overlap():
+def test_copy_rejects_overlap() -> None:
     buf = bytearray(4 * MiB)
     with pytest.raises(ValueError, match="overlap"):
         _native.copy(addr_of(buf) + 1, addr_of(buf), 2 * MiB)
@@ -262,7 +266,7 @@ def test_copy_rejects_overlap():
 
 @pytest.mark.parametrize("write", [True, False])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_prefault_faults_in_pages_and_keeps_contents(write, threads):
+def test_prefault_faults_in_pages_and_keeps_contents(write: Any, threads: int) -> None:
     length = 16 * MiB + 100
     m = mmap.mmap(-1, length)
     try:
@@ -274,7 +278,7 @@ def test_prefault_faults_in_pages_and_keeps_contents(write, threads):
         m.close()
 
 
-def test_prefault_file_mapping_makes_it_resident(tmp_path):
+def test_prefault_file_mapping_makes_it_resident(tmp_path: Path) -> None:
     length = 8 * MiB
     path = tmp_path / "f.bin"
     path.write_bytes(b"\1" * length)
@@ -295,7 +299,7 @@ def test_prefault_file_mapping_makes_it_resident(tmp_path):
 # --- checksums ------------------------------------------------------------------
 
 
-def test_xxh3_known_answers():
+def test_xxh3_known_answers() -> None:
     assert _native.xxh3(b"") == 0x2D06800538D394C2
     # Any contiguous buffer works, and the hash is of its bytes.
     data = random_bytes(3 * MiB)
@@ -303,12 +307,12 @@ def test_xxh3_known_answers():
     assert _native.xxh3(b"a") != _native.xxh3(b"b")
 
 
-def test_xxh3_rejects_non_buffers():
+def test_xxh3_rejects_non_buffers() -> None:
     with pytest.raises(TypeError):
-        _native.xxh3("text")
+        _native.xxh3("text")  # type: ignore[arg-type]
 
 
-def test_block_hashes_of_empty_range_is_empty():
+def test_block_hashes_of_empty_range_is_empty() -> None:
     assert _native.block_hashes(0, 0) == b""
     assert _native.tree_hash(0, 0) == _native.xxh3(b"")
 
@@ -320,7 +324,7 @@ def python_block_hashes(data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("length", [1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 12345])
-def test_block_hashes_match_per_block_xxh3_for_any_thread_count(length):
+def test_block_hashes_match_per_block_xxh3_for_any_thread_count(length: int) -> None:
     data = bytearray(random_bytes(length, seed=length))
     expected = python_block_hashes(bytes(data))
     assert len(expected) == 8 * -(-length // BLOCK)
@@ -329,7 +333,7 @@ def test_block_hashes_match_per_block_xxh3_for_any_thread_count(length):
         assert _native.tree_hash(addr_of(data), length, threads=threads) == _native.xxh3(expected)
 
 
-def test_tree_hash_with_more_than_64_blocks():
+def test_tree_hash_with_more_than_64_blocks() -> None:
     # Sparse anonymous mapping: reads see the shared zero page, no RSS growth.
     length = 70 * BLOCK + 5
     m = mmap.mmap(-1, length)
@@ -342,7 +346,7 @@ def test_tree_hash_with_more_than_64_blocks():
         m.close()
 
 
-def test_tree_hash_detects_a_flipped_bit():
+def test_tree_hash_detects_a_flipped_bit() -> None:
     data = bytearray(random_bytes(2 * BLOCK))
     before = _native.tree_hash(addr_of(data), len(data))
     data[BLOCK + 5] ^= 1
@@ -352,7 +356,7 @@ def test_tree_hash_detects_a_flipped_bit():
 # --- page cache -----------------------------------------------------------------
 
 
-def test_resident_bytes_after_write_and_after_dontneed(tmp_path):
+def test_resident_bytes_after_write_and_after_dontneed(tmp_path: Path) -> None:
     length = 16 * MiB
     path = tmp_path / "cache.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -370,7 +374,7 @@ def test_resident_bytes_after_write_and_after_dontneed(tmp_path):
         os.close(fd)
 
 
-def test_resident_bytes_clips_to_unaligned_range(tmp_path):
+def test_resident_bytes_clips_to_unaligned_range(tmp_path: Path) -> None:
     path = tmp_path / "small.bin"
     path.write_bytes(b"z" * 3 * 4096)
     fd = os.open(path, os.O_RDONLY)
@@ -385,12 +389,12 @@ def test_resident_bytes_clips_to_unaligned_range(tmp_path):
         os.close(fd)
 
 
-def test_resident_bytes_bad_fd_names_mmap():
+def test_resident_bytes_bad_fd_names_mmap() -> None:
     with pytest.raises(OSError, match=r"mmap\(fd=987654, offset=0, length=4096\)"):
         _native.resident_bytes(987654, 0, 4096)
 
 
-def test_fadvise_bad_fd_names_posix_fadvise():
+def test_fadvise_bad_fd_names_posix_fadvise() -> None:
     with pytest.raises(OSError, match=r"posix_fadvise\(fd=987654") as info:
         _native.fadvise(987654, 0, 0, _native.FADV_DONTNEED)
     assert info.value.errno == errno.EBADF
@@ -423,20 +427,20 @@ def test_fadvise_bad_fd_names_posix_fadvise():
         lambda a: _native.fadvise(0, -1, 0, _native.FADV_WILLNEED),
     ],
 )
-def test_bad_arguments_raise_valueerror(call):
+def test_bad_arguments_raise_valueerror(call: Any) -> None:
     buf = bytearray(128)
     with pytest.raises(ValueError):
         call(addr_of(buf))
 
 
-def test_threads_upper_bound_is_allowed():
+def test_threads_upper_bound_is_allowed() -> None:
     data = bytearray(b"q" * 1000)
     assert _native.block_hashes(addr_of(data), 1000, threads=256) == python_block_hashes(
         bytes(data)
     )
 
 
-def test_module_constants():
+def test_module_constants() -> None:
     assert _native.BLOCK_HASH_SIZE == 16 << 20
     assert _native.FADV_DONTNEED == os.POSIX_FADV_DONTNEED
     assert _native.FADV_WILLNEED == os.POSIX_FADV_WILLNEED
@@ -487,4 +491,4 @@ def test_copy_many_refuses_bad_arguments() -> None:
     with pytest.raises(ValueError):
         _native.copy_many([a], [a + 4096], [-1])
     with pytest.raises(TypeError):
-        _native.copy_many(1, [a], [1])
+        _native.copy_many(1, [a], [1])  # type: ignore[arg-type]

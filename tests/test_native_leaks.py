@@ -9,6 +9,9 @@ import gc
 import mmap
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -27,11 +30,11 @@ BLOCKS_TOLERANCE = 50  # Python object blocks (sys.getallocatedblocks)
 PROC = psutil.Process()
 
 
-def addr_of(buf) -> int:
+def addr_of(buf: Any) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
-def assert_flat(fn, loops: int = LOOPS):
+def assert_flat(fn: Any, loops: int = LOOPS) -> None:
     for _ in range(WARMUP):
         fn()
     gc.collect()
@@ -45,7 +48,7 @@ def assert_flat(fn, loops: int = LOOPS):
 
 
 @pytest.fixture
-def data_fd(tmp_path):
+def data_fd(tmp_path: Path) -> Iterator[Any]:
     path = tmp_path / "leak.bin"
     path.write_bytes(os.urandom(4 * MiB))
     fd = os.open(path, os.O_RDWR)
@@ -53,8 +56,8 @@ def data_fd(tmp_path):
     os.close(fd)
 
 
-def test_allocate_copy_hash_pread_loop_is_flat(data_fd):
-    def once():
+def test_allocate_copy_hash_pread_loop_is_flat(data_fd: Any) -> None:
+    def once() -> None:
         # Fresh mappings each time: mmap + prefault + copy + hash + I/O + unmap.
         src, dst = mmap.mmap(-1, 4 * MiB), mmap.mmap(-1, 4 * MiB)
         try:
@@ -64,7 +67,7 @@ def test_allocate_copy_hash_pread_loop_is_flat(data_fd):
             _native.copy(b, a, 4 * MiB, threads=2)
             _native.block_hashes(b, 4 * MiB, threads=2)
             _native.tree_hash(b, 4 * MiB, threads=2)
-            _native.xxh3(src)
+            _native.xxh3(src)  # type: ignore[arg-type]
             _native.pwrite_from(data_fd, b, 1 * MiB, 0, threads=2, block=256 * 1024)
         finally:
             src.close()
@@ -73,11 +76,11 @@ def test_allocate_copy_hash_pread_loop_is_flat(data_fd):
     assert_flat(once)
 
 
-def test_error_paths_are_flat(data_fd):
+def test_error_paths_are_flat(data_fd: Any) -> None:
     buf = bytearray(8 * MiB)
     a = addr_of(buf)
 
-    def once():
+    def once() -> None:
         with pytest.raises(EOFError):
             _native.pread_into(data_fd, a, 8 * MiB, 0, threads=2, block=1 * MiB)
         with pytest.raises(OSError):
@@ -90,11 +93,11 @@ def test_error_paths_are_flat(data_fd):
     assert_flat(once)
 
 
-def test_small_calls_are_flat():
+def test_small_calls_are_flat() -> None:
     data = bytearray(os.urandom(64 * 1024))
     a = addr_of(data)
 
-    def once():
+    def once() -> None:
         for _ in range(50):
             _native.xxh3(data)
             _native.block_hashes(a, len(data))
@@ -103,10 +106,10 @@ def test_small_calls_are_flat():
     assert_flat(once)
 
 
-def test_resident_bytes_keeps_fd_count_and_rss_flat(data_fd):
+def test_resident_bytes_keeps_fd_count_and_rss_flat(data_fd: Any) -> None:
     fds0 = PROC.num_fds()
 
-    def once():
+    def once() -> None:
         for _ in range(10):
             assert _native.resident_bytes(data_fd, 123, 4 * MiB - 123) >= 0
         _native.fadvise(data_fd, 0, 0, _native.FADV_WILLNEED)

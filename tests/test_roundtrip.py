@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,17 +13,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thaw import _native, freeze_file, open_snapshot, restore_file
-from thaw.datapath import SLOT_SIZE
-from thaw.dtypes import DTYPES, dtype_name, itemsize, torch_dtype
+from thaw.copy.datapath import SLOT_SIZE
+from thaw.copy.pieces import plan
 from thaw.errors import (
     ChecksumMismatch,
     FingerprintMismatch,
     ModelMismatch,
     TensorMismatch,
 )
-from thaw.fingerprint import Fingerprint
 from thaw.format import ALIGNMENT, layout
-from thaw.pieces import Digests, plan
+from thaw.format.checksum import Digests
+from thaw.format.dtypes import DTYPES, dtype_name, itemsize, torch_dtype
+from thaw.format.fingerprint import Fingerprint
 
 MiB = 1 << 20
 BLOCK = _native.BLOCK_HASH_SIZE
@@ -103,7 +106,7 @@ tensor_cases = st.tuples(
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return tmp_path_factory.mktemp("roundtrip")
 
 
@@ -113,7 +116,7 @@ def workdir(tmp_path_factory):
     as_dict=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_round_trip_is_bit_identical(workdir, cases, as_dict, seed):
+def test_round_trip_is_bit_identical(workdir: Any, cases: Any, as_dict: Any, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     names = [f"layers.{i}.w" for i in range(len(cases))]
     sources = [source_view(dtype, shape, how, gen) for dtype, shape, how, _ in cases]
@@ -133,7 +136,7 @@ def test_round_trip_is_bit_identical(workdir, cases, as_dict, seed):
             assert not as_bytes(skipped).any(), name
 
 
-def test_every_dtype_round_trips(tmp_path):
+def test_every_dtype_round_trips(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(1)
     assert {"bfloat16", "float8_e4m3fn", "float8_e5m2", "bool"} <= set(NAMES)
     source = {name: random_tensor(name, (3, 17), gen) for name in NAMES}
@@ -146,12 +149,13 @@ def test_every_dtype_round_trips(tmp_path):
         assert same_bytes(source[name], target[name]), name
 
 
-def test_module_round_trip_includes_buffers(tmp_path):
+def test_module_round_trip_includes_buffers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
-    model[1].running_mean.normal_()
-    model[1].running_var.uniform_(0.5, 2)
-    model[1].num_batches_tracked.fill_(11)
+    norm: Any = model[1]
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2)
+    norm.num_batches_tracked.fill_(11)
     freeze_file(model, tmp_path / "m.thaw")
     names = {t.name for t in open_snapshot(tmp_path / "m.thaw").tensors}
     assert names == set(model.state_dict())
@@ -171,7 +175,7 @@ class Tied(torch.nn.Module):
 
 
 @pytest.mark.parametrize("form", ["module", "state_dict"])
-def test_tied_weights_are_stored_once(tmp_path, form):
+def test_tied_weights_are_stored_once(tmp_path: Path, form: Any) -> None:
     torch.manual_seed(0)
     model = Tied()
     source = model if form == "module" else model.state_dict()
@@ -184,7 +188,7 @@ def test_tied_weights_are_stored_once(tmp_path, form):
     assert same_bytes(fresh.embed.weight, model.embed.weight)
 
 
-def test_strict_false_allows_snapshot_extras(tmp_path):
+def test_strict_false_allows_snapshot_extras(tmp_path: Path) -> None:
     source = {"a": torch.arange(5.0), "b": torch.arange(3), "extra": torch.ones(2, 2)}
     freeze_file(source, tmp_path / "s.thaw")
     target = {"a": torch.zeros(5), "b": torch.zeros(3, dtype=torch.int64)}
@@ -204,7 +208,9 @@ def test_strict_false_allows_snapshot_extras(tmp_path):
         (torch.full((3, 4), 5, dtype=torch.float32), "shape", [3, 4], [4, 3]),
     ],
 )
-def test_tensor_mismatch_names_tensor_and_copies_nothing(tmp_path, bad, what, expected, found):
+def test_tensor_mismatch_names_tensor_and_copies_nothing(
+    tmp_path: Path, bad: Any, what: Any, expected: Any, found: Any
+) -> None:
     source = {"first": torch.arange(6.0), "second": torch.ones(4, 3), "third": torch.ones(2)}
     freeze_file(source, tmp_path / "s.thaw")
     target = {"first": torch.full((6,), 5.0), "second": bad, "third": torch.full((2,), 5.0)}
@@ -219,7 +225,7 @@ def test_tensor_mismatch_names_tensor_and_copies_nothing(tmp_path, bad, what, ex
         assert same_bytes(t, before[name]), f"{name} was written before the mismatch was raised"
 
 
-def test_missing_tensor_is_model_mismatch(tmp_path):
+def test_missing_tensor_is_model_mismatch(tmp_path: Path) -> None:
     freeze_file({"a": torch.ones(3)}, tmp_path / "s.thaw")
     target = {"a": torch.zeros(3), "lm_head.weight": torch.zeros(2)}
     with pytest.raises(ModelMismatch, match=r"lm_head\.weight") as info:
@@ -228,11 +234,17 @@ def test_missing_tensor_is_model_mismatch(tmp_path):
     assert not target["a"].any()
 
 
-def test_fingerprint_mismatch_names_the_key(tmp_path):
+def test_fingerprint_mismatch_names_the_key(tmp_path: Path) -> None:
     recorded = Fingerprint(
-        architecture="LlamaForCausalLM", dtype="bfloat16", parameter_count=6,
-        engine="vllm", engine_version="0.9", tp_rank=1, tp_size=2, labels={"run": "a"},
-    )  # fmt: skip
+        architecture="LlamaForCausalLM",
+        dtype="bfloat16",
+        parameter_count=6,
+        engine="vllm",
+        engine_version="0.9",
+        tp_rank=1,
+        tp_size=2,
+        labels={"run": "a"},
+    )
     freeze_file({"w": torch.ones(6)}, tmp_path / "s.thaw", fingerprint=recorded)
     assert open_snapshot(tmp_path / "s.thaw").fingerprint == recorded
 
@@ -246,10 +258,16 @@ def test_fingerprint_mismatch_names_the_key(tmp_path):
 
     # Unrecorded values ("" and -1) and labels are never compared.
     restore_file(
-        target, tmp_path / "s.thaw",
-        expect=Fingerprint(architecture="LlamaForCausalLM", tp_rank=1, tp_size=2, engine="vllm",
-                           labels={"run": "b"}),
-    )  # fmt: skip
+        target,
+        tmp_path / "s.thaw",
+        expect=Fingerprint(
+            architecture="LlamaForCausalLM",
+            tp_rank=1,
+            tp_size=2,
+            engine="vllm",
+            labels={"run": "b"},
+        ),
+    )
     assert target["w"].eq(1).all()
 
 
@@ -268,7 +286,7 @@ lengths = st.one_of(
     slot_blocks=st.integers(1, 4),
     keep=st.lists(st.booleans(), min_size=12, max_size=12),
 )
-def test_plan_invariants(sizes, slot_blocks, keep):
+def test_plan_invariants(sizes: Any, slot_blocks: Any, keep: Any) -> None:
     slot = slot_blocks * BLOCK
     every = layout([(f"t{i}", "uint8", (n,)) for i, n in enumerate(sizes)])
     # A subset, as when only the CUDA tensors of a model go through staging.
@@ -308,7 +326,7 @@ def test_plan_invariants(sizes, slot_blocks, keep):
     sizes=st.lists(st.integers(0, 3 * 4096), min_size=1, max_size=12),
     keep=st.lists(st.booleans(), min_size=12, max_size=12),
 )
-def test_plan_pieces_hold_no_bytes_of_other_tensors(sizes, keep):
+def test_plan_pieces_hold_no_bytes_of_other_tensors(sizes: Any, keep: Any) -> None:
     """Pieces of a subset (the CUDA tensors of a mixed model) never span a tensor outside it.
 
     A freeze writes whole pieces, gaps zeroed: a piece spanning a CPU tensor between two CUDA
@@ -326,7 +344,7 @@ def test_plan_pieces_hold_no_bytes_of_other_tensors(sizes, keep):
             assert not overlap, f"a piece spans {other.name}, which is not in the plan"
 
 
-def test_large_tensor_crosses_slots(tmp_path):
+def test_large_tensor_crosses_slots(tmp_path: Path) -> Any:
     """A tensor over 64 MiB between small ones: restore, and the staged piece path, are exact."""
     gen = torch.Generator().manual_seed(3)
     source = {

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from thaw import tiny
+from thaw.demo import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The river town woke slowly on cold mornings."
@@ -27,17 +28,17 @@ VLLM_CPU_HEAD_SIZES = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer() -> Any:
     return tiny.build_tokenizer()
 
 
 @pytest.fixture(scope="module")
-def model():
+def model() -> Any:
     return tiny.build_model(seed=0)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny.write_model_dir(tmp_path_factory.mktemp("tiny") / "m0", seed=0)
 
 
@@ -49,7 +50,7 @@ def _fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def test_config_shape_fits_vllm_cpu_and_is_small(model) -> None:
+def test_config_shape_fits_vllm_cpu_and_is_small(model: Any) -> None:
     cfg = tiny.TINY_CONFIG
     assert cfg["hidden_size"] == cfg["num_attention_heads"] * cfg["head_dim"]
     assert cfg["head_dim"] in VLLM_CPU_HEAD_SIZES
@@ -60,7 +61,7 @@ def test_config_shape_fits_vllm_cpu_and_is_small(model) -> None:
     assert model.dtype == torch.float32
 
 
-def test_build_model_is_deterministic(model) -> None:
+def test_build_model_is_deterministic(model: Any) -> None:
     again = tiny.build_model(seed=0)
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys()
@@ -84,12 +85,12 @@ def test_build_model_dtype() -> None:
     assert all(p.dtype == torch.float16 for p in m.parameters())
 
 
-def test_same_weights_and_tokenizer_in_another_process(model, tokenizer) -> None:
+def test_same_weights_and_tokenizer_in_another_process(model: Any, tokenizer: Any) -> None:
     # Another interpreter with another str-hash seed builds the same bytes.
     code = textwrap.dedent(
         """
         import hashlib, sys
-        from thaw import tiny
+        from thaw.demo import tiny
         sys.path.insert(0, sys.argv[1])
         from test_tiny import _fingerprint
         tok = tiny.build_tokenizer().backend_tokenizer.to_str()
@@ -110,7 +111,7 @@ def test_same_weights_and_tokenizer_in_another_process(model, tokenizer) -> None
     assert out[-2:] == [tok_hash, _fingerprint(model.state_dict())]
 
 
-def test_tokenizer_round_trip(tokenizer) -> None:
+def test_tokenizer_round_trip(tokenizer: Any) -> None:
     assert len(tokenizer) == tiny.TINY_CONFIG["vocab_size"]
     assert (tokenizer.unk_token_id, tokenizer.bos_token_id) == (tiny.UNK_ID, tiny.BOS_ID)
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (tiny.EOS_ID, tiny.PAD_ID)
@@ -123,12 +124,12 @@ def test_tokenizer_round_trip(tokenizer) -> None:
     assert len(tokenizer(" the", add_special_tokens=False)["input_ids"]) == 1
 
 
-def test_tokenizer_is_deterministic(tokenizer) -> None:
+def test_tokenizer_is_deterministic(tokenizer: Any) -> None:
     again = tiny.build_tokenizer()
     assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
 
 
-def test_make_prompt_has_exact_length(tokenizer) -> None:
+def test_make_prompt_has_exact_length(tokenizer: Any) -> None:
     for n in (2, 17, 1000):
         p = tiny.make_prompt(tokenizer, n, seed=3)
         assert len(tokenizer(p)["input_ids"]) == n
@@ -136,7 +137,7 @@ def test_make_prompt_has_exact_length(tokenizer) -> None:
     assert tiny.make_prompt(tokenizer, 100, seed=1) != tiny.make_prompt(tokenizer, 100, seed=2)
 
 
-def test_generate_greedy_is_deterministic_and_ignores_eos(model, tokenizer) -> None:
+def test_generate_greedy_is_deterministic_and_ignores_eos(model: Any, tokenizer: Any) -> None:
     a = tiny.generate_greedy(model, tokenizer, PROMPT, max_new_tokens=24)
     assert len(a) == 24
     assert a == tiny.generate_greedy(model, tokenizer, PROMPT, max_new_tokens=24)
@@ -144,7 +145,7 @@ def test_generate_greedy_is_deterministic_and_ignores_eos(model, tokenizer) -> N
     assert a != tiny.generate_greedy(tiny.build_model(seed=1), tokenizer, PROMPT, 24)
 
 
-def test_model_dir_round_trip(model_dir, model, tokenizer) -> None:
+def test_model_dir_round_trip(model_dir: Any, model: Any, tokenizer: Any) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     names = {p.name for p in model_dir.iterdir()}
@@ -179,7 +180,7 @@ def test_model_dir_round_trip(model_dir, model, tokenizer) -> None:
     )
 
 
-def test_write_model_dir_is_idempotent_and_leaves_no_temp(model_dir) -> None:
+def test_write_model_dir_is_idempotent_and_leaves_no_temp(model_dir: Any) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()}
     assert tiny.write_model_dir(model_dir, seed=0) == model_dir
     assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()} == before
@@ -188,9 +189,9 @@ def test_write_model_dir_is_idempotent_and_leaves_no_temp(model_dir) -> None:
         tiny.write_model_dir(model_dir, seed=1)
 
 
-def test_write_model_dir_cli(tmp_path) -> None:
+def test_write_model_dir_cli(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "thaw.tiny", str(tmp_path / "m"), "--seed", "2"],
+        [sys.executable, "-m", "thaw.demo.tiny", str(tmp_path / "m"), "--seed", "2"],
         env={**os.environ, "PYTHONPATH": _pythonpath()},
         capture_output=True,
         text=True,
@@ -213,7 +214,7 @@ from pathlib import Path
 def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
-    from thaw import tiny
+    from thaw.demo import tiny
 
     path = tiny.write_model_dir(Path(sys.argv[1]))
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -241,7 +242,7 @@ if __name__ == "__main__":
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
-def test_vllm_greedy_matches_transformers(tmp_path) -> None:
+def test_vllm_greedy_matches_transformers(tmp_path: Path) -> None:
     script = tmp_path / "parity.py"
     script.write_text(_VLLM_PARITY)
     proc = subprocess.run(

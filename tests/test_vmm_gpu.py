@@ -13,7 +13,7 @@ import torch
 from thaw import _native
 
 try:
-    from thaw import cuda
+    from thaw.mem import cuda
 
     HAVE_GPU = cuda.device_count() > 0
 except Exception:  # cuda-bindings cannot load without a driver
@@ -29,13 +29,14 @@ SIZE = 64 << 20
 IMPORTER = textwrap.dedent(
     """
     import sys, torch
-    from thaw import _native, vmm
+    from thaw import _native
+    from thaw.mem import vmm
     fd, size, expected = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     torch.cuda.init()
     buf = vmm.HostBuffer.import_fds([fd], [size])
     assert _native.tree_hash(buf.addr, size, 4) == expected, "CPU view differs"
     dst = torch.empty(size, dtype=torch.uint8, device="cuda")
-    from thaw import cuda
+    from thaw.mem import cuda
     s = cuda.Stream()
     cuda.copy_h2d(dst.data_ptr(), buf.addr, size, s)
     s.synchronize()
@@ -48,7 +49,7 @@ IMPORTER = textwrap.dedent(
 
 
 def test_vmm_host_buffer_shared_with_another_process() -> None:
-    from thaw import vmm
+    from thaw.mem import vmm
 
     if not vmm.supported():
         pytest.skip("this host has no shareable VMM host memory")
@@ -76,13 +77,14 @@ def test_vmm_host_buffer_shared_with_another_process() -> None:
 
 def test_chunks_map_contiguously_in_another_process() -> None:
     """The pool's layout: several chunks, one contiguous mapping on each side."""
-    from thaw import vmm
+    from thaw.mem import vmm
+    from thawd.buffers import Chunk, map_chunks
 
     if not vmm.supported():
         pytest.skip("this host has no shareable VMM host memory")
     chunk = vmm.granularity() * 4
-    chunks = [vmm.Chunk(chunk) for _ in range(3)]
-    buf = vmm.HostBuffer.of_chunks(chunks)
+    chunks = [Chunk(chunk) for _ in range(3)]
+    buf = map_chunks(chunks, 0, ())
     fds = [c.export_fd() for c in chunks]
     try:
         src = torch.randint(0, 256, (buf.size,), dtype=torch.uint8)
@@ -94,8 +96,11 @@ def test_chunks_map_contiguously_in_another_process() -> None:
         )
         out = subprocess.run(
             [sys.executable, "-c", code, str(fds[0]), str(buf.size), str(expected)],
-            pass_fds=tuple(fds), capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            pass_fds=tuple(fds),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
     finally:
         for fd in fds:
@@ -106,7 +111,7 @@ def test_chunks_map_contiguously_in_another_process() -> None:
 
 
 def test_create_close_does_not_leak() -> None:
-    from thaw import vmm
+    from thaw.mem import vmm
 
     if not vmm.supported():
         pytest.skip("this host has no shareable VMM host memory")

@@ -11,16 +11,16 @@ Importing thaw does not import torch: the daemon and tools that only read manife
 from typing import Any
 
 from thaw.errors import *  # noqa: F403
-from thaw.fingerprint import Fingerprint
 from thaw.format import open_snapshot
+from thaw.format.fingerprint import Fingerprint
 
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first use (they import torch).
 _LAZY = {
-    "freeze_file": "thaw.freeze",
-    "restore_file": "thaw.restore",
-    "TransferStats": "thaw.restore",
+    "freeze_file": "thaw.copy.freeze",
+    "restore_file": "thaw.copy.restore",
+    "TransferStats": "thaw.copy.restore",
     "connect": "thaw.client",
     "fork": "thaw.kv.api",
 }

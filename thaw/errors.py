@@ -102,6 +102,21 @@ class RestoreIncomplete(ThawError):
     """
 
 
+# --- engines --------------------------------------------------------------------------------
+
+
+class SnapshotMissing(ThawError):
+    """The snapshot an engine was asked to load does not exist (in thawd or on disk)."""
+
+
+class EngineBusy(ThawError):
+    """The engine has unfinished requests: swapping weights under them would mix models."""
+
+
+class ExtensionMissing(ThawError):
+    """The engine's workers cannot be reached: the LLM lacks thaw's worker extension."""
+
+
 # --- the daemon -----------------------------------------------------------------------------
 
 
@@ -150,8 +165,9 @@ class SnapshotCorrupt(DaemonError):
     `expected` and `found` are its recorded and computed checksums (None when not a mismatch).
     """
 
-    def __init__(self, message: str, tensor: str = "", expected: int | None = None,
-                 found: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, message: str, tensor: str = "", expected: int | None = None, found: int | None = None
+    ) -> None:
         self.tensor = tensor
         self.expected = expected
         self.found = found

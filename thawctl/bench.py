@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from thawctl import exitcodes, render
-from thawctl.cli import Context
+from thawctl.context import Context
 from thawctl.exitcodes import CommandError
 from thawctl.refs import looks_like_path
 
@@ -224,7 +224,7 @@ def _write_synthetic(path: Path, size: int) -> None:
 def _targets(snap: Any, device: str) -> list[tuple[str, Any]]:
     import torch
 
-    from thaw.dtypes import torch_dtype
+    from thaw.format.dtypes import torch_dtype
 
     return [
         (t.name, torch.empty(t.shape, dtype=torch_dtype(t.dtype), device=device))

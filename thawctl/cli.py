@@ -1,8 +1,9 @@
-"""The `thawctl` command line: the parser, the dispatch, and the one place errors become exit codes.
+"""The `thawctl` command line: the parser and the dispatch.
 
 Each command group lives in its own module with an `add_parsers(subparsers, common)` function
-that adds its subcommands and sets `func` to a `run(ctx) -> int`. Commands raise exceptions;
-`main` turns them into one line on stderr and the exit code of exitcodes.py. Heavy imports
+that adds its subcommands and sets `func` to a `run(ctx) -> int` (ctx: thawctl/context.py).
+Commands raise exceptions; `main` turns them into one line on stderr and the exit code of
+exitcodes.py (context.report, the one place errors become exit codes). Heavy imports
 (torch through thaw, grpc, textual) happen inside the commands, so `--help` and completion
 stay fast.
 """
@@ -10,18 +11,12 @@ stay fast.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-from typing import Any, NoReturn, TextIO
+from typing import NoReturn, TextIO
 
 from thawctl import exitcodes
-
-PROG = "thawctl"
-# Seconds to wait for thawd to connect and to answer a short call. A healthy thawd answers in
-# milliseconds; a hung one should not hold a shell for the client library's default 30 s.
-# Pin, verify and freeze progress are long by nature and have no deadline.
-DEFAULT_TIMEOUT_S = 10.0
+from thawctl.context import DEFAULT_TIMEOUT_S, PROG, Context, report
 
 DESCRIPTION = """\
 The operator's tool for thawd, the thaw host daemon: register, pin and inspect model
@@ -37,56 +32,6 @@ class Parser(argparse.ArgumentParser):
             exitcodes.USAGE,
             f"{PROG}: error: {message}; see `{self.prog} --help`\n",
         )
-
-
-@dataclasses.dataclass
-class Context:
-    """What a command gets: its arguments and where to write."""
-
-    args: argparse.Namespace
-    out: TextIO
-    err: TextIO
-
-    @property
-    def json(self) -> bool:
-        return bool(getattr(self.args, "json", False))
-
-    @property
-    def socket(self) -> str | None:
-        return getattr(self.args, "socket", None) or None
-
-    @property
-    def timeout(self) -> float:
-        return float(getattr(self.args, "timeout", DEFAULT_TIMEOUT_S))
-
-    @property
-    def command(self) -> str:
-        return str(getattr(self.args, "command", "") or "COMMAND")
-
-    def connect(self) -> Any:
-        """A client of thawd on --socket (or $THAW_SOCKET and the default paths), waiting
-        --timeout seconds at most for it to connect and for each short call; a socket that
-        cannot be thawd's says what is wrong with that path (thawctl/sockets.py)."""
-        import thaw
-        from thaw.client import default_socket
-        from thaw.errors import DaemonUnavailable
-
-        try:
-            return thaw.connect(self.socket, timeout=self.timeout)
-        except DaemonUnavailable as e:
-            from thawctl import sockets
-
-            path = self.socket or default_socket()
-            problem = sockets.problem(path)
-            if problem is None:
-                raise
-            raise DaemonUnavailable(f"no thawd at {path}: {problem.text}; {problem.hint}") from e
-
-    def print(self, text: str = "") -> None:
-        self.out.write(text + "\n")
-
-    def warn(self, text: str) -> None:
-        self.err.write(f"{PROG}: {text}\n")
 
 
 def common_parents() -> dict[str, argparse.ArgumentParser]:
@@ -178,7 +123,7 @@ def main(
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else exitcodes.USAGE
-    ctx = Context(args, out, err)
+    ctx = Context(args, out, err, parser)
     try:
         return int(args.func(ctx))
     except KeyboardInterrupt as e:
@@ -191,34 +136,6 @@ def main(
         return exitcodes.ERROR
     except Exception as e:
         return report(e, err, ctx.command)
-
-
-def report(exc: BaseException, err: TextIO, command: str = "") -> int:
-    """Print the one-line error for `exc` on `err`; return its exit code. Notes added to the
-    exception (`add_note`: what the command did before it failed) end the line."""
-    from thaw.errors import ThawError
-
-    code, hint = exitcodes.classify(exc, command)
-    missing = exitcodes.missing_module(exc, command)
-    if missing:
-        text = missing
-    elif not isinstance(exc, (ThawError, OSError, exitcodes.CommandError)):
-        if os.environ.get("THAWCTL_DEBUG"):
-            import traceback
-
-            traceback.print_exception(exc, file=err)
-        hint = (
-            "THAWCTL_DEBUG=1 prints the traceback; if it is not an installation problem, "
-            "please report it"
-        )
-        text = f"unexpected {type(exc).__name__}: {exitcodes.message(exc, '')}; {hint}"
-    else:
-        text = exitcodes.message(exc, hint)
-    for note in getattr(exc, "__notes__", ()):
-        text += "; " + " ".join(str(note).split())
-    err.write(f"{PROG}: error: {text}\n")
-    err.flush()
-    return code
 
 
 def _silence_stdout() -> None:

@@ -15,7 +15,7 @@ import argparse
 from typing import Any
 
 from thawctl import exitcodes
-from thawctl.cli import Context
+from thawctl.context import Context
 
 # How positionals complete, by metavar.
 NAMES_AND_FILES = "NAME|PATH"
@@ -40,9 +40,8 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def run_completion(ctx: Context) -> int:
-    from thawctl.cli import build_parser
-
-    model = describe(build_parser())
+    assert ctx.parser is not None  # thawctl/cli.py's main hands its parser over
+    model = describe(ctx.parser)
     ctx.out.write({"bash": bash, "zsh": zsh, "fish": fish}[ctx.args.shell](model))
     return exitcodes.OK
 

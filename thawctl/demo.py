@@ -9,7 +9,7 @@ import argparse
 from typing import Any
 
 from thawctl import exitcodes, render, schema
-from thawctl.cli import Context
+from thawctl.context import Context
 
 
 def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from thawctl import exitcodes, render
-from thawctl.cli import Context
+from thawctl.context import Context
 
 STATES = ("pass", "warn", "fail", "skip")
 PCI_DEVICES = "/sys/bus/pci/devices"
@@ -94,7 +94,7 @@ def diagnose(ctx: Context) -> list[Check]:
 
 
 def socket_check(path: str) -> Check:
-    from thaw import fdpass
+    from thaw.daemon import fdsocket
     from thawctl import sockets
 
     problem = sockets.problem(path)
@@ -103,7 +103,7 @@ def socket_check(path: str) -> Check:
     st = os.stat(path)
     owner, group = _user(st.st_uid), _group(st.st_gid)
     detail = f"{path}: a socket, mode {stat.S_IMODE(st.st_mode):o}, owner {owner}, group {group}"
-    fd_path = fdpass.fd_socket_path(path)
+    fd_path = fdsocket.fd_socket_path(path)
     unusable = [p for p in (path, fd_path) if not os.access(p, os.W_OK)]
     if unusable:
         return Check(
@@ -185,7 +185,7 @@ def _group(gid: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class _Daemon:
     check: Check
-    status: Any = None  # thaw.client.DaemonStatus when thawd answered
+    status: Any = None  # thaw.daemon.records.DaemonStatus when thawd answered
     snapshots: tuple[Any, ...] = ()
 
 
@@ -239,8 +239,13 @@ def memlock_check(status: Any) -> Check:
     if status.pool_kind == "vmm":
         # The CUDA driver pins the VMM pool itself; only memfd fallbacks and warm mappings
         # are mlocked.
-        return Check("memlock", "warn", detail + " (the VMM pool is pinned by the driver; "
-                     "warm mappings are mlocked under this limit)" + locked, UNIT_HINT)  # fmt: skip
+        return Check(
+            "memlock",
+            "warn",
+            detail + " (the VMM pool is pinned by the driver; "
+            "warm mappings are mlocked under this limit)" + locked,
+            UNIT_HINT,
+        )
     return Check(
         "memlock",
         "fail",
@@ -269,7 +274,7 @@ def vmm_check() -> Check:
     """Whether this host can create shareable CUDA VMM host memory: thawd's pinned pool (what
     engines map without pinning anything themselves)."""
     try:
-        from thaw import cuda, vmm
+        from thaw.mem import cuda, vmm
     except ImportError as e:
         return Check("vmm", "skip", f"no CUDA bindings here ({e.name or e})")
     count = cuda.device_count()
@@ -353,8 +358,9 @@ def _nvidia_smi_links() -> list[Link]:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return []
-    fields = ",".join(f"pcie.link.{q}" for q in ("gen.current", "gen.max", "width.current",
-                                                  "width.max"))  # fmt: skip
+    fields = ",".join(
+        f"pcie.link.{q}" for q in ("gen.current", "gen.max", "width.current", "width.max")
+    )
     try:
         out = subprocess.run(
             [exe, f"--query-gpu=index,{fields}", "--format=csv,noheader,nounits"],

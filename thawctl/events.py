@@ -12,15 +12,29 @@ import time
 from typing import Any
 
 from thawctl import exitcodes
-from thawctl.cli import Context
+from thawctl.context import Context
 
 # The kinds thawd emits (proto/thaw/v1/thawd.proto, Event.kind); --kind takes others too, so
 # that a newer thawd's kinds can be filtered by an older thawctl.
 KINDS = (
-    "registered", "unregistered", "pinned", "unpinned", "warmed", "demoted", "restore_started",
-    "restore_finished", "restore_failed", "freeze_started", "freeze_committed",
-    "freeze_written", "freeze_failed", "pin_failed", "verified", "verify_failed", "stopping",
-)  # fmt: skip
+    "registered",
+    "unregistered",
+    "pinned",
+    "unpinned",
+    "warmed",
+    "demoted",
+    "restore_started",
+    "restore_finished",
+    "restore_failed",
+    "freeze_started",
+    "freeze_committed",
+    "freeze_written",
+    "freeze_failed",
+    "pin_failed",
+    "verified",
+    "verify_failed",
+    "stopping",
+)
 # Metrics are not printed: asking for them rarely keeps the stream to the events.
 METRICS_PERIOD_S = 3600.0
 
@@ -40,8 +54,7 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         action="append",
         default=[],
         metavar="KIND",
-        help="only events of this kind (repeatable, or comma-separated): "
-        + ", ".join(KINDS),
+        help="only events of this kind (repeatable, or comma-separated): " + ", ".join(KINDS),
     )
     p.add_argument(
         "--json", action="store_true", help="one JSON object a line (schema: docs/THAWCTL.md)"
@@ -51,7 +64,7 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def run_events(ctx: Context) -> int:
-    from thaw.client import Event
+    from thaw.daemon.records import Event
 
     args = ctx.args
     kinds = {k.strip() for text in args.kind for k in text.split(",") if k.strip()}
@@ -111,4 +124,3 @@ def to_json(event: Any) -> dict[str, Any]:
         "bytes": event.bytes,
         "duration_s": event.duration_s,
     }
-

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from thawctl import exitcodes, render, schema
-from thawctl.cli import Context
+from thawctl.context import Context
 from thawctl.exitcodes import CommandError
 from thawctl.snapshots import add_label_option
 
@@ -128,7 +128,7 @@ def load_torch_model(model: str, dtype: str, device: str) -> Any:
     import torch
 
     if model == TINY:
-        from thaw import tiny
+        from thaw.demo import tiny
 
         model_ = tiny.build_model(seed=0, dtype="float32" if dtype == "auto" else dtype)
         return model_.to(device)  # type: ignore[arg-type]
@@ -166,14 +166,15 @@ def freeze_torch(args: argparse.Namespace) -> dict[str, Any]:
         )
     import torch
 
-    from thaw import datapath, freeze_file
+    from thaw import freeze_file
+    from thaw.copy import binding
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CommandError("--device cuda but torch sees no CUDA GPU; use --device cpu")
     started = time.perf_counter()
     model = load_torch_model(args.model, args.dtype, args.device)
     loaded = time.perf_counter() - started
-    fingerprint = datapath.describe(
+    fingerprint = binding.describe(
         model,
         engine="torch",
         model=args.model if args.model == TINY else _model_name(args.model),
@@ -322,7 +323,7 @@ def tiny_model_dir() -> str:
     A stable path: engines record the model path in the snapshot's fingerprint, and a later
     restore into an engine started from the same directory must match it.
     """
-    from thaw import tiny
+    from thaw.demo import tiny
 
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     path = Path(cache) / "thaw" / f"tiny-model-v{tiny.TINY_FORMAT_VERSION}"

@@ -16,6 +16,7 @@ from typing import Any
 from thaw import _native
 from thaw.errors import ChecksumMismatch
 from thaw.format import CHECKSUM_ALGORITHM, VERSION, Snapshot, open_snapshot
+from thaw.format.checksum import file_checksums
 
 # Reads of 64 MiB (four 16 MiB hash blocks): a chunk boundary is always a block boundary of
 # the tensor, so block hashes of consecutive chunks concatenate to the tensor's tree hash.
@@ -101,25 +102,28 @@ def verify_file(
     started = time.perf_counter()
     snap = open_snapshot(path)
     total = sum(t.length for t in snap.tensors)
-    buf = np.empty(min(CHUNK, max(total, 1)), dtype=np.uint8)
-    addr = int(buf.ctypes.data)
+    buf = np.empty(CHUNK, dtype=np.uint8)
     done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress is not None:
+            on_progress(done, total)
+
     mismatches = []
     fd = os.open(snap.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         _native.fadvise(fd, snap.payload_offset, snap.payload_length, _native.FADV_SEQUENTIAL)
-        for t in snap.tensors:
-            parts = []
-            for start in range(0, t.length, CHUNK):
-                n = min(CHUNK, t.length - start)
-                _native.pread_into(
-                    fd, addr, n, snap.payload_offset + t.offset + start, threads, 4 << 20
-                )
-                parts.append(_native.block_hashes(addr, n, threads))
-                done += n
-                if on_progress is not None:
-                    on_progress(done, total)
-            found = int(_native.xxh3(b"".join(parts)))
+        buffer = (int(buf.ctypes.data), CHUNK)
+        for t, found in file_checksums(
+            fd,
+            snap.payload_offset,
+            snap.tensors,
+            buffer,
+            threads,
+            on_bytes=advance,
+        ):
             if found != t.checksum:
                 mismatches.append(Mismatch(t.name, t.checksum, found))
     finally:

@@ -18,13 +18,13 @@ def known(value: Any) -> Any:
     NA is falsy but not None: `known()` turns it into JSON null and into "-" in tables, and
     keeps a real 0 a 0.
     """
-    from thaw.client import NA
+    from thaw.daemon import records
 
-    return None if value is NA else value
+    return records.known(value)
 
 
 def snapshot(r: Any) -> dict[str, Any]:
-    """A thaw.client.SnapshotRecord."""
+    """A thaw.daemon.records.SnapshotRecord."""
     fingerprint = known(r.fingerprint)
     return {
         "name": r.name,
@@ -61,7 +61,7 @@ def gpu(g: Any) -> dict[str, Any]:
 
 
 def status(s: Any) -> dict[str, Any]:
-    """A thaw.client.DaemonStatus."""
+    """A thaw.daemon.records.DaemonStatus."""
     return {
         "version": s.version,
         "api_version": s.api_version,
@@ -92,7 +92,7 @@ def pin_result(r: Any, seconds: float, moved: int) -> dict[str, Any]:
 
 
 def transfer(stats: Any) -> dict[str, Any]:
-    """A thaw.restore.TransferStats (freeze and restore timings)."""
+    """A thaw.copy.restore.TransferStats (freeze and restore timings)."""
     return {
         "bytes": stats.bytes,
         "seconds": round(stats.seconds, 6),

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from thawctl import exitcodes, render, schema
-from thawctl.cli import Context
+from thawctl.context import Context
 from thawctl.progress import Progress
 from thawctl.refs import looks_like_path
 
@@ -162,8 +162,7 @@ def require_file(path: str) -> None:
         raise FileNotFoundError(errno.ENOENT, "no such file", path)
 
 
-def register_path(ctx: Context, client: Any, path: str, name: str,
-                  labels: dict[str, str]) -> Any:  # fmt: skip
+def register_path(ctx: Context, client: Any, path: str, name: str, labels: dict[str, str]) -> Any:
     """Register `path`, refusing a file that is registered already unless a --name is given:
     a second name for one file is allowed only on purpose (its pins would hold the bytes
     twice), and then said."""
@@ -295,8 +294,14 @@ def fingerprint_summary(fp: dict[str, Any] | None) -> str:
         return "-"
     engine = "-".join(p for p in (fp.get("engine"), fp.get("engine_version")) if p)
     shard = f"tp{fp.get('tp_rank', 0)}of{fp['tp_size']}" if fp.get("tp_size", 1) > 1 else ""
-    parts = (fp.get("architecture"), fp.get("dtype"), fp.get("quantization"), engine, shard,
-             fp.get("model"))  # fmt: skip
+    parts = (
+        fp.get("architecture"),
+        fp.get("dtype"),
+        fp.get("quantization"),
+        engine,
+        shard,
+        fp.get("model"),
+    )
     return "/".join(p for p in parts if p) or "-"
 
 
@@ -423,8 +428,10 @@ def run_pin(ctx: Context) -> int:
             else:
                 name = existing.name
                 if args.name and args.name != name:
-                    ctx.warn(f"note: {ref} is registered as {name}: pinning {name} "
-                             "(--name applies to a file not registered yet)")  # fmt: skip
+                    ctx.warn(
+                        f"note: {ref} is registered as {name}: pinning {name} "
+                        "(--name applies to a file not registered yet)"
+                    )
         else:
             name = ref
         verb = "warming" if args.warm else "pinning"
@@ -509,8 +516,10 @@ def run_verify(ctx: Context) -> int:
         raise
     bar.finish(result.bytes, result.bytes, result.seconds)
     if ctx.json:
-        render.emit_json({**result.to_json(), "name": None, "daemon_checksum_state": None,
-                          "read_from": "file"}, ctx.out)  # fmt: skip
+        render.emit_json(
+            {**result.to_json(), "name": None, "daemon_checksum_state": None, "read_from": "file"},
+            ctx.out,
+        )
     elif result.ok:
         ctx.print(
             f"ok: {result.tensors} tensors verified, {render.size(result.bytes)} in "
@@ -520,7 +529,7 @@ def run_verify(ctx: Context) -> int:
         for m in result.mismatches:
             ctx.print(f"CORRUPT {m.tensor}: recorded {m.expected:016x}, computed {m.found:016x}")
     if not result.ok:
-        from thawctl.cli import report
+        from thawctl.context import report
 
         return report(result.error(), ctx.err)
     return exitcodes.OK
@@ -545,23 +554,32 @@ def _verify_in_daemon(ctx: Context, name: str) -> int:
         hexed = [f"{c:016x}" if c is not None else None for c in (error.expected, error.found)]
         mismatches.append({"tensor": error.tensor, "expected": hexed[0], "found": hexed[1]})
     if ctx.json:
-        render.emit_json({
-            "source": "daemon", "name": name, "path": record.path, "ok": error is None,
-            "tensor_count": record.tensor_count,
-            "bytes": result.bytes if error is None else 0,
-            "seconds": round(result.seconds, 6) if error is None else 0.0,
-            "read_from": result.source if error is None else None,
-            "mismatches": mismatches, "daemon_checksum_state": record.checksum_state,
-        }, ctx.out)  # fmt: skip
+        render.emit_json(
+            {
+                "source": "daemon",
+                "name": name,
+                "path": record.path,
+                "ok": error is None,
+                "tensor_count": record.tensor_count,
+                "bytes": result.bytes if error is None else 0,
+                "seconds": round(result.seconds, 6) if error is None else 0.0,
+                "read_from": result.source if error is None else None,
+                "mismatches": mismatches,
+                "daemon_checksum_state": record.checksum_state,
+            },
+            ctx.out,
+        )
     elif error is None:
-        ctx.print(f"ok: {record.tensor_count} tensors verified by thawd, "
-                  f"{render.size(result.bytes)} from its {result.source} in "
-                  f"{result.seconds:.2f}s")  # fmt: skip
+        ctx.print(
+            f"ok: {record.tensor_count} tensors verified by thawd, "
+            f"{render.size(result.bytes)} from its {result.source} in "
+            f"{result.seconds:.2f}s"
+        )
     else:
         for m in mismatches:
             ctx.print(f"CORRUPT {m['tensor']}: recorded {m['expected']}, computed {m['found']}")
     if error is not None:
-        from thawctl.cli import report
+        from thawctl.context import report
 
         return report(error, ctx.err)
     return exitcodes.OK

@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 
-from thaw import fdpass
+from thaw.daemon import fdsocket
 
 _KINDS = (
     (stat.S_ISREG, "a regular file"),
@@ -72,7 +72,7 @@ def problem(path: str) -> Problem | None:
         return Problem(f"{path} is a socket of another kind than thawd's gRPC socket", NOT_THAWD)
     if refused is not None:
         return Problem(f"cannot connect to {path}: {os.strerror(refused)}", NOT_THAWD)
-    fd_path = fdpass.fd_socket_path(path)
+    fd_path = fdsocket.fd_socket_path(path)
     if not os.path.exists(fd_path):
         return Problem(
             f"{path} accepts connections but is not thawd's: thawd keeps its fd socket "

@@ -22,9 +22,14 @@ def human(n: int) -> str:
 
 
 class Budgets:
-    def __init__(self, limits: Callable[[], tuple[int, int]], entries: Iterable[Entry],
-                 freezing: Callable[[], int], arena: VmmArena | None,
-                 on_demote: Callable[[Entry, str], None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        limits: Callable[[], tuple[int, int]],
+        entries: Iterable[Entry],
+        freezing: Callable[[], int],
+        arena: VmmArena | None,
+        on_demote: Callable[[Entry, str], None],
+    ) -> None:
         """`limits()`: the (pinned, warm) budgets now (a reload may change them);
         `freezing()`: bytes of freeze buffers being filled; `on_demote(entry, why)`: an entry
         was dropped to cold to make room."""

@@ -80,7 +80,7 @@ class Config:
 
     @property
     def fd_socket(self) -> str:
-        from thaw.fdpass import fd_socket_path
+        from thaw.daemon.fdsocket import fd_socket_path
 
         return fd_socket_path(self.socket)
 

@@ -69,10 +69,12 @@ class Entry:
         """The snapshot's file, or the reason there is none as an exception."""
         if self.file is None:
             if self.file_pending:
-                raise InvalidRequest(f"snapshot {self.row.name!r} is still being written to "
-                                     "disk; retry")  # fmt: skip
-            raise SnapshotChanged(f"snapshot {self.row.name!r} has no usable file: "
-                                  f"{self.row.error or 'unknown'}")  # fmt: skip
+                raise InvalidRequest(
+                    f"snapshot {self.row.name!r} is still being written to disk; retry"
+                )
+            raise SnapshotChanged(
+                f"snapshot {self.row.name!r} has no usable file: {self.row.error or 'unknown'}"
+            )
         return self.file
 
     def drop_file(self, why: str) -> None:
@@ -133,17 +135,27 @@ class Entry:
             resident = 0
         m = self.manifest
         return pb.Snapshot(
-            name=self.row.name, path=self.row.path, labels=self.row.labels,
-            tier=TIERS[self.tier], wanted_tier=TIERS[self.row.wanted_tier],
-            size_bytes=self.payload_length, file_bytes=self.file_length,
-            resident_bytes=resident, last_used_unix=self.row.last_used, clients=self.clients,
-            restores=self.row.restores, checksum_state=CHECKSUM_STATES[self.row.checksum_state],
+            name=self.row.name,
+            path=self.row.path,
+            labels=self.row.labels,
+            tier=TIERS[self.tier],
+            wanted_tier=TIERS[self.row.wanted_tier],
+            size_bytes=self.payload_length,
+            file_bytes=self.file_length,
+            resident_bytes=resident,
+            last_used_unix=self.row.last_used,
+            clients=self.clients,
+            restores=self.row.restores,
+            checksum_state=CHECKSUM_STATES[self.row.checksum_state],
             fingerprint_json=json.dumps(m.fingerprint.to_json()) if m else "",
-            tensor_count=len(m.tensors) if m else 0, registered_unix=self.row.registered,
-            error=self.row.error, file_pending=self.file_pending, owner_uid=self.row.owner_uid,
+            tensor_count=len(m.tensors) if m else 0,
+            registered_unix=self.row.registered,
+            error=self.row.error,
+            file_pending=self.file_pending,
+            owner_uid=self.row.owner_uid,
             # A frozen snapshot's checksums exist once its write began hashing: no id before.
             content_id=m.content_id if m and not self.file_pending else "",
-        )  # fmt: skip
+        )
 
     def prepare(self) -> None:
         """Build the manifest's response now (on a worker thread: 262,144 tensor messages take
@@ -163,7 +175,8 @@ class Entry:
         if self._manifest_pb is None or self._manifest_pb[0] is not self.manifest:
             built = pb.OpenRestoreResponse(
                 tensors=[entry_pb(t) for t in self.manifest.tensors],
-                fingerprint_json=json.dumps(self.manifest.fingerprint.to_json()))  # fmt: skip
+                fingerprint_json=json.dumps(self.manifest.fingerprint.to_json()),
+            )
             self._manifest_pb = (self.manifest, built)
         return self._manifest_pb[1]
 
@@ -175,5 +188,11 @@ class Entry:
 
 
 def entry_pb(t: TensorEntry) -> pb.TensorEntry:
-    return pb.TensorEntry(name=t.name, dtype=t.dtype, shape=list(t.shape), offset=t.offset,
-                          length=t.length, checksum=t.checksum)  # fmt: skip
+    return pb.TensorEntry(
+        name=t.name,
+        dtype=t.dtype,
+        shape=list(t.shape),
+        offset=t.offset,
+        length=t.length,
+        checksum=t.checksum,
+    )

@@ -1,6 +1,6 @@
 """The fd socket server: authenticates peers by SO_PEERCRED and hands out memory fds.
 
-Protocol in thaw/fdpass.py. One connection per client: its first message is usually "auth"
+Protocol in thaw/fdsocket.py. One connection per client: its first message is usually "auth"
 (a token for gRPC metadata, valid while this connection lives); "fd" redeems a session
 opened over gRPC, only for the uid that opened it; "open" and "close" open and end restore
 sessions as the OpenRestore and CloseRestore calls do, at a tenth of a gRPC call's latency
@@ -21,8 +21,8 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from thaw import fdpass
 from thaw._proto import thawd_pb2 as pb
+from thaw.daemon import fdsocket
 from thaw.errors import DaemonUnavailable, InvalidRequest, PermissionDenied, ThawError
 from thawd.security import AllowList, Peer, Tokens
 from thawd.state import Daemon
@@ -77,14 +77,14 @@ class FdServer:
         loop = asyncio.get_running_loop()
         token = ""
         try:
-            pid, uid, gid = fdpass.peer_credentials(conn)
+            pid, uid, gid = fdsocket.peer_credentials(conn)
             peer = Peer.from_credentials(pid, uid, gid)
             while True:
-                data = await loop.sock_recv(conn, fdpass.MAX_MESSAGE)
+                data = await loop.sock_recv(conn, fdsocket.MAX_MESSAGE)
                 if not data:
                     return
                 try:
-                    message = fdpass.decode(data)
+                    message = fdsocket.decode(data)
                     self.allow.check(peer)
                     op = message.get("op")
                     if op == "auth":
@@ -92,46 +92,78 @@ class FdServer:
                         reply = {"ok": True, "token": token, "uid": uid, "gid": gid, "pid": pid}
                         arena = self.daemon.restores.shared_arena() if self.daemon else None
                         if arena is not None and arena.chunks:
-                            reply["pool"] = {"id": arena.id, "chunk": arena.chunk,
-                                             "chunks": len(arena.chunks)}  # fmt: skip
-                        fdpass.send(conn, reply)
+                            reply["pool"] = {
+                                "id": arena.id,
+                                "chunk": arena.chunk,
+                                "chunks": len(arena.chunks),
+                            }
+                        fdsocket.send(conn, reply)
                     elif op == "open":
                         reply = await self._open_restores(peer, token, message.get("restores"))
-                        fdpass.send(conn, reply)
+                        fdsocket.send(conn, reply)
                     elif op == "close":
                         assert self.daemon is not None
                         self._close_sessions(peer, message.get("sessions", []))
-                        fdpass.send(conn, {"ok": True})
+                        fdsocket.send(conn, {"ok": True})
                     elif op == "pool":
                         assert self.daemon is not None
                         start = _integer(message, "start", 0, 1 << 31)
-                        fds, sizes, pool_id = self.daemon.restores.pool_fds(start, fdpass.MAX_FDS)
-                        _hand_over(conn, {"ok": True, "pool": pool_id, "start": start,
-                                          "sizes": sizes}, fds)  # fmt: skip
+                        fds, sizes, pool_id = self.daemon.restores.pool_fds(start, fdsocket.MAX_FDS)
+                        _hand_over(
+                            conn, {"ok": True, "pool": pool_id, "start": start, "sizes": sizes}, fds
+                        )
                     elif op == "fd":
                         assert self.daemon is not None
                         t0 = time.perf_counter()
                         fds, sizes, kind, buffer_id = self.daemon.restores.redeem(
                             _text(message, "session", 64), uid
                         )
-                        _hand_over(conn, {"ok": True, "sizes": sizes, "kind": kind,
-                                          "buffer": buffer_id}, fds)  # fmt: skip
-                        log.debug("fd socket: %d fds to pid %d in %.2f ms", len(fds), pid,
-                                  (time.perf_counter() - t0) * 1e3)  # fmt: skip
+                        _hand_over(
+                            conn,
+                            {"ok": True, "sizes": sizes, "kind": kind, "buffer": buffer_id},
+                            fds,
+                        )
+                        log.debug(
+                            "fd socket: %d fds to pid %d in %.2f ms",
+                            len(fds),
+                            pid,
+                            (time.perf_counter() - t0) * 1e3,
+                        )
                     else:
-                        fdpass.send(conn, {"ok": False, "error": "InvalidRequest",
-                                           "message": f"unknown op {op!r}"})  # fmt: skip
+                        fdsocket.send(
+                            conn,
+                            {
+                                "ok": False,
+                                "error": "InvalidRequest",
+                                "message": f"unknown op {op!r}",
+                            },
+                        )
                 except ThawError as e:
-                    _refusals.log(log, logging.INFO, "fd socket: pid %d uid %d refused: %s",
-                                  pid, uid, str(e)[:300])  # fmt: skip
-                    fdpass.send(conn, {"ok": False, "error": type(e).__name__, "message": str(e)})
+                    _refusals.log(
+                        log,
+                        logging.INFO,
+                        "fd socket: pid %d uid %d refused: %s",
+                        pid,
+                        uid,
+                        str(e)[:300],
+                    )
+                    fdsocket.send(conn, {"ok": False, "error": type(e).__name__, "message": str(e)})
                 except (ValueError, TypeError, OverflowError, RecursionError, DecodeError) as e:
                     # A malformed message (fields are checked above; this is the backstop).
-                    _refusals.log(log, logging.INFO, "fd socket: pid %d uid %d sent a malformed "
-                                  "message: %s", pid, uid, str(e)[:300])  # fmt: skip
-                    reply = {"ok": False, "error": "InvalidRequest",
-                             "message": f"malformed message: {str(e)[:300]}"}  # fmt: skip
-                    fdpass.send(conn, reply)
+                    _refusals.log(
+                        log,
+                        logging.INFO,
+                        "fd socket: pid %d uid %d sent a malformed message: %s",
+                        pid,
+                        uid,
+                        str(e)[:300],
+                    )
+                    reply = {
+                        "ok": False,
+                        "error": "InvalidRequest",
+                        "message": f"malformed message: {str(e)[:300]}",
+                    }
+                    fdsocket.send(conn, reply)
         except (ConnectionError, OSError) as e:
             log.debug("fd socket connection ended: %s", e)
         finally:
@@ -143,7 +175,7 @@ class FdServer:
 
     async def _open_restores(self, peer: Peer, token: str, restores: Any) -> dict[str, Any]:
         """OpenRestore for each serialized request, the responses in one reply. A batch whose
-        manifests would not fit one packet is refused before anything opens (fdpass.TOO_LARGE):
+        manifests would not fit one packet is refused before anything opens (fdsocket.TOO_LARGE):
         the client opens it over gRPC."""
         assert self.daemon is not None and self.stopping is not None
         if not token:
@@ -152,17 +184,23 @@ class FdServer:
             raise DaemonUnavailable("thawd is stopping; retry once it is back")
         if (
             not isinstance(restores, list)
-            or not 0 < len(restores) <= fdpass.MAX_OPENS
+            or not 0 < len(restores) <= fdsocket.MAX_OPENS
             or not all(isinstance(r, str) for r in restores)
         ):
-            raise InvalidRequest(f"open: restores must be a list of 1 to {fdpass.MAX_OPENS} "
-                                 "serialized OpenRestoreRequests")  # fmt: skip
-        requests = [pb.OpenRestoreRequest.FromString(base64.b64decode(r, validate=True))
-                    for r in restores]  # fmt: skip
+            raise InvalidRequest(
+                f"open: restores must be a list of 1 to {fdsocket.MAX_OPENS} "
+                "serialized OpenRestoreRequests"
+            )
+        requests = [
+            pb.OpenRestoreRequest.FromString(base64.b64decode(r, validate=True)) for r in restores
+        ]
         sizes = [self.daemon.restores.open_size(r.name) for r in requests]
-        if fdpass.open_reply_size(sizes) > fdpass.MAX_MESSAGE:
-            return {"ok": False, "error": fdpass.TOO_LARGE,
-                    "message": "the manifests do not fit one packet: open over gRPC"}  # fmt: skip
+        if fdsocket.open_reply_size(sizes) > fdsocket.MAX_MESSAGE:
+            return {
+                "ok": False,
+                "error": fdsocket.TOO_LARGE,
+                "message": "the manifests do not fit one packet: open over gRPC",
+            }
         opened: list[pb.OpenRestoreResponse] = []
         try:
             for request in requests:
@@ -172,20 +210,29 @@ class FdServer:
             for o in opened:
                 self.daemon.restores.close(peer, o.session_id, False, 0, 0.0, why)
             raise
-        return {"ok": True, "opened": [base64.b64encode(o.SerializeToString()).decode()
-                                       for o in opened]}  # fmt: skip
+        return {
+            "ok": True,
+            "opened": [base64.b64encode(o.SerializeToString()).decode() for o in opened],
+        }
 
     def _close_sessions(self, peer: Peer, sessions: list[dict[str, Any]]) -> None:
         """End each restore session (as CloseRestore), then raise the first refusal."""
         assert self.daemon is not None
         if not isinstance(sessions, list) or not all(isinstance(s, dict) for s in sessions):
             raise InvalidRequest("close: sessions must be a list of {id, ok, bytes, ...}")
-        if len(sessions) > fdpass.MAX_CLOSES:
-            raise InvalidRequest(f"close: at most {fdpass.MAX_CLOSES} sessions per message")
+        if len(sessions) > fdsocket.MAX_CLOSES:
+            raise InvalidRequest(f"close: at most {fdsocket.MAX_CLOSES} sessions per message")
         # Every field checked before any session ends: a bad one refuses the whole message.
-        closes = [(_text(s, "id", 64), s.get("ok") is True, _integer(s, "bytes", 0, 1 << 63),
-                   _number(s, "seconds", 1e9), _text(s, "error", 1 << 16, "")[:1000])
-                  for s in sessions]  # fmt: skip
+        closes = [
+            (
+                _text(s, "id", 64),
+                s.get("ok") is True,
+                _integer(s, "bytes", 0, 1 << 63),
+                _number(s, "seconds", 1e9),
+                _text(s, "error", 1 << 16, "")[:1000],
+            )
+            for s in sessions
+        ]
         first: ThawError | None = None
         for session_id, ok, nbytes, seconds, error in closes:
             try:
@@ -236,7 +283,7 @@ def _text(message: dict[str, Any], key: str, bound: int, default: str | None = N
 def _hand_over(conn: socket.socket, reply: dict[str, Any], fds: list[int]) -> None:
     """Send `reply` with `fds` attached (the peer gets its own duplicates), then close ours."""
     try:
-        fdpass.send(conn, reply, fds)
+        fdsocket.send(conn, reply, fds)
     finally:
         for fd in fds:
             os.close(fd)

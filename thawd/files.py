@@ -23,9 +23,9 @@ import os
 import stat
 from collections.abc import Sequence
 
-from thaw import _native
 from thaw.errors import ChecksumMismatch, SnapshotChanged
 from thaw.format import Snapshot, TensorEntry, read_snapshot
+from thaw.format.checksum import file_checksums
 
 # Verifying a file reads it through a scratch buffer of this size: a multiple of the 16 MiB
 # hash block, so a tensor's block hashes come out piece by piece.
@@ -158,15 +158,9 @@ def verify_file(file: SnapshotFile, tensors: Sequence[TensorEntry], threads: int
     view = ctypes.c_char.from_buffer(scratch)
     fd, align = file.direct()
     try:
-        addr = ctypes.addressof(view)
+        buffer = (ctypes.addressof(view), SCRATCH)
         base = file.snapshot.payload_offset
-        for t in tensors:
-            digests = []
-            for at in range(0, t.length, SCRATCH):
-                n = min(SCRATCH, t.length - at)
-                digests += _native.pread_hashed(fd, [addr], [base + t.offset + at], [n], threads,
-                                                align)  # fmt: skip
-            found = _native.xxh3(b"".join(digests))
+        for t, found in file_checksums(fd, base, tensors, buffer, threads, direct=bool(align)):
             if found != t.checksum:
                 raise ChecksumMismatch(file.path, t.name, t.checksum, found)
     finally:

@@ -19,13 +19,11 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from thaw import _native
 from thaw._proto import thawd_pb2 as pb
-from thaw.dtypes import DTYPES
 from thaw.errors import AlreadyExists, DaemonError, InvalidRequest
-from thaw.fingerprint import Fingerprint
 from thaw.format import (
     MAX_NAME,
     MAX_NDIM,
@@ -37,6 +35,9 @@ from thaw.format import (
     TensorEntry,
     layout,
 )
+from thaw.format.checksum import checksum
+from thaw.format.dtypes import DTYPES
+from thaw.format.fingerprint import Fingerprint
 from thawd import paths
 from thawd.buffers import PoolBuffer
 from thawd.entries import POOL_KINDS, Entry, entry_pb
@@ -79,8 +80,9 @@ class Freezes:
         self.d = daemon
         self.writing: set[asyncio.Task[None]] = set()
 
-    async def begin(self, peer: Peer, token: str,
-                    request: pb.BeginFreezeRequest) -> pb.BeginFreezeResponse:  # fmt: skip
+    async def begin(
+        self, peer: Peer, token: str, request: pb.BeginFreezeRequest
+    ) -> pb.BeginFreezeResponse:
         d = self.d
         name = validate_name(request.name)
         labels = validate_labels(dict(request.labels))
@@ -116,9 +118,12 @@ class Freezes:
 
         def response() -> pb.BeginFreezeResponse:
             return pb.BeginFreezeResponse(
-                session_id=session.id, pool_kind=POOL_KINDS[buf.kind], pool_size=buf.size,
-                tensors=[entry_pb(t) for t in entries], path=target.path,
-            )  # fmt: skip
+                session_id=session.id,
+                pool_kind=POOL_KINDS[buf.kind],
+                pool_size=buf.size,
+                tensors=[entry_pb(t) for t in entries],
+                path=target.path,
+            )
 
         if len(entries) > MANY_TENSORS:
             return await asyncio.to_thread(response)
@@ -126,8 +131,9 @@ class Freezes:
 
     def _check_free(self, name: str) -> None:
         d = self.d
-        if name in d.entries or any(s.kind == "freeze" and s.name == name
-                                    for s in d.sessions.values()):  # fmt: skip
+        if name in d.entries or any(
+            s.kind == "freeze" and s.name == name for s in d.sessions.values()
+        ):
             raise AlreadyExists(f"a snapshot named {name!r} is already registered or being frozen")
 
     def _target(self, peer: Peer, name: str, path: str) -> Target:
@@ -151,8 +157,9 @@ class Freezes:
         target.close()
         raise AlreadyExists(f"{target.path} exists; remove it or choose another path")
 
-    async def copy_out(self, peer: Peer, token: str,
-                       request: pb.DaemonCopyRequest) -> pb.DaemonCopyResponse:  # fmt: skip
+    async def copy_out(
+        self, peer: Peer, token: str, request: pb.DaemonCopyRequest
+    ) -> pb.DaemonCopyResponse:
         """CUDA IPC mode of a freeze: copy the client's GPU tensors into the session's buffer."""
         d = self.d
         session = d.restores.session(peer, request.session_id, "freeze")
@@ -161,8 +168,9 @@ class Freezes:
             raise InvalidRequest("CUDA IPC copies need thawd's VMM pool (a GPU host)")
         session.copying += 1  # an abort or a disconnect leaves the buffer to the last copy
         try:
-            nbytes, seconds = await daemon_copy(d, token, request, buf.addr, session.entries,
-                                                to_host=True)  # fmt: skip
+            nbytes, seconds = await daemon_copy(
+                d, token, request, buf.addr, session.entries, to_host=True
+            )
         finally:
             session.copying -= 1
             if d.sessions.get(session.id) is not session and not session.copying:
@@ -189,18 +197,34 @@ class Freezes:
             buf.close()
             target.close()
             d.events.publish("freeze_failed", session.name, "the client kept it mapped")
-            raise InvalidRequest("the freeze buffer is still mapped writable by the client: "
-                                 "unmap it before CommitFreeze") from e  # fmt: skip
+            raise InvalidRequest(
+                "the freeze buffer is still mapped writable by the client: "
+                "unmap it before CommitFreeze"
+            ) from e
         manifest = Manifest(session.fingerprint, tuple(session.entries))  # checksums to come
         row = new_row(session.name, target.path, session.labels, peer.uid)
         row.wanted_tier = "pinned" if session.pin else "cold"
         row.state = "writing"  # until the file is durable: a restart forgets such a row
-        entry = Entry(row, None, manifest, PAYLOAD_OFFSET, manifest.payload_length, 0, "pinned",
-                      buf, file_pending=True)  # fmt: skip
+        entry = Entry(
+            row,
+            None,
+            manifest,
+            PAYLOAD_OFFSET,
+            manifest.payload_length,
+            0,
+            "pinned",
+            buf,
+            file_pending=True,
+        )
         d.entries[row.name] = entry
         await d.save(entry)
-        d.events.publish("freeze_committed", row.name, target.path, entry.payload_length,
-                         time.monotonic() - session.started)  # fmt: skip
+        d.events.publish(
+            "freeze_committed",
+            row.name,
+            target.path,
+            entry.payload_length,
+            time.monotonic() - session.started,
+        )
         task = asyncio.ensure_future(self._write(entry, target))
         self.writing.add(task)
         task.add_done_callback(self.writing.discard)
@@ -220,14 +244,14 @@ class Freezes:
         t0 = time.monotonic()
 
         def work() -> SnapshotFile:
-            checksums = [_native.tree_hash(buf.addr + t.offset, t.length, threads)
-                         for t in manifest.tensors]  # fmt: skip
+            checksums = [checksum(buf.addr + t.offset, t.length, threads) for t in manifest.tensors]
             pairs = zip(manifest.tensors, checksums, strict=True)
             tensors = tuple(dataclasses.replace(t, checksum=c) for t, c in pairs)
             entry.manifest = Manifest(manifest.fingerprint, tensors)
             entry.row.checksum_state = "verified"
-            with SnapshotWriter(target.name, manifest.tensors, dir_fd=target.dir_fd,
-                                replace=False) as w:  # fmt: skip
+            with SnapshotWriter(
+                target.name, manifest.tensors, dir_fd=target.dir_fd, replace=False
+            ) as w:
                 if w.payload_length:
                     w.write_at(0, buf.addr, w.payload_length, threads)
                 w.commit(manifest.fingerprint, checksums)
@@ -243,9 +267,11 @@ class Freezes:
             file = await asyncio.to_thread(work)
         except Exception as e:
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            entry.row.error = (f"its file {target.path} could not be written ({why}): it is held "
-                               "in memory only, until thawd stops; free space and freeze it "
-                               "again, or unregister it")  # fmt: skip
+            entry.row.error = (
+                f"its file {target.path} could not be written ({why}): it is held "
+                "in memory only, until thawd stops; free space and freeze it "
+                "again, or unregister it"
+            )
             d.registry.remove(entry.row.name)  # nothing of it outlives this daemon
             d.events.publish("freeze_failed", entry.row.name, entry.row.error)
             log.error("freeze of %s: %s", entry.row.name, entry.row.error)
@@ -253,8 +279,13 @@ class Freezes:
             entry.attach(file)
             entry.row.state = "ready"
             d.save(entry)
-            d.events.publish("freeze_written", entry.row.name, target.path, entry.file_length,
-                             time.monotonic() - t0)  # fmt: skip
+            d.events.publish(
+                "freeze_written",
+                entry.row.name,
+                target.path,
+                entry.file_length,
+                time.monotonic() - t0,
+            )
         finally:
             entry.file_pending = False
             target.close()
@@ -275,8 +306,8 @@ class Freezes:
                 path.unlink(missing_ok=True)
 
 
-def _layout(specs: builtins.list[pb.TensorSpec]) -> builtins.list[TensorEntry]:
-    """Check a freeze's tensor specs as the snapshot reader will (thaw/format.py), then lay
+def _layout(specs: Sequence[pb.TensorSpec]) -> builtins.list[TensorEntry]:
+    """Check a freeze's tensor specs as the snapshot reader will (thaw/format/), then lay
     them out: every refusal is InvalidRequest naming the tensor."""
     if not specs:
         raise InvalidRequest("a freeze needs at least one tensor")

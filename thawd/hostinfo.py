@@ -47,8 +47,9 @@ def gpus() -> list[pb.Gpu]:
                 else str(prop.name)
             )
             bus = f"{prop.pciDomainID:04x}:{prop.pciBusID:02x}:{prop.pciDeviceID:02x}.0"
-            out.append(pb.Gpu(index=i, name=name, memory_total=int(prop.totalGlobalMem),
-                              link=_link(bus)))  # fmt: skip
+            out.append(
+                pb.Gpu(index=i, name=name, memory_total=int(prop.totalGlobalMem), link=_link(bus))
+            )
         return out
     except Exception as e:  # no driver, no device, old bindings: a host without GPUs
         log.info("no GPUs: %s", e)

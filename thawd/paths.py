@@ -59,18 +59,24 @@ def open_file(peer: Peer, path: str) -> Opened:
         if stat.S_ISDIR(found.st.st_mode):
             raise InvalidRequest(f"{path}: is a directory, not a snapshot file")
         if not stat.S_ISREG(found.st.st_mode):
-            raise InvalidRequest(f"{path}: not a regular file (a FIFO, socket or device); "
-                                 "thawd opens regular files only")  # fmt: skip
+            raise InvalidRequest(
+                f"{path}: not a regular file (a FIFO, socket or device); "
+                "thawd opens regular files only"
+            )
         if not may(peer, found.st, READ, found.fd):
-            raise PermissionDenied(f"uid {peer.uid} may not read {path}: thawd only uses "
-                                   "files its caller could read itself")  # fmt: skip
+            raise PermissionDenied(
+                f"uid {peer.uid} may not read {path}: thawd only uses "
+                "files its caller could read itself"
+            )
         # The O_PATH fd's magic link reopens that very inode: no name is looked up again.
         flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         try:
             fd = os.open(f"/proc/self/fd/{found.fd}", flags)
         except PermissionError:
-            raise PermissionDenied(f"thawd (uid {os.getuid()}) cannot read {path}: make it "
-                                   "readable by the thawd user or group") from None  # fmt: skip
+            raise PermissionDenied(
+                f"thawd (uid {os.getuid()}) cannot read {path}: make it "
+                "readable by the thawd user or group"
+            ) from None
         return Opened(fd, os.fstat(fd), found.path)
     finally:
         os.close(found.fd)
@@ -149,8 +155,9 @@ def _walk(peer: Peer, path: str) -> Opened:
             name = todo.popleft()
             directory = stack[-1][0]
             if not may(peer, os.fstat(directory), SEARCH, directory):
-                raise PermissionDenied(f"uid {peer.uid} may not search "
-                                       f"{_join(stack)} (on the way to {path})")  # fmt: skip
+                raise PermissionDenied(
+                    f"uid {peer.uid} may not search {_join(stack)} (on the way to {path})"
+                )
             if name == "..":
                 if len(stack) > 1:
                     os.close(stack.pop()[0])
@@ -197,8 +204,10 @@ def _lookup(directory: int, name: str, path: str) -> int:
     except FileNotFoundError:
         raise InvalidRequest(f"{path}: no such file or directory") from None
     except PermissionError:
-        raise PermissionDenied(f"thawd (uid {os.getuid()}) cannot reach {path}: make its "
-                               "directories searchable by the thawd user") from None  # fmt: skip
+        raise PermissionDenied(
+            f"thawd (uid {os.getuid()}) cannot reach {path}: make its "
+            "directories searchable by the thawd user"
+        ) from None
     except NotADirectoryError:
         raise InvalidRequest(f"{path}: a component is not a directory") from None
 

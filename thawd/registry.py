@@ -59,9 +59,18 @@ COLUMNS = (
     ("state", "TEXT NOT NULL DEFAULT 'ready'"),
 )
 FIELDS = (
-    "name", "path", "labels", "wanted_tier", "checksum_state", "error", "owner_uid",
-    "registered", "restores", "last_used", *(c for c, _ in COLUMNS),
-)  # fmt: skip
+    "name",
+    "path",
+    "labels",
+    "wanted_tier",
+    "checksum_state",
+    "error",
+    "owner_uid",
+    "registered",
+    "restores",
+    "last_used",
+    *(c for c, _ in COLUMNS),
+)
 
 
 @dataclasses.dataclass
@@ -84,8 +93,10 @@ class Row:
     state: str = "ready"  # ready | writing
 
     def values(self) -> tuple[object, ...]:
-        return tuple(json.dumps(v) if f == "labels" else v
-                     for f, v in zip(FIELDS, dataclasses.astuple(self), strict=True))  # fmt: skip
+        return tuple(
+            json.dumps(v) if f == "labels" else v
+            for f, v in zip(FIELDS, dataclasses.astuple(self), strict=True)
+        )
 
 
 class Registry:
@@ -174,8 +185,10 @@ class Registry:
                         if not w.done():
                             w.set_result(True)
 
-    def _write(self, batch: dict[str, tuple[Row | None, list[concurrent.futures.Future[bool]]]],
-               ) -> None:  # fmt: skip
+    def _write(
+        self,
+        batch: dict[str, tuple[Row | None, list[concurrent.futures.Future[bool]]]],
+    ) -> None:
         placeholders = ", ".join("?" * len(FIELDS))
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -183,19 +196,27 @@ class Registry:
                 if row is None:
                     self._db.execute("DELETE FROM snapshots WHERE name=?", (name,))
                 else:
-                    self._db.execute(f"INSERT OR REPLACE INTO snapshots ({', '.join(FIELDS)}) "
-                                     f"VALUES ({placeholders})", row.values())  # fmt: skip
+                    self._db.execute(
+                        f"INSERT OR REPLACE INTO snapshots ({', '.join(FIELDS)}) "
+                        f"VALUES ({placeholders})",
+                        row.values(),
+                    )
             self._db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
             raise
 
-    def _failed(self, batch: dict[str, tuple[Row | None, list[concurrent.futures.Future[bool]]]],
-                error: str) -> None:  # fmt: skip
+    def _failed(
+        self, batch: dict[str, tuple[Row | None, list[concurrent.futures.Future[bool]]]], error: str
+    ) -> None:
         if error != self._failing:  # one line per new error, not one per retry
-            log.warning("registry write failed (%s): %d change(s) kept in memory, retried every "
-                        "%.0f s", error, len(batch), RETRY_S)  # fmt: skip
+            log.warning(
+                "registry write failed (%s): %d change(s) kept in memory, retried every %.0f s",
+                error,
+                len(batch),
+                RETRY_S,
+            )
         self._failing = error
         for _, waiters in batch.values():
             for w in waiters:
@@ -210,8 +231,11 @@ class Registry:
             self._cond.notify()
         self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._pending:
-            log.error("registry: %d change(s) could not be written before exit (%s)",
-                      len(self._pending), self._failing or "timeout")  # fmt: skip
+            log.error(
+                "registry: %d change(s) could not be written before exit (%s)",
+                len(self._pending),
+                self._failing or "timeout",
+            )
         self._db.close()
 
 

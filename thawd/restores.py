@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from thaw._proto import thawd_pb2 as pb
 from thaw.errors import InvalidRequest, NotFound, PermissionDenied
-from thaw.fingerprint import Fingerprint
 from thaw.format import TensorEntry
+from thaw.format.fingerprint import Fingerprint
 from thawd.budgets import human
 from thawd.buffers import PoolBuffer, VmmArena
 from thawd.entries import POOL_KINDS, TIERS
@@ -73,8 +73,9 @@ class Restores:
         self._unsaved: set[str] = set()
         self._save_handle: asyncio.TimerHandle | None = None
 
-    async def open(self, peer: Peer, token: str,
-                   request: pb.OpenRestoreRequest) -> pb.OpenRestoreResponse:  # fmt: skip
+    async def open(
+        self, peer: Peer, token: str, request: pb.OpenRestoreRequest
+    ) -> pb.OpenRestoreResponse:
         """A restore session for `request.name`, for anyone the allow-list admits."""
         d = self.d
         name = request.name
@@ -92,8 +93,10 @@ class Restores:
             and (request.daemon_copy or (not d.config.share_pool and request.can_daemon_copy))
         ):
             delivery = pb.DELIVERY_DAEMON_COPY
-        elif pool is not None and (pool.kind == "memfd" or d.config.share_pool) and (
-            not request.daemon_copy
+        elif (
+            pool is not None
+            and (pool.kind == "memfd" or d.config.share_pool)
+            and (not request.daemon_copy)
         ):
             delivery = pb.DELIVERY_FDS
             if request.mapped_buffer == pool.id:
@@ -124,37 +127,51 @@ class Restores:
         entry.clients += 1
         entry.row.last_used = time.time()
         # After the reply: the event's log line is not the client's to wait for.
-        asyncio.get_running_loop().call_soon(d.events.publish, "restore_started", name,
-                                             f"pid {peer.pid} uid {peer.uid}")  # fmt: skip
+        asyncio.get_running_loop().call_soon(
+            d.events.publish, "restore_started", name, f"pid {peer.pid} uid {peer.uid}"
+        )
         response = entry.manifest_pb()
-        response.MergeFrom(pb.OpenRestoreResponse(
-            session_id=session.id, tier=TIERS[entry.tier], pool_kind=POOL_KINDS[kind],
-            pool_size=size, payload_offset=offset, payload_length=entry.payload_length,
-            path=entry.row.path, delivery=delivery, buffer_id=buffer_id,
-            pool_offset=pool_offset,
-        ))  # fmt: skip
+        response.MergeFrom(
+            pb.OpenRestoreResponse(
+                session_id=session.id,
+                tier=TIERS[entry.tier],
+                pool_kind=POOL_KINDS[kind],
+                pool_size=size,
+                payload_offset=offset,
+                payload_length=entry.payload_length,
+                path=entry.row.path,
+                delivery=delivery,
+                buffer_id=buffer_id,
+                pool_offset=pool_offset,
+            )
+        )
         return response
 
-    async def copy_into(self, peer: Peer, token: str,
-                        request: pb.DaemonCopyRequest) -> pb.DaemonCopyResponse:  # fmt: skip
+    async def copy_into(
+        self, peer: Peer, token: str, request: pb.DaemonCopyRequest
+    ) -> pb.DaemonCopyResponse:
         """CUDA IPC mode: copy a restore session's pool bytes into the client's GPU memory."""
         d = self.d
         session = self.session(peer, request.session_id, "restore")
         entry = d.entries.get(session.name)
         pool = entry.pool if entry is not None else None
         if entry is None or pool is None or pool.kind != "vmm" or d.copier is None:
-            raise InvalidRequest(f"snapshot {session.name!r} is not in this thawd's VMM pool: "
-                                 "CUDA IPC copies need it pinned on a GPU host")  # fmt: skip
+            raise InvalidRequest(
+                f"snapshot {session.name!r} is not in this thawd's VMM pool: "
+                "CUDA IPC copies need it pinned on a GPU host"
+            )
         if pool.id != session.buffer_id:
-            raise InvalidRequest(f"snapshot {session.name!r} was re-pinned since this restore "
-                                 "opened; restore again")  # fmt: skip
+            raise InvalidRequest(
+                f"snapshot {session.name!r} was re-pinned since this restore opened; restore again"
+            )
         # Any delivery may end here: a client whose import of the fds failed falls back to a
         # daemon copy on the same session.
         assert entry.manifest is not None
         entry.copying += 1
         try:
-            nbytes, seconds = await daemon_copy(d, token, request, pool.addr,
-                                                entry.manifest.tensors, to_host=False)  # fmt: skip
+            nbytes, seconds = await daemon_copy(
+                d, token, request, pool.addr, entry.manifest.tensors, to_host=False
+            )
         finally:
             entry.copying -= 1
         return pb.DaemonCopyResponse(bytes=nbytes, duration_s=seconds)
@@ -164,21 +181,29 @@ class Restores:
         d = self.d
         return d.arena if d.arena is not None and d.config.share_pool else None
 
-    def pool_fds(self, start: int, count: int,
-                 ) -> tuple[builtins.list[int], builtins.list[int], int]:  # fmt: skip
+    def pool_fds(
+        self,
+        start: int,
+        count: int,
+    ) -> tuple[builtins.list[int], builtins.list[int], int]:
         """Fds of the whole VMM pool's chunks from `start`, their sizes and the pool's id, for
         a client that maps all of it (fd socket "pool"; the caller closes the fds). Only where
         pool fds are shared at all."""
         arena = self.shared_arena()
         if arena is None:
-            raise InvalidRequest("this thawd shares no VMM pool (no GPU pool, or share_pool = "
-                                 "false): restore without mapping the pool")  # fmt: skip
+            raise InvalidRequest(
+                "this thawd shares no VMM pool (no GPU pool, or share_pool = "
+                "false): restore without mapping the pool"
+            )
         if not 0 <= start < len(arena.chunks):
             raise InvalidRequest(f"pool chunk {start} out of range 0..{len(arena.chunks) - 1}")
         return (*arena.export_all(start, count), arena.id)
 
-    def redeem(self, session_id: str, uid: int,
-               ) -> tuple[builtins.list[int], builtins.list[int], str, int]:  # fmt: skip
+    def redeem(
+        self,
+        session_id: str,
+        uid: int,
+    ) -> tuple[builtins.list[int], builtins.list[int], str, int]:
         """The fds of a session for the fd socket: only to the uid that opened it, only once.
 
         Returns (fds, bytes each maps, session kind, buffer id); the caller closes the fds."""
@@ -190,14 +215,16 @@ class Restores:
         fds, session.fds = session.fds, []
         return fds, session.sizes, session.kind, session.buffer_id
 
-    def close(self, peer: Peer, session_id: str, ok: bool, nbytes: int, duration_s: float,
-              error: str) -> None:  # fmt: skip
+    def close(
+        self, peer: Peer, session_id: str, ok: bool, nbytes: int, duration_s: float, error: str
+    ) -> None:
         session = self.session(peer, session_id, "restore")
         self.end(session)
         # The counters and the event (a log line) after the reply, the registry row within a
         # second (`_save_later`); the session itself ended above.
-        asyncio.get_running_loop().call_soon(self._count, session.name, ok, nbytes, duration_s,
-                                             error)  # fmt: skip
+        asyncio.get_running_loop().call_soon(
+            self._count, session.name, ok, nbytes, duration_s, error
+        )
 
     def _count(self, name: str, ok: bool, nbytes: int, duration_s: float, error: str) -> None:
         d = self.d
@@ -211,9 +238,13 @@ class Restores:
             self.total += 1
             self.bytes_total += nbytes
             rate = nbytes / duration_s / 1e9 if duration_s > 0 else 0.0
-            d.events.publish("restore_finished", name,
-                             f"{human(nbytes)} in {duration_s * 1e3:.1f} ms ({rate:.2f} GB/s)",
-                             nbytes, duration_s)  # fmt: skip
+            d.events.publish(
+                "restore_finished",
+                name,
+                f"{human(nbytes)} in {duration_s * 1e3:.1f} ms ({rate:.2f} GB/s)",
+                nbytes,
+                duration_s,
+            )
         else:
             d.events.publish("restore_failed", name, error or "client reported failure")
 
@@ -294,12 +325,17 @@ class Restores:
             d.events.publish(kind, session.name, "client went away")
 
 
-async def daemon_copy(d: Daemon, token: str, request: pb.DaemonCopyRequest, host: int,
-                      tensors: Sequence[TensorEntry],
-                      to_host: bool) -> tuple[int, float]:  # fmt: skip
+async def daemon_copy(
+    d: Daemon,
+    token: str,
+    request: pb.DaemonCopyRequest,
+    host: int,
+    tensors: Sequence[TensorEntry],
+    to_host: bool,
+) -> tuple[int, float]:
     """Copy between pool memory at `host` (laid out like the payload) and the client's GPU
     allocations named in `request`, on a worker thread. Returns (bytes, seconds)."""
-    from thaw.ipc import Job
+    from thawd.daemon_copy import Job
 
     # Built on the event loop: no more copies than the session has tensors, no more regions
     # than copies (a 64 MiB request could otherwise hold millions).
@@ -314,6 +350,5 @@ async def daemon_copy(d: Daemon, token: str, request: pb.DaemonCopyRequest, host
         t = tensors[c.tensor]
         jobs.append(Job(t.offset, c.region, c.offset, t.length))
     t0 = time.monotonic()
-    await asyncio.to_thread(d.copier.copy, token, request.device_uuid, host, regions, jobs,
-                            to_host)  # fmt: skip
+    await asyncio.to_thread(d.copier.copy, token, request.device_uuid, host, regions, jobs, to_host)
     return sum(j.length for j in jobs), time.monotonic() - t0

@@ -22,7 +22,7 @@ import grpc
 from thaw import errors
 from thaw._proto import thawd_pb2 as pb
 from thaw._proto import thawd_pb2_grpc as pb_grpc
-from thaw.fdpass import TOKEN_METADATA_KEY
+from thaw.daemon.fdsocket import TOKEN_METADATA_KEY
 from thawd.security import AllowList, Peer, Tokens
 from thawd.state import Daemon
 from thawd.throttle import Throttle

@@ -58,8 +58,7 @@ IO_PER_UID = 4
 
 
 class Daemon:
-    def __init__(self, config: Config, pool_kind: str, events: Events,
-                 gpus: list[pb.Gpu]) -> None:  # fmt: skip
+    def __init__(self, config: Config, pool_kind: str, events: Events, gpus: list[pb.Gpu]) -> None:
         self.config = config
         self.pool_kind = pool_kind
         self.events = events
@@ -78,7 +77,7 @@ class Daemon:
         )
         self.copier: Any = None  # CUDA IPC copies into clients' GPUs (VMM pool only)
         if pool_kind == "vmm":
-            from thaw.ipc import Copier
+            from thawd.daemon_copy import Copier
 
             self.copier = Copier()
         self.budgets = Budgets(
@@ -98,9 +97,12 @@ class Daemon:
         await asyncio.to_thread(self.freezes.remove_stale_temporaries)
         for row in await asyncio.to_thread(self.registry.rows):
             if row.state == "writing":
-                log.warning("snapshot %s: thawd stopped while writing %s; its bytes were only "
-                            "in memory, so it is gone (the name is free again)", row.name,
-                            row.path)  # fmt: skip
+                log.warning(
+                    "snapshot %s: thawd stopped while writing %s; its bytes were only "
+                    "in memory, so it is gone (the name is free again)",
+                    row.name,
+                    row.path,
+                )
                 self.registry.remove(row.name)
                 continue
             entry = Entry(row)
@@ -123,19 +125,30 @@ class Daemon:
 
         total, available = host_memory()
         return pb.DaemonStatus(
-            version=__version__, api_version=API_VERSION, pid=os.getpid(),
-            started_unix=self.started, uptime_s=time.time() - self.started,
-            pool_kind=POOL_KINDS[self.pool_kind], pinned_budget=self.config.pinned_budget,
-            pinned_used=self.budgets.used("pinned"), warm_budget=self.config.warm_budget,
-            warm_used=self.budgets.used("warm"), host_memory_total=total,
-            host_memory_available=available, gpus=self.gpus, snapshots=len(self.entries),
+            version=__version__,
+            api_version=API_VERSION,
+            pid=os.getpid(),
+            started_unix=self.started,
+            uptime_s=time.time() - self.started,
+            pool_kind=POOL_KINDS[self.pool_kind],
+            pinned_budget=self.config.pinned_budget,
+            pinned_used=self.budgets.used("pinned"),
+            warm_budget=self.config.warm_budget,
+            warm_used=self.budgets.used("warm"),
+            host_memory_total=total,
+            host_memory_available=available,
+            gpus=self.gpus,
+            snapshots=len(self.entries),
             active_restores=sum(s.kind == "restore" for s in self.sessions.values()),
             active_freezes=sum(s.kind == "freeze" for s in self.sessions.values()),
-            restores_total=self.restores.total, bytes_restored_total=self.restores.bytes_total,
-            memory_locked=self.memory_locked, socket=self.config.socket,
-            share_pool=self.config.share_pool, registry_unsaved=self.registry.unsaved,
+            restores_total=self.restores.total,
+            bytes_restored_total=self.restores.bytes_total,
+            memory_locked=self.memory_locked,
+            socket=self.config.socket,
+            share_pool=self.config.share_pool,
+            registry_unsaved=self.registry.unsaved,
             registry_error=self.registry.failing,
-        )  # fmt: skip
+        )
 
     def pinned_used(self) -> int:
         return self.budgets.used("pinned")
@@ -192,8 +205,9 @@ class Daemon:
 
     # --- registering ------------------------------------------------------------------------
 
-    async def register(self, peer: Peer, path: str, name: str,
-                       labels: dict[str, str]) -> pb.Snapshot:  # fmt: skip
+    async def register(
+        self, peer: Peer, path: str, name: str, labels: dict[str, str]
+    ) -> pb.Snapshot:
         """Open `path` as `peer` could (thawd/paths.py), read its manifest from that fd and
         register it under `name`: from now on the snapshot is that open file."""
         if name:
@@ -259,8 +273,7 @@ class Daemon:
         for i, entry in enumerate(wanted):
             on_progress(f"re-pinning {entry.row.name} ({i + 1}/{len(wanted)})")
             try:
-                async for _ in self.tiers.pin(thawd_itself, entry.row.name,
-                                              entry.row.wanted_tier):  # fmt: skip
+                async for _ in self.tiers.pin(thawd_itself, entry.row.name, entry.row.wanted_tier):
                     pass
             except Exception as e:
                 entry.row.error = str(e)
@@ -285,4 +298,3 @@ class Daemon:
             self.arena.close()
         self.restores.flush_counters()
         self.registry.close()
-

@@ -18,8 +18,14 @@ class Throttle:
         self._count = 0
         self._dropped = 0
 
-    def log(self, logger: logging.Logger, level: int, msg: str, *args: object,
-            exc_info: BaseException | None = None) -> None:  # fmt: skip
+    def log(
+        self,
+        logger: logging.Logger,
+        level: int,
+        msg: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> None:
         now = time.monotonic()
         if now - self._window >= self.period:
             self._window, self._count = now, 0

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from thaw import _native
 from thaw._proto import thawd_pb2 as pb
 from thaw.errors import ChecksumMismatch, DaemonError, InvalidRequest
-from thaw.format import TensorEntry, verify_tensor
+from thaw.format import TensorEntry
+from thaw.format.checksum import verify_tensor
 from thawd.budgets import human
 from thawd.buffers import PoolBuffer, WarmMapping
 from thawd.entries import Entry

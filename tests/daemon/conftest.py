@@ -50,9 +50,15 @@ class ThawdProcess:
         self.python, self.code, self.wrapper = python, code, wrapper
         self.socket = str(directory / "thawd.sock")
         self.config_path = directory / "thawd.toml"
-        settings = {"socket": self.socket, "state_dir": str(directory / "state"),
-                    "pool": "memfd", "io_threads": 2, "drain_grace_s": 2.0,
-                    "pinned_budget": "256MiB", "warm_budget": "256MiB"}  # fmt: skip
+        settings: dict[str, object] = {
+            "socket": self.socket,
+            "state_dir": str(directory / "state"),
+            "pool": "memfd",
+            "io_threads": 2,
+            "drain_grace_s": 2.0,
+            "pinned_budget": "256MiB",
+            "warm_budget": "256MiB",
+        }
         self.settings = settings
         self.configure(**config)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -154,7 +160,7 @@ def thawd_factory() -> Iterator[object]:
     def factory(**config: object) -> ThawdProcess:
         directory = make_dir()
         dirs.append(directory)
-        daemon = ThawdProcess(directory, **config)
+        daemon = ThawdProcess(directory, **config)  # type: ignore[arg-type]
         started.append(daemon)
         return daemon.start()
 
@@ -189,13 +195,14 @@ def random_tensors(seed: int = 0, scale: int = 1) -> dict[str, torch.Tensor]:
     }
 
 
-def write_snapshot(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
-                   model: str = "fixture") -> Path:  # fmt: skip
-    """A snapshot written with thaw.format.SnapshotWriter (no dependence on thaw.tiny)."""
+def write_snapshot(
+    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], model: str = "fixture"
+) -> Path:
+    """A snapshot written with thaw.format.SnapshotWriter (no dependence on thaw.demo.tiny)."""
     from thaw import _native
-    from thaw.dtypes import dtype_name
-    from thaw.fingerprint import Fingerprint
     from thaw.format import SnapshotWriter, layout
+    from thaw.format.dtypes import dtype_name
+    from thaw.format.fingerprint import Fingerprint
 
     entries = layout([(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()])
     with SnapshotWriter(path, entries) as w:
@@ -227,9 +234,12 @@ def zeros_like(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(
-        torch.equal(a[n].view(torch.uint8) if a[n].dtype != torch.bool else a[n],
-                    b[n].view(torch.uint8) if b[n].dtype != torch.bool else b[n]) for n in a
-    )  # fmt: skip
+        torch.equal(
+            a[n].view(torch.uint8) if a[n].dtype != torch.bool else a[n],
+            b[n].view(torch.uint8) if b[n].dtype != torch.bool else b[n],
+        )
+        for n in a
+    )
 
 
 def run_client(
@@ -244,19 +254,15 @@ def run_client(
     prelude = f"import os, sys, json\nsys.path.insert(0, {str(ROOT)!r})\n"
     # Everything the child imports comes before the drop: the interpreter's own modules are
     # not readable by other uids here.
-    prelude += "import time, torch, thaw.client, thaw.errors, thaw.restore, thaw.datapath\n"
+    prelude += "import time, torch, thaw.client, thaw.errors\n"
+    prelude += "import thaw.copy.restore, thaw.copy.datapath\n"
     prelude += "import tests.daemon.conftest\n"
     if uid is not None:
         prelude += f"os.setgroups({list(groups)}); os.setgid({uid}); os.setuid({uid})\n"
-    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
-                          timeout=timeout, cwd="/")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def shared_thawd() -> Iterator[ThawdProcess]:
-    """One daemon for a whole module: each start pays the interpreter's torch import."""
-    directory = make_dir()
-    daemon = ThawdProcess(directory).start()
-    yield daemon
-    daemon.close()
-    shutil.rmtree(directory, ignore_errors=True)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+    )

@@ -37,6 +37,11 @@ def test_ready_then_stopping_on_an_abstract_notify_socket() -> None:
 
 
 def test_help_runs() -> None:
-    out = subprocess.run([sys.executable, "-m", "thawd", "--help"], capture_output=True,
-                         text=True, cwd=ROOT, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "thawd", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     assert "--config" in out.stdout

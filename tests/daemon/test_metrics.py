@@ -68,7 +68,7 @@ def scraped(thawd_factory: object) -> tuple[dict, dict, tuple[int, int], object]
         samples, families = scrape(port)
         status = c.status()
     assert "scrape without the daemon's state" not in daemon.log.read_text()
-    return samples, families, sizes, status  # type: ignore[return-value]
+    return samples, families, sizes, status
 
 
 def test_metrics_after_register_pin_restore_and_a_corrupt_pin(scraped) -> None:  # type: ignore[no-untyped-def]

@@ -26,10 +26,12 @@ def test_a_killed_freeze_leaves_its_name_free_and_no_temporaries(thawd: ThawdPro
     # the filesystem had no O_TMPFILE, a temporary file in its snapshot directory.
     registry = thawd.dir / "state" / "registry.sqlite3"
     with contextlib.closing(sqlite3.connect(registry)) as db, db:
-        db.execute("INSERT INTO snapshots (name, path, labels, wanted_tier, checksum_state, "
-                   "error, owner_uid, registered, state) VALUES ('lost', ?, '{}', 'pinned', "
-                   "'unverified', '', 0, 1.0, 'writing')",
-                   (str(thawd.dir / "state" / "snapshots" / "lost.thaw"),))  # fmt: skip
+        db.execute(
+            "INSERT INTO snapshots (name, path, labels, wanted_tier, checksum_state, "
+            "error, owner_uid, registered, state) VALUES ('lost', ?, '{}', 'pinned', "
+            "'unverified', '', 0, 1.0, 'writing')",
+            (str(thawd.dir / "state" / "snapshots" / "lost.thaw"),),
+        )
     stale = thawd.dir / "state" / "snapshots" / ".lost.thaw.0123456789ab.tmp"
     stale.write_bytes(b"half a snapshot")
     thawd.start()
@@ -65,8 +67,11 @@ def test_thawd_killed_right_after_a_commit(thawd: ThawdProcess) -> None:
 @contextlib.contextmanager
 def small_tmpfs(size: str) -> Iterator[Path]:
     directory = make_dir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
-                            str(directory)], capture_output=True, text=True)  # fmt: skip
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+    )
     if mount.returncode != 0:
         directory.rmdir()
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")

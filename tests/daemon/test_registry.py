@@ -6,11 +6,13 @@ import pytest
 
 from tests.daemon.conftest import ThawdProcess, random_tensors, same, write_snapshot, zeros_like
 from thaw import errors
-from thaw.client import NA, connect
+from thaw.client import connect
+from thaw.daemon.records import NA
+from thaw.format.fingerprint import Fingerprint
 
 
-def test_register_list_stat_unregister(shared_thawd: ThawdProcess) -> None:
-    thawd = shared_thawd
+def test_register_list_stat_unregister(module_thawd: ThawdProcess) -> None:
+    thawd = module_thawd
     path = write_snapshot(thawd.dir / "a.thaw", random_tensors())
     with connect(thawd.socket) as c:
         rec = c.register(path, "model-a", labels={"team": "x"})
@@ -21,7 +23,7 @@ def test_register_list_stat_unregister(shared_thawd: ThawdProcess) -> None:
             4,
         )
         assert rec.last_used is NA and rec.labels == {"team": "x"}
-        assert rec.fingerprint.model == "fixture"
+        assert isinstance(rec.fingerprint, Fingerprint) and rec.fingerprint.model == "fixture"
         assert [s.name for s in c.list()] == ["model-a"]
         assert c.stat("model-a") == rec
         assert c.register(path).name == "a"  # default name: the file's stem

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -19,7 +20,7 @@ ALLOWED, STRANGER = 65534, 65533
 
 
 @pytest.fixture(scope="module")
-def open_thawd() -> ThawdProcess:
+def open_thawd() -> Iterator[ThawdProcess]:
     # Mode 0666 so the allow-list, not the socket's mode, is what stops the stranger.
     from tests.daemon.conftest import make_dir
 
@@ -80,31 +81,34 @@ print(json.dumps(out))
 
 
 def test_sessions_are_redeemed_only_by_their_uid(open_thawd: ThawdProcess) -> None:
-    from thaw import fdpass
     from thaw.client import connect
+    from thaw.daemon import fdsocket
     from thaw.errors import NotFound
 
     path = write_snapshot(open_thawd.dir / "s.thaw", random_tensors(11))
     c = connect(open_thawd.socket)  # stays open: its sessions end with its fd-socket connection
     c.register(path, "s")
-    info = c._call("OpenRestore", pb.OpenRestoreRequest(name="s"))
+    info = c._conn.call("OpenRestore", pb.OpenRestoreRequest(name="s"))
     code = f"""
-from thaw import fdpass
-s = fdpass.connect({fdpass.fd_socket_path(open_thawd.socket)!r})
-fdpass.send(s, {{"op": "fd", "session": {info.session_id!r}}})
-reply, fds = fdpass.recv(s)
-fdpass.send(s, {{"op": "close", "sessions": [{{"id": {info.session_id!r}, "ok": True}}]}})
-closed, _ = fdpass.recv(s)
+from thaw.daemon import fdsocket
+s = fdsocket.connect({fdsocket.fd_socket_path(open_thawd.socket)!r})
+fdsocket.send(s, {{"op": "fd", "session": {info.session_id!r}}})
+reply, fds = fdsocket.recv(s)
+fdsocket.send(s, {{"op": "close", "sessions": [{{"id": {info.session_id!r}, "ok": True}}]}})
+closed, _ = fdsocket.recv(s)
 print(json.dumps([reply.get("error"), len(fds), closed.get("error")]))
 """
     out = run_client(code, uid=ALLOWED)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
-        "PermissionDenied", 0, "PermissionDenied"], out.stderr  # fmt: skip
-    fds, sizes, _ = c._redeem(info.session_id)  # its owner still gets it, once
+        "PermissionDenied",
+        0,
+        "PermissionDenied",
+    ], out.stderr
+    fds, sizes, _ = c._conn.redeem(info.session_id)  # its owner still gets it, once
     assert len(fds) == len(sizes) == 1 and sizes[0] > 0
     import os as _os
 
     _os.close(fds[0])
     with pytest.raises(NotFound):
-        c._redeem(info.session_id)
+        c._conn.redeem(info.session_id)
     c.close()

@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,15 @@ OWNER, OTHER, ADMIN, ADMIN_GROUP = 65534, 65532, 65531, 65530
 
 
 @pytest.fixture(scope="module")
-def open_thawd() -> ThawdProcess:
+def open_thawd() -> Iterator[ThawdProcess]:
     # Mode 0666: the allow-list decides who talks to it; OTHER is allowed but owns nothing.
     directory = make_dir()
-    daemon = ThawdProcess(directory, socket_mode="0666", allow_uids=[OWNER, OTHER, ADMIN],
-                          admin_group=str(ADMIN_GROUP)).start()  # fmt: skip
+    daemon = ThawdProcess(
+        directory,
+        socket_mode="0666",
+        allow_uids=[OWNER, OTHER, ADMIN],
+        admin_group=str(ADMIN_GROUP),
+    ).start()
     yield daemon
     daemon.close()
     shutil.rmtree(directory, ignore_errors=True)
@@ -56,7 +61,7 @@ def client(code: str, uid: int = OWNER, groups: tuple[int, ...] = ()) -> dict[st
     """Run `code` as `uid`; it prints one JSON object last, which is returned."""
     out = run_client(code, uid=uid, groups=groups)
     assert out.returncode == 0, out.stdout + out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 OUTCOME = """
@@ -80,7 +85,9 @@ def test_a_directory_swapped_after_register_serves_nothing_else(open_thawd: Thaw
     secret = open_thawd.dir / "secret-r"
     secret.mkdir(mode=0o700)  # root's: OWNER can neither list nor read it
     write_snapshot(secret / "s.thaw", random_tensors(21))
-    result = client(OUTCOME + f"""
+    result = client(
+        OUTCOME
+        + f"""
 c = thaw.client.connect({open_thawd.socket!r})
 c.register({str(path)!r}, "swapr")
 os.rename({str(mine)!r}, {str(base / "old")!r})
@@ -91,9 +98,13 @@ def restore():
     return "SECRET" if same(out, random_tensors(21)) else "restored"
 print(json.dumps({{"pin": outcome(lambda: c.pin("swapr") and "pinned"), "restore": outcome(restore),
                   "register": outcome(lambda: c.register({str(path)!r}, "direct").name)}}))
-""")
-    assert result == {"pin": "SnapshotChanged", "restore": "SnapshotChanged",
-                      "register": "PermissionDenied"}  # fmt: skip
+"""
+    )
+    assert result == {
+        "pin": "SnapshotChanged",
+        "restore": "SnapshotChanged",
+        "register": "PermissionDenied",
+    }
     with connect(open_thawd.socket) as c:
         assert "replaced" in c.stat("swapr").error
         c.unregister("swapr")
@@ -110,19 +121,23 @@ def test_a_directory_swapped_after_begin_freeze_writes_nothing_there(
     victim.write_bytes(b"thawd's own file, not the client's to overwrite")
     victim.chmod(0o644)
     before = (victim.stat().st_ino, victim.read_bytes())
-    result = client(OUTCOME + f"""
+    result = client(
+        OUTCOME
+        + f"""
+import thaw.daemon.freezes as freezes
 c = thaw.client.connect({open_thawd.socket!r})
-copy = c._freeze_copy
+copy = freezes._freeze_copy
 def copy_then_swap(*args, **kwargs):
     begun = copy(*args, **kwargs)
     os.rename({str(sub)!r}, {str(base / "old")!r})
     os.symlink({str(protected)!r}, {str(sub)!r})
     return begun
-c._freeze_copy = copy_then_swap
+freezes._freeze_copy = copy_then_swap
 record = outcome(lambda: c.freeze(random_tensors(22), "swapw", path={str(sub / "out.thaw")!r},
                                   wait=True).path)
 print(json.dumps({{"freeze": record}}))
-""")
+"""
+    )
     assert (victim.stat().st_ino, victim.read_bytes()) == before
     written = base / "old" / "out.thaw"  # where the directory opened at begin went
     assert result == {"freeze": str(sub / "out.thaw")}
@@ -145,7 +160,9 @@ def test_a_file_swapped_for_a_fifo_blocks_nobody(open_thawd: ThawdProcess) -> No
     mine = owned_dir(open_thawd.dir, "fifo")
     path = write_snapshot(mine / "f.thaw", random_tensors(23))
     os.chown(path, OWNER, OWNER)
-    result = client(OUTCOME + f"""
+    result = client(
+        OUTCOME
+        + f"""
 import time
 c = thaw.client.connect({open_thawd.socket!r})
 c.register({str(path)!r}, "fifo")
@@ -157,9 +174,13 @@ pinned = outcome(lambda: c.pin("fifo") and "pinned")
 registered = outcome(lambda: c.register({str(path)!r}, "fifo2").name)
 print(json.dumps({{"restore": restored, "pin": pinned, "register": registered,
                   "seconds": time.monotonic() - t0}}))
-""")
+"""
+    )
     assert (result["restore"], result["pin"], result["register"]) == (
-        "SnapshotChanged", "SnapshotChanged", "InvalidRequest")  # fmt: skip
+        "SnapshotChanged",
+        "SnapshotChanged",
+        "InvalidRequest",
+    )
     assert isinstance(result["seconds"], float) and result["seconds"] < 10
     with connect(open_thawd.socket, timeout=5) as c:  # and everyone else is still served
         assert "fifo" in {s.name for s in c.list()}
@@ -176,7 +197,9 @@ c.register({str(path)!r}, "owned")
 c.pin("owned")
 print(json.dumps({{}}))
 """)
-    attempts = OUTCOME + f"""
+    attempts = (
+        OUTCOME
+        + f"""
 c = thaw.client.connect({open_thawd.socket!r})
 out = zeros_like(random_tensors(24))
 restored = outcome(lambda: c.restore(out, "owned").name)
@@ -185,16 +208,26 @@ for op in ("verify", "unpin", "pin", "unregister"):
     result[op] = outcome(lambda: (getattr(c, op)("owned"), "done")[1])
 print(json.dumps(result))
 """
+    )
     other = client(attempts, uid=OTHER)
-    assert other == {"restore": "owned", "verify": "PermissionDenied",
-                     "unpin": "PermissionDenied", "pin": "PermissionDenied",
-                     "unregister": "PermissionDenied"}  # fmt: skip
+    assert other == {
+        "restore": "owned",
+        "verify": "PermissionDenied",
+        "unpin": "PermissionDenied",
+        "pin": "PermissionDenied",
+        "unregister": "PermissionDenied",
+    }
     with connect(open_thawd.socket) as c:
         rec = c.stat("owned")
         assert (rec.owner_uid, rec.tier) == (OWNER, "pinned")
     admin = client(attempts, uid=ADMIN, groups=(ADMIN_GROUP,))
-    assert admin == {"restore": "owned", "verify": "done", "unpin": "done", "pin": "done",
-                     "unregister": "done"}  # fmt: skip
+    assert admin == {
+        "restore": "owned",
+        "verify": "done",
+        "unpin": "done",
+        "pin": "done",
+        "unregister": "done",
+    }
 
 
 def test_a_client_of_another_uid_cannot_reopen_a_path_thawd_holds(
@@ -211,10 +244,14 @@ c = thaw.client.connect({open_thawd.socket!r})
 c.register({str(path)!r}, "private-o")
 print(json.dumps({{}}))
 """)
-    other = client(OUTCOME + f"""
+    other = client(
+        OUTCOME
+        + f"""
 c = thaw.client.connect({open_thawd.socket!r})
 print(json.dumps({{"register": outcome(lambda: c.register({str(path)!r}, "mine-now").name)}}))
-""", uid=OTHER)  # fmt: skip
+""",
+        uid=OTHER,
+    )
     assert other == {"register": "PermissionDenied"}
     with connect(open_thawd.socket) as c:
         c.unregister("private-o")
@@ -225,18 +262,26 @@ def test_posix_acls_are_honoured(open_thawd: ThawdProcess) -> None:
 
     shared = open_thawd.dir / "acl"
     shared.mkdir(mode=0o700)  # root's; an ACL entry lets OTHER in, mode bits alone would not
-    entries = [(0x01, 7, 0xFFFFFFFF), (0x02, 5, OTHER), (0x04, 0, 0xFFFFFFFF),
-               (0x10, 5, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)]  # fmt: skip
+    entries = [
+        (0x01, 7, 0xFFFFFFFF),
+        (0x02, 5, OTHER),
+        (0x04, 0, 0xFFFFFFFF),
+        (0x10, 5, 0xFFFFFFFF),
+        (0x20, 0, 0xFFFFFFFF),
+    ]
     acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
     try:
         os.setxattr(shared, "system.posix_acl_access", acl)
     except OSError:
         pytest.skip("this filesystem has no POSIX ACLs")
     path = write_snapshot(shared / "a.thaw", random_tensors(26))
-    code = OUTCOME + f"""
+    code = (
+        OUTCOME
+        + f"""
 c = thaw.client.connect({open_thawd.socket!r})
 print(json.dumps({{"register": outcome(lambda: c.register({str(path)!r}).name)}}))
 """
+    )
     assert client(code, uid=OTHER) == {"register": "a"}
     assert client(code, uid=OWNER) == {"register": "PermissionDenied"}
     with connect(open_thawd.socket) as c:
@@ -255,8 +300,9 @@ def flip(path: Path, tensor: str = "layers.0.proj") -> None:
 def test_a_file_modified_after_register_is_never_served(thawd_factory: object) -> None:
     daemon = thawd_factory()  # type: ignore[operator]
     tensors = random_tensors(30)
-    cold, warm, pinned = (write_snapshot(daemon.dir / f"{n}.thaw", tensors)
-                          for n in ("cold", "warm", "pinned"))  # fmt: skip
+    cold, warm, pinned = (
+        write_snapshot(daemon.dir / f"{n}.thaw", tensors) for n in ("cold", "warm", "pinned")
+    )
     with connect(daemon.socket) as c:
         for p in (cold, warm, pinned):
             c.register(p)
@@ -280,10 +326,11 @@ def test_a_file_modified_after_register_is_never_served(thawd_factory: object) -
         c.register(fresh)
         from thaw._proto import thawd_pb2 as pb
 
-        info = c._open_many([pb.OpenRestoreRequest(name="fresh")])[0]
+        info = c._restores.open_many([pb.OpenRestoreRequest(name="fresh")])[0]
         flip(fresh)
         with pytest.raises(errors.RestoreIncomplete, match="checksum mismatch"):
-            c._copy_session("fresh", info, list(zeros_like(tensors).items()), True, None, None)
+            named = list(zeros_like(tensors).items())
+            c._restores.copy_session("fresh", info, named, True, None, None)
 
 
 def test_a_file_replaced_by_a_smaller_snapshot_is_refused_then_re_registered(
@@ -327,8 +374,7 @@ def test_a_path_alternating_between_two_snapshots_under_load(thawd_factory: obje
         with connect(daemon.socket) as c:
             while not stop.is_set():
                 out = zeros_like(one)
-                for op, args in ((c.pin, ("alt",)), (c.restore, (out, "alt")),
-                                 (c.unpin, ("alt",))):  # fmt: skip
+                for op, args in ((c.pin, ("alt",)), (c.restore, (out, "alt")), (c.unpin, ("alt",))):
                     try:
                         op(*args)
                         seen.append("ok")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from tests.daemon.conftest import ThawdProcess, run_client
 
 try:
-    from thaw import vmm
+    from thaw.mem import vmm
 
     HAVE_VMM = vmm.supported()
 except Exception:  # no driver: cuda-bindings cannot load
@@ -43,7 +44,7 @@ print(json.dumps([first.tier, first.delivery, second.delivery,
 """
 
 
-def test_freeze_restore_and_fragmented_pool(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_freeze_restore_and_fragmented_pool(thawd_factory: Any) -> None:
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     from thaw.client import connect
 
@@ -59,8 +60,7 @@ def test_freeze_restore_and_fragmented_pool(thawd_factory) -> None:  # type: ign
             out = run_client(RESTORE.format(seed=seed, n=n, socket=d.socket, name=name))
             assert out.returncode == 0, out.stderr
             second = "mapped" if how == "fds" else how
-            assert json.loads(out.stdout.strip().splitlines()[-1]) == [
-                "pinned", how, second, True]  # fmt: skip
+            assert json.loads(out.stdout.strip().splitlines()[-1]) == ["pinned", how, second, True]
 
 
 DAEMON_COPY = """
@@ -75,11 +75,11 @@ cpu = {{k: torch.zeros(v.shape, dtype=v.dtype) for k, v in expected.items()}}
 cpu_tier = c.restore(cpu, {name!r}).tier if {cpu} else "skipped"
 print(json.dumps([results, all(torch.equal(target[k], expected[k]) for k in expected),
                   all(torch.equal(cpu[k], expected[k].cpu()) for k in expected) if {cpu} else True,
-                  sorted(c._mappings), cpu_tier]))
+                  sorted(c._restores._mappings), cpu_tier]))
 """
 
 
-def test_daemon_copies_over_cuda_ipc_when_asked(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_copies_over_cuda_ipc_when_asked(thawd_factory: Any) -> None:
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     from thaw.client import connect
 
@@ -90,27 +90,38 @@ def test_daemon_copies_over_cuda_ipc_when_asked(thawd_factory) -> None:  # type:
     assert out.returncode == 0, out.stderr
     # Both restores copied by the daemon: this process mapped no pool memory.
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
-        ["pinned", "pinned"], True, True, [], "skipped"]  # fmt: skip
+        ["pinned", "pinned"],
+        True,
+        True,
+        [],
+        "skipped",
+    ]
 
 
-def test_share_pool_false_maps_no_pool_memory(thawd_factory) -> None:  # type: ignore[no-untyped-def]
-    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK,
-                                    share_pool=False)  # fmt: skip
+def test_share_pool_false_maps_no_pool_memory(thawd_factory: Any) -> None:
+    d: ThawdProcess = thawd_factory(
+        pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK, share_pool=False
+    )
     from thaw.client import connect
 
     with connect(d.socket) as c:
         assert c.status().share_pool is False
-        assert c._pool is None and not c.map_pool(0)  # no pool to map whole either
+        assert c._conn._pool is None and not c.map_pool(0)  # no pool to map whole either
         c.freeze(cuda_tensors(5, 2), "b", wait=True)  # CPU clients read the file
     code = DAEMON_COPY.format(seed=5, n=2, socket=d.socket, name="b", mode="auto", cpu=True)
     out = run_client(code)
     assert out.returncode == 0, out.stderr
     # CUDA tensors: daemon copies; CPU tensors: the file, mapped for the copy and dropped.
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
-        ["pinned", "pinned"], True, True, [], "pinned"]  # fmt: skip
+        ["pinned", "pinned"],
+        True,
+        True,
+        [],
+        "pinned",
+    ]
 
 
-def test_expandable_segments_cannot_take_a_daemon_copy(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_expandable_segments_cannot_take_a_daemon_copy(thawd_factory: Any) -> None:
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     from thaw.client import connect
 
@@ -139,7 +150,7 @@ print(json.dumps(all(torch.equal(target[k], tensors[k]) for k in tensors)))
 """
 
 
-def test_freeze_of_expandable_segments_maps_the_pool(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_freeze_of_expandable_segments_maps_the_pool(thawd_factory: Any) -> None:
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     out = run_client(FREEZE_EXPANDABLE.format(socket=d.socket))
     assert out.returncode == 0, out.stderr
@@ -162,60 +173,68 @@ for _ in range(2):  # from the whole pool, mapped at connect, both times
 """
 
 
-def test_restore_many_into_cuda_tensors(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_restore_many_into_cuda_tensors(thawd_factory: Any) -> None:
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     from thaw.client import connect
 
     with connect(d.socket) as c:
         for seed in range(3):
             g = torch.Generator(device="cuda").manual_seed(10 + seed)
-            c.freeze({f"t{i}": torch.randn(1 << 20, generator=g, device="cuda")
-                      for i in range(2)}, f"m{seed}")  # fmt: skip
+            c.freeze(
+                {f"t{i}": torch.randn(1 << 20, generator=g, device="cuda") for i in range(2)},
+                f"m{seed}",
+            )
     out = run_client(RESTORE_MANY.format(socket=d.socket))
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
     assert lines == [[[["m0", "pool"], ["m1", "pool"], ["m2", "pool"]], True]] * 2
 
 
-def test_daemon_copy_refuses_bad_requests(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_daemon_copy_refuses_bad_requests(thawd_factory: Any) -> None:
     """An unknown GPU and a copy past the end of its region are refused by name."""
-    from thaw import errors, ipc
+    from thaw import errors
     from thaw._proto import thawd_pb2 as pb
     from thaw.client import connect
+    from thaw.copy import daemon_copy
 
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
     with connect(d.socket) as c:
         c.freeze(cuda_tensors(8, 1), "r")
         small = torch.zeros(1 << 10, device="cuda")  # far smaller than the 4 MiB tensor
-        exported = ipc.export([(0, small)], 0)
+        exported = daemon_copy.export([(0, small)], 0)
         ((handle, _),) = exported.regions
         for uuid, region_size, match in (
             ("GPU-00000000-0000-0000-0000-000000000000", 4 << 20, "does not see GPU"),
             (exported.device_uuid, 4 << 10, "does not fit region 0"),
         ):
-            info = c._call("OpenRestore", pb.OpenRestoreRequest(name="r", daemon_copy=True))
+            info = c._conn.call("OpenRestore", pb.OpenRestoreRequest(name="r", daemon_copy=True))
             with pytest.raises(errors.InvalidRequest, match=match):
-                c._call("CopyInto", pb.DaemonCopyRequest(
-                    session_id=info.session_id, device_uuid=uuid,
-                    regions=[pb.GpuRegion(ipc_handle=handle, size=region_size)],
-                    copies=[pb.GpuCopy(tensor=0, region=0, offset=0)]))  # fmt: skip
-            c._call("CloseRestore", pb.CloseRestoreRequest(session_id=info.session_id))
+                c._conn.call(
+                    "CopyInto",
+                    pb.DaemonCopyRequest(
+                        session_id=info.session_id,
+                        device_uuid=uuid,
+                        regions=[pb.GpuRegion(ipc_handle=handle, size=region_size)],
+                        copies=[pb.GpuCopy(tensor=0, region=0, offset=0)],
+                    ),
+                )
+            c._conn.call("CloseRestore", pb.CloseRestoreRequest(session_id=info.session_id))
         assert c.stat("r").clients == 0
 
 
-def test_pool_op_refuses_chunks_out_of_range(thawd_factory) -> None:  # type: ignore[no-untyped-def]
-    from thaw import fdpass
+def test_pool_op_refuses_chunks_out_of_range(thawd_factory: Any) -> None:
+    from thaw.daemon import fdsocket
 
     d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
-    sock = fdpass.connect(fdpass.fd_socket_path(d.socket))
+    sock = fdsocket.connect(fdsocket.fd_socket_path(d.socket))
     with sock:
-        fdpass.send(sock, {"op": "auth"})
-        auth, _ = fdpass.recv(sock)
+        fdsocket.send(sock, {"op": "auth"})
+        auth, _ = fdsocket.recv(sock)
         chunks = auth["pool"]["chunks"]
         replies = []
         for start in (chunks - 1, chunks, -1):
-            fdpass.send(sock, {"op": "pool", "start": start})
-            reply, fds = fdpass.recv(sock)
+            fdsocket.send(sock, {"op": "pool", "start": start})
+            reply, fds = fdsocket.recv(sock)
             for fd in fds:
                 os.close(fd)
             replies.append((reply["ok"], len(fds), reply.get("message", "")))
@@ -225,7 +244,7 @@ def test_pool_op_refuses_chunks_out_of_range(thawd_factory) -> None:  # type: ig
     assert negative[:2] == (False, 0) and "start must be an integer in [0," in negative[2]
 
 
-def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_pool_map_follows_thawd_restarts(thawd_factory: Any) -> None:
     """A client's map of the whole pool goes when thawd stops (its pinned memory is not held
     by former clients) and a new one comes with the restarted thawd's pool."""
     import time
@@ -240,7 +259,7 @@ def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore
         target = {k: torch.zeros_like(v) for k, v in tensors.items()}
         assert c.restore(target, "p").delivery == "pool"
         assert all(torch.equal(target[k], tensors[k]) for k in tensors)
-        first = c._pool_map
+        first = c._conn._pool_map
         assert first is not None and first.alive
         d.restart()  # re-pins "p" into a new pool
         deadline = time.monotonic() + 10
@@ -254,10 +273,10 @@ def test_pool_map_follows_thawd_restarts(thawd_factory) -> None:  # type: ignore
         target = {k: torch.zeros_like(v) for k, v in tensors.items()}
         assert c.restore(target, "p").delivery == "pool"
         assert all(torch.equal(target[k], tensors[k]) for k in tensors)
-        assert c._pool_map is not None and c._pool_map.pool_id != first.pool_id
+        assert c._conn._pool_map is not None and c._conn._pool_map.pool_id != first.pool_id
 
 
-def test_a_restore_holding_the_map_survives_a_thawd_restart(thawd_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_restore_holding_the_map_survives_a_thawd_restart(thawd_factory: Any) -> None:
     """thawd restarts while a restore holds the pool map: the restore's next call finds the
     restart and re-authenticates, and the old map must go once that restore lets it go, not
     wait for it in the same thread (a deadlock before)."""
@@ -269,20 +288,20 @@ def test_a_restore_holding_the_map_survives_a_thawd_restart(thawd_factory) -> No
     torch.cuda.init()
     with connect(d.socket) as c:
         c.freeze(cuda_tensors(21, 2), "p", wait=True)
-        first = c._pool_map
-        held = c._hold_pool()  # as a restore does before it opens
+        first = c._conn._pool_map
+        held = c._conn.hold_pool()  # as a restore does before it opens
         assert first is not None and held is not None
         d.restart()
         done = threading.Event()
 
         def reauthenticate() -> None:
-            c._authenticate()  # what the restore's open does when it finds the restart
+            c._conn.authenticate()  # what the restore's open does when it finds the restart
             done.set()
 
         worker = threading.Thread(target=reauthenticate, daemon=True)
         worker.start()
         assert done.wait(20), "re-authentication waited for the map its own thread holds"
-        assert c._pool_map is not None and c._pool_map.pool_id != first.pool_id
+        assert c._conn._pool_map is not None and c._conn._pool_map.pool_id != first.pool_id
         held.release()  # the restore ends: now the old map goes
         first._thread.join(20)
         assert not first.alive

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.daemon.conftest import ThawdProcess, make_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,19 +29,10 @@ ENGINE_KWARGS: dict[str, Any] = {
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """Seed-0 and seed-1 tiny Llamas, both in directories named `tiny` (the fingerprint's
     model), so the seed-1 weights stand for a fine-tune of the same model."""
-    from thaw import tiny
+    from thaw.demo import tiny
 
     base = tmp_path_factory.mktemp("models")
     return {s: tiny.write_model_dir(base / f"seed{s}" / "tiny", seed=s) for s in (0, 1)}
-
-
-@pytest.fixture(scope="module")
-def module_thawd() -> Iterator[Any]:
-    directory = make_dir()
-    daemon = ThawdProcess(directory).start()
-    yield daemon
-    daemon.close()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def shutdown(llm: Any) -> None:

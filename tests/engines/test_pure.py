@@ -9,18 +9,12 @@ import sys
 import pytest
 
 from thaw import FingerprintMismatch
-from thaw.fingerprint import Fingerprint
+from thaw.engines.fingerprints import make_fingerprint, without
+from thaw.engines.options import Options
+from thaw.engines.ranks import rank_name, rank_path, resolve
+from thaw.engines.sources import Source, SourceKind, check_before_copy, missing_message
+from thaw.format.fingerprint import Fingerprint
 from thaw.sglang.core import batches, fingerprint, per_rank_named_tensors
-from thaw.vllm.common import (
-    Options,
-    make_fingerprint,
-    missing_message,
-    rank_name,
-    rank_path,
-    resolve,
-    without,
-)
-from thaw.vllm.transfer import check_before_copy
 
 
 def test_rank_paths_and_names() -> None:
@@ -49,9 +43,17 @@ def test_options_are_validated() -> None:
 
 
 def _fp(**kw: object) -> Fingerprint:
-    base: dict[str, object] = dict(architecture="LlamaForCausalLM", dtype="float32",
-                                   parameter_count=10, quantization="", tp_rank=0, tp_size=1,
-                                   engine_version="0.32.0", model="tiny")  # fmt: skip
+    base: dict[str, object] = dict(
+        engine="vllm",
+        architecture="LlamaForCausalLM",
+        dtype="float32",
+        parameter_count=10,
+        quantization="",
+        tp_rank=0,
+        tp_size=1,
+        engine_version="0.32.0",
+        model="tiny",
+    )
     base.update(kw)
     return make_fingerprint(**base)  # type: ignore[arg-type]
 
@@ -69,20 +71,27 @@ def test_a_missing_snapshot_says_whether_thawd_runs() -> None:
 
 
 def test_fingerprint_refusal_names_each_difference() -> None:
-    from thaw.vllm.common import Source
-
     engine = _fp()
-    source = Source("file", path="/x", fingerprint=_fp(dtype="float16", tp_size=2))
+    source = Source(SourceKind.FILE, path="/x", fingerprint=_fp(dtype="float16", tp_size=2))
     with pytest.raises(FingerprintMismatch) as e:
         check_before_copy(source, engine, Options.from_config({"snapshot": "/x"}))
     assert "dtype" in str(e.value) and "tp_size" in str(e.value)
-    other_model = Source("file", path="/x", fingerprint=_fp(model="tiny-ft"))
-    check_before_copy(other_model, engine, Options.from_config({"snapshot": "/x",
-                                                                "ignore": ["model"]}))  # fmt: skip
+    other_model = Source(SourceKind.FILE, path="/x", fingerprint=_fp(model="tiny-ft"))
+    check_before_copy(
+        other_model, engine, Options.from_config({"snapshot": "/x", "ignore": ["model"]})
+    )
     assert without(engine, ["model", "tp_size"]).tp_size == -1
     assert engine.labels["thaw.weights"] == "vllm-pre-processing"
-    sg = fingerprint(architecture="A", dtype="float16", parameter_count=1, quantization="",
-                     tp_rank=0, tp_size=1, engine_version="0.5.23", model="m")  # fmt: skip
+    sg = fingerprint(
+        architecture="A",
+        dtype="float16",
+        parameter_count=1,
+        quantization="",
+        tp_rank=0,
+        tp_size=1,
+        engine_version="0.5.23",
+        model="m",
+    )
     assert sg.engine == "sglang" and sg.labels["thaw.names"] == "sglang"
 
 
@@ -101,9 +110,11 @@ def test_per_rank_payload() -> None:
 
 
 def test_importing_integrations_imports_no_engine() -> None:
-    code = ("import sys, thaw, thaw.vllm, thaw.sglang, thaw.client;"
-            "bad=[m for m in ('vllm','sglang','torch','thawd','thawctl') if m in sys.modules];"
-            "print(bad)")  # fmt: skip
+    code = (
+        "import sys, thaw, thaw.vllm, thaw.sglang, thaw.client;"
+        "bad=[m for m in ('vllm','sglang','torch','thawd','thawctl') if m in sys.modules];"
+        "print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

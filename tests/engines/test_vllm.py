@@ -59,8 +59,9 @@ def ref_engine(tiny_dirs: dict[int, Path], state: dict[str, Any]) -> Iterator[An
     import thaw.vllm
 
     t0 = time.perf_counter()
-    llm = LLM(model=str(tiny_dirs[0]), worker_extension_cls=thaw.vllm.WORKER_EXTENSION,
-              **ENGINE_KWARGS)  # fmt: skip
+    llm = LLM(
+        model=str(tiny_dirs[0]), worker_extension_cls=thaw.vllm.WORKER_EXTENSION, **ENGINE_KWARGS
+    )
     state["ref_init_s"] = time.perf_counter() - t0
     state["out0"] = generate(llm)
     yield llm
@@ -68,9 +69,12 @@ def ref_engine(tiny_dirs: dict[int, Path], state: dict[str, Any]) -> Iterator[An
 
 
 def test_freeze_live_engine_then_swap_weights_in_place(
-    ref_engine: Any, tiny_dirs: dict[int, Path], module_thawd: Any, state: dict[str, Any],
+    ref_engine: Any,
+    tiny_dirs: dict[int, Path],
+    module_thawd: Any,
+    state: dict[str, Any],
     tmp_path_factory: pytest.TempPathFactory,
-) -> None:  # fmt: skip
+) -> None:
     import thaw
     import thaw.vllm
     from thaw.format import open_snapshot
@@ -82,8 +86,12 @@ def test_freeze_live_engine_then_swap_weights_in_place(
     frozen = thaw.vllm.freeze(llm, f0)
     assert frozen.ranks[0].source == "checkpoint" and f0.exists()
     fp = open_snapshot(f0).fingerprint
-    assert (fp.engine, fp.engine_version, fp.model, fp.dtype) == ("vllm", "0.32.0", "tiny",
-                                                                  "float32")  # fmt: skip
+    assert (fp.engine, fp.engine_version, fp.model, fp.dtype) == (
+        "vllm",
+        "0.32.0",
+        "tiny",
+        "float32",
+    )
     assert (fp.tp_rank, fp.tp_size, fp.quantization) == (0, 1, "")
     assert fp.labels["thaw.weights"] == "vllm-pre-processing"
     names = {t.name for t in open_snapshot(f0).tensors}
@@ -104,7 +112,7 @@ def test_freeze_live_engine_then_swap_weights_in_place(
     state["tiny1_path"] = client.stat("tiny1").path
 
     # Prefix cache warm for a long prompt, then swap: no stale KV may survive.
-    from thaw import tiny
+    from thaw.demo import tiny
 
     long_prompt = tiny.make_prompt(tiny.build_tokenizer(), 600, seed=5)
     cached_tokens(llm, long_prompt)
@@ -130,13 +138,17 @@ def test_fingerprint_mismatch_is_refused_before_any_copy(
 
     import thaw.vllm
     from thaw import FingerprintMismatch, freeze_file
+    from thaw.copy.restore import read_tensor
     from thaw.format import open_snapshot
-    from thaw.restore import read_tensor
 
     src = open_snapshot(state["f0"])
     tensors = {e.name: read_tensor(src, e) for e in src.tensors}
-    for change, word in [({"tp_size": 2, "tp_rank": 1}, "tp_size"), ({"dtype": "float16"}, "dtype"),
-                         ({"engine_version": "0.31.0"}, "engine_version")]:  # fmt: skip
+    changes: list[tuple[dict[str, Any], str]] = [
+        ({"tp_size": 2, "tp_rank": 1}, "tp_size"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"engine_version": "0.31.0"}, "engine_version"),
+    ]
+    for change, word in changes:
         bad = tmp_path / f"bad-{word}.thaw"
         freeze_file(tensors, bad, fingerprint=dataclasses.replace(src.fingerprint, **change))
         with pytest.raises(FingerprintMismatch, match=word):
@@ -166,8 +178,9 @@ def test_a_file_restore_reads_the_file_once_thawd_is_gone(
         from_file = thaw.vllm.restore(llm, state["f0"], socket=daemon.socket)
         assert from_file.ranks[0].source == "file"
         assert generate(llm) == out0
-        with pytest.raises(thaw.vllm.SnapshotMissing, match=f"thawd is not running at "
-                           f"{daemon.socket}"):  # fmt: skip
+        with pytest.raises(
+            thaw.vllm.SnapshotMissing, match=f"thawd is not running at {daemon.socket}"
+        ):
             thaw.vllm.restore(llm, "gone", socket=daemon.socket)
     finally:
         daemon.close()
@@ -186,20 +199,33 @@ def test_a_missing_snapshot_fails_before_the_engine_starts(
 
     absent = str(tmp_path / "absent.sock")
     cases = [
-        ({"snapshot": "nope", "socket": module_thawd.socket}, SnapshotMissing,
-         "thawd has no snapshot 'nope'; no \"path\" to fall back to"),
-        ({"snapshot": "nope", "socket": absent}, SnapshotMissing,
-         f"thawd is not running at {absent}"),
-        ({"snapshot": "nope", "socket": absent, "daemon": "require"}, DaemonUnavailable,
-         f"no thawd is running at {absent}"),
+        (
+            {"snapshot": "nope", "socket": module_thawd.socket},
+            SnapshotMissing,
+            "thawd has no snapshot 'nope'; no \"path\" to fall back to",
+        ),
+        (
+            {"snapshot": "nope", "socket": absent},
+            SnapshotMissing,
+            f"thawd is not running at {absent}",
+        ),
+        (
+            {"snapshot": "nope", "socket": absent, "daemon": "require"},
+            DaemonUnavailable,
+            f"no thawd is running at {absent}",
+        ),
         ({"snapshot": str(tmp_path / "none.thaw")}, SnapshotMissing, "none.thaw does not exist"),
         ({"snapshot": "x", "bogus": 1}, ValueError, "unknown thaw loader option"),
-    ]  # fmt: skip
+    ]
     for config, error, words in cases:
         started = time.perf_counter()
         with pytest.raises(error) as raised:
-            LLM(model=str(tiny_dirs[0]), load_format="thaw", model_loader_extra_config=config,
-                **ENGINE_KWARGS)  # fmt: skip
+            LLM(
+                model=str(tiny_dirs[0]),
+                load_format="thaw",
+                model_loader_extra_config=config,
+                **ENGINE_KWARGS,
+            )
         assert words in str(raised.value), raised.value
         assert time.perf_counter() - started < 5, config
 
@@ -208,8 +234,9 @@ def _thaw_engine(model: Path, config: dict[str, Any]) -> tuple[Any, float]:
     from vllm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(model=str(model), load_format="thaw", model_loader_extra_config=config,
-              **ENGINE_KWARGS)  # fmt: skip
+    llm = LLM(
+        model=str(model), load_format="thaw", model_loader_extra_config=config, **ENGINE_KWARGS
+    )
     return llm, time.perf_counter() - t0
 
 
@@ -221,8 +248,9 @@ def test_load_format_thaw_from_pinned_snapshot(
     shutdown(ref_engine)  # one engine at a time on this box
     client = thaw.connect(module_thawd.socket)
     before = client.stat("tiny0").restores
-    llm, init_s = _thaw_engine(tiny_dirs[0], {"snapshot": "tiny0", "socket": module_thawd.socket,
-                                              "daemon": "require"})  # fmt: skip
+    llm, init_s = _thaw_engine(
+        tiny_dirs[0], {"snapshot": "tiny0", "socket": module_thawd.socket, "daemon": "require"}
+    )
     try:
         assert client.stat("tiny0").restores == before + 1  # the worker restored from thawd
         assert generate(llm) == state["out0"]
@@ -249,14 +277,36 @@ def test_the_openai_server_of_the_cpu_build_loads_from_thawd(
     with thaw.connect(module_thawd.socket) as client:
         before = client.stat("tiny0").restores
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-         str(tiny_dirs[0]), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes",
-         str(64 << 20), "--seed", "0", "--load-format", "thaw",
-         "--model-loader-extra-config", json.dumps(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(tiny_dirs[0]),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "2048",
+            "--kv-cache-memory-bytes",
+            str(64 << 20),
+            "--seed",
+            "0",
+            "--load-format",
+            "thaw",
+            "--model-loader-extra-config",
+            json.dumps(config),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(ROOT),
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    )
     try:
         started = time.monotonic()
         while True:
@@ -268,12 +318,19 @@ def test_the_openai_server_of_the_cpu_build_loads_from_thawd(
             except OSError:
                 time.sleep(0.5)
         state["openai_server_ready_s"] = time.monotonic() - started
-        request = {"model": str(tiny_dirs[0]), "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
-                   "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+        request = {
+            "model": str(tiny_dirs[0]),
+            "prompt": PROMPTS[0],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
         posted = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(request).encode(),
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=json.dumps(request).encode(),
             headers={"Content-Type": "application/json"},
-        )  # fmt: skip
+        )
         with urllib.request.urlopen(posted, timeout=60) as reply:
             answer = json.loads(reply.read())
         assert answer["choices"][0]["token_ids"] == state["out0"][0]
@@ -304,16 +361,32 @@ def test_thawctl_freeze_engine_vllm_matches_live_freeze(
     tensors as a freeze of a running engine."""
     import torch
 
+    from thaw.copy.restore import read_tensor
     from thaw.format import open_snapshot
-    from thaw.restore import read_tensor
 
     out = tmp_path / "cli.thaw"
     proc = subprocess.run(
-        [sys.executable, "-m", "thawctl", "freeze", "--engine", "vllm", "--model",
-         str(tiny_dirs[0]), "--dtype", "float32", "-o", str(out), "--json"],
-        capture_output=True, text=True, timeout=400, cwd=str(ROOT),
+        [
+            sys.executable,
+            "-m",
+            "thawctl",
+            "freeze",
+            "--engine",
+            "vllm",
+            "--model",
+            str(tiny_dirs[0]),
+            "--dtype",
+            "float32",
+            "-o",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=str(ROOT),
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     assert doc["files"][0]["path"] == str(out) and doc["fingerprint"]["engine"] == "vllm"
@@ -356,8 +429,9 @@ if __name__ == "__main__":
 """
 
 
-def test_tensor_parallel_2_on_cpu(tiny_dirs: dict[int, Path], state: dict[str, Any],
-                                  tmp_path: Path) -> None:  # fmt: skip
+def test_tensor_parallel_2_on_cpu(
+    tiny_dirs: dict[int, Path], state: dict[str, Any], tmp_path: Path
+) -> None:
     """TP=2 on the 2-core box (one core per rank): each rank freezes and restores its own shard."""
     from thaw.format import open_snapshot
 
@@ -368,11 +442,20 @@ def test_tensor_parallel_2_on_cpu(tiny_dirs: dict[int, Path], state: dict[str, A
     for rank in (0, 1):
         shutil.copy(state["f0"], tmp_path / f"tp1-rank{rank}.thaw")
     proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_dirs[0]), template,
-         str(tmp_path / "tp1-rank{rank}.thaw"), json.dumps(PROMPTS)],
-        capture_output=True, text=True, timeout=400, cwd=str(tmp_path),
+        [
+            sys.executable,
+            str(script),
+            str(tiny_dirs[0]),
+            template,
+            str(tmp_path / "tp1-rank{rank}.thaw"),
+            json.dumps(PROMPTS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=str(tmp_path),
         env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
-    )  # fmt: skip
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     res = json.loads(lines[-1].removeprefix("RESULT "))

@@ -7,30 +7,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.daemon.conftest import ThawdProcess, make_dir
-
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE_TIMEOUT = 240.0
-
-
-@pytest.fixture(scope="module")
-def kv_thawd() -> Iterator[Any]:
-    """One thawd for a module (restartable: the registry lives in its state directory)."""
-    directory = make_dir()
-    daemon = ThawdProcess(directory).start()
-    yield daemon
-    daemon.close()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def run_engine(job: dict[str, Any], hash_seed: int, log: Path) -> dict[str, Any]:

@@ -13,11 +13,12 @@ import os
 import sys
 import time
 import traceback
+from typing import Any
 
 RESULT = "THAW-KV-RESULT "
 
 
-def make_llm(job: dict, **extra: object) -> object:
+def make_llm(job: dict, **extra: Any) -> Any:
     from vllm import LLM
 
     import thaw.kv
@@ -46,11 +47,11 @@ def make_llm(job: dict, **extra: object) -> object:
     )
 
 
-def greedy(llm: object, prompt: str | dict, n: int = 32) -> dict:
+def greedy(llm: Any, prompt: str | dict, n: int = 32) -> dict:
     return greedy_many(llm, [prompt], n)[0]
 
 
-def greedy_many(llm: object, prompts: list[str | dict], n: int = 32) -> list[dict]:
+def greedy_many(llm: Any, prompts: list[str | dict], n: int = 32) -> list[dict]:
     """One generate call: prompts scheduled together load their KV in the same steps."""
     from vllm import SamplingParams
 
@@ -69,22 +70,22 @@ def greedy_many(llm: object, prompts: list[str | dict], n: int = 32) -> list[dic
     ]
 
 
-def shutdown(llm: object) -> None:
+def shutdown(llm: Any) -> None:
     import contextlib
 
     with contextlib.suppress(Exception):
         llm.llm_engine.engine_core.shutdown()
 
 
-def other_weights(llm: object, job: dict) -> str:
+def other_weights(llm: Any, job: dict) -> str:
     """Register in thawd a snapshot of other weights for this engine (its own, frozen, each
     float tensor moved by noise: same names and shapes, other outputs); returns its name."""
     import torch
 
     import thaw
+    from thaw.copy.freeze import freeze_file
+    from thaw.copy.restore import read_tensor
     from thaw.format import open_snapshot
-    from thaw.freeze import freeze_file
-    from thaw.restore import read_tensor
 
     directory = job["snapshot_dir"]
     mine = os.path.join(directory, "weights-a.thaw")
@@ -104,7 +105,7 @@ def other_weights(llm: object, job: dict) -> str:
     return "weights-b"
 
 
-def swap(llm: object, job: dict) -> dict:
+def swap(llm: Any, job: dict) -> dict:
     """Serve a prompt (its KV goes to the store), swap the weights in place, serve it again:
     the KV of the old weights must not come back."""
     import thaw
@@ -134,8 +135,10 @@ def main(job: dict) -> dict:
     t0 = time.perf_counter()
     extra: dict = {"worker_extension_cls": "thaw.vllm.worker.ThawWorkerExtension"}
     if job.get("load"):  # load_format="thaw" from this snapshot
-        extra.update(load_format="thaw",
-                     model_loader_extra_config={"snapshot": job["load"], "socket": job["socket"]})
+        extra.update(
+            load_format="thaw",
+            model_loader_extra_config={"snapshot": job["load"], "socket": job["socket"]},
+        )
     llm = make_llm(job, **extra)
     result: dict = {"init_s": time.perf_counter() - t0}
     prompt = job["prompt"]

@@ -72,9 +72,9 @@ def test_spec_check_names_every_difference() -> None:
 
 @pytest.mark.parametrize("backend", ["thawd", "files"])
 def test_store_round_trip_and_index_from_token_ids(
-    backend: str, tmp_path: Any, kv_thawd: Any
+    backend: str, tmp_path: Any, module_thawd: Any
 ) -> None:
-    socket = kv_thawd.socket if backend == "thawd" else None
+    socket = module_thawd.socket if backend == "thawd" else None
     directory = str(tmp_path / "kv")
     writer = KVStore(SPEC, socket=socket, directory=directory)
     tokens = list(range(100, 113))  # 3 full blocks + 1 token
@@ -106,9 +106,9 @@ def test_store_round_trip_and_index_from_token_ids(
 
 @pytest.mark.parametrize("backend", ["thawd", "files"])
 def test_load_many_stages_several_prefixes_at_once(
-    backend: str, tmp_path: Any, kv_thawd: Any
+    backend: str, tmp_path: Any, module_thawd: Any
 ) -> None:
-    socket = kv_thawd.socket if backend == "thawd" else None
+    socket = module_thawd.socket if backend == "thawd" else None
     store = KVStore(SPEC, socket=socket, directory=str(tmp_path / "kv"))
     saved = {}
     for seed in range(3):
@@ -126,17 +126,19 @@ def test_load_many_stages_several_prefixes_at_once(
     store.close()
 
 
-def test_files_written_without_daemon_are_registered_later(tmp_path: Any, kv_thawd: Any) -> None:
+def test_files_written_without_daemon_are_registered_later(
+    tmp_path: Any, module_thawd: Any
+) -> None:
     directory = str(tmp_path / "kv")
     tokens = list(range(8))
     offline = KVStore(SPEC, directory=directory)
     offline.save(
         "offline-prefix", blocks(2, 1), torch.tensor(tokens).view(2, 4), labels_for(tokens)
     )
-    online = KVStore(SPEC, socket=kv_thawd.socket, directory=directory)
+    online = KVStore(SPEC, socket=module_thawd.socket, directory=directory)
     online.refresh(force=True)
     assert [r.name for r in online.match(chain_keys(SPEC.key, tokens, 4))] == ["offline-prefix"] * 2
-    with thaw.connect(kv_thawd.socket) as client:
+    with thaw.connect(module_thawd.socket) as client:
         assert client.stat("offline-prefix").path.endswith("offline-prefix.thaw")
     online.close()
 
@@ -148,8 +150,14 @@ def test_a_full_pinned_budget_unpins_the_oldest_automatic_saves(tmp_path: Any) -
     from tests.daemon.conftest import ThawdProcess, make_dir
     from thaw.errors import BudgetExceeded
 
-    spec = KVSpec(weights="m-big", dtype="float32", layout="cpu-LBHNC", block_size=4,
-                  block_shape=(1024, 1024), num_layers=2)  # fmt: skip
+    spec = KVSpec(
+        weights="m-big",
+        dtype="float32",
+        layout="cpu-LBHNC",
+        block_size=4,
+        block_shape=(1024, 1024),
+        num_layers=2,
+    )
     daemon = ThawdProcess(make_dir(), pinned_budget="24MiB").start()
     try:
         store = KVStore(spec, socket=daemon.socket, directory=str(tmp_path / "kv"))
@@ -158,8 +166,11 @@ def test_a_full_pinned_budget_unpins_the_oldest_automatic_saves(tmp_path: Any) -
             g = torch.Generator().manual_seed(seed)
             data = torch.randn(2, 1, 1024, 1024, generator=g)
             tokens = list(range(seed * 4, seed * 4 + 4))
-            labels = {"kv.blocks": "1", "kv.tokens": "4",
-                      "kv.chain": chain_keys(spec.key, tokens, 4)[-1]}  # fmt: skip
+            labels = {
+                "kv.blocks": "1",
+                "kv.tokens": "4",
+                "kv.chain": chain_keys(spec.key, tokens, 4)[-1],
+            }
             if auto:
                 labels[AUTO_LABEL] = "1"
             store.save(name, data, torch.tensor(tokens).view(1, 4), labels)
@@ -222,13 +233,19 @@ def test_copy_blocks_checks_the_tokens_before_writing() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["thawd", "files"])
 def test_a_gpu_engine_saves_and_loads_in_gpu_memory(
-    backend: str, tmp_path: Any, kv_thawd: Any
+    backend: str, tmp_path: Any, module_thawd: Any
 ) -> None:
     """A GPU engine's blocks go to the store from GPU memory and come back into it, with no
     host staging; copy_blocks then places them in a cache laid out like vLLM's GPU cache."""
-    spec = KVSpec(weights="m-gpu", dtype="bfloat16", layout="gpu-2NBHD", block_size=16,
-                  block_shape=(2, 16, 8, 128), num_layers=2)  # fmt: skip
-    socket = kv_thawd.socket if backend == "thawd" else None
+    spec = KVSpec(
+        weights="m-gpu",
+        dtype="bfloat16",
+        layout="gpu-2NBHD",
+        block_size=16,
+        block_shape=(2, 16, 8, 128),
+        num_layers=2,
+    )
+    socket = module_thawd.socket if backend == "thawd" else None
     store = KVStore(spec, socket=socket, directory=str(tmp_path / "kv"))
     store.device = torch.device("cuda")
     # vLLM's GPU cache: per layer [2 (K, V), num_blocks, 16, 8, 128]; blocks index dim 1.
@@ -237,14 +254,18 @@ def test_a_gpu_engine_saves_and_loads_in_gpu_memory(
     tokens = list(range(1000, 1048))
     keys = chain_keys(spec.key, tokens, 16)
     name = f"gpu-prefix-{backend}"
-    store.save(name, torch.stack([layer.transpose(0, 1).index_select(0, used) for layer in cache]),
-               torch.tensor(tokens, device="cuda").view(3, 16),
-               {"kv.blocks": "3", "kv.tokens": "48", "kv.chain": keys[-1]})  # fmt: skip
+    store.save(
+        name,
+        torch.stack([layer.transpose(0, 1).index_select(0, used) for layer in cache]),
+        torch.tensor(tokens, device="cuda").view(3, 16),
+        {"kv.blocks": "3", "kv.tokens": "48", "kv.chain": keys[-1]},
+    )
     (loaded,) = store.load_many([BlockRef(name, 0, 3, store.path_for(name))])
     assert {t.device.type for t in loaded.values()} == {"cuda"}
     target = [torch.zeros_like(layer) for layer in cache]
-    copy_blocks(loaded, name, [0, 1, 2], [30, 31, 5], tokens,
-                [layer.transpose(0, 1) for layer in target])  # fmt: skip
+    copy_blocks(
+        loaded, name, [0, 1, 2], [30, 31, 5], tokens, [layer.transpose(0, 1) for layer in target]
+    )
     for layer, out in zip(cache, target, strict=True):
         assert torch.equal(out[:, [30, 31, 5]], layer[:, [7, 3, 21]])
         assert not out[:, [0, 7, 3, 21]].any()

@@ -23,17 +23,17 @@ FULL_PREFIX = (PROMPT_TOKENS - 1) // BLOCK * BLOCK  # 896
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, kv_thawd: Any) -> dict[str, Any]:
-    import thaw.tiny
+def setup(tmp_path_factory: pytest.TempPathFactory, module_thawd: Any) -> dict[str, Any]:
+    import thaw.demo.tiny
 
     root = tmp_path_factory.mktemp("kv")
-    model = thaw.tiny.write_model_dir(root / "tiny")
-    tokenizer = thaw.tiny.build_tokenizer()
+    model = thaw.demo.tiny.write_model_dir(root / "tiny")
+    tokenizer = thaw.demo.tiny.build_tokenizer()
     return {
         "model": str(model),
-        "prompt": thaw.tiny.make_prompt(tokenizer, PROMPT_TOKENS, seed=3),
-        "prompt2": thaw.tiny.make_prompt(tokenizer, PROMPT_TOKENS, seed=4),
-        "socket": kv_thawd.socket,
+        "prompt": thaw.demo.tiny.make_prompt(tokenizer, PROMPT_TOKENS, seed=3),
+        "prompt2": thaw.demo.tiny.make_prompt(tokenizer, PROMPT_TOKENS, seed=4),
+        "socket": module_thawd.socket,
         "name": "sess-a",
         "snapshot_dir": str(root / "kv"),
         "root": root,
@@ -57,8 +57,10 @@ def test_engine_a_captures_and_its_connector_reloads(engine_a: dict[str, Any]) -
     # scheduled in the same step, through restore_many), with the same greedy tokens.
     both = engine_a["both"]
     assert [b["cached"] for b in both] == [FULL_PREFIX, FULL_PREFIX]
-    assert [b["tokens"] for b in both] == [engine_a["first"]["tokens"],
-                                           engine_a["second"]["tokens"]]  # fmt: skip
+    assert [b["tokens"] for b in both] == [
+        engine_a["first"]["tokens"],
+        engine_a["second"]["tokens"],
+    ]
 
 
 def test_kv_snapshot_in_thawd_and_on_disk(setup: dict[str, Any], engine_a: dict[str, Any]) -> None:
@@ -80,11 +82,11 @@ def test_kv_snapshot_in_thawd_and_on_disk(setup: dict[str, Any], engine_a: dict[
 
 
 def test_new_engine_other_hash_seed_restores_after_thawd_restart(
-    setup: dict[str, Any], engine_a: dict[str, Any], engine: Any, kv_thawd: Any
+    setup: dict[str, Any], engine_a: dict[str, Any], engine: Any, module_thawd: Any
 ) -> None:
     import thaw
 
-    kv_thawd.restart()
+    module_thawd.restart()
     with thaw.connect(setup["socket"]) as client:
         names = {r.name for r in client.list()}
     assert "sess-a" in names  # the registry survived; the file is re-read on demand
@@ -103,9 +105,9 @@ def test_new_engine_other_hash_seed_restores_after_thawd_restart(
 def test_mismatched_engine_is_refused(
     setup: dict[str, Any], engine_a: dict[str, Any], engine: Any
 ) -> None:
-    import thaw.tiny
+    import thaw.demo.tiny
 
-    other = thaw.tiny.write_model_dir(setup["root"] / "tiny-other", seed=1, dtype="float16")
+    other = thaw.demo.tiny.write_model_dir(setup["root"] / "tiny-other", seed=1, dtype="float16")
     job = {k: v for k, v in setup.items() if k != "root"}
     c = engine({**job, "model": str(other), "dtype": "float16", "role": "mismatch"}, hash_seed=1)
     assert c["lazy"]["cached"] == 0  # other model: its keys never reach A's blocks
@@ -114,17 +116,15 @@ def test_mismatched_engine_is_refused(
     assert "unfinished requests" in c["busy"]
 
 
-def test_kv_never_outlives_the_weights_that_computed_it(
-    setup: dict[str, Any], engine: Any
-) -> None:
+def test_kv_never_outlives_the_weights_that_computed_it(setup: dict[str, Any], engine: Any) -> None:
     """An engine serves a prompt (its KV stored), then `thaw.connect().restore(llm, other)`
     swaps its weights in place: the prompt is computed again with the new weights, never
     served from the old weights' KV, and the new weights' KV is stored under their own key.
     A new engine started with load_format="thaw" from those weights, on the first model's
     directory, finds the new weights' KV and never the old's."""
-    import thaw.tiny
+    import thaw.demo.tiny
 
-    prompt = thaw.tiny.make_prompt(thaw.tiny.build_tokenizer(), PROMPT_TOKENS, seed=8)
+    prompt = thaw.demo.tiny.make_prompt(thaw.demo.tiny.build_tokenizer(), PROMPT_TOKENS, seed=8)
     job = {k: v for k, v in setup.items() if k != "root"}
     a = engine({**job, "prompt": prompt, "role": "swap"}, hash_seed=7)
     assert a["first"]["cached"] == 0
@@ -147,9 +147,9 @@ def test_tensor_parallel_ranks_store_and_load_their_own_shards(
     `name.tp1`, each labelled with its rank), and a new TP=2 engine loads each rank's own
     shard: the prompt is cached and its greedy tokens are the first engine's."""
     import thaw
-    import thaw.tiny
+    import thaw.demo.tiny
 
-    prompt = thaw.tiny.make_prompt(thaw.tiny.build_tokenizer(), PROMPT_TOKENS, seed=5)
+    prompt = thaw.demo.tiny.make_prompt(thaw.demo.tiny.build_tokenizer(), PROMPT_TOKENS, seed=5)
     job = {k: v for k, v in setup.items() if k != "root"}
     job = {**job, "prompt": prompt, "name": "sess-tp", "tp": 2}
     a = engine({**job, "role": "capture"}, hash_seed=5)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from thawctl_testlib import Result, ThawdProcess, make_dir, random_tensors, write_snapshot
 
 
 @pytest.fixture
-def thawctl(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+def thawctl(capsys: pytest.CaptureFixture[str]) -> Any:
     """Run `thawctl ARGS...` in this process; returns Result(code, out, err)."""
     from thawctl.cli import main
 
@@ -24,16 +25,6 @@ def thawctl(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
         return Result(code, captured.out, captured.err)
 
     return run
-
-
-@pytest.fixture(scope="module")
-def module_thawd() -> Iterator[ThawdProcess]:
-    """One thawd for a test module (each start pays the torch import of a new interpreter)."""
-    directory = make_dir()
-    daemon = ThawdProcess(directory).start()
-    yield daemon
-    daemon.close()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -47,7 +38,7 @@ def thawd(module_thawd: ThawdProcess, monkeypatch: pytest.MonkeyPatch) -> Iterat
     _clear(thaw, module_thawd.socket)
 
 
-def _clear(thaw, socket: str) -> None:  # type: ignore[no-untyped-def]
+def _clear(thaw: Any, socket: str) -> None:
     with thaw.connect(socket) as client:
         for record in client.list():
             client.unregister(record.name)

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 from thawctl_testlib import (
@@ -29,7 +31,7 @@ from thawctl_testlib import (
 from thawctl import exitcodes
 
 
-def test_status(thawctl, thawd):
+def test_status(thawctl: Any, thawd: Any) -> None:
     result = thawctl("status", "--json")
     assert result.code == 0, result.err
     doc = result.json()
@@ -46,9 +48,12 @@ def test_status(thawctl, thawd):
     assert f"pid {thawd.pid}" in human.out and "256.0 MiB" in human.out
 
 
-def test_register_ls_and_filters(thawctl, thawd, snapshot_file, snapshot_dir):
-    result = thawctl("register", str(snapshot_file), "--name", "alpha", "--label", "team=a",
-                     "--json")  # fmt: skip
+def test_register_ls_and_filters(
+    thawctl: Any, thawd: Any, snapshot_file: Any, snapshot_dir: Any
+) -> None:
+    result = thawctl(
+        "register", str(snapshot_file), "--name", "alpha", "--label", "team=a", "--json"
+    )
     assert result.code == 0, result.err
     record = result.json()["snapshot"]
     assert_keys(record, SNAPSHOT_KEYS)
@@ -83,13 +88,20 @@ def test_register_ls_and_filters(thawctl, thawd, snapshot_file, snapshot_dir):
     assert alpha[-6:-3] == ["unverified", "team=a", "fixture"] and alpha[-2] == "ago"
     from thawctl.snapshots import fingerprint_summary
 
-    shard = {"architecture": "LlamaForCausalLM", "dtype": "float32", "quantization": "",
-             "engine": "vllm", "engine_version": "0.32.0", "tp_rank": 1, "tp_size": 2,
-             "model": "tiny"}  # fmt: skip
+    shard = {
+        "architecture": "LlamaForCausalLM",
+        "dtype": "float32",
+        "quantization": "",
+        "engine": "vllm",
+        "engine_version": "0.32.0",
+        "tp_rank": 1,
+        "tp_size": 2,
+        "model": "tiny",
+    }
     assert fingerprint_summary(shard) == "LlamaForCausalLM/float32/vllm-0.32.0/tp1of2/tiny"
 
 
-def test_register_errors(thawctl, thawd, snapshot_file, tmp_path):
+def test_register_errors(thawctl: Any, thawd: Any, snapshot_file: Any, tmp_path: Path) -> None:
     assert thawctl("register", str(snapshot_file), "--name", "a").code == 0
     duplicate = thawctl("register", str(snapshot_file), "--name", "a")
     assert duplicate.code == exitcodes.ERROR
@@ -104,7 +116,7 @@ def test_register_errors(thawctl, thawd, snapshot_file, tmp_path):
     one_error_line(refused.err)
 
 
-def test_a_missing_file_exits_4(thawctl, thawd, tmp_path):
+def test_a_missing_file_exits_4(thawctl: Any, thawd: Any, tmp_path: Path) -> None:
     missing = str(tmp_path / "absent.thaw")
     for argv in (["register", missing], ["pin", missing], ["register", missing, "--name", "x"]):
         result = thawctl(*argv)
@@ -114,14 +126,18 @@ def test_a_missing_file_exits_4(thawctl, thawd, tmp_path):
     assert thawctl("ls", "-q").out == ""
 
 
-def test_a_refused_request_points_at_the_commands_own_help(thawctl, thawd, snapshot_file):
+def test_a_refused_request_points_at_the_commands_own_help(
+    thawctl: Any, thawd: Any, snapshot_file: Any
+) -> None:
     result = thawctl("register", str(snapshot_file), "--name", "no spaces please")
     assert result.code == exitcodes.USAGE
     line = one_error_line(result.err)
     assert line.endswith("see `thawctl register --help`") and "COMMAND" not in line
 
 
-def test_one_file_is_not_registered_twice_unless_named_on_purpose(thawctl, thawd, snapshot_file):
+def test_one_file_is_not_registered_twice_unless_named_on_purpose(
+    thawctl: Any, thawd: Any, snapshot_file: Any
+) -> None:
     assert thawctl("register", str(snapshot_file), "--name", "first").code == 0
     again = thawctl("register", str(snapshot_file))
     assert again.code == exitcodes.ERROR
@@ -138,7 +154,7 @@ def test_one_file_is_not_registered_twice_unless_named_on_purpose(thawctl, thawd
     assert thawctl("ls", "-q").out == "first\nsecond\n"
 
 
-def test_a_hung_daemon_is_reported_within_the_timeout(thawctl, own_thawd):
+def test_a_hung_daemon_is_reported_within_the_timeout(thawctl: Any, own_thawd: Any) -> None:
     import signal
     import time
 
@@ -156,9 +172,14 @@ def test_a_hung_daemon_is_reported_within_the_timeout(thawctl, own_thawd):
     assert thawctl("--timeout", "1", "status").code == 0  # and thawd is fine once it runs again
 
 
-def test_unknown_name_exits_4(thawctl, thawd):
-    for argv in (["info", "nope"], ["pin", "nope"], ["unpin", "nope"], ["rm", "nope"],
-                 ["verify", "nope"]):  # fmt: skip
+def test_unknown_name_exits_4(thawctl: Any, thawd: Any) -> None:
+    for argv in (
+        ["info", "nope"],
+        ["pin", "nope"],
+        ["unpin", "nope"],
+        ["rm", "nope"],
+        ["verify", "nope"],
+    ):
         result = thawctl(*argv)
         assert result.code == exitcodes.NOT_FOUND, (argv, result.err)
         assert "nope" in one_error_line(result.err)
@@ -167,7 +188,9 @@ def test_unknown_name_exits_4(thawctl, thawd):
     assert "thawctl register" in one_error_line(unregistered_path.err)
 
 
-def test_pin_a_path_registers_it_then_unpin_and_rm(thawctl, thawd, snapshot_file):
+def test_pin_a_path_registers_it_then_unpin_and_rm(
+    thawctl: Any, thawd: Any, snapshot_file: Any
+) -> None:
     result = thawctl("pin", str(snapshot_file), "--label", "pinned=by-test", "--json")
     assert result.code == 0, result.err
     doc = result.json()
@@ -202,7 +225,7 @@ def test_pin_a_path_registers_it_then_unpin_and_rm(thawctl, thawd, snapshot_file
     assert snapshot_file.exists()  # rm never deletes the file
 
 
-def test_pin_prints_plain_lines_when_stdout_is_not_a_tty(thawd, snapshot_file):
+def test_pin_prints_plain_lines_when_stdout_is_not_a_tty(thawd: Any, snapshot_file: Any) -> None:
     done = run_subprocess("pin", str(snapshot_file), env={"THAW_SOCKET": thawd.socket})
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stdout and "\x1b" not in done.stdout
@@ -210,7 +233,7 @@ def test_pin_prints_plain_lines_when_stdout_is_not_a_tty(thawd, snapshot_file):
     assert done.stdout.splitlines()[-1].startswith("small is pinned: ")
 
 
-def test_info_of_a_registered_snapshot(thawctl, thawd, snapshot_file):
+def test_info_of_a_registered_snapshot(thawctl: Any, thawd: Any, snapshot_file: Any) -> None:
     thawctl("pin", str(snapshot_file), "--name", "info-me")
     result = thawctl("info", "info-me", "--json")
     assert result.code == 0, result.err
@@ -224,7 +247,7 @@ def test_info_of_a_registered_snapshot(thawctl, thawd, snapshot_file):
     assert "pinned" in human and "layers.0.index" in human and "verified" in human
 
 
-def test_verify_by_name_is_done_by_thawd(thawctl, thawd, snapshot_file):
+def test_verify_by_name_is_done_by_thawd(thawctl: Any, thawd: Any, snapshot_file: Any) -> None:
     thawctl("register", str(snapshot_file), "--name", "v")
     result = thawctl("verify", "v", "--json")
     assert result.code == 0, result.err
@@ -249,7 +272,9 @@ def test_verify_by_name_is_done_by_thawd(thawctl, thawd, snapshot_file):
     assert all(len(m[k]) == 16 for m in doc["mismatches"] for k in ("expected", "found"))
 
 
-def test_verify_of_a_pinned_name_hashes_the_pool(thawctl, thawd, snapshot_file):
+def test_verify_of_a_pinned_name_hashes_the_pool(
+    thawctl: Any, thawd: Any, snapshot_file: Any
+) -> None:
     thawctl("pin", str(snapshot_file))
     name = snapshot_file.stem
     corrupt_payload(snapshot_file, "layers.0.norm")  # the pool holds the bytes read at pin
@@ -257,7 +282,7 @@ def test_verify_of_a_pinned_name_hashes_the_pool(thawctl, thawd, snapshot_file):
     assert (doc["ok"], doc["read_from"]) == (True, "pool")
 
 
-def test_pin_of_a_corrupt_file_exits_7(thawctl, thawd, snapshot_file):
+def test_pin_of_a_corrupt_file_exits_7(thawctl: Any, thawd: Any, snapshot_file: Any) -> None:
     corrupt_payload(snapshot_file, "embed.weight")
     thawctl("register", str(snapshot_file), "--name", "damaged")
     result = thawctl("pin", "damaged")
@@ -269,7 +294,7 @@ def test_pin_of_a_corrupt_file_exits_7(thawctl, thawd, snapshot_file):
     assert "embed.weight" in record["error"]
 
 
-def test_budget_exceeded_exits_6(thawctl, own_thawd, snapshot_dir):
+def test_budget_exceeded_exits_6(thawctl: Any, own_thawd: Any, snapshot_dir: Any) -> None:
     own_thawd(pinned_budget="64KiB")
     big = write_snapshot(snapshot_dir / "big.thaw", random_tensors(0, scale=4))
     big.chmod(0o644)
@@ -288,9 +313,12 @@ def test_budget_exceeded_exits_6(thawctl, own_thawd, snapshot_dir):
     assert thawctl("ls", "-q").out == "big\n"
 
 
-def test_bench_measures_every_tier_and_leaves_thawd_as_it_was(thawctl, thawd, snapshot_dir):
-    result = thawctl("bench", "--size", "8MiB", "--repeat", "2", "--dir", str(snapshot_dir),
-                     "--json")  # fmt: skip
+def test_bench_measures_every_tier_and_leaves_thawd_as_it_was(
+    thawctl: Any, thawd: Any, snapshot_dir: Any
+) -> None:
+    result = thawctl(
+        "bench", "--size", "8MiB", "--repeat", "2", "--dir", str(snapshot_dir), "--json"
+    )
     assert result.code == 0, result.err
     doc = result.json()
     assert_keys(doc, BENCH_KEYS)
@@ -307,7 +335,7 @@ def test_bench_measures_every_tier_and_leaves_thawd_as_it_was(thawctl, thawd, sn
     assert thawctl("ls", "-q").out == ""  # the bench snapshot is gone again
 
 
-def test_bench_of_a_registered_name(thawctl, thawd, snapshot_file):
+def test_bench_of_a_registered_name(thawctl: Any, thawd: Any, snapshot_file: Any) -> None:
     thawctl("register", str(snapshot_file), "--name", "b")
     result = thawctl("bench", "b", "--repeat", "1", "--tier", "daemon-pinned")
     assert result.code == 0, result.err
@@ -316,7 +344,9 @@ def test_bench_of_a_registered_name(thawctl, thawd, snapshot_file):
     assert thawctl("info", "b", "--json").json()["snapshot"]["tier"] == "cold"
 
 
-def test_the_socket_option_reaches_the_daemon(thawctl, thawd, monkeypatch):
+def test_the_socket_option_reaches_the_daemon(
+    thawctl: Any, thawd: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("THAW_SOCKET")
     result = thawctl("--socket", thawd.socket, "status", "--json")
     assert result.code == 0
@@ -324,7 +354,9 @@ def test_the_socket_option_reaches_the_daemon(thawctl, thawd, monkeypatch):
     assert os.path.exists(thawd.socket)
 
 
-def test_fish_completes_snapshot_names_from_the_daemon(thawctl, thawd, snapshot_file, tmp_path):
+def test_fish_completes_snapshot_names_from_the_daemon(
+    thawctl: Any, thawd: Any, snapshot_file: Any, tmp_path: Path
+) -> None:
     if not shutil.which("fish"):
         pytest.skip("fish is not installed")
     assert thawctl("register", str(snapshot_file), "--name", "alpha").code == 0
@@ -332,9 +364,14 @@ def test_fish_completes_snapshot_names_from_the_daemon(thawctl, thawd, snapshot_
     script.write_text(thawctl("completion", "fish").out)
     bin_dir = tmp_path / "bin"  # `thawctl` on PATH, as an installed one would be
     bin_dir.mkdir()
-    (bin_dir / "thawctl").write_text(f"#!/bin/sh\nexec {sys.executable} -m thawctl \"$@\"\n")
+    (bin_dir / "thawctl").write_text(f'#!/bin/sh\nexec {sys.executable} -m thawctl "$@"\n')
     (bin_dir / "thawctl").chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
-    done = subprocess.run(["fish", "-c", f"source {script}; complete -C 'thawctl unpin al'"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    done = subprocess.run(
+        ["fish", "-c", f"source {script}; complete -C 'thawctl unpin al'"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert done.stdout.split() == ["alpha"], done.stderr

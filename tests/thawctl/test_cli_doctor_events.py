@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from thawctl_testlib import NO_DAEMON, ROOT, one_error_line
@@ -29,12 +30,15 @@ def start_events(*argv: str, socket: str) -> subprocess.Popen[str]:
     """`thawctl events ARGS` in its own interpreter, stdout a pipe."""
     return subprocess.Popen(
         [sys.executable, "-m", "thawctl", "--socket", socket, "events", *argv],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(ROOT),
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )  # fmt: skip
+    )
 
 
-def until_done(proc: subprocess.Popen[str], step, timeout: float = 60.0) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+def until_done(proc: subprocess.Popen[str], step: Any, timeout: float = 60.0) -> tuple[str, str]:
     """Call `step(i)` every 0.2 s until `proc` exits: thawd keeps no history of events, so
     the first ones may come before the watcher has subscribed."""
     deadline = time.monotonic() + timeout
@@ -50,10 +54,9 @@ def until_done(proc: subprocess.Popen[str], step, timeout: float = 60.0) -> tupl
 # --- events ---------------------------------------------------------------------------------------
 
 
-def test_events_as_lines_and_as_json_lines_filtered_by_kind(thawd, snapshot_file):
+def test_events_as_lines_and_as_json_lines_filtered_by_kind(thawd: Any, snapshot_file: Any) -> None:
     lines = start_events("--kind", "registered", "--count", "3", socket=thawd.socket)
-    jsonl = start_events("--json", "--kind", "pinned,unpinned", "--count", "4",
-                         socket=thawd.socket)  # fmt: skip
+    jsonl = start_events("--json", "--kind", "pinned,unpinned", "--count", "4", socket=thawd.socket)
     with thaw.connect(thawd.socket) as client:
         client.register(snapshot_file, "p")
 
@@ -87,7 +90,7 @@ def test_events_as_lines_and_as_json_lines_filtered_by_kind(thawd, snapshot_file
     assert all(a != b for a, b in itertools.pairwise(kinds))  # they alternate
 
 
-def first_line(proc: subprocess.Popen[str], step, timeout: float = 60.0) -> str:  # type: ignore[no-untyped-def]
+def first_line(proc: subprocess.Popen[str], step: Any, timeout: float = 60.0) -> str:
     """Call `step(i)` until `proc` prints a line (then it is subscribed); that line."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
@@ -99,7 +102,9 @@ def first_line(proc: subprocess.Popen[str], step, timeout: float = 60.0) -> str:
     return proc.stdout.readline()
 
 
-def test_events_end_quietly_on_ctrl_c_and_with_exit_3_when_thawd_stops(own_thawd, snapshot_file):
+def test_events_end_quietly_on_ctrl_c_and_with_exit_3_when_thawd_stops(
+    own_thawd: Any, snapshot_file: Any
+) -> None:
     daemon = own_thawd()
     interrupted = start_events(socket=daemon.socket)
     stopped = start_events("--json", socket=daemon.socket)
@@ -138,7 +143,7 @@ def memlock_limit(soft: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, before)
 
 
-def by_name(doc: dict) -> dict[str, dict]:  # type: ignore[type-arg]
+def by_name(doc: dict) -> dict[str, dict]:
     assert [c["name"] for c in doc["checks"]] == CHECKS
     for c in doc["checks"]:
         assert set(c) == {"name", "state", "detail", "hint"}
@@ -146,7 +151,7 @@ def by_name(doc: dict) -> dict[str, dict]:  # type: ignore[type-arg]
     return {c["name"]: c for c in doc["checks"]}
 
 
-def test_doctor_passes_on_a_host_set_up_for_thaw(thawctl, own_thawd):
+def test_doctor_passes_on_a_host_set_up_for_thaw(thawctl: Any, own_thawd: Any) -> None:
     with memlock_limit(8 << 20):
         daemon = own_thawd(pinned_budget="4MiB")  # within its locked-memory limit
     result = thawctl("doctor", "--json")
@@ -155,8 +160,9 @@ def test_doctor_passes_on_a_host_set_up_for_thaw(thawctl, own_thawd):
     checks = by_name(doc)
     assert doc["ok"] is True
     assert {c["state"] for c in doc["checks"]} <= {"pass", "skip"}, result.out
-    assert checks["thawd"]["detail"].startswith(f"thawd {thaw.__version__} (api thaw.v1), "
-                                                f"pid {daemon.pid}")  # fmt: skip
+    assert checks["thawd"]["detail"].startswith(
+        f"thawd {thaw.__version__} (api thaw.v1), pid {daemon.pid}"
+    )
     assert checks["memlock"]["detail"] == (
         "thawd's RLIMIT_MEMLOCK is 8.0 MiB, its pinned budget 4.0 MiB"
     )
@@ -169,7 +175,7 @@ def test_doctor_passes_on_a_host_set_up_for_thaw(thawctl, own_thawd):
     assert human.out.splitlines()[3].startswith("PASS  memlock     thawd's RLIMIT_MEMLOCK")
 
 
-def test_doctor_fails_a_memlock_limit_below_the_pinned_budget(thawctl, own_thawd):
+def test_doctor_fails_a_memlock_limit_below_the_pinned_budget(thawctl: Any, own_thawd: Any) -> None:
     with memlock_limit(1 << 20):
         own_thawd(pinned_budget="16MiB")
     result = thawctl("doctor")
@@ -179,7 +185,7 @@ def test_doctor_fails_a_memlock_limit_below_the_pinned_budget(thawctl, own_thawd
     assert "LimitMEMLOCK=infinity" in result.out
 
 
-def test_doctor_without_a_daemon(thawctl):
+def test_doctor_without_a_daemon(thawctl: Any) -> None:
     result = thawctl("--socket", NO_DAEMON, "doctor", "--json")
     assert result.code == exitcodes.ERROR
     checks = by_name(result.json())
@@ -190,16 +196,16 @@ def test_doctor_without_a_daemon(thawctl):
     assert checks["memlock"]["state"] == checks["page cache"]["state"] == "skip"
 
 
-def test_doctor_as_a_user_outside_the_sockets_group(thawd):
+def test_doctor_as_a_user_outside_the_sockets_group(thawd: Any) -> None:
     """uid 65534, not in the socket's group (root): the socket and group checks fail and say
     how to join; thawd is unreachable for this user."""
     code = f"""
 import os, sys, json
 sys.path.insert(0, {str(ROOT)!r})
-import thaw.client, thaw.errors, thaw.fdpass
+import thaw.client, thaw.errors, thaw.daemon.fdsocket
 from thawctl import cli, doctor, sockets, render, schema, exitcodes
 try:
-    import thaw.cuda, thaw.vmm
+    import thaw.mem.cuda, thaw.mem.vmm
 except ImportError:
     pass
 # The interpreter's files are root's alone here: everything is imported before the drop.
@@ -208,8 +214,9 @@ import thaw, grpc
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 sys.exit(cli.main(["--socket", {thawd.socket!r}, "doctor", "--json"]))
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, cwd="/")  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/"
+    )
     assert done.returncode == exitcodes.ERROR, done.stderr
     checks = by_name(json.loads(done.stdout))
     assert checks["socket"]["state"] == "fail"
@@ -220,7 +227,9 @@ sys.exit(cli.main(["--socket", {thawd.socket!r}, "doctor", "--json"]))
     assert checks["thawd"]["state"] == "fail"
 
 
-def test_page_cache_warns_when_the_warm_snapshots_do_not_fit(thawctl, thawd, snapshot_file):
+def test_page_cache_warns_when_the_warm_snapshots_do_not_fit(
+    thawctl: Any, thawd: Any, snapshot_file: Any
+) -> None:
     from thawctl import doctor
 
     assert thawctl("pin", str(snapshot_file), "--warm").code == 0
@@ -239,21 +248,35 @@ def _device(root: Path, address: str, **files: str) -> None:
         (d / name).write_text(text + "\n")
 
 
-def test_pcie_links_from_sysfs(tmp_path):
+def test_pcie_links_from_sysfs(tmp_path: Path) -> None:
     """The kernel's /sys/bus/pci/devices layout: a GPU whose link runs narrower than it can
     warns; one trained down while idle passes with a note; other devices are ignored."""
     from thawctl import doctor
 
-    gen5 = {"vendor": "0x10de", "class": "0x030200", "max_link_speed": "32.0 GT/s PCIe",
-            "max_link_width": "16"}  # fmt: skip
-    _device(tmp_path, "0000:17:00.0", current_link_speed="2.5 GT/s PCIe",
-            current_link_width="16", **gen5)  # fmt: skip
+    gen5 = {
+        "vendor": "0x10de",
+        "class": "0x030200",
+        "max_link_speed": "32.0 GT/s PCIe",
+        "max_link_width": "16",
+    }
+    _device(
+        tmp_path,
+        "0000:17:00.0",
+        current_link_speed="2.5 GT/s PCIe",
+        current_link_width="16",
+        **gen5,
+    )
     _device(tmp_path, "0000:00:1f.6", vendor="0x8086", **{"class": "0x020000"})
     idle = doctor.pcie_check(str(tmp_path), nvidia_smi=list)
     assert idle.state == "pass"
     assert idle.detail == "0000:17:00.0 Gen1 x16 (Gen5 under load; idle links train down)"
-    _device(tmp_path, "0000:4b:00.0", current_link_speed="32.0 GT/s PCIe",
-            current_link_width="8", **gen5)  # fmt: skip
+    _device(
+        tmp_path,
+        "0000:4b:00.0",
+        current_link_speed="32.0 GT/s PCIe",
+        current_link_width="8",
+        **gen5,
+    )
     narrow = doctor.pcie_check(str(tmp_path), nvidia_smi=list)
     assert narrow.state == "warn" and "0000:4b:00.0 Gen5 x8 (of x16)" in narrow.detail
     assert doctor.pcie_check(str(tmp_path / "none"), nvidia_smi=list).state == "skip"

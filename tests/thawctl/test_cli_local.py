@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from thawctl_testlib import (
@@ -28,18 +29,31 @@ from thawctl.progress import Progress
 # --- entry points -------------------------------------------------------------------------------
 
 
-def test_help_in_a_fresh_interpreter_lists_commands_and_exit_codes():
+def test_help_in_a_fresh_interpreter_lists_commands_and_exit_codes() -> None:
     done = run_subprocess("--help")
     assert done.returncode == 0, done.stderr
-    for command in ("status", "ls", "info", "register", "pin", "unpin", "rm", "verify",
-                    "freeze", "bench", "demo", "top", "completion"):  # fmt: skip
+    for command in (
+        "status",
+        "ls",
+        "info",
+        "register",
+        "pin",
+        "unpin",
+        "rm",
+        "verify",
+        "freeze",
+        "bench",
+        "demo",
+        "top",
+        "completion",
+    ):
         assert command in done.stdout
     assert "exit codes:" in done.stdout
     for code in range(8):
         assert f"  {code}  " in done.stdout
 
 
-def test_console_script_is_installed_and_runs():
+def test_console_script_is_installed_and_runs() -> None:
     script = shutil.which("thawctl") or str(Path(__import__("sys").executable).parent / "thawctl")
     if not Path(script).exists():
         pytest.skip("thawctl console script not installed (pip install -e .)")
@@ -48,9 +62,22 @@ def test_console_script_is_installed_and_runs():
     assert done.stdout.startswith("thawctl ")
 
 
-def test_every_subcommand_has_help(thawctl):
-    for command in ("status", "ls", "info", "register", "pin", "unpin", "rm", "verify",
-                    "freeze", "bench", "demo", "top", "completion"):  # fmt: skip
+def test_every_subcommand_has_help(thawctl: Any) -> None:
+    for command in (
+        "status",
+        "ls",
+        "info",
+        "register",
+        "pin",
+        "unpin",
+        "rm",
+        "verify",
+        "freeze",
+        "bench",
+        "demo",
+        "top",
+        "completion",
+    ):
         result = thawctl(command, "--help")
         assert result.code == 0
         assert result.out.startswith(f"usage: thawctl {command}")
@@ -72,7 +99,7 @@ def test_every_subcommand_has_help(thawctl):
         ["completion", "powershell"],
     ],
 )
-def test_bad_usage_exits_2_with_one_line(thawctl, argv):
+def test_bad_usage_exits_2_with_one_line(thawctl: Any, argv: Any) -> None:
     result = thawctl(*argv)
     assert result.code == exitcodes.USAGE
     one_error_line(result.err)
@@ -96,7 +123,7 @@ def test_bad_usage_exits_2_with_one_line(thawctl, argv):
         ["verify", "somename"],
     ],
 )
-def test_no_daemon_exits_3_and_says_how_to_start_it(thawctl, argv):
+def test_no_daemon_exits_3_and_says_how_to_start_it(thawctl: Any, argv: Any) -> None:
     result = thawctl("--socket", NO_DAEMON, *argv)
     assert result.code == exitcodes.DAEMON_UNAVAILABLE
     line = one_error_line(result.err)
@@ -104,14 +131,14 @@ def test_no_daemon_exits_3_and_says_how_to_start_it(thawctl, argv):
     assert result.out == ""
 
 
-def test_no_daemon_in_a_fresh_interpreter():
+def test_no_daemon_in_a_fresh_interpreter() -> None:
     done = run_subprocess("ls", "--json", env={"THAW_SOCKET": NO_DAEMON})
     assert done.returncode == 3
     one_error_line(done.stderr)
     assert done.stdout == ""
 
 
-def test_a_wrong_socket_path_says_what_is_wrong_with_it(thawctl, tmp_path):
+def test_a_wrong_socket_path_says_what_is_wrong_with_it(thawctl: Any, tmp_path: Path) -> None:
     """Not the derived fd socket's errno: what the path the operator gave is."""
     import socket as sockets
 
@@ -141,14 +168,14 @@ def test_a_wrong_socket_path_says_what_is_wrong_with_it(thawctl, tmp_path):
         listener.close()
 
 
-def test_timeout_must_be_positive(thawctl):
+def test_timeout_must_be_positive(thawctl: Any) -> None:
     for value in ("0", "-1", "soon"):
         result = thawctl("--timeout", value, "status")
         assert result.code == exitcodes.USAGE
         assert "positive number of seconds" in one_error_line(result.err)
 
 
-def test_socket_after_the_subcommand_wins(thawctl):
+def test_socket_after_the_subcommand_wins(thawctl: Any) -> None:
     result = thawctl("--socket", "/elsewhere.sock", "status", "--socket", NO_DAEMON)
     assert result.code == 3
     assert NO_DAEMON in result.err
@@ -157,7 +184,7 @@ def test_socket_after_the_subcommand_wins(thawctl):
 # --- info and verify of a file -------------------------------------------------------------------
 
 
-def test_info_file_json_schema(thawctl, snapshot_file):
+def test_info_file_json_schema(thawctl: Any, snapshot_file: Any) -> None:
     result = thawctl("info", str(snapshot_file), "--json")
     assert result.code == 0, result.err
     doc = result.json()
@@ -169,8 +196,11 @@ def test_info_file_json_schema(thawctl, snapshot_file):
     assert info["tensor_count"] == 4
     assert info["format_version"] == 1
     assert {t["name"] for t in info["tensors"]} == {
-        "embed.weight", "layers.0.norm", "layers.0.proj", "layers.0.index",
-    }  # fmt: skip
+        "embed.weight",
+        "layers.0.norm",
+        "layers.0.proj",
+        "layers.0.index",
+    }
     for t in info["tensors"]:
         assert_keys(t, TENSOR_KEYS)
         assert len(t["checksum"]) == 16
@@ -178,7 +208,7 @@ def test_info_file_json_schema(thawctl, snapshot_file):
     assert sum(info["bytes_by_dtype"].values()) == info["tensor_bytes"]
 
 
-def test_info_file_for_people(thawctl, snapshot_file):
+def test_info_file_for_people(thawctl: Any, snapshot_file: Any) -> None:
     result = thawctl("info", str(snapshot_file))
     assert result.code == 0
     assert "layers.0.proj" in result.out
@@ -188,7 +218,7 @@ def test_info_file_for_people(thawctl, snapshot_file):
     assert "layers.0.proj" not in summary.out
 
 
-def test_verify_file_ok(thawctl, snapshot_file):
+def test_verify_file_ok(thawctl: Any, snapshot_file: Any) -> None:
     result = thawctl("verify", str(snapshot_file), "--json")
     assert result.code == 0, result.err
     doc = result.json()
@@ -200,7 +230,7 @@ def test_verify_file_ok(thawctl, snapshot_file):
     assert human.code == 0 and "4 tensors verified" in human.out
 
 
-def test_verify_corrupt_payload_exits_7_naming_the_tensor(thawctl, snapshot_file):
+def test_verify_corrupt_payload_exits_7_naming_the_tensor(thawctl: Any, snapshot_file: Any) -> None:
     corrupt_payload(snapshot_file, "layers.0.proj")
     result = thawctl("verify", str(snapshot_file), "--json")
     assert result.code == exitcodes.SNAPSHOT_CORRUPT
@@ -211,7 +241,9 @@ def test_verify_corrupt_payload_exits_7_naming_the_tensor(thawctl, snapshot_file
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "header"])
-def test_damaged_file_is_refused_with_one_line(thawctl, snapshot_file, damage):
+def test_damaged_file_is_refused_with_one_line(
+    thawctl: Any, snapshot_file: Any, damage: Any
+) -> None:
     data = snapshot_file.read_bytes()
     if damage == "garbage":
         snapshot_file.write_bytes(b"not a snapshot at all" * 10)
@@ -225,7 +257,7 @@ def test_damaged_file_is_refused_with_one_line(thawctl, snapshot_file, damage):
         assert str(snapshot_file) in one_error_line(result.err)
 
 
-def test_missing_file_exits_4(thawctl, tmp_path):
+def test_missing_file_exits_4(thawctl: Any, tmp_path: Path) -> None:
     result = thawctl("info", str(tmp_path / "absent.thaw"))
     assert result.code == exitcodes.NOT_FOUND
     one_error_line(result.err)
@@ -234,7 +266,7 @@ def test_missing_file_exits_4(thawctl, tmp_path):
 # --- completion ---------------------------------------------------------------------------------
 
 
-def test_bash_completion_is_valid_bash(thawctl, tmp_path):
+def test_bash_completion_is_valid_bash(thawctl: Any, tmp_path: Path) -> None:
     result = thawctl("completion", "bash")
     assert result.code == 0
     script = tmp_path / "thawctl.bash"
@@ -245,7 +277,7 @@ def test_bash_completion_is_valid_bash(thawctl, tmp_path):
         assert word in result.out
 
 
-def test_bash_completion_completes_commands(thawctl, tmp_path):
+def test_bash_completion_completes_commands(thawctl: Any, tmp_path: Path) -> None:
     script = tmp_path / "thawctl.bash"
     script.write_text(thawctl("completion", "bash").out)
     probe = (
@@ -258,7 +290,7 @@ def test_bash_completion_completes_commands(thawctl, tmp_path):
     assert done.stdout.splitlines() == ["freeze", "--engine", "torch vllm sglang"], done.stderr
 
 
-def test_zsh_completion(thawctl):
+def test_zsh_completion(thawctl: Any) -> None:
     result = thawctl("completion", "zsh")
     assert result.code == 0
     assert result.out.startswith("#compdef thawctl")
@@ -267,14 +299,16 @@ def test_zsh_completion(thawctl):
         assert subprocess.run(["zsh", "-n"], input=result.out, text=True).returncode == 0
 
 
-def test_fish_completion_is_valid_fish_and_completes(thawctl, tmp_path):
+def test_fish_completion_is_valid_fish_and_completes(thawctl: Any, tmp_path: Path) -> Any:
     result = thawctl("completion", "fish")
     assert result.code == 0
     assert result.out.startswith("# fish completion for thawctl")
-    for line in ("complete -c thawctl -n '__thawctl_using ls' -l tier -x -a 'cold warm pinned'",
-                 "complete -c thawctl -n '__thawctl_using freeze' -s o -l output -r -F",
-                 "complete -c thawctl -n '__thawctl_using pin' -F -a '(__thawctl_snapshots)'"):
-        assert line in result.out  # fmt: skip
+    for line in (
+        "complete -c thawctl -n '__thawctl_using ls' -l tier -x -a 'cold warm pinned'",
+        "complete -c thawctl -n '__thawctl_using freeze' -s o -l output -r -F",
+        "complete -c thawctl -n '__thawctl_using pin' -F -a '(__thawctl_snapshots)'",
+    ):
+        assert line in result.out
     if not shutil.which("fish"):
         pytest.skip("fish is not installed: the script's behaviour is not checked")
     script = tmp_path / "thawctl.fish"
@@ -282,8 +316,12 @@ def test_fish_completion_is_valid_fish_and_completes(thawctl, tmp_path):
     assert subprocess.run(["fish", "-n", str(script)]).returncode == 0
 
     def complete(line: str) -> list[str]:
-        done = subprocess.run(["fish", "-c", f"source {script}; complete -C {line!r}"],
-                              capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+        done = subprocess.run(
+            ["fish", "-c", f"source {script}; complete -C {line!r}"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         assert done.stderr == "", done.stderr
         return [c.split("\t")[0] for c in done.stdout.splitlines()]
 
@@ -300,13 +338,21 @@ def test_fish_completion_is_valid_fish_and_completes(thawctl, tmp_path):
 # --- freeze and demo (the tiny model: transformers, no download) --------------------------------
 
 
-def test_freeze_tiny_with_torch(thawctl, snapshot_dir):
+def test_freeze_tiny_with_torch(thawctl: Any, snapshot_dir: Any) -> None:
     out = snapshot_dir / "tiny.thaw"
     result = thawctl("freeze", "--model", "tiny", "-o", str(out), "--label", "run=test", "--json")
     assert result.code == 0, result.err
     doc = result.json()
-    assert {"engine", "model", "dtype", "tensor_parallel_size", "load_seconds", "freeze",
-            "fingerprint", "files"} <= doc.keys()  # fmt: skip
+    assert {
+        "engine",
+        "model",
+        "dtype",
+        "tensor_parallel_size",
+        "load_seconds",
+        "freeze",
+        "fingerprint",
+        "files",
+    } <= doc.keys()
     assert doc["engine"] == "torch" and doc["model"] == "tiny"
     assert doc["fingerprint"]["architecture"] == "LlamaForCausalLM"
     assert doc["fingerprint"]["labels"] == {"run": "test"}
@@ -318,8 +364,9 @@ def test_freeze_tiny_with_torch(thawctl, snapshot_dir):
     assert thawctl("verify", str(out)).code == 0
     again = thawctl("freeze", "--model", "tiny", "-o", str(out))
     assert again.code == exitcodes.ERROR and "--force" in one_error_line(again.err)
-    half = thawctl("freeze", "--model", "tiny", "-o", str(snapshot_dir / "h.thaw"),
-                   "--dtype", "float16")  # fmt: skip
+    half = thawctl(
+        "freeze", "--model", "tiny", "-o", str(snapshot_dir / "h.thaw"), "--dtype", "float16"
+    )
     assert half.code == 0, half.err
     assert "float16" in thawctl("info", str(snapshot_dir / "h.thaw"), "--summary").out
     from thawctl import render
@@ -329,11 +376,11 @@ def test_freeze_tiny_with_torch(thawctl, snapshot_dir):
     assert f": size {size} in {info['tensor_count']} tensors, file {file}" in half.out
 
 
-def test_dtype_auto_is_the_checkpoints(snapshot_dir):
+def test_dtype_auto_is_the_checkpoints(snapshot_dir: Any) -> None:
     """What `freeze --engine vllm|sglang --dtype auto` asks the engine for: config.json's."""
     import json as json_
 
-    from thaw import tiny
+    from thaw.demo import tiny
     from thawctl.freeze import checkpoint_dtype
 
     model_dir = tiny.write_model_dir(snapshot_dir / "tiny-model")
@@ -349,8 +396,8 @@ def test_dtype_auto_is_the_checkpoints(snapshot_dir):
     assert checkpoint_dtype(str(snapshot_dir / "absent")) == "auto"
 
 
-def test_freeze_from_a_model_directory(thawctl, snapshot_dir):
-    from thaw import tiny
+def test_freeze_from_a_model_directory(thawctl: Any, snapshot_dir: Any) -> None:
+    from thaw.demo import tiny
 
     model_dir = tiny.write_model_dir(snapshot_dir / "tiny-model")
     out = snapshot_dir / "from-dir.thaw"
@@ -364,7 +411,7 @@ def test_freeze_from_a_model_directory(thawctl, snapshot_dir):
     assert [t["checksum"] for t in a] == [t["checksum"] for t in b]  # same weights, same bytes
 
 
-def test_freeze_errors(thawctl, snapshot_dir):
+def test_freeze_errors(thawctl: Any, snapshot_dir: Any) -> None:
     missing = thawctl("freeze", "--model", "./no/such/dir", "-o", str(snapshot_dir / "x.thaw"))
     assert missing.code == exitcodes.NOT_FOUND
     one_error_line(missing.err)
@@ -376,21 +423,26 @@ def test_freeze_errors(thawctl, snapshot_dir):
 
 
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
-def test_freeze_with_an_engine_that_is_not_installed(thawctl, snapshot_dir, engine, monkeypatch):
+def test_freeze_with_an_engine_that_is_not_installed(
+    thawctl: Any, snapshot_dir: Any, engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The engine package is absent (None in sys.modules makes its import fail), as on a host
     # where thaw is installed without that extra; thaw's own integration is real.
     for name in list(sys.modules):
         if name == engine or name.startswith(f"{engine}."):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, engine, None)
-    result = thawctl("freeze", "--engine", engine, "--model", "tiny",
-                     "-o", str(snapshot_dir / "e.thaw"))  # fmt: skip
+    result = thawctl(
+        "freeze", "--engine", engine, "--model", "tiny", "-o", str(snapshot_dir / "e.thaw")
+    )
     assert result.code == exitcodes.ERROR
     assert f"install thaw[{engine}]" in one_error_line(result.err)
     assert not (snapshot_dir / "e.thaw").exists()
 
 
-def test_demo_without_transformers_says_how_to_install_it(thawctl, monkeypatch):
+def test_demo_without_transformers_says_how_to_install_it(
+    thawctl: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # transformers absent (None in sys.modules makes its import fail), as without thaw[tiny].
     for name in list(sys.modules):
         if name == "transformers" or name.startswith("transformers."):
@@ -404,7 +456,7 @@ def test_demo_without_transformers_says_how_to_install_it(thawctl, monkeypatch):
     assert "report" not in line
 
 
-def test_demo_json(thawctl):
+def test_demo_json(thawctl: Any) -> None:
     result = thawctl("demo", "--json", "--device", "cpu")
     assert result.code == 0, result.err
     doc = result.json()
@@ -416,9 +468,19 @@ def test_demo_json(thawctl):
         assert {"bytes", "seconds", "gbps", "source"} <= doc[key].keys()
 
 
-def test_bench_without_daemon_skips_the_pinned_tier(thawctl, snapshot_dir):
-    result = thawctl("--socket", NO_DAEMON, "bench", "--size", "4MiB", "--repeat", "1",
-                     "--dir", str(snapshot_dir), "--json")  # fmt: skip
+def test_bench_without_daemon_skips_the_pinned_tier(thawctl: Any, snapshot_dir: Any) -> None:
+    result = thawctl(
+        "--socket",
+        NO_DAEMON,
+        "bench",
+        "--size",
+        "4MiB",
+        "--repeat",
+        "1",
+        "--dir",
+        str(snapshot_dir),
+        "--json",
+    )
     assert result.code == 0, result.err
     doc = result.json()
     tiers = {r["tier"]: r for r in doc["results"]}
@@ -434,7 +496,7 @@ def test_bench_without_daemon_skips_the_pinned_tier(thawctl, snapshot_dir):
 # --- progress -----------------------------------------------------------------------------------
 
 
-def test_progress_plain_lines_when_not_a_tty():
+def test_progress_plain_lines_when_not_a_tty() -> None:
     out = io.StringIO()
     bar = Progress("pinning x", out, tty=False, interval=0.0)
     bar.update(1 << 30, 4 << 30, elapsed=0.5)
@@ -446,7 +508,7 @@ def test_progress_plain_lines_when_not_a_tty():
     assert "\r" not in out.getvalue()
 
 
-def test_progress_bar_on_a_tty_redraws_one_line():
+def test_progress_bar_on_a_tty_redraws_one_line() -> None:
     out = io.StringIO()
     bar = Progress("pinning x", out, tty=True)
     bar.update(1 << 30, 4 << 30, elapsed=0.5)
@@ -456,14 +518,14 @@ def test_progress_bar_on_a_tty_redraws_one_line():
     assert "4.0 GiB/4.0 GiB" in text and "4.29 GB/s" in text
 
 
-def test_progress_quiet_for_short_transfers_and_json():
+def test_progress_quiet_for_short_transfers_and_json() -> None:
     out = io.StringIO()
     Progress("x", out, tty=False).finish(1, 1, elapsed=0.01)  # nothing before: no line
     Progress("x", out, tty=True, enabled=False).finish(1, 1)
     assert out.getvalue() == ""
 
 
-def test_json_output_is_one_document(thawctl, snapshot_file):
+def test_json_output_is_one_document(thawctl: Any, snapshot_file: Any) -> None:
     result = thawctl("info", str(snapshot_file), "--json")
     json.loads(result.out)  # no progress or chatter mixed in
 
@@ -471,7 +533,7 @@ def test_json_output_is_one_document(thawctl, snapshot_file):
 # --- layering -----------------------------------------------------------------------------------
 
 
-def test_thawctl_never_imports_the_daemon():
+def test_thawctl_never_imports_the_daemon() -> None:
     """The CLI and the dashboard use thaw.client's records only (STYLE.md 1, 2)."""
     code = (
         "import sys, thawctl.cli, thawctl.snapshots, thawctl.status, thawctl.bench, "
@@ -479,18 +541,26 @@ def test_thawctl_never_imports_the_daemon():
         "bad = sorted(m for m in sys.modules if m == 'thawd' or m.startswith('thawd.'))\n"
         "assert not bad, bad\n"
     )
-    done = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True,
-                          text=True, cwd=str(Path(__file__).resolve().parents[2]))  # fmt: skip
+    done = subprocess.run(
+        [__import__("sys").executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     assert done.returncode == 0, done.stderr
 
 
-def test_help_does_not_import_torch():
+def test_help_does_not_import_torch() -> None:
     """`thawctl --help` and completion stay instant: no torch, grpc or textual at import."""
     code = (
         "import sys\nfrom thawctl.cli import build_parser\nbuild_parser()\n"
         "heavy = [m for m in ('torch', 'grpc', 'textual', 'thaw') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    done = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True,
-                          text=True, cwd=str(Path(__file__).resolve().parents[2]))  # fmt: skip
+    done = subprocess.run(
+        [__import__("sys").executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     assert done.returncode == 0, done.stderr

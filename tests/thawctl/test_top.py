@@ -8,14 +8,23 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from thawctl_testlib import corrupt_payload, random_tensors, write_snapshot
 
 import thaw
-from thaw.client import NA, DaemonStatus, Event, GpuRecord, Metrics, SnapshotRecord
-from thaw.fingerprint import Fingerprint
+from thaw.daemon.records import (
+    NA,
+    DaemonStatus,
+    Event,
+    GpuRecord,
+    Metrics,
+    PoolKind,
+    SnapshotRecord,
+)
+from thaw.format.fingerprint import Fingerprint
 from thawctl.tui.app import ThawTop
 from thawctl.tui.screens.confirm import ConfirmScreen
 from thawctl.tui.screens.help import HelpScreen
@@ -53,8 +62,12 @@ def log_text(app: ThawTop) -> str:
 
 def restores_logged(text: str) -> int:
     """Restores the log accounts for: one a `restore_finished` line, N a line of N restores."""
-    return sum(int(line.split(" restores, ")[0].split()[-1]) if " restores, " in line
-               else "restore_finished" in line for line in text.splitlines())  # fmt: skip
+    return sum(
+        int(line.split(" restores, ")[0].split()[-1])
+        if " restores, " in line
+        else "restore_finished" in line
+        for line in text.splitlines()
+    )
 
 
 def make_app(socket: str) -> ThawTop:
@@ -78,7 +91,7 @@ def snapshot_files(directory: Any, *names: str) -> list[Any]:
 # --- against a real daemon ----------------------------------------------------------------------
 
 
-def test_pin_from_the_table(thawd, snapshot_dir):
+def test_pin_from_the_table(thawd: Any, snapshot_dir: Any) -> None:
     (path,) = snapshot_files(snapshot_dir, "llama")
     register(thawd.socket, path, "llama")
 
@@ -108,7 +121,7 @@ def test_pin_from_the_table(thawd, snapshot_dir):
         assert client.stat("llama").tier == "cold"
 
 
-def test_filter_sort_and_help(thawd, snapshot_dir):
+def test_filter_sort_and_help(thawd: Any, snapshot_dir: Any) -> None:
     paths = snapshot_files(snapshot_dir, "alpha", "beta", "gamma")
     for path, name in zip(paths, ("alpha", "beta", "gamma"), strict=True):
         register(thawd.socket, path, name, team="red" if name == "gamma" else "blue")
@@ -157,7 +170,7 @@ def test_filter_sort_and_help(thawd, snapshot_dir):
     asyncio.run(scenario())
 
 
-def test_remove_asks_first(thawd, snapshot_dir):
+def test_remove_asks_first(thawd: Any, snapshot_dir: Any) -> None:
     paths = snapshot_files(snapshot_dir, "keep", "drop")
     register(thawd.socket, paths[0], "keep")
     register(thawd.socket, paths[1], "drop")
@@ -184,7 +197,7 @@ def test_remove_asks_first(thawd, snapshot_dir):
     assert paths[1].exists()
 
 
-def test_unpin_of_a_snapshot_in_use_asks_first(thawd, snapshot_dir):
+def test_unpin_of_a_snapshot_in_use_asks_first(thawd: Any, snapshot_dir: Any) -> None:
     """A restore held open (its progress callback waits) makes the snapshot's clients 1: `u`
     asks first; no keeps it pinned; yes asks thawd, which refuses while the restore runs."""
     from tests.daemon.conftest import zeros_like
@@ -213,24 +226,30 @@ def test_unpin_of_a_snapshot_in_use_asks_first(thawd, snapshot_dir):
             app = make_app(thawd.socket)
             async with app.run_test(size=(100, 30)) as pilot:
                 screen = main_screen(app)
-                await wait_for(pilot, lambda: [r.clients for r in screen.snapshots] == [1],
-                               "the open restore")  # fmt: skip
+                await wait_for(
+                    pilot, lambda: [r.clients for r in screen.snapshots] == [1], "the open restore"
+                )
                 await pilot.press("u")
                 assert isinstance(app.screen, ConfirmScreen)
                 assert "in use: 1 restore(s) open" in str(app.screen.question)
                 await pilot.press("n")
                 assert isinstance(app.screen, MainScreen)
                 await pilot.press("u", "y")
-                await wait_for(pilot, lambda: "busy (1 restore(s) open)" in log_text(app),
-                               "thawd's refusal")  # fmt: skip
+                await wait_for(
+                    pilot, lambda: "busy (1 restore(s) open)" in log_text(app), "thawd's refusal"
+                )
                 assert [r.tier for r in screen.snapshots] == ["pinned"]
                 release.set()
-                await wait_for(pilot, lambda: [r.clients for r in screen.snapshots] == [0],
-                               "the restore to end")  # fmt: skip
+                await wait_for(
+                    pilot,
+                    lambda: [r.clients for r in screen.snapshots] == [0],
+                    "the restore to end",
+                )
                 await pilot.press("u")  # no longer in use: no question
                 assert isinstance(app.screen, MainScreen)
-                await wait_for(pilot, lambda: [r.tier for r in screen.snapshots] == ["cold"],
-                               "cold")  # fmt: skip
+                await wait_for(
+                    pilot, lambda: [r.tier for r in screen.snapshots] == ["cold"], "cold"
+                )
                 await pilot.press("q")
 
         asyncio.run(scenario())
@@ -239,7 +258,7 @@ def test_unpin_of_a_snapshot_in_use_asks_first(thawd, snapshot_dir):
         restorer.join(TIMEOUT)
 
 
-def test_restores_are_gathered_in_the_log_under_load(thawd, snapshot_dir):
+def test_restores_are_gathered_in_the_log_under_load(thawd: Any, snapshot_dir: Any) -> None:
     """Sixty real restores in a burst: a few lines of "N restores", and the pin before them
     stays in sight."""
     from tests.daemon.conftest import zeros_like
@@ -257,8 +276,9 @@ def test_restores_are_gathered_in_the_log_under_load(thawd, snapshot_dir):
                 target = zeros_like(random_tensors(0))
                 for _ in range(60):
                     await asyncio.to_thread(client.restore, target, "hot")
-            await wait_for(pilot, lambda: restores_logged(log_text(app)) == 60,
-                           "all sixty restores in the log")  # fmt: skip
+            await wait_for(
+                pilot, lambda: restores_logged(log_text(app)) == 60, "all sixty restores in the log"
+            )
             lines = log_text(app).splitlines()
             gathered = [line for line in lines if " restores, " in line]
             assert gathered and all(" hot (" in line for line in gathered)
@@ -271,7 +291,7 @@ def test_restores_are_gathered_in_the_log_under_load(thawd, snapshot_dir):
     asyncio.run(scenario())
 
 
-def test_verify_from_the_table_reports_corruption(thawd, snapshot_dir):
+def test_verify_from_the_table_reports_corruption(thawd: Any, snapshot_dir: Any) -> None:
     (path,) = snapshot_files(snapshot_dir, "v")
     corrupt_payload(path, "layers.0.proj")  # damaged before register: the bytes thawd reads
     register(thawd.socket, path, "v")
@@ -287,7 +307,7 @@ def test_verify_from_the_table_reports_corruption(thawd, snapshot_dir):
     asyncio.run(scenario())
 
 
-def test_daemon_restart_shows_reconnecting_then_recovers(own_thawd, snapshot_dir):
+def test_daemon_restart_shows_reconnecting_then_recovers(own_thawd: Any, snapshot_dir: Any) -> None:
     daemon = own_thawd()
     (path,) = snapshot_files(snapshot_dir, "survivor")
     register(daemon.socket, path, "survivor")
@@ -324,7 +344,7 @@ def test_daemon_restart_shows_reconnecting_then_recovers(own_thawd, snapshot_dir
     asyncio.run(scenario())
 
 
-def test_top_against_no_daemon_keeps_trying(tmp_path):
+def test_top_against_no_daemon_keeps_trying(tmp_path: Path) -> None:
     async def scenario() -> None:
         app = make_app(str(tmp_path / "absent.sock"))
         async with app.run_test(size=(80, 24)) as pilot:
@@ -371,13 +391,24 @@ class StaticSource:
 
 def _snapshot(name: str, tier: str, size: int, **kw: Any) -> SnapshotRecord:
     values: dict[str, Any] = {
-        "name": name, "path": f"/snapshots/{name}.thaw", "labels": {}, "tier": tier,
-        "wanted_tier": tier, "size_bytes": size, "file_bytes": size + (2 << 20),
-        "resident_bytes": size if tier != "cold" else 0, "last_used": NA, "clients": 0,
-        "restores": 0, "checksum_state": "verified" if tier == "pinned" else "unverified",
+        "name": name,
+        "path": f"/snapshots/{name}.thaw",
+        "labels": {},
+        "tier": tier,
+        "wanted_tier": tier,
+        "size_bytes": size,
+        "file_bytes": size + (2 << 20),
+        "resident_bytes": size if tier != "cold" else 0,
+        "last_used": NA,
+        "clients": 0,
+        "restores": 0,
+        "checksum_state": "verified" if tier == "pinned" else "unverified",
         "fingerprint": Fingerprint(architecture="LlamaForCausalLM", dtype="bfloat16"),
-        "tensor_count": 291, "registered": T0 - 86400, "error": "", "file_pending": False,
-    }  # fmt: skip
+        "tensor_count": 291,
+        "registered": T0 - 86400,
+        "error": "",
+        "file_pending": False,
+    }
     values.update(kw)
     return SnapshotRecord(**values)
 
@@ -386,22 +417,43 @@ def fixed_items() -> list[Any]:
     gpus = tuple(GpuRecord(i, "NVIDIA H200", 150_019_129_344, NA, "PCIe Gen5 x16") for i in (0, 1))
     now = T0 + 7530
     status = DaemonStatus(
-        version="0.1.0", api_version="thaw.v1", pid=4242, started=T0, uptime_s=7530.0,
-        pool_kind="vmm", pinned_budget=64 * GIB, pinned_used=46 * GIB, warm_budget=128 * GIB,
-        warm_used=52 * GIB, host_memory_total=512 * GIB, host_memory_available=301 * GIB,
-        gpus=gpus, snapshots=5, active_restores=1, active_freezes=0, restores_total=57,
-        bytes_restored_total=912 * GIB, memory_locked=True, socket="/run/thawd/thawd.sock",
+        version="0.1.0",
+        api_version="thaw.v1",
+        pid=4242,
+        started=T0,
+        uptime_s=7530.0,
+        pool_kind=PoolKind.VMM,
+        pinned_budget=64 * GIB,
+        pinned_used=46 * GIB,
+        warm_budget=128 * GIB,
+        warm_used=52 * GIB,
+        host_memory_total=512 * GIB,
+        host_memory_available=301 * GIB,
+        gpus=gpus,
+        snapshots=5,
+        active_restores=1,
+        active_freezes=0,
+        restores_total=57,
+        bytes_restored_total=912 * GIB,
+        memory_locked=True,
+        socket="/run/thawd/thawd.sock",
         share_pool=True,
-    )  # fmt: skip
+    )
     snapshots = (
         _snapshot("llama-8b", "pinned", 16 * GIB, restores=41, clients=1, last_used=now - 12),
-        _snapshot("qwen-32b", "warm", 52 * GIB, resident_bytes=42 * GIB, restores=9,
-                  last_used=now - 1500),
+        _snapshot(
+            "qwen-32b", "warm", 52 * GIB, resident_bytes=42 * GIB, restores=9, last_used=now - 1500
+        ),
         _snapshot("mistral-7b", "pinned", 14 * GIB, restores=7, last_used=now - 3 * 3600),
         _snapshot("llama-70b", "cold", 141 * GIB, wanted_tier="pinned"),
-        _snapshot("broken", "cold", 2 * GIB, checksum_state="corrupt",
-                  error="checksum mismatch in tensor 'lm_head.weight'"),
-    )  # fmt: skip
+        _snapshot(
+            "broken",
+            "cold",
+            2 * GIB,
+            checksum_state="corrupt",
+            error="checksum mismatch in tensor 'lm_head.weight'",
+        ),
+    )
     items: list[Any] = [Connection("connected", "thawd 0.1.0, pid 4242", now - 60)]
     events = [
         ("pinned", "llama-8b", "16.00 GiB in 0.31 s", -50),
@@ -417,7 +469,7 @@ def fixed_items() -> list[Any]:
     return items
 
 
-def test_main_screen_snapshot(snap_compare, monkeypatch):
+def test_main_screen_snapshot(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     items = fixed_items()
@@ -428,15 +480,14 @@ def test_main_screen_snapshot(snap_compare, monkeypatch):
         await pilot.pause()
 
     try:
-        assert snap_compare(ThawTop(StaticSource(items)), terminal_size=(80, 24),
-                            run_before=settle)  # fmt: skip
+        assert snap_compare(ThawTop(StaticSource(items)), terminal_size=(80, 24), run_before=settle)
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40), (60, 20)])
-def test_layout_holds_at_other_sizes(size):
+def test_layout_holds_at_other_sizes(size: Any) -> None:
     async def scenario() -> None:
         app = ThawTop(StaticSource(fixed_items()))
         async with app.run_test(size=size) as pilot:
@@ -450,7 +501,7 @@ def test_layout_holds_at_other_sizes(size):
     asyncio.run(scenario())
 
 
-def test_at_120x35_the_path_shows_and_no_row_is_left_empty():
+def test_at_120x35_the_path_shows_and_no_row_is_left_empty() -> None:
     async def scenario() -> None:
         app = ThawTop(StaticSource(fixed_items()))
         async with app.run_test(size=(120, 35)) as pilot:
@@ -469,7 +520,7 @@ def test_at_120x35_the_path_shows_and_no_row_is_left_empty():
     asyncio.run(scenario())
 
 
-def test_column_widths_share_the_room_between_names_and_paths():
+def test_column_widths_share_the_room_between_names_and_paths() -> None:
     # 80 columns: 76 inside the border and scrollbar, all of it names; no path.
     assert column_widths(76, 10, 1) == (12, 0)
     # 120 columns: the names as wide as the longest, the path the rest.
@@ -480,7 +531,7 @@ def test_column_widths_share_the_room_between_names_and_paths():
     assert column_widths(90, 30, 1) == (26, 0)
 
 
-def test_keys_j_k_home_end_move_the_selection():
+def test_keys_j_k_home_end_move_the_selection() -> None:
     async def scenario() -> None:
         app = ThawTop(StaticSource(fixed_items()))
         async with app.run_test(size=(80, 24)) as pilot:
@@ -500,13 +551,12 @@ def test_keys_j_k_home_end_move_the_selection():
     asyncio.run(scenario())
 
 
-def test_the_log_gathers_each_seconds_restores_and_keeps_the_rest():
+def test_the_log_gathers_each_seconds_restores_and_keeps_the_rest() -> Any:
     t = T0 + 100
     items: list[Any] = [Connection("connected", "thawd 0.1.0, pid 4242", t - 1)]
 
     def restore(at: float, name: str = "llama-8b") -> Event:
-        return Event(at, "restore_finished", name, "16.00 GiB in 0.30 s (57.3 GB/s)",
-                     16 * GIB, 0.3)  # fmt: skip
+        return Event(at, "restore_finished", name, "16.00 GiB in 0.30 s (57.3 GB/s)", 16 * GIB, 0.3)
 
     items += [restore(t + i / 40, "qwen-32b" if i % 10 == 0 else "llama-8b") for i in range(20)]
     items.append(Event(t + 0.9, "pinned", "mistral-7b", "14.00 GiB in 0.28 s", 14 * GIB, 0.28))
@@ -534,7 +584,7 @@ def test_the_log_gathers_each_seconds_restores_and_keeps_the_rest():
     asyncio.run(scenario())
 
 
-def test_the_plot_is_labelled_with_its_scale():
+def test_the_plot_is_labelled_with_its_scale() -> None:
     async def scenario() -> None:
         app = ThawTop(StaticSource(fixed_items()))
         async with app.run_test(size=(80, 24)) as pilot:

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.daemon.conftest import ThawdProcess, make_dir, random_tensors, write_snapshot
 
@@ -28,14 +29,15 @@ class Result:
     out: str
     err: str
 
-    def json(self):  # type: ignore[no-untyped-def]
+    def json(self) -> Any:
         import json
 
         return json.loads(self.out)
 
 
-def run_subprocess(*argv: str, env: dict[str, str] | None = None,
-                   timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_subprocess(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """`python -m thawctl ARGS...` in a fresh interpreter (stdout is a pipe, not a TTY)."""
     return subprocess.run(
         [sys.executable, "-m", "thawctl", *argv],

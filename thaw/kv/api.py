@@ -17,9 +17,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from thaw.engines import weights
+from thaw.engines.ranks import kv_rank_name
 from thaw.errors import AlreadyExists, NotFound, ThawError
-from thaw.kv import weights
-from thaw.kv.store import KVSpec, rank_name, read_labels, spec_from_vllm_config
+from thaw.kv.store import KVSpec, read_labels, spec_from_vllm_config
 
 CONNECTOR = "ThawKVConnector"
 MODULE = "thaw.kv.connector"
@@ -41,7 +42,7 @@ def kv_transfer_config(
     keeps in its memory after loading one (0: every load comes from thawd).
     """
     if socket is None and snapshot_dir is None:
-        from thaw.client import default_socket
+        from thaw.daemon.client import default_socket
 
         socket = default_socket()
     return {
@@ -109,7 +110,7 @@ def _encode(llm: Any, prompt: str, special: bool = True) -> list[int]:
 
 def engine_spec(llm: Any) -> KVSpec:
     """The KV spec of `llm` with the weights it holds now: what thaw.vllm.restore last put
-    into it, else what its config loads (thaw/kv/weights.py)."""
+    into it, else what its config loads (thaw/engines/weights.py)."""
     config = llm.llm_engine.vllm_config
     parts = weights.remembered(llm) or weights.from_vllm_config(config)
     return spec_from_vllm_config(config, weights.combine(parts) if parts else "")
@@ -194,15 +195,15 @@ def restore(llm: Any, name: str) -> KVPrefix:
 
     ids = torch.empty(n, stored.block_size, dtype=torch.int64)
     if socket:
-        from thaw.client import connect
+        from thaw.daemon.client import connect
 
         with connect(socket) as client:
-            for shard in (rank_name(name, rank) for rank in range(stored.tp_size)):  # every rank
+            for shard in (kv_rank_name(name, rank) for rank in range(stored.tp_size)):  # every rank
                 if client.stat(shard).tier != "pinned":
                     client.pin(shard)
-            client.restore({TOKEN_IDS: ids}, name, strict=False)
+            client.restore_tensors({TOKEN_IDS: ids}, name, strict=False)
     else:
-        from thaw.restore import restore_file
+        from thaw.copy.restore import restore_file
 
         restore_file({TOKEN_IDS: ids}, path, strict=False)
     tokens = ids.flatten().tolist()

@@ -8,7 +8,7 @@ blocks go into which allocated block ids, and, on the step that finishes a promp
 which full blocks to save. Worker side: loads blocks (from thawd's pinned tier, or the file)
 into the engine's KV tensors before the forward; saves blocks after it.
 
-KV belongs to the weights that computed it (thaw/kv/weights.py). The chain keys start from
+KV belongs to the weights that computed it (thaw/engines/weights.py). The chain keys start from
 the engine's weights identity: derived from its config at start, unknown after a connector
 reset (`reset_prefix_cache(reset_connector=True)`, which thaw.vllm.restore calls after every
 in-place restore) until the workers report what they hold, which they do every step. While
@@ -34,8 +34,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from thaw.engines import weights
+from thaw.engines.ranks import kv_rank_name
 from thaw.errors import KVMismatch
-from thaw.kv import weights
 from thaw.kv.store import (
     AUTO_LABEL,
     KVStore,
@@ -43,7 +44,6 @@ from thaw.kv.store import (
     chain_keys,
     copy_blocks,
     engine_labels,
-    rank_name,
     spec_from_vllm_config,
 )
 
@@ -187,8 +187,12 @@ class ThawKVConnector(KVConnectorBase_V1):
         keyed = meta.weights.get(self.spec.tp_rank)
         if mine is not None and keyed != mine:
             if meta.loads or meta.saves:
-                log.warning("thaw KV: this rank holds weights %s, the step was keyed for %s: "
-                            "its KV loads and saves are skipped", mine, keyed)  # fmt: skip
+                log.warning(
+                    "thaw KV: this rank holds weights %s, the step was keyed for %s: "
+                    "its KV loads and saves are skipped",
+                    mine,
+                    keyed,
+                )
             return False
         identity = _identity(meta.weights)
         if identity != self.spec.weights:
@@ -208,7 +212,7 @@ class ThawKVConnector(KVConnectorBase_V1):
         # The scheduler names rank 0's snapshot; every other rank loads its own shard.
         refs = []
         for item in meta.loads:
-            name = rank_name(item.name, self.spec.tp_rank)
+            name = kv_rank_name(item.name, self.spec.tp_rank)
             path = item.path if name == item.name else self.store.path_for(name)
             refs.append(BlockRef(name, 0, item.n_blocks, path))
         staged: list[dict[str, torch.Tensor] | None] = [None] * len(refs)
@@ -216,8 +220,9 @@ class ThawKVConnector(KVConnectorBase_V1):
             try:
                 staged = list(self.store.load_many(refs))
             except Exception as e:
-                log.warning("thaw KV: loading %d prefixes together failed (%s); one by one",
-                            len(refs), e)  # fmt: skip
+                log.warning(
+                    "thaw KV: loading %d prefixes together failed (%s); one by one", len(refs), e
+                )
         for item, ref, stored in zip(meta.loads, refs, staged, strict=True):
             try:
                 self._load(item, stored if stored is not None else self.store.load(ref))
@@ -226,8 +231,14 @@ class ThawKVConnector(KVConnectorBase_V1):
                 self._load_errors.update(item.dst)
 
     def _load(self, item: LoadItem, stored: dict[str, torch.Tensor]) -> None:
-        copy_blocks(stored, item.name, item.src, item.dst, item.token_ids,
-                    [self._blocks(layer) for layer in self._layers])  # fmt: skip
+        copy_blocks(
+            stored,
+            item.name,
+            item.src,
+            item.dst,
+            item.token_ids,
+            [self._blocks(layer) for layer in self._layers],
+        )
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous in start_load_kv
@@ -253,7 +264,7 @@ class ThawKVConnector(KVConnectorBase_V1):
                     torch.index_select(self._blocks(layer), 0, ids, out=out)
                 tokens = torch.tensor(item.token_ids, dtype=torch.int64, device=device)
                 tokens = tokens.view(len(ids), -1)
-                name = rank_name(item.name, self.spec.tp_rank)
+                name = kv_rank_name(item.name, self.spec.tp_rank)
                 self.store.save(name, blocks, tokens, item.labels)
             except Exception as e:  # the engine serves on; this prefix is just not stored
                 log.error("thaw KV save of %s failed: %s", item.name, e)

@@ -8,7 +8,7 @@ A KV snapshot holds one prefix of full blocks (format 2):
 
 (two tensors, not one per layer: a restore's fixed cost grows with its tensor count, and a
 4k-token prefix of an 8B model is only ~10 ms of copying), and records in its fingerprint
-labels what the bytes mean (the identity of the weights that computed them, thaw/kv/weights.py;
+labels what the bytes mean (the identity of the weights that computed them, thaw/engines/weights.py;
 dtype, layout, block size and shape, layers) plus, for the record only, vLLM's prefix-cache
 hash algorithm and seed of the engine that wrote it. Blocks are looked up by *our* chain key:
 SHA-256 over the KV spec and the token ids of the block and all blocks before it. The key is a
@@ -46,7 +46,7 @@ from thaw.errors import (
     NotFound,
     ThawError,
 )
-from thaw.fingerprint import Fingerprint
+from thaw.format.fingerprint import Fingerprint
 
 log = logging.getLogger("thaw.kv")
 
@@ -65,7 +65,7 @@ SPEC_FIELDS = ("weights", "dtype", "layout", "block_size", "block_shape", "num_l
 class KVSpec:
     """What KV bytes mean: two engines with equal specs can exchange blocks as raw bytes."""
 
-    weights: str  # the engine's loaded weights (thaw.kv.weights.combine); "" = not known
+    weights: str  # the engine's loaded weights (thaw.engines.weights.combine); "" = not known
     dtype: str  # KV cache dtype, e.g. "float32"
     layout: str  # e.g. "cpu-LBHNC": vLLM CPU, one [blocks, kv_heads, block, 2*head] per layer
     block_size: int
@@ -82,13 +82,6 @@ class KVSpec:
         fields["tp"] = [self.tp_rank, self.tp_size]
         fields["format"] = FORMAT
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-
-    @property
-    def block_bytes(self) -> int:
-        n = 1
-        for d in self.block_shape:
-            n *= d
-        return n * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
 
     def labels(self) -> dict[str, str]:
         return {
@@ -109,8 +102,10 @@ class KVSpec:
         if labels.get(KIND_LABEL) != KIND:
             raise ThawError("not a KV-cache snapshot (no thaw.kind=kv label)")
         if labels.get("kv.format", "1") != str(FORMAT):
-            raise KVMismatch(f"KV snapshot format {labels.get('kv.format', '1')}: this thaw "
-                             f"reads format {FORMAT}; capture the prefix again")  # fmt: skip
+            raise KVMismatch(
+                f"KV snapshot format {labels.get('kv.format', '1')}: this thaw "
+                f"reads format {FORMAT}; capture the prefix again"
+            )
         try:
             rank, size = labels.get("kv.tp", "0/1").split("/")
             return cls(
@@ -142,7 +137,7 @@ class KVSpec:
 
 def spec_from_vllm_config(vllm_config: Any, weights: str = "") -> KVSpec:
     """The KV spec an engine with this VllmConfig and these loaded `weights` (an identity
-    from thaw.kv.weights) has; valid in every vLLM process."""
+    from thaw.engines.weights) has; valid in every vLLM process."""
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     kv_heads = mc.get_num_kv_heads(pc)
     head = mc.get_head_size()
@@ -225,11 +220,6 @@ def auto_name(spec: KVSpec, keys: Sequence[str]) -> str:
     return f"kv-{spec.key[:12]}-{keys[-1][:20]}-{len(keys)}"
 
 
-def rank_name(name: str, rank: int) -> str:
-    """Rank 0 keeps the name; other tensor-parallel ranks store their shard beside it."""
-    return name if rank == 0 else f"{name}.tp{rank}"
-
-
 # --- the store --------------------------------------------------------------------------------
 
 
@@ -291,7 +281,7 @@ class KVStore:
     @property
     def client(self) -> Any:
         if self._client is None and self.socket:
-            from thaw.client import connect
+            from thaw.daemon.client import connect
 
             self._client = connect(self.socket)
         return self._client
@@ -367,9 +357,9 @@ class KVStore:
         n = int(labels["kv.blocks"])
         ids = torch.empty(n, self.spec.block_size, dtype=torch.int64)
         if self.client is not None:
-            self.client.restore({TOKEN_IDS: ids}, name, strict=False)
+            self.client.restore_tensors({TOKEN_IDS: ids}, name, strict=False)
         else:
-            from thaw.restore import restore_file
+            from thaw.copy.restore import restore_file
 
             restore_file({TOKEN_IDS: ids}, path, strict=False)
         return ids.flatten().tolist()
@@ -431,7 +421,7 @@ class KVStore:
             except AlreadyExists:
                 log.debug("KV snapshot %s already stored", name)
         else:
-            from thaw.freeze import freeze_file
+            from thaw.copy.freeze import freeze_file
 
             path = self.path_for(name)
             if not os.path.exists(path):
@@ -446,8 +436,14 @@ class KVStore:
         tried: set[str] = set()
         while True:
             try:
-                self.client.freeze(tensors, name, self.path_for(name) or None, fingerprint,
-                                   labels=fingerprint.labels, pin=True)  # fmt: skip
+                self.client.freeze_tensors(
+                    tensors,
+                    name,
+                    self.path_for(name) or None,
+                    fingerprint,
+                    labels=fingerprint.labels,
+                    pin=True,
+                )
                 return
             except BudgetExceeded:
                 victim = self._least_recent_save(tried)
@@ -461,10 +457,14 @@ class KVStore:
     def _least_recent_save(self, skip: set[str]) -> str | None:
         """The pinned automatic save of this spec used longest ago, not in use, not in `skip`."""
         candidates = [
-            r for r in self.client.list()
-            if r.labels.get("kv.spec") == self.spec.key and r.labels.get(AUTO_LABEL) == "1"
-            and r.tier == "pinned" and not r.clients and r.name not in skip
-        ]  # fmt: skip
+            r
+            for r in self.client.list()
+            if r.labels.get("kv.spec") == self.spec.key
+            and r.labels.get(AUTO_LABEL) == "1"
+            and r.tier == "pinned"
+            and not r.clients
+            and r.name not in skip
+        ]
         if not candidates:
             return None
         return min(candidates, key=lambda r: r.last_used or r.registered).name
@@ -488,7 +488,7 @@ class KVStore:
         if fresh and self.client is not None:
             self.client.restore_many([(fresh[name], name) for name in fresh])
         else:
-            from thaw.restore import restore_file
+            from thaw.copy.restore import restore_file
 
             for name, tensors in fresh.items():
                 restore_file(tensors, missing[name].path)
@@ -501,8 +501,9 @@ class KVStore:
                     and len(self._staging) > 1
                 ):
                     self._staging.popitem(last=False)
-        return [got if got is not None else fresh[ref.name]
-                for ref, got in zip(refs, out, strict=True)]  # fmt: skip
+        return [
+            got if got is not None else fresh[ref.name] for ref, got in zip(refs, out, strict=True)
+        ]
 
     def _empty(self, n_blocks: int) -> dict[str, torch.Tensor]:
         dtype = getattr(torch, self.spec.dtype)
@@ -510,10 +511,11 @@ class KVStore:
         # Both on the engine's device: a restore into CUDA tensors only takes the direct path
         # from thawd's pool (docs/DAEMON.md).
         return {
-            LAYERS: torch.empty(spec.num_layers, n_blocks, *spec.block_shape, dtype=dtype,
-                                device=device),
+            LAYERS: torch.empty(
+                spec.num_layers, n_blocks, *spec.block_shape, dtype=dtype, device=device
+            ),
             TOKEN_IDS: torch.empty(n_blocks, spec.block_size, dtype=torch.int64, device=device),
-        }  # fmt: skip
+        }
 
     def close(self) -> None:
         if self._client is not None:
@@ -557,7 +559,7 @@ def read_labels(
 ) -> tuple[Mapping[str, str], str]:
     """(labels, path) of KV snapshot `name` from thawd or the directory; NotFound otherwise."""
     if socket:
-        from thaw.client import connect
+        from thaw.daemon.client import connect
 
         with connect(socket) as client, contextlib.suppress(NotFound):
             record = client.stat(name)

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from thaw.fingerprint import Fingerprint
-from thaw.vllm.common import make_fingerprint
+from thaw.engines.fingerprints import make_fingerprint
+from thaw.format.fingerprint import Fingerprint
 
 ENGINE = "sglang"
 # Bytes per update_weights_from_tensor call: each call serializes (CUDA IPC handles on GPU)
@@ -17,10 +16,8 @@ BATCH_BYTES = 512 << 20
 
 
 def fingerprint(**fields: Any) -> Fingerprint:
-    """A vLLM-style fingerprint with engine="sglang" and the labels naming SGLang's layout."""
-    fp = make_fingerprint(**fields)
-    labels = dict(fp.labels, **{"thaw.weights": "sglang-pre-processing", "thaw.names": "sglang"})
-    return dataclasses.replace(fp, engine=ENGINE, labels=labels)
+    """The fingerprint of one rank of an SGLang engine (pre-processing weights, SGLang names)."""
+    return make_fingerprint(engine=ENGINE, **fields)
 
 
 def batches(
@@ -63,11 +60,3 @@ def per_rank_named_tensors(
             missing = sorted(set(names) ^ set(other))[:5]
             raise ValueError(f"rank {r} holds other tensors than rank 0 (e.g. {missing})")
     return [(name, wrap([named[i][1] for named in ranks])) for i, name in enumerate(names)]
-
-
-def check_all(expected: Mapping[int, Fingerprint], found: Mapping[int, Fingerprint]) -> None:
-    """Every rank's snapshot against its rank's fingerprint, before any byte moves."""
-    from thaw.fingerprint import check
-
-    for rank, fp in expected.items():
-        check(fp, found[rank])

@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from thaw.engines.options import Options
+from thaw.engines.ranks import rank_path, resolve
+from thaw.engines.sources import SourceKind, locate
+from thaw.engines.transfer import EngineTransfer, read_rank
+from thaw.errors import SnapshotMissing
 from thaw.sglang.core import BATCH_BYTES, batches, per_rank_named_tensors
-from thaw.vllm.common import EngineTransfer, Options, RankTransfer, SnapshotMissing, resolve
+
+if TYPE_CHECKING:
+    from thaw.daemon.client import Client
 
 
 def restore(
@@ -27,14 +34,14 @@ def restore(
     socket: str | None = None,
     daemon: str = "auto",
     batch_bytes: int = BATCH_BYTES,
+    client: Client | None = None,
 ) -> EngineTransfer:
     import torch
     from sglang.srt.model_executor.model_runner import LocalSerializedTensor
     from sglang.srt.utils import MultiprocessingSerializer
 
-    from thaw.dtypes import torch_dtype
     from thaw.format import open_snapshot
-    from thaw.vllm.transfer import locate, read_rank
+    from thaw.format.dtypes import torch_dtype
 
     started = time.perf_counter()
     size = tp_size or int(getattr(engine.server_args, "tp_size", 1))
@@ -49,8 +56,8 @@ def restore(
     ranks, results = [], []
     for rank in range(size):
         ref = resolve(options, rank, size)
-        source, client = locate(ref, options)
-        if source.kind == "missing":
+        source, used = locate(ref, options, client)
+        if source.kind == SourceKind.MISSING:
             raise SnapshotMissing(f"rank {rank}: snapshot {ref.label!r} not found")
         if source.fingerprint is not None and source.fingerprint.tp_size not in (-1, size):
             from thaw.errors import FingerprintMismatch
@@ -58,12 +65,12 @@ def restore(
             raise FingerprintMismatch([("tp_size", size, source.fingerprint.tp_size)])
         entries = (
             open_snapshot(source.path).tensors
-            if source.kind == "file"
-            else _entries(client, source.name)
+            if source.kind == SourceKind.FILE
+            else _entries(used, source.name)
         )
         named = [(e.name, torch.empty(e.shape, dtype=torch_dtype(e.dtype))) for e in entries]
         expect = source.fingerprint or open_snapshot(source.path).fingerprint
-        results.append(read_rank(named, ref, options, expect, rank, source, client))
+        results.append(read_rank(named, ref, options, expect, rank, source, used))
         ranks.append(named)
 
     def wrap(shards: list[Any]) -> Any:
@@ -100,7 +107,7 @@ def _entries(client: Any, name: str) -> Any:
     return open_snapshot(client.stat(name).path).tensors
 
 
-def freeze(engine: Any, snapshot: str) -> RankTransfer:
+def freeze(engine: Any, snapshot: str) -> NoReturn:
     """Not possible from outside a running SGLang engine: its API returns only truncated
     parameter values (get_weights_by_name). Freeze with the loader's freeze_on_miss instead
     (freeze_engine)."""
@@ -121,7 +128,6 @@ def freeze_engine(
     import sglang
 
     from thaw.sglang.loader import ThawSGLangLoader
-    from thaw.vllm.common import rank_path
 
     paths = [
         os.path.abspath(rank_path(path, r, tensor_parallel_size))

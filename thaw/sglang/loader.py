@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from thaw.vllm.common import Options, resolve
+from thaw.engines.options import Options
+from thaw.engines.ranks import resolve
 
 
 class ThawSGLangLoader:
@@ -42,11 +43,12 @@ class ThawSGLangLoader:
         from sglang.srt.model_loader.loader import DefaultModelLoader, _initialize_model
         from sglang.srt.model_loader.utils import set_default_torch_dtype
 
-        from thaw.datapath import model_tensors
-        from thaw.dtypes import dtype_name
+        from thaw.copy.binding import model_tensors
+        from thaw.engines.fingerprints import model_name
+        from thaw.engines.sources import SourceKind, locate
+        from thaw.engines.transfer import read_rank, write_rank
+        from thaw.format.dtypes import dtype_name
         from thaw.sglang.core import fingerprint
-        from thaw.vllm.common import model_name
-        from thaw.vllm.transfer import locate, read_rank, write_rank
 
         started = time.perf_counter()
         device = torch.device(device_config.device)
@@ -68,7 +70,7 @@ class ThawSGLangLoader:
         ref = resolve(self.options, rank, size)
         source, client = locate(ref, self.options)
         default = DefaultModelLoader(self._default_config())
-        if source.kind == "missing" and self.options.freeze_on_miss:
+        if source.kind == SourceKind.MISSING and self.options.freeze_on_miss:
             model.load_weights(
                 default._get_weights_iterator(
                     DefaultModelLoader.Source.init_new(model_config, model)

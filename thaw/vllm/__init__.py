@@ -11,14 +11,9 @@ docs/ENGINES.md says what snapshots hold and how ranks find theirs.
 
 from typing import Any
 
-from thaw.vllm.common import (
-    EngineBusy,
-    EngineTransfer,
-    ExtensionMissing,
-    Options,
-    RankTransfer,
-    SnapshotMissing,
-)
+from thaw.engines.options import Options
+from thaw.engines.transfer import EngineTransfer, RankTransfer
+from thaw.errors import EngineBusy, ExtensionMissing, SnapshotMissing
 
 WORKER_EXTENSION = "thaw.vllm.worker.ThawWorkerExtension"
 

@@ -5,28 +5,25 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from thaw.fingerprint import Fingerprint
-from thaw.vllm.common import (
-    EngineBusy,
-    EngineTransfer,
-    ExtensionMissing,
-    Options,
-    RankTransfer,
-    SnapshotMissing,
-    missing_message,
-    resolve,
-)
-from thaw.vllm.transfer import check_before_copy, locate
-from thaw.vllm.worker import WORKER_EXTENSION
+from thaw.engines import weights
+from thaw.engines.adapter import is_instance_of
+from thaw.engines.options import Options
+from thaw.engines.ranks import rank_path, resolve
+from thaw.engines.sources import SourceKind, check_before_copy, locate, missing_message
+from thaw.engines.transfer import EngineTransfer, RankTransfer
+from thaw.errors import EngineBusy, ExtensionMissing, SnapshotMissing
+from thaw.format.fingerprint import Fingerprint
+from thaw.vllm import WORKER_EXTENSION
+
+if TYPE_CHECKING:
+    from thaw.daemon.client import Client
 
 
 def is_llm(target: Any) -> bool:
     """True for a `vllm.LLM` (or subclass), found without importing vllm."""
-    return any(
-        c.__name__ == "LLM" and c.__module__.startswith("vllm.") for c in type(target).__mro__
-    )
+    return is_instance_of(target, "vllm", "LLM")
 
 
 def _rpc(llm: Any, method: str, *args: Any) -> list[Any]:
@@ -64,12 +61,6 @@ def fingerprints(llm: Any, labels: Mapping[str, str] | None = None) -> list[Fing
     return [Fingerprint.from_json(d) for d in _rpc(llm, "thaw_fingerprint", dict(labels or {}))]
 
 
-def _options(snapshot: str, **kw: Any) -> Options:
-    config = {k: v for k, v in kw.items() if v is not None}
-    config["snapshot"] = os.fspath(snapshot)
-    return Options.from_config(config)
-
-
 def restore(
     llm: Any,
     snapshot: str | os.PathLike[str],
@@ -79,6 +70,7 @@ def restore(
     daemon: str | None = None,
     ignore: Sequence[str] | None = None,
     verify: bool | None = None,
+    client: Client | None = None,
 ) -> EngineTransfer:
     """Swap a live engine's weights for a snapshot's, in place, on every rank.
 
@@ -87,12 +79,13 @@ def restore(
     difference); only then do the workers restore, each its own shard, through vLLM's
     layerwise reload. The prefix cache is reset afterwards, the KV connector's too: cached
     KV belongs to the old weights, and no KV of theirs survives the swap. `ignore=["model"]`
-    swaps in another model's weights of the same shape (a fine-tune, an RL step).
+    swaps in another model's weights of the same shape (a fine-tune, an RL step). `client`:
+    the thawd client to check with here (default: this process's own for `socket`).
     """
     started = time.perf_counter()
     _check_idle(llm)
-    options = _options(
-        os.fspath(snapshot),
+    options = Options.of(
+        snapshot,
         path=path,
         socket=socket,
         daemon=daemon,
@@ -102,21 +95,19 @@ def restore(
     expected = fingerprints(llm)
     for fp in expected:
         ref = resolve(options, fp.tp_rank, fp.tp_size)
-        source, client = locate(ref, options)  # a thawd gone since: the file, with "auto"
-        if source.kind == "missing":
+        source, used = locate(ref, options, client)  # a thawd gone since: the file, with "auto"
+        if source.kind == SourceKind.MISSING:
             raise SnapshotMissing(
                 f"rank {fp.tp_rank}: "
-                + missing_message(ref, options, daemon_running=client is not None)
+                + missing_message(ref, options, daemon_running=used is not None)
             )
         check_before_copy(source, fp, options)
     results = _rpc(llm, "thaw_restore", options.to_config())
     ranks = tuple(RankTransfer(**r) for r in results)
-    from thaw.kv import weights
-
     weights.remember(llm, {r.rank: r.content_id for r in ranks})
     # KV computed with the old weights must not serve the new ones: the engine's prefix
     # cache goes, and so does its KV connector's view (the thaw connector re-keys its store
-    # by the weights the workers now report; thaw.kv.weights).
+    # by the weights the workers now report; thaw.engines.weights).
     try:
         llm.reset_prefix_cache(reset_connector=True)
     except TypeError:  # a vLLM without connector resets
@@ -140,8 +131,8 @@ def freeze(
     state directory; a path writes the file. See freeze_rank for packed (CPU) engines.
     """
     started = time.perf_counter()
-    options = _options(
-        os.fspath(snapshot),
+    options = Options.of(
+        snapshot,
         path=path,
         socket=socket,
         daemon=daemon,
@@ -175,8 +166,6 @@ def freeze_engine(
     The engine loads through load_format="thaw" with freeze_on_miss, so the snapshot holds
     exactly what a thaw load will later restore."""
     from vllm import LLM
-
-    from thaw.vllm.common import rank_path
 
     paths = [
         os.path.abspath(rank_path(path, r, tensor_parallel_size))

@@ -5,7 +5,7 @@
     vllm serve MODEL --load-format thaw --model-loader-extra-config '{"snapshot": "llama8b"}'
 
 Runs in each worker (registered there by the `vllm.general_plugins` entry point). Each rank
-restores its own snapshot (see thaw.vllm.common.resolve) into the model's parameters *before*
+restores its own snapshot (see thaw.engines.ranks.resolve) into the model's parameters *before*
 process_weights_after_loading, which then packs/repacks as after a normal load.
 """
 
@@ -19,10 +19,12 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-from thaw.kv import weights
+from thaw.engines import weights
+from thaw.engines.options import Options
+from thaw.engines.ranks import resolve
+from thaw.engines.sources import SourceKind, client_for, locate
+from thaw.engines.transfer import RankTransfer, read_rank, write_rank
 from thaw.vllm import model as vmodel
-from thaw.vllm.common import Options, RankTransfer, resolve
-from thaw.vllm.transfer import client_for, locate, read_rank, write_rank
 
 # Under "vllm." so that vLLM's log handlers (and format, and VLLM_LOGGING_LEVEL) apply.
 logger = init_logger("vllm.thaw")
@@ -69,7 +71,7 @@ class ThawModelLoader(BaseModelLoader):
         specs = {n: (tuple(t.shape), t.dtype) for n, t in named}
         expect = vmodel.fingerprint(vllm_config, specs, dict(self.options.labels))
         source, client = locate(ref, self.options)
-        if source.kind == "missing" and self.options.freeze_on_miss:
+        if source.kind == SourceKind.MISSING and self.options.freeze_on_miss:
             logger.info("thaw: %s not found; loading the checkpoint and freezing it", ref.label)
             self._default().load_weights(model, model_config)
             loaded = time.perf_counter() - started

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from thaw.dtypes import dtype_name
-from thaw.fingerprint import Fingerprint
-from thaw.vllm.common import make_fingerprint, model_name
+from thaw.engines.fingerprints import make_fingerprint, model_name
+from thaw.format.dtypes import dtype_name
+from thaw.format.fingerprint import Fingerprint
 
 SKELETON_PREFIX = "thaw_skeleton"
 
@@ -52,6 +52,7 @@ def fingerprint(
             n *= d
         count += n
     return make_fingerprint(
+        engine="vllm",
         architecture=architectures[0],
         dtype=dtype_name(mc.dtype),
         parameter_count=count,
@@ -64,14 +65,9 @@ def fingerprint(
     )
 
 
-def live_specs(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Names, shapes and dtypes of a freshly built model's parameters (before processing)."""
-    return {n: (tuple(t.shape), t.dtype) for n, t in parameters(model)}
-
-
 def parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The model's parameters as (vLLM name, tensor), shared ones once: what a snapshot holds."""
-    from thaw.datapath import model_tensors
+    from thaw.copy.binding import model_tensors
 
     return model_tensors(list(model.named_parameters()))
 

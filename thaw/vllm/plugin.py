@@ -20,7 +20,7 @@ def register() -> None:
 
 
 def _check_before_the_engine_starts() -> None:
-    """Have `EngineArgs.create_load_config` run thaw.vllm.common.preflight for
+    """Have `EngineArgs.create_load_config` run thaw.engines.sources.preflight for
     load_format="thaw". vLLM calls it in the process that creates the engine (`LLM(...)`,
     the API server), before the engine core and its workers start; a loader is only built in
     the workers, where a missing snapshot would surface after the engine's start-up as
@@ -36,9 +36,11 @@ def _check_before_the_engine_starts() -> None:
     def create_load_config(self: Any) -> Any:
         config = original(self)
         if config.load_format == "thaw":
-            from thaw.vllm.common import preflight
+            from thaw.engines.options import Options
+            from thaw.engines.sources import preflight
 
-            preflight(config.model_loader_extra_config, self.tensor_parallel_size)
+            options = Options.from_config(config.model_loader_extra_config)
+            preflight(options, self.tensor_parallel_size)
         return config
 
     create_load_config.thaw_preflight = True  # type: ignore[attr-defined]

@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
-from thaw.kv import weights
+from thaw.engines import weights
+from thaw.engines.options import Options
+from thaw.engines.ranks import resolve
+from thaw.engines.sources import SourceKind, check_before_copy, locate
+from thaw.engines.transfer import RankTransfer, read_rank, write_rank
+from thaw.errors import SnapshotMissing
+from thaw.vllm import WORKER_EXTENSION
 from thaw.vllm import model as vmodel
-from thaw.vllm.common import Options, RankTransfer, SnapshotMissing, resolve
-from thaw.vllm.transfer import locate, read_rank, write_rank
-
-WORKER_EXTENSION = "thaw.vllm.worker.ThawWorkerExtension"
 
 
 def _model(worker: Any) -> torch.nn.Module:
@@ -47,10 +49,8 @@ def restore_rank(worker: Any, config: dict[str, Any]) -> dict[str, Any]:
     specs = vmodel.preprocessing_specs(model)
     expect = vmodel.fingerprint(vllm_config, specs)
     source, client = locate(ref, options)
-    if source.kind == "missing":
+    if source.kind == SourceKind.MISSING:
         raise SnapshotMissing(f"rank {rank}: snapshot {ref.label!r} not found")
-    from thaw.vllm.transfer import check_before_copy
-
     check_before_copy(source, expect, options)  # before a byte moves or memory is taken
     started = time.perf_counter()
     # The snapshot lands in fresh pre-processing tensors, then vLLM's layerwise reload copies

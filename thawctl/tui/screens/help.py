@@ -12,8 +12,11 @@ KEYS = (
     ("p", "pin the selected snapshot (verifies every tensor)"),
     ("w", "warm it instead (page cache only)"),
     ("u", "unpin it (back to cold, memory released; asks first while in use)"),
-    ("v", "have thawd verify its checksums where its bytes are: its pool when pinned, else "
-          "the file (nothing is read here)"),
+    (
+        "v",
+        "have thawd verify its checksums where its bytes are: its pool when pinned, else "
+        "the file (nothing is read here)",
+    ),
     ("d", "remove it from thawd, after asking (the file stays)"),
     ("/", "filter by name, path, tier, checksum state or label"),
     ("s", "cycle the sort: name, tier, size, restores, last restore"),

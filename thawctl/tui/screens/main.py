@@ -111,8 +111,9 @@ class MainScreen(Screen[None]):
         if not self.is_mounted:
             return
         table, log = self.query_one(SnapshotTable), self.query_one(EventLog)
-        others = sum(w.outer_size.height for w in self.children
-                     if w.display and w not in (table, log))  # fmt: skip
+        others = sum(
+            w.outer_size.height for w in self.children if w.display and w not in (table, log)
+        )
         room = self.size.height - others
         rows = len(arrange(self.snapshots, self.filter_text, self.sort_key))
         events_min = EVENTS_MIN_SHORT if self.has_class("-short") else EVENTS_MIN
@@ -130,7 +131,7 @@ class MainScreen(Screen[None]):
 
     @on(SourceUpdate)
     def _received(self, message: SourceUpdate) -> None:
-        from thaw.client import Event, Metrics
+        from thaw.daemon.records import Event, Metrics
 
         item = message.item
         if isinstance(item, Metrics):

@@ -99,8 +99,9 @@ class EventLog(RichLog):
 
 def _names(restores: list[Any]) -> str:
     """`llama-8b (38), qwen-32b (2)`: which snapshots, most restored first."""
-    counts = collections.Counter(r.snapshot if isinstance(r.snapshot, str) else "?"
-                                 for r in restores)  # fmt: skip
+    counts = collections.Counter(
+        r.snapshot if isinstance(r.snapshot, str) else "?" for r in restores
+    )
     return ", ".join(f"{name} ({n})" if n > 1 else name for name, n in counts.most_common())
 
 

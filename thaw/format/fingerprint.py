@@ -8,15 +8,22 @@ from typing import Any
 
 from thaw.errors import FingerprintMismatch
 
-# What a manifest's fingerprint may hold (thaw/format.py bounds the rest of a manifest).
+# What a manifest's fingerprint may hold (thaw/format/snapshot.py bounds the rest of a manifest).
 MAX_LABELS = 1024
 MAX_TEXT = 4096
 
 # Keys compared by `check`. Labels are free-form and never compared.
 IDENTITY_KEYS = (
-    "architecture", "dtype", "parameter_count", "quantization",
-    "tp_rank", "tp_size", "engine", "engine_version", "model",
-)  # fmt: skip
+    "architecture",
+    "dtype",
+    "parameter_count",
+    "quantization",
+    "tp_rank",
+    "tp_size",
+    "engine",
+    "engine_version",
+    "model",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +61,9 @@ class Fingerprint:
         if len(labels) > MAX_LABELS or any(
             len(k) > MAX_TEXT or len(v) > MAX_TEXT for k, v in labels.items()
         ):
-            raise ValueError(f"fingerprint labels: at most {MAX_LABELS}, each at most {MAX_TEXT} "
-                             "characters")  # fmt: skip
+            raise ValueError(
+                f"fingerprint labels: at most {MAX_LABELS}, each at most {MAX_TEXT} characters"
+            )
         for f in dataclasses.fields(cls):
             if f.name in values and f.name != "labels":
                 expected_type = int if f.type == "int" else str

@@ -18,20 +18,12 @@ from typing import Any
 
 from cuda.bindings import driver as cu
 
-from thaw import cuda
 from thaw.errors import CudaError
+from thaw.mem import cuda
 
-log = logging.getLogger("thaw.vmm")
-_POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+log = logging.getLogger("thaw.mem.vmm")
+POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
 GIB = 1 << 30
-
-
-def _check(result: tuple[Any, ...], call: str) -> Any:
-    err = result[0]
-    if err != cu.CUresult.CUDA_SUCCESS:
-        _, name = cu.cuGetErrorName(err)
-        raise CudaError(f"{call} failed: {name.decode() if name else err}")
-    return result[1] if len(result) == 2 else None
 
 
 def _context(device: int) -> None:
@@ -44,12 +36,12 @@ def _prop(device: int) -> Any:
     prop = cu.CUmemAllocationProp()
     prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
     prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_HOST_NUMA
-    numa = _check(
+    numa = cuda.check(
         cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID, device),
         "cuDeviceGetAttribute(HOST_NUMA_ID)",
     )
     prop.location.id = max(0, numa)
-    prop.requestedHandleTypes = _POSIX_FD
+    prop.requestedHandleTypes = POSIX_FD
     return prop
 
 
@@ -58,14 +50,15 @@ def warm_up() -> None:
     first use (milliseconds), which a first restore should not pay."""
     cu.cuDriverGetVersion()
     cuda.cudart.cudaGetDevice()
-    cu.cuMemAddressFree(_check(cu.cuMemAddressReserve(GIB, 0, 0, 0), "cuMemAddressReserve"), GIB)
+    reserved = cuda.check(cu.cuMemAddressReserve(GIB, 0, 0, 0), "cuMemAddressReserve")
+    cu.cuMemAddressFree(reserved, GIB)
 
 
 def granularity(device: int = 0) -> int:
     _context(device)
     flag = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
     return int(
-        _check(
+        cuda.check(
             cu.cuMemGetAllocationGranularity(_prop(device), flag), "cuMemGetAllocationGranularity"
         )
     )
@@ -84,44 +77,27 @@ def supported(device: int = 0) -> bool:
     return True
 
 
-class Chunk:
-    """One page-locked host allocation (cuMemCreate), exportable as a POSIX fd.
+def allocate(size: int, device: int = 0) -> tuple[Any, int]:
+    """New page-locked host memory (cuMemCreate, HOST_NUMA, exportable as a POSIX fd) of at
+    least `size` bytes: (its handle, its size rounded up to the VMM granularity)."""
+    _context(device)
+    gran = granularity(device)
+    size = (size + gran - 1) // gran * gran
+    handle = cuda.check(cu.cuMemCreate(size, _prop(device), 0), f"cuMemCreate(HOST_NUMA, {size})")
+    return handle, size
 
-    thawd creates its VMM pool as chunks at start: cuMemCreate pins as it allocates (0.91 s
-    for 4 GiB on H200), far too slow to do while an engine waits to freeze into the pool.
-    """
 
-    def __init__(self, size: int, device: int = 0) -> None:
-        _context(device)
-        gran = granularity(device)
-        self.size = (size + gran - 1) // gran * gran
-        self.device = device
-        self._fd = -1
-        self.handle = _check(
-            cu.cuMemCreate(self.size, _prop(device), 0), f"cuMemCreate(HOST_NUMA, {self.size})"
+def export(handle: Any) -> int:
+    """A new POSIX fd for the allocation `handle`, to send over a Unix socket. Caller closes it."""
+    return int(
+        cuda.check(
+            cu.cuMemExportToShareableHandle(handle, POSIX_FD, 0), "cuMemExportToShareableHandle"
         )
+    )
 
-    def export_fd(self) -> int:
-        """A new fd for this memory, to send over a Unix socket (SCM_RIGHTS). Caller closes it.
 
-        Exported once and duplicated after: a 16 GB buffer is 60 chunks, and every restore
-        hands out all of them."""
-        if self._fd < 0:
-            self._fd = int(
-                _check(
-                    cu.cuMemExportToShareableHandle(self.handle, _POSIX_FD, 0),
-                    "cuMemExportToShareableHandle",
-                )
-            )
-        return os.dup(self._fd)
-
-    def release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self.handle is not None:
-            _check(cu.cuMemRelease(self.handle), "cuMemRelease")
-            self.handle = None
+def release(handle: Any) -> None:
+    cuda.check(cu.cuMemRelease(handle), "cuMemRelease")
 
 
 class HostBuffer:
@@ -134,9 +110,17 @@ class HostBuffer:
     (`map_until`) and a first restore overlaps that with the DMA of the mapped chunks.
     """
 
-    def __init__(self, handles: list[Any], sizes: list[int], device: int, owned: bool,
-                 lazy: bool = False, host_access: bool = True, peers: tuple[int, ...] = (),
-                 fds: list[int] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        handles: list[Any],
+        sizes: list[int],
+        device: int,
+        owned: bool,
+        lazy: bool = False,
+        host_access: bool = True,
+        peers: tuple[int, ...] = (),
+        fds: list[int] | None = None,
+    ) -> None:
         self.handles, self.sizes, self.device, self.owned = handles, sizes, device, owned
         self.devices = (device, *(p for p in peers if p != device))
         # CPU access is optional: a process that only DMAs to its GPU skips the CPU page
@@ -148,9 +132,8 @@ class HostBuffer:
         self.mapped = 0  # bytes from `addr` that are mapped and accessible
         self._chunks_mapped = 0
         self._lock = threading.Lock()
-        self.addr = int(
-            _check(cu.cuMemAddressReserve(self.size, 0, 0, 0), f"cuMemAddressReserve({self.size})")
-        )
+        reserved = cu.cuMemAddressReserve(self.size, 0, 0, 0)
+        self.addr = int(cuda.check(reserved, f"cuMemAddressReserve({self.size})"))
         if not lazy:
             self.map_until(self.size)
 
@@ -164,10 +147,12 @@ class HostBuffer:
                 at, size = self.addr + self.mapped, self.sizes[i]
                 try:
                     if i == len(self.handles):
-                        self.handles.append(_check(
-                            cu.cuMemImportFromShareableHandle(self._fds[i], _POSIX_FD),
-                            "cuMemImportFromShareableHandle",
-                        ))  # fmt: skip
+                        self.handles.append(
+                            cuda.check(
+                                cu.cuMemImportFromShareableHandle(self._fds[i], POSIX_FD),
+                                "cuMemImportFromShareableHandle",
+                            )
+                        )
                         os.close(self._fds[i])
                         self._fds[i] = -1
                     _map(at, size, self.handles[i], _access(self.devices, self.host_access))
@@ -183,27 +168,35 @@ class HostBuffer:
         with self._lock:
             if not self.host_access:
                 access = _access(self.devices, True)
-                _check(cu.cuMemSetAccess(self.addr, self.size, access, len(access)),
-                       "cuMemSetAccess")  # fmt: skip
+                cuda.check(
+                    cu.cuMemSetAccess(self.addr, self.size, access, len(access)), "cuMemSetAccess"
+                )
                 self.host_access = True
 
     @classmethod
-    def of_chunks(cls, chunks: list[Chunk], device: int = 0,
-                  peers: tuple[int, ...] = ()) -> HostBuffer:  # fmt: skip
-        """Map the daemon's own chunks (which stay owned by the pool), for `device` and `peers`."""
+    def of_handles(
+        cls, handles: list[Any], sizes: list[int], device: int = 0, peers: tuple[int, ...] = ()
+    ) -> HostBuffer:
+        """Map allocations this process owns elsewhere (thawd's pool chunks: they stay owned
+        there), for `device` and `peers`."""
         _context(device)
-        return cls([c.handle for c in chunks], [c.size for c in chunks], device, owned=False,
-                   peers=peers)  # fmt: skip
+        return cls(handles, sizes, device, owned=False, peers=peers)
 
     @classmethod
     def create(cls, size: int, device: int = 0) -> HostBuffer:
         """New page-locked host memory of `size` bytes (rounded up to the VMM granularity)."""
-        chunk = Chunk(size, device)
-        return cls([chunk.handle], [chunk.size], device, owned=True)
+        handle, size = allocate(size, device)
+        return cls([handle], [size], device, owned=True)
 
     @classmethod
-    def import_fds(cls, fds: list[int], sizes: list[int], device: int = 0, lazy: bool = False,
-                   host_access: bool = True) -> HostBuffer:  # fmt: skip
+    def import_fds(
+        cls,
+        fds: list[int],
+        sizes: list[int],
+        device: int = 0,
+        lazy: bool = False,
+        host_access: bool = True,
+    ) -> HostBuffer:
         """Map chunks another process exported, in order; the fds stay owned by the caller.
         `lazy`: import and map each chunk on `map_until` (importing 60 chunks up front costs
         a first restore tens of milliseconds)."""
@@ -219,20 +212,20 @@ class HostBuffer:
             for fd in own:
                 os.close(fd)
             raise
-        log.debug("%d chunks (%d bytes): context %.1f ms, %d bytes mapped in %.1f ms", len(fds),
-                  buf.size, (t_context - t0) * 1e3, buf.mapped,
-                  (time.perf_counter() - t_context) * 1e3)  # fmt: skip
+        log.debug(
+            "%d chunks (%d bytes): context %.1f ms, %d bytes mapped in %.1f ms",
+            len(fds),
+            buf.size,
+            (t_context - t0) * 1e3,
+            buf.mapped,
+            (time.perf_counter() - t_context) * 1e3,
+        )
         return buf
 
     def export_fd(self) -> int:
         """An fd for a single-chunk buffer (tests and tools). Caller closes it."""
         assert len(self.handles) == 1
-        return int(
-            _check(
-                cu.cuMemExportToShareableHandle(self.handles[0], _POSIX_FD, 0),
-                "cuMemExportToShareableHandle",
-            )
-        )
+        return export(self.handles[0])
 
     def close(self) -> None:
         with self._lock:
@@ -283,15 +276,15 @@ class PoolMirror:
         self._cond = threading.Condition()
         self._access = _access((device,), False)
         _context(device)
-        self.addr = int(
-            _check(cu.cuMemAddressReserve(self.size, 0, 0, 0), f"cuMemAddressReserve({self.size})")
-        )
+        reserved = cu.cuMemAddressReserve(self.size, 0, 0, 0)
+        self.addr = int(cuda.check(reserved, f"cuMemAddressReserve({self.size})"))
 
     def add(self, start: int, fds: list[int]) -> None:
         """Import the chunks from `start` from their fds (which stay the caller's)."""
         for i, fd in enumerate(fds, start):
-            self._handles[i] = _check(cu.cuMemImportFromShareableHandle(fd, _POSIX_FD),
-                                      "cuMemImportFromShareableHandle")  # fmt: skip
+            self._handles[i] = cuda.check(
+                cu.cuMemImportFromShareableHandle(fd, POSIX_FD), "cuMemImportFromShareableHandle"
+            )
 
     def map_range(self, start: int, end: int) -> None:
         """Make pool bytes start..end readable by the GPU, mapping the chunks not yet mapped."""
@@ -365,9 +358,9 @@ class PoolMirror:
 
 def _map(at: int, size: int, handle: Any, access: list[Any]) -> None:
     """Map `handle` at address `at` and grant `access`; nothing stays mapped if either fails."""
-    _check(cu.cuMemMap(at, size, 0, handle, 0), "cuMemMap")
+    cuda.check(cu.cuMemMap(at, size, 0, handle, 0), "cuMemMap")
     try:
-        _check(cu.cuMemSetAccess(at, size, access, len(access)), "cuMemSetAccess")
+        cuda.check(cu.cuMemSetAccess(at, size, access, len(access)), "cuMemSetAccess")
     except CudaError:
         cu.cuMemUnmap(at, size)
         raise

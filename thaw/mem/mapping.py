@@ -1,14 +1,13 @@
-"""Mapping pool and snapshot fds into this process: the memory half of the data path.
+"""Mapping fds into this process: the memory half of the data path.
 
-The daemon hands out fds (a sealed memfd pool buffer, a VMM host buffer, or the snapshot
-file itself); this module maps them and hands back addresses for thaw.datapath to copy from.
-thawd uses the same helpers to create, fill and seal memfd buffers.
+thawd hands out fds (a sealed memfd pool buffer, or the snapshot file itself); this module
+maps them and hands back addresses for thaw.copy.datapath to copy from. thawd maps its own
+memfd buffers with it too (and creates and seals them in thawd/buffers.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import mmap
 import os
 from types import TracebackType
@@ -16,8 +15,13 @@ from types import TracebackType
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
-]  # fmt: skip
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -26,10 +30,6 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module does not name it
 PAGE = mmap.PAGESIZE
-
-# Write seals make the buffer immutable for every holder of the fd: clients get it read-only
-# by construction, not by trusting them to map it PROT_READ.
-SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
 def _oserror(call: str) -> OSError:
@@ -40,8 +40,15 @@ def _oserror(call: str) -> OSError:
 class Mapping:
     """A shared mapping of [offset, offset+length) of an fd; `addr` is its first byte."""
 
-    def __init__(self, fd: int, length: int, offset: int = 0, *, writable: bool = False,
-                 populate: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        fd: int,
+        length: int,
+        offset: int = 0,
+        *,
+        writable: bool = False,
+        populate: bool = False,
+    ) -> None:
         if length <= 0:
             raise ValueError("cannot map an empty range")
         if offset % PAGE:
@@ -83,27 +90,11 @@ class Mapping:
     def __enter__(self) -> Mapping:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __del__(self) -> None:
         if _libc is not None:  # None at interpreter exit, when the process unmaps anyway
             self.close()
-
-
-def create_memfd(name: str, size: int) -> int:
-    """A sealable memfd of `size` bytes (a hole until written)."""
-    fd = os.memfd_create(f"thaw:{name}"[:249], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def seal(fd: int) -> None:
-    """Make a memfd immutable. Fails with EBUSY while any writable mapping of it exists."""
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-

@@ -21,9 +21,10 @@ import threading
 import time
 from typing import Any
 
-from thaw import errors, fdpass
+from thaw import errors
+from thaw.daemon import fdsocket
 
-log = logging.getLogger("thaw.mirror")
+log = logging.getLogger("thaw.daemon.pool_map")
 
 
 class PoolMap:
@@ -33,14 +34,14 @@ class PoolMap:
     caller restores without it)."""
 
     def __init__(self, fd_socket: str, pool: dict[str, int], device: int) -> None:
-        from thaw import vmm
+        from thaw.mem import vmm
 
         self.pool_id = int(pool["id"])
         self.device = device
         self._chunk, self._chunks = int(pool["chunk"]), int(pool["chunks"])
         self._stop = threading.Event()
         t0 = time.perf_counter()
-        self._sock = fdpass.connect(fd_socket)
+        self._sock = fdsocket.connect(fd_socket)
         try:
             self._sock.settimeout(30.0)  # a stuck thawd: give up, restore without the map
             mirror = vmm.PoolMirror(self.pool_id, self._chunk, self._chunks, device)
@@ -54,8 +55,12 @@ class PoolMap:
             self._sock.close()
             raise
         self._mirror: Any = mirror
-        log.debug("pool %d: %d chunks imported in %.1f ms", self.pool_id, self._chunks,
-                  (time.perf_counter() - t0) * 1e3)  # fmt: skip
+        log.debug(
+            "pool %d: %d chunks imported in %.1f ms",
+            self.pool_id,
+            self._chunks,
+            (time.perf_counter() - t0) * 1e3,
+        )
         self._thread = threading.Thread(target=self._run, name="thaw-pool-map", daemon=True)
         self._thread.start()
 
@@ -71,8 +76,8 @@ class PoolMap:
     def _import(self, mirror: Any) -> None:
         start = 0
         while start < self._chunks:
-            fdpass.send(self._sock, {"op": "pool", "start": start})
-            reply, fds = fdpass.recv(self._sock)
+            fdsocket.send(self._sock, {"op": "pool", "start": start})
+            reply, fds = fdsocket.recv(self._sock)
             try:
                 if not reply.get("ok") or not fds:
                     raise errors.DaemonError(reply.get("message", "no pool fds"))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from thaw import tiny
-from thaw.freeze import freeze_file
-from thaw.restore import TransferStats, restore_file
+from thaw.copy.freeze import freeze_file
+from thaw.copy.restore import TransferStats, restore_file
+from thaw.demo import tiny
 
 PROMPT = "the quick brown fox jumps over the lazy dog and"
 

@@ -1,6 +1,7 @@
 """thaw's CUDA calls, all through cuda-python (cuda.bindings), imported only where CUDA is used.
 
-Every failing call raises CudaError naming the call and CUDA's error.
+Every failing call, runtime or driver, raises CudaError naming the call and CUDA's error
+(`check`, the one place that turns a cuda.bindings result into a value or an exception).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from cuda.bindings import driver as cu
 from cuda.bindings import runtime as cudart
 
 from thaw.errors import CudaError
@@ -16,9 +18,14 @@ _SUCCESS = cudart.cudaError_t.cudaSuccess
 
 
 def check(result: tuple[Any, ...], call: str) -> Any:
-    """Unwrap a cuda.bindings result tuple, raising CudaError on failure."""
+    """Unwrap a cuda.bindings result tuple (runtime or driver API), raising CudaError on
+    failure: None, the one value, or the tuple of values after the error code."""
     err = result[0]
-    if err != _SUCCESS:
+    if isinstance(err, cu.CUresult):
+        if err != cu.CUresult.CUDA_SUCCESS:
+            _, name = cu.cuGetErrorName(err)
+            raise CudaError(f"{call} failed: {name.decode() if name else err}")
+    elif err != _SUCCESS:
         _, name = cudart.cudaGetErrorName(err)
         _, text = cudart.cudaGetErrorString(err)
         raise CudaError(f"{call} failed: {name.decode()}: {text.decode()}")

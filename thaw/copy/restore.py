@@ -7,11 +7,13 @@ import os
 import time
 from typing import Any
 
-from thaw import _native, datapath
+from thaw import _native
+from thaw.copy import binding, datapath
+from thaw.copy.pieces import Piece
 from thaw.errors import RestoreIncomplete, SnapshotError, ThawError
-from thaw.fingerprint import Fingerprint, check
 from thaw.format import Snapshot, TensorEntry, payload_fd, read_snapshot
-from thaw.pieces import Digests, Piece
+from thaw.format.checksum import Digests
+from thaw.format.fingerprint import Fingerprint, check
 
 # Below this share of the payload in page cache, CUDA restores read with O_DIRECT: buffered
 # reads of a cold file cost a second copy through the page cache and evict what is there.
@@ -61,7 +63,7 @@ def restore_file(
         snapshot = read_snapshot(fd, path)
         if expect is not None:
             check(expect, snapshot.fingerprint)
-        bindings = datapath.bind(snapshot.tensors, datapath.model_tensors(target), strict=strict)
+        bindings = binding.bind(snapshot.tensors, binding.model_tensors(target), strict=strict)
         copied, source = read_payload(bindings, fd, snapshot.payload_offset,
                                       snapshot.payload_length, snapshot.path, verify=verify,
                                       threads=threads)  # fmt: skip
@@ -72,7 +74,7 @@ def restore_file(
 
 
 def read_payload(
-    bindings: list[datapath.Binding],
+    bindings: list[binding.Binding],
     fd: int,
     payload_offset: int,
     payload_length: int,
@@ -96,7 +98,7 @@ def read_payload(
 
 
 def _restore(
-    bindings: list[datapath.Binding], fd: int, payload_offset: int, payload_length: int,
+    bindings: list[binding.Binding], fd: int, payload_offset: int, payload_length: int,
     path: object, verify: bool, threads: int,
 ) -> tuple[int, str]:  # fmt: skip
     cpu = [b for b in bindings if b.tensor.device.type == "cpu"]
@@ -156,7 +158,7 @@ def _direct(fd: int) -> int:
 
 
 def _digests(
-    path: object, bindings: list[datapath.Binding], verify: bool, threads: int
+    path: object, bindings: list[binding.Binding], verify: bool, threads: int
 ) -> Digests | None:
     return Digests([b.entry for b in bindings], path, threads) if verify else None
 
@@ -170,8 +172,8 @@ def read_tensor(snapshot: Snapshot, entry: TensorEntry, verify: bool = True) -> 
     """One tensor of a snapshot as a new CPU tensor (for inspection and tools)."""
     import torch
 
-    from thaw.dtypes import torch_dtype
-    from thaw.format import verify_tensor
+    from thaw.format.checksum import verify_tensor
+    from thaw.format.dtypes import torch_dtype
 
     out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
     with payload_fd(snapshot, direct=False) as fd:

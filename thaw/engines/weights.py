@@ -121,9 +121,10 @@ def from_vllm_config(vllm_config: Any) -> dict[int, str] | None:
         mc = vllm_config.model_config
         ident = checkpoint(mc.model, getattr(mc, "revision", None))
         return dict.fromkeys(range(tp), ident)
+    from thaw.engines.options import Options
+    from thaw.engines.ranks import resolve
+    from thaw.engines.sources import client_for
     from thaw.errors import ThawError
-    from thaw.vllm.common import Options, resolve
-    from thaw.vllm.transfer import client_for
 
     try:
         options = Options.from_config(getattr(load, "model_loader_extra_config", None))

@@ -1,4 +1,5 @@
-"""Cutting a payload into pieces that fit one staging slot, and checking checksums piecewise.
+"""Cutting a payload into pieces that fit one staging slot (checked piecewise with
+thaw.format.checksum.Digests).
 
 A piece is one contiguous, 4 KiB aligned range of the payload: one O_DIRECT read or write,
 one slot of pinned staging. Small tensors share a piece (one syscall for many norms); a large
@@ -9,11 +10,9 @@ each piece hashes independently and the digests concatenate into the tensor's tr
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Sequence
 
 from thaw import _native
-from thaw.errors import ChecksumMismatch
 from thaw.format import TensorEntry, align_up
 
 
@@ -68,45 +67,3 @@ def plan(entries: Sequence[TensorEntry], slot_size: int) -> list[Piece]:
         end = e.offset + e.length
     flush(end)
     return pieces
-
-
-class Digests:
-    """Accumulates block hashes per tensor, piece by piece, and checks each completed tensor.
-
-    Thread-safe, and pieces may arrive in any order: parts are keyed by their tensor offset.
-    """
-
-    def __init__(self, entries: Sequence[TensorEntry], path: object, threads: int) -> None:
-        self.entries = entries
-        self.path = path
-        self.threads = threads
-        self._lock = threading.Lock()
-        self._parts: dict[int, dict[int, bytes]] = {}
-        self._seen: dict[int, int] = {}
-
-    def add(self, segment: Segment, addr: int) -> int | None:
-        """Hash one segment's bytes; return the tensor's checksum once all of it was seen."""
-        return self.add_hashes(segment, _native.block_hashes(addr, segment.length, self.threads))
-
-    def add_hashes(self, segment: Segment, digest: bytes) -> int | None:
-        """`add` for a segment whose block hashes are computed already (`pread_hashed`)."""
-        with self._lock:
-            parts = self._parts.setdefault(segment.index, {})
-            parts[segment.tensor_offset] = digest
-            seen = self._seen.get(segment.index, 0) + segment.length
-            self._seen[segment.index] = seen
-            if seen < self.entries[segment.index].length:
-                return None
-            del self._parts[segment.index]
-        return int(_native.xxh3(b"".join(parts[k] for k in sorted(parts))))
-
-    def check(self, segment: Segment, addr: int) -> None:
-        """Like add, raising ChecksumMismatch when a completed tensor's checksum differs."""
-        self.check_hashes(segment, _native.block_hashes(addr, segment.length, self.threads))
-
-    def check_hashes(self, segment: Segment, digest: bytes) -> None:
-        """`check` for a segment whose block hashes are computed already."""
-        found = self.add_hashes(segment, digest)
-        entry = self.entries[segment.index]
-        if found is not None and found != entry.checksum:
-            raise ChecksumMismatch(self.path, entry.name, entry.checksum, found)

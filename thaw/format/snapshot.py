@@ -27,10 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import thaw._native as _native
-from thaw.dtypes import DTYPES, itemsize
 from thaw.errors import (
     BadMagic,
-    ChecksumMismatch,
     HeaderCorrupt,
     ManifestCorrupt,
     ManifestOutOfBounds,
@@ -38,7 +36,8 @@ from thaw.errors import (
     TruncatedSnapshot,
     UnsupportedVersion,
 )
-from thaw.fingerprint import Fingerprint
+from thaw.format.dtypes import DTYPES, itemsize
+from thaw.format.fingerprint import Fingerprint
 
 MAGIC = b"THAWSNAP"
 VERSION = 1
@@ -206,9 +205,20 @@ def read_snapshot(fd: int, path: object) -> Snapshot:
         raise BadMagic(path, "not a thaw snapshot (wrong magic bytes)")
     if len(raw) < _HEADER.size:
         raise TruncatedSnapshot(path, f"file is {file_length} bytes, shorter than its header")
-    (_, version, _flags, header_size, alignment, payload_offset, payload_length,
-     manifest_offset, manifest_length, declared_length, manifest_checksum,
-     header_checksum) = _HEADER.unpack(raw)  # fmt: skip
+    (
+        _,
+        version,
+        _flags,
+        header_size,
+        alignment,
+        payload_offset,
+        payload_length,
+        manifest_offset,
+        manifest_length,
+        declared_length,
+        manifest_checksum,
+        header_checksum,
+    ) = _HEADER.unpack(raw)
     if version != VERSION:
         raise UnsupportedVersion(
             path, f"format version {version}; this thaw reads version {VERSION}: upgrade thaw"
@@ -248,8 +258,11 @@ def parse_manifest(path: object, blob: bytes, payload_length: int) -> Manifest:
     make the parser build millions of objects."""
     containers = blob.count(b"{") + blob.count(b"[")
     if containers > _MAX_CONTAINERS:
-        raise ManifestCorrupt(path, f"manifest has {containers} JSON objects and arrays; a "
-                              f"snapshot holds at most {MAX_TENSORS} tensors")  # fmt: skip
+        raise ManifestCorrupt(
+            path,
+            f"manifest has {containers} JSON objects and arrays; a "
+            f"snapshot holds at most {MAX_TENSORS} tensors",
+        )
     try:
         doc = json.loads(blob)
         if not isinstance(doc, dict) or doc.get("format") != "thaw-snapshot":
@@ -304,13 +317,6 @@ def _parse_entry(raw: Any) -> TensorEntry:
     return entry
 
 
-def verify_tensor(path: object, entry: TensorEntry, addr: int, threads: int = 1) -> None:
-    """Check the bytes of one tensor at `addr` against its recorded checksum."""
-    found = _native.tree_hash(addr, entry.length, threads)
-    if found != entry.checksum:
-        raise ChecksumMismatch(path, entry.name, entry.checksum, found)
-
-
 # --- writing --------------------------------------------------------------------------------
 
 
@@ -328,8 +334,14 @@ class SnapshotWriter:
     O_TMPFILE where the filesystem allows, so a writer killed at any point leaves nothing.
     """
 
-    def __init__(self, path: str | os.PathLike[str], entries: Sequence[TensorEntry], *,
-                 dir_fd: int | None = None, replace: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        entries: Sequence[TensorEntry],
+        *,
+        dir_fd: int | None = None,
+        replace: bool = True,
+    ) -> None:
         self.path = Path(path)
         bare = self.path.name == str(path) and self.path.name not in ("", ".", "..")
         if dir_fd is not None and not bare:
@@ -356,8 +368,9 @@ class SnapshotWriter:
             raise
         try:
             # The same file, a second open file description: O_DIRECT for payload writes.
-            self.direct_fd = os.open(f"/proc/self/fd/{self.fd}",
-                                     os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)  # fmt: skip
+            self.direct_fd = os.open(
+                f"/proc/self/fd/{self.fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC
+            )
         except OSError:
             self.direct_fd = -1  # tmpfs and some filesystems refuse O_DIRECT
         return self
@@ -377,9 +390,18 @@ class SnapshotWriter:
         os.ftruncate(self.fd, file_length)
         os.fchmod(self.fd, 0o666 & ~_umask())  # a temporary file's 0600 would hide it
         fields = (
-            MAGIC, VERSION, 0, HEADER_SIZE, ALIGNMENT, PAYLOAD_OFFSET, self.payload_length,
-            manifest_offset, len(blob), file_length, _native.xxh3(blob),
-        )  # fmt: skip
+            MAGIC,
+            VERSION,
+            0,
+            HEADER_SIZE,
+            ALIGNMENT,
+            PAYLOAD_OFFSET,
+            self.payload_length,
+            manifest_offset,
+            len(blob),
+            file_length,
+            _native.xxh3(blob),
+        )
         head = _HEADER.pack(*fields, 0)[:-8]
         header = head + struct.pack("<Q", _native.xxh3(head))
         # The payload and manifest are durable before the header that makes them valid.
@@ -392,8 +414,13 @@ class SnapshotWriter:
         elif self.replace:
             os.rename(self._tmp, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         else:  # link fails on an existing name: never replaces what appeared meanwhile
-            os.link(self._tmp, name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd,
-                    follow_symlinks=False)  # fmt: skip
+            os.link(
+                self._tmp,
+                name,
+                src_dir_fd=self._dir_fd,
+                dst_dir_fd=self._dir_fd,
+                follow_symlinks=False,
+            )
             os.unlink(self._tmp, dir_fd=self._dir_fd)
         self._tmp = None
         self._linked = True

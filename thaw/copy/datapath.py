@@ -1,29 +1,27 @@
 """Moving a payload's bytes between host memory and a model's tensors.
 
-The host side is either a snapshot file (thaw.restore / thaw.freeze) or memory laid out like
-the payload (a thawd pool buffer, a mapped file). CPU tensors are copied with the native
+The host side is either a snapshot file (thaw.copy.restore / thaw.copy.freeze) or memory laid
+out like the payload (a thawd pool buffer, a mapped file). CPU tensors are copied with the native
 multi-threaded loops; CUDA tensors through pinned staging slots on two streams, or straight
-from host memory that CUDA can already reach (VMM-mapped or registered).
+from host memory that CUDA can already reach (VMM-mapped or registered). What goes where is
+thaw.copy.binding's; a daemon copy's export is thaw.copy.daemon_copy's.
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from thaw import _native
-from thaw.dtypes import dtype_name
-from thaw.errors import ModelMismatch, TensorMismatch
-from thaw.fingerprint import Fingerprint
-from thaw.format import TensorEntry, verify_tensor
-from thaw.pieces import Digests, Piece, Segment, plan
+from thaw.copy.binding import Binding, cuda_device
+from thaw.copy.pieces import Piece, Segment, plan
+from thaw.format.checksum import Digests, verify_tensor
 
 # 64 MB slots: on H200, 2-stream H2D in 64 MB chunks reaches 55.1 GB/s, 16 MB chunks 52.2.
 SLOT_SIZE = 64 << 20
@@ -33,111 +31,8 @@ PIPELINE_WORKERS = 4
 SLOTS = 2 * PIPELINE_WORKERS
 DEFAULT_THREADS = max(1, min(16, os.cpu_count() or 1))
 
-NamedTensors = Sequence[tuple[str, torch.Tensor]]
 
-
-def model_tensors(source: Any) -> list[tuple[str, torch.Tensor]]:
-    """The named tensors of a module (parameters and buffers), a state dict or (name, tensor) pairs.
-
-    Tensors sharing storage (tied embeddings) appear once, under their first name.
-    """
-    if isinstance(source, torch.nn.Module):
-        pairs: Iterable[tuple[str, torch.Tensor]] = [
-            *source.named_parameters(),
-            *source.named_buffers(),
-        ]
-    elif isinstance(source, Mapping):
-        pairs = source.items()
-    else:
-        pairs = source
-    out, seen = [], set()
-    for name, tensor in pairs:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
-        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        out.append((name, tensor.detach()))
-    return out
-
-
-def describe(source: Any, **extra: Any) -> Fingerprint:
-    """A fingerprint of a torch module: architecture, dominant dtype, parameter count."""
-    tensors = model_tensors(source)
-    sizes: dict[str, int] = {}
-    for _, t in tensors:
-        sizes[dtype_name(t.dtype)] = sizes.get(dtype_name(t.dtype), 0) + t.numel()
-    config = getattr(source, "config", None)
-    architectures = getattr(config, "architectures", None) or [type(source).__name__]
-    values: dict[str, Any] = {
-        "architecture": architectures[0] if isinstance(source, torch.nn.Module) else "",
-        "dtype": max(sizes, key=lambda k: sizes[k]) if sizes else "",
-        "parameter_count": sum(t.numel() for _, t in tensors),
-        "engine": "torch",
-        "tp_rank": 0,
-        "tp_size": 1,
-    }
-    values.update(extra)
-    return Fingerprint(**values)
-
-
-@dataclasses.dataclass(frozen=True)
-class Binding:
-    """A snapshot tensor and the model tensor it is restored into (or frozen from)."""
-
-    entry: TensorEntry
-    tensor: torch.Tensor
-
-
-def bind(entries: Sequence[TensorEntry], named: NamedTensors, strict: bool = True) -> list[Binding]:
-    """Match snapshot entries to model tensors by name, checking dtype and shape first.
-
-    Raises before any byte moves: TensorMismatch names the tensor, expected and found;
-    ModelMismatch lists tensors present on one side only. `strict=False` allows the snapshot
-    to hold tensors the model lacks (never the reverse: a half-filled model is no model).
-    """
-    by_name = {e.name: e for e in entries}
-    missing = [name for name, _ in named if name not in by_name]
-    if missing:
-        raise ModelMismatch(
-            f"the snapshot lacks {len(missing)} tensor(s) of the model: {_few(missing)}"
-        )
-    model_names = {name for name, _ in named}
-    extra = [e.name for e in entries if e.name not in model_names]
-    if strict and extra:
-        raise ModelMismatch(
-            f"the snapshot has {len(extra)} tensor(s) the model lacks: {_few(extra)}"
-        )
-    bindings = []
-    for name, tensor in named:
-        entry = by_name[name]
-        found = dtype_name(tensor.dtype)
-        if found != entry.dtype:
-            raise TensorMismatch(name, "dtype", found, entry.dtype)
-        if tuple(tensor.shape) != entry.shape:
-            raise TensorMismatch(name, "shape", list(tensor.shape), list(entry.shape))
-        if tensor.device.type not in ("cpu", "cuda"):
-            raise ModelMismatch(f"tensor {name!r} is on {tensor.device}; thaw restores cpu/cuda")
-        bindings.append(Binding(entry, tensor))
-    bindings.sort(key=lambda b: b.entry.offset)
-    return bindings
-
-
-def _few(names: list[str]) -> str:
-    shown = ", ".join(repr(n) for n in names[:5])
-    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
-def cuda_device(bindings: Sequence[Binding]) -> int | None:
-    """The one CUDA device the bindings use, None if all are on the CPU."""
-    devices = {b.tensor.device.index or 0 for b in bindings if b.tensor.device.type == "cuda"}
-    if len(devices) > 1:
-        raise ModelMismatch(f"tensors span CUDA devices {sorted(devices)}; restore per device")
-    return devices.pop() if devices else None
-
-
-class _Targets:
+class Targets:
     """Contiguous destinations for bindings; non-contiguous tensors go through a temporary."""
 
     def __init__(self, bindings: Sequence[Binding], copy_in: bool = False) -> None:
@@ -177,7 +72,7 @@ def copy_to_cpu(
     check their checksums. `fill` returns each tensor's block hashes when it hashed the bytes
     as they landed (`_native.pread_hashed`), else None and they are hashed here."""
 
-    targets = _Targets(bindings)
+    targets = Targets(bindings)
     addrs = [targets.ptr(i) for i in range(len(bindings))]
     hashes = fill(addrs)
     if digests is not None:
@@ -201,7 +96,7 @@ class Staging:
     _cache_lock = threading.Lock()
 
     def __init__(self, device: int) -> None:
-        from thaw import cuda
+        from thaw.mem import cuda
 
         cuda.set_device(device)
         self.device = device
@@ -216,7 +111,7 @@ class Staging:
         """The pinned slots, allocated on first use: copies straight from GPU-accessible pool
         memory never need them, and 512 MB of cudaHostAlloc costs a new process ~0.1 s."""
         if not self._slots:
-            from thaw import cuda
+            from thaw.mem import cuda
 
             self._slots = [cuda.PinnedBuffer(SLOT_SIZE) for _ in range(SLOTS)]
         return self._slots
@@ -233,13 +128,14 @@ def warm_up(device: int) -> None:
     """Create `device`'s streams and make each call of a direct copy once, with nothing to
     copy: cuda.bindings resolves an entry point on its first call, and a process's first
     restore should not pay for it (connect() calls this in a process that uses CUDA)."""
-    from thaw import cuda
+    from thaw.mem import cuda
 
     staging = Staging.for_device(device)
     with staging.lock:
         cuda.set_device(device)
-        cuda.cudart.cudaMemcpyAsync(0, 0, 0, cuda.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                                    staging.streams[0].handle)  # fmt: skip
+        cuda.cudart.cudaMemcpyAsync(
+            0, 0, 0, cuda.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, staging.streams[0].handle
+        )
         for stream in staging.streams:
             stream.synchronize()
         cuda.device_synchronize()
@@ -309,13 +205,13 @@ def copy_to_cuda(
     thread issues the H2D copies on alternating streams and hands a slot back, with the event
     that says its copy is done, as soon as the copies are queued.
     """
-    from thaw import cuda
+    from thaw.mem import cuda
 
     device = cuda_device(bindings)
     assert device is not None
     staging = Staging.for_device(device)
     pieces = plan([b.entry for b in bindings], SLOT_SIZE)
-    targets = _Targets(bindings)
+    targets = Targets(bindings)
     copied = 0
     with staging.lock:
         cuda.set_device(device)
@@ -383,7 +279,7 @@ def _copy_direct(
     `ensure_mapped(end)`, each copy is issued once the host memory it touches is mapped: a
     buffer still being mapped maps on while the earlier copies run. `in_flight`: return once
     issued, after copies this thread left in flight before (see `finish_copies`)."""
-    from thaw import cuda
+    from thaw.mem import cuda
 
     device = cuda_device(bindings)
     assert device is not None
@@ -426,9 +322,9 @@ def copy_direct_to_cuda(
     """H2D straight from GPU-accessible host memory laid out like the payload (a pool buffer).
     `in_flight`: return once the copies are issued, when no temporaries need them done; the
     caller calls `finish_copies(device)` before the tensors are used."""
-    from thaw import cuda
+    from thaw.mem import cuda
 
-    targets = _Targets(bindings)
+    targets = Targets(bindings)
     in_flight = in_flight and not targets.temporaries
     _copy_direct(
         bindings,
@@ -450,7 +346,7 @@ def copy_from_cuda(
     """Device-to-host through pinned staging: D2H on two streams from this thread, and
     `drain(slot_addr, piece)` (hash and write) on writer workers, overlapped. Gaps between
     tensors in a slot are zeroed so a snapshot's bytes do not depend on the slot's history."""
-    from thaw import cuda
+    from thaw.mem import cuda
 
     device = cuda_device(bindings)
     assert device is not None
@@ -506,7 +402,7 @@ def copy_direct_from_cuda(
     ensure_mapped: Callable[[int], None] | None = None,
 ) -> None:
     """D2H straight into GPU-accessible host memory laid out like the payload (freeze to pool)."""
-    from thaw import cuda
+    from thaw.mem import cuda
 
     sources = [b.tensor.contiguous() for b in bindings]
     _copy_direct(
@@ -529,56 +425,6 @@ def _zero_gaps(addr: int, piece: Piece) -> None:
         pos = seg.piece_offset + seg.length
     if piece.length > pos:
         ctypes.memset(addr + pos, 0, piece.length - pos)
-
-
-def batches_for_daemon(
-    bindings: Sequence[Binding], index: Mapping[str, int], freeze: bool = False, count: int = 4
-) -> Iterator[tuple[Any, Callable[[], int]]]:
-    """`export_for_daemon` over `count` batches of about equal bytes, each exported only when
-    the caller takes it: exporting an allocation costs ~0.4 ms the first time (H200 host), so
-    a caller that sends each batch before exporting the next overlaps that with the copies."""
-    total = sum(b.entry.length for b in bindings)
-    batch: list[Binding] = []
-    done, cut = 0, 1  # the next batch ends once `done` reaches cut/count of `total`
-    for b in bindings:
-        batch.append(b)
-        done += b.entry.length
-        if done * count >= total * cut:
-            yield export_for_daemon(batch, index, freeze)
-            batch, cut = [], done * count // max(total, 1) + 1
-    if batch:
-        yield export_for_daemon(batch, index, freeze)
-
-
-def export_for_daemon(
-    bindings: Sequence[Binding], index: Mapping[str, int], freeze: bool = False
-) -> tuple[Any, Callable[[], int]]:
-    """CUDA IPC mode, before any byte moves: export the allocations behind the bound CUDA
-    tensors for thawd to copy into (`freeze`: to copy from). `index` maps a tensor name to its
-    place in the daemon's tensor list. Returns (thaw.ipc.Export, `finish`): call `finish()`
-    once the daemon has copied; it returns the bytes moved."""
-    from thaw import cuda, ipc
-
-    device = cuda_device(bindings)
-    if device is None or any(b.tensor.device.type != "cuda" for b in bindings):
-        raise ModelMismatch("CUDA IPC mode restores CUDA tensors only; CPU tensors need "
-                            "mode='auto' (they copy from pool memory or the file)")  # fmt: skip
-    # Non-contiguous tensors go through contiguous temporaries, alive until `finish`.
-    targets = _Targets(bindings, copy_in=freeze)
-    cuda.set_device(device)
-    cuda.device_synchronize()  # the tensors are final and idle before another process copies
-    exported = ipc.export(
-        [(index[b.entry.name], targets.tensors[i]) for i, b in enumerate(bindings)
-         if b.entry.length],
-        device,
-    )  # fmt: skip
-
-    def finish() -> int:
-        if not freeze:
-            targets.finish()
-        return sum(b.entry.length for b in bindings)
-
-    return exported, finish
 
 
 # --- host memory laid out like the payload (pool buffers, mapped files) ----------------------
@@ -613,7 +459,7 @@ def copy_to_tensors(
         if verify:
             for b in cpu:
                 verify_tensor(path, b.entry, base_addr + b.entry.offset, threads)
-        targets = _Targets(cpu)
+        targets = Targets(cpu)
         _native.copy_many(
             [targets.ptr(i) for i in range(len(cpu))],
             [base_addr + b.entry.offset for b in cpu],

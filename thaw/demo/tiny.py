@@ -14,7 +14,7 @@ Sizes are chosen for vLLM's CPU attention backend, which accepts head sizes
 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512 only
 (vllm/v1/attention/backends/cpu_attn.py, `get_supported_head_sizes`): hence head_dim 64.
 
-transformers and tokenizers are imported lazily (the `tiny` extra), so `import thaw.tiny` is
+transformers and tokenizers are imported lazily (the `tiny` extra), so `import thaw.demo.tiny` is
 cheap and `TINY_CONFIG` is usable without them.
 """
 
@@ -177,7 +177,7 @@ def _import_hf() -> tuple[Any, Any]:
         import transformers
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "thaw.tiny needs transformers and tokenizers: pip install 'thaw[tiny]'"
+            "thaw.demo.tiny needs transformers and tokenizers: pip install 'thaw[tiny]'"
         ) from exc
     return transformers, tokenizers
 
@@ -420,7 +420,7 @@ def _main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m thaw.tiny", description="Write the tiny Llama as a HF model directory."
+        prog="python -m thaw.demo.tiny", description="Write the tiny Llama as a HF model directory."
     )
     parser.add_argument("path", help="directory to create (reused if it already holds it)")
     parser.add_argument("--seed", type=int, default=0)

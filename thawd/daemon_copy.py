@@ -1,11 +1,5 @@
-"""CUDA IPC mode: thawd copies between its pinned pool and a client's GPU memory, so the client
-maps no shared memory at all (isolation between tenants, or a process that cannot import VMM
-fds), and a freeze writes into pool memory the daemon mapped at start.
-
-The client exports each cudaMalloc allocation holding its tensors (`export`); the daemon opens
-those handles on the GPU with the client's UUID and copies to or from its own pinned pool
-(`Copier`) at the link's speed (benchmarks/daemon.py; about 0.1 ms per opened handle).
-"""
+"""Daemon copy, thawd's side: open the CUDA IPC handles a client exported
+(thaw/copy/daemon_copy.py) and copy between them and the pinned pool."""
 
 from __future__ import annotations
 
@@ -13,67 +7,15 @@ import ctypes
 import dataclasses
 import threading
 from collections.abc import Sequence
-from typing import Any
 
-from cuda.bindings import driver as cu
 from cuda.bindings import runtime as cudart
 
-from thaw import cuda
-from thaw.errors import CudaError, InvalidRequest
+from thaw.copy.daemon_copy import HANDLE_BYTES, device_uuid
+from thaw.errors import InvalidRequest
+from thaw.mem import cuda
 
-HANDLE_BYTES = 64
 # 64 MB copies alternating two streams: the measured way to the link's ceiling (DESIGN.md).
 PIECE = 64 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class Export:
-    """Where a restore's tensors live in the client's GPU memory, as the daemon needs it."""
-
-    device_uuid: str
-    regions: list[tuple[bytes, int]]  # (cudaIpcMemHandle_t bytes, allocation size)
-    copies: list[tuple[int, int, int]]  # (snapshot tensor index, region index, offset in it)
-
-
-def device_uuid(device: int) -> str:
-    """The GPU's UUID as nvidia-smi prints it ("GPU-xxxxxxxx-..."): the same in every process,
-    whatever CUDA_VISIBLE_DEVICES renumbers."""
-    _, dev = cu.cuDeviceGet(device)
-    err, uuid = cu.cuDeviceGetUuid(dev)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise CudaError(f"cuDeviceGetUuid({device}) failed: {err}")
-    h = uuid.bytes.hex()
-    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def export(targets: Sequence[tuple[int, Any]], device: int) -> Export:
-    """Export the allocations behind `targets` ((snapshot tensor index, CUDA tensor) pairs).
-
-    A tensor is a slice of one cudaMalloc allocation (torch's caching allocator); the handle is
-    that allocation's, the offset the tensor's place in it. Allocations made with
-    `expandable_segments` (VMM) have no legacy IPC handle: CudaError says so."""
-    cuda.set_device(device)
-    bases: dict[int, int] = {}
-    regions: list[tuple[bytes, int]] = []
-    copies = []
-    for index, tensor in targets:
-        ptr = int(tensor.data_ptr())
-        err, base, size = cu.cuMemGetAddressRange(ptr)
-        if err != cu.CUresult.CUDA_SUCCESS:
-            raise CudaError(f"cuMemGetAddressRange failed for a tensor at {ptr:#x}: {err}")
-        base = int(base)
-        if base not in bases:
-            try:
-                handle = cuda.check(cudart.cudaIpcGetMemHandle(base), "cudaIpcGetMemHandle")
-            except CudaError as e:
-                raise CudaError(
-                    f"{e}: CUDA IPC mode needs tensors in cudaMalloc memory; allocations from "
-                    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True cannot be exported"
-                ) from e
-            bases[base] = len(regions)
-            regions.append((ctypes.string_at(handle.getPtr(), HANDLE_BYTES), int(size)))
-        copies.append((index, bases[base], ptr - base))
-    return Export(device_uuid(device), regions, copies)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +54,15 @@ class Copier:
                 )
             return self._devices[uuid]
 
-    def copy(self, owner: str, uuid: str, host: int, handles: Sequence[tuple[bytes, int]],
-             jobs: Sequence[Job], to_host: bool = False) -> None:  # fmt: skip
+    def copy(
+        self,
+        owner: str,
+        uuid: str,
+        host: int,
+        handles: Sequence[tuple[bytes, int]],
+        jobs: Sequence[Job],
+        to_host: bool = False,
+    ) -> None:
         """Copy `jobs` from host address `host` into the regions `handles` name on `uuid`'s
         GPU (`to_host`: the other way); returns once the bytes are there. Every job must lie
         inside its region."""
@@ -121,8 +70,10 @@ class Copier:
         for job in jobs:
             region = handles[job.region][1] if job.region < len(handles) else -1
             if job.region_offset + job.length > region:
-                raise InvalidRequest(f"a copy of {job.length} bytes at offset {job.region_offset} "
-                                     f"does not fit region {job.region}")  # fmt: skip
+                raise InvalidRequest(
+                    f"a copy of {job.length} bytes at offset {job.region_offset} "
+                    f"does not fit region {job.region}"
+                )
         with self._lock:
             lock = self._device_locks.setdefault(device, threading.Lock())
         with lock:

@@ -10,12 +10,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from thaw import _native, datapath
-from thaw.dtypes import dtype_name
-from thaw.fingerprint import Fingerprint
+from thaw import _native
+from thaw.copy import binding, datapath
+from thaw.copy.pieces import Piece, plan
+from thaw.copy.restore import TransferStats
 from thaw.format import PAYLOAD_OFFSET, Manifest, SnapshotWriter, layout
-from thaw.pieces import Digests, Piece, plan
-from thaw.restore import TransferStats
+from thaw.format.checksum import Digests, checksum
+from thaw.format.dtypes import dtype_name
+from thaw.format.fingerprint import Fingerprint
 
 
 class _InOrder:
@@ -64,11 +66,11 @@ def freeze_file(
     written with O_DIRECT.
     """
     started = time.perf_counter()
-    named = datapath.model_tensors(source)
+    named = binding.model_tensors(source)
     if fingerprint is None:
-        fingerprint = datapath.describe(source)
+        fingerprint = binding.describe(source)
     entries = layout([(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in named])
-    bindings = [datapath.Binding(e, t) for e, (_, t) in zip(entries, named, strict=True)]
+    bindings = [binding.Binding(e, t) for e, (_, t) in zip(entries, named, strict=True)]
     checksums = [0] * len(entries)
     lock = threading.Lock()
     with SnapshotWriter(path, entries) as writer:
@@ -77,7 +79,7 @@ def freeze_file(
                 src = b.tensor.contiguous()
                 addr = int(src.data_ptr())
                 writer.write_at(b.entry.offset, addr, b.entry.length, threads)
-                checksums[i] = _native.tree_hash(addr, b.entry.length, threads)
+                checksums[i] = checksum(addr, b.entry.length, threads)
         gpu = [i for i, b in enumerate(bindings) if b.tensor.device.type == "cuda"]
         if gpu:
             gpu_bindings = [bindings[i] for i in gpu]
@@ -100,6 +102,8 @@ def freeze_file(
             datapath.copy_from_cuda(gpu_bindings, drain)
         writer.commit(fingerprint, checksums)
     size = sum(e.length for e in entries)
-    frozen = Manifest(fingerprint, tuple(dataclasses.replace(e, checksum=c)
-                                         for e, c in zip(entries, checksums, strict=True)))
+    frozen = Manifest(
+        fingerprint,
+        tuple(dataclasses.replace(e, checksum=c) for e, c in zip(entries, checksums, strict=True)),
+    )
     return TransferStats(size, time.perf_counter() - started, "memory", frozen.content_id)
