@@ -31,7 +31,7 @@ def test_the_tiny_model_directory_is_written_without_progress_output(tmp_path: P
     bars must not reach it."""
     pytest.importorskip("transformers")
     out = subprocess.run(
-        [sys.executable, "-m", "thaw.tiny", str(tmp_path / "tiny")],
+        [sys.executable, "-m", "thaw.demo.tiny", str(tmp_path / "tiny")],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
