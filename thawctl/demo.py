@@ -27,13 +27,13 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
 
 
 def run_demo(ctx: Context) -> int:
-    from thaw import demo
+    from thaw.demo import roundtrip
 
-    result = demo.run(device=ctx.args.device, directory=ctx.args.dir)
+    result = roundtrip.run(device=ctx.args.device, directory=ctx.args.dir)
     if ctx.json:
         render.emit_json(to_json(result), ctx.out)
     else:
-        ctx.print(demo.report(result))
+        ctx.print(roundtrip.report(result))
     if not result.identical:
         ctx.err.write(
             "thawctl: error: the restored model's output differs from the original; "
