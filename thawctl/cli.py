@@ -59,6 +59,7 @@ def build_parser() -> Parser:
         doctor,
         events,
         freeze,
+        sessions,
         snapshots,
         status,
         top,
@@ -89,7 +90,8 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     parents = common_parents()
-    for module in (status, doctor, snapshots, events, freeze, bench, demo, top, completion):
+    for module in (status, doctor, snapshots, sessions, events, freeze, bench, demo, top,
+                   completion):  # fmt: skip
         module.add_parsers(sub, parents)
     return parser
 

@@ -60,6 +60,23 @@ def gpu(g: Any) -> dict[str, Any]:
     }
 
 
+def session(s: Any) -> dict[str, Any]:
+    """A thaw.daemon.records.SessionRecord."""
+    return {
+        "kind": s.kind,
+        "snapshot": s.snapshot,
+        "pid": s.pid,
+        "uid": s.uid,
+        "bytes": s.bytes,
+        "started_unix": s.started,
+        "seconds": s.seconds,
+        "open": s.open,
+        "ok": s.ok,
+        "gbps": known(s.gbps),
+        "delivery": known(s.delivery),
+    }
+
+
 def status(s: Any) -> dict[str, Any]:
     """A thaw.daemon.records.DaemonStatus."""
     return {

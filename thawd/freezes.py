@@ -112,7 +112,7 @@ class Freezes:
         fds, sizes = ([], []) if request.daemon_copy and buf.kind == "vmm" else buf.export()
         session = Session(secrets.token_hex(16), "freeze", token, peer.uid, name, fds, sizes,
                           buf.id, time.monotonic(), buf, entries, fingerprint, target, labels,
-                          request.pin)  # fmt: skip
+                          request.pin, pid=peer.pid, bytes=length)  # fmt: skip
         d.restores.add(session)
         d.events.publish("freeze_started", name, target.path, length)
 

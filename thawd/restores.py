@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import dataclasses
 import os
 import secrets
@@ -49,8 +50,17 @@ class Session:
     target: Target | None = None  # a freeze's directory and file name
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     pin: bool = True
-    delivery: int = pb.DELIVERY_FDS
+    delivery: pb.Delivery = pb.DELIVERY_FDS
     copying: int = 0  # daemon copies into `buffer` running: the buffer must stay
+    pid: int = 0  # the client process (SO_PEERCRED of its fd-socket connection)
+    bytes: int = 0  # the snapshot's payload bytes
+
+    def info(self, now: float, wall: float) -> pb.SessionInfo:
+        """What ListSessions shows of an open session (`now` monotonic, `wall` unix)."""
+        age = now - self.started
+        return pb.SessionInfo(kind=self.kind, snapshot=self.name, pid=self.pid, uid=self.uid,
+                              bytes=self.bytes, started_unix=wall - age, duration_s=age,
+                              open=True, delivery=self.delivery)  # fmt: skip
 
     def close_fds(self) -> None:
         for fd in self.fds:
@@ -61,12 +71,15 @@ class Session:
 # Sessions one fd-socket connection may hold open at once: each can hold fds (a file's, a
 # pool buffer's), and thawd's fds are everyone's. A restore_many batch opens at most 64.
 MAX_SESSIONS = 1024
+# Ended restores ListSessions (and thawctl top's sessions view) shows, newest first.
+RECENT = 64
 
 
 class Restores:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         self.open_per_token: dict[str, int] = {}
+        self.recent: collections.deque[pb.SessionInfo] = collections.deque(maxlen=RECENT)
         self.total = 0
         self.bytes_total = 0
         # Rows whose restore counters changed, written to the registry within a second.
@@ -122,7 +135,8 @@ class Restores:
         offset = 0 if pool is not None else entry.payload_offset
         buffer_id = pool.id if pool is not None else 0
         session = Session(secrets.token_hex(16), "restore", token, peer.uid, name, fds, sizes,
-                          buffer_id, time.monotonic(), delivery=delivery)  # fmt: skip
+                          buffer_id, time.monotonic(), delivery=delivery, pid=peer.pid,
+                          bytes=entry.payload_length)  # fmt: skip
         self.add(session)
         entry.clients += 1
         entry.row.last_used = time.time()
@@ -220,14 +234,19 @@ class Restores:
     ) -> None:
         session = self.session(peer, session_id, "restore")
         self.end(session)
-        # The counters and the event (a log line) after the reply, the registry row within a
-        # second (`_save_later`); the session itself ended above.
-        asyncio.get_running_loop().call_soon(
-            self._count, session.name, ok, nbytes, duration_s, error
-        )
+        # The counters, the event (a log line) and the record of it after the reply, the
+        # registry row within a second (`_save_later`); the session itself ended above.
+        asyncio.get_running_loop().call_soon(self._count, session, ok, nbytes, duration_s,
+                                             error)  # fmt: skip
 
-    def _count(self, name: str, ok: bool, nbytes: int, duration_s: float, error: str) -> None:
+    def _count(self, session: Session, ok: bool, nbytes: int, duration_s: float,
+               error: str) -> None:  # fmt: skip
         d = self.d
+        name = session.name
+        self.recent.appendleft(pb.SessionInfo(
+            kind=session.kind, snapshot=name, pid=session.pid, uid=session.uid, bytes=nbytes,
+            started_unix=time.time() - (time.monotonic() - session.started),
+            duration_s=duration_s, open=False, ok=ok, delivery=session.delivery))  # fmt: skip
         entry = d.entries.get(name)
         if entry is None:
             return
@@ -247,6 +266,12 @@ class Restores:
             )
         else:
             d.events.publish("restore_failed", name, error or "client reported failure")
+
+    def sessions(self) -> builtins.list[pb.SessionInfo]:
+        """Every open session, then the latest ended restores, newest first."""
+        now, wall = time.monotonic(), time.time()
+        opened = sorted(self.d.sessions.values(), key=lambda s: s.started, reverse=True)
+        return [s.info(now, wall) for s in opened] + list(self.recent)
 
     def open_size(self, name: str) -> int:
         """At most the bytes of an OpenRestoreResponse for `name`; NotFound if unregistered."""

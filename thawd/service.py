@@ -220,6 +220,11 @@ class ThawdServicer(pb_grpc.ThawdServicer):
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.DaemonStatus:
         return self.d.status()
 
+    @unary
+    async def ListSessions(self, request: pb.ListSessionsRequest,
+                           context: Any) -> pb.ListSessionsResponse:  # fmt: skip
+        return pb.ListSessionsResponse(sessions=self.d.restores.sessions())
+
     @stream
     async def Watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.WatchUpdate]:
         # Every stream builds the status and every snapshot's record each interval, on the
@@ -250,7 +255,8 @@ class ThawdServicer(pb_grpc.ThawdServicer):
                     next_metrics = now + interval
                     yield pb.WatchUpdate(time_unix=time.time(), metrics=pb.Metrics(
                         status=self.d.status(), snapshots=self.d.list(),
-                        restore_bytes_per_s=rate))  # fmt: skip
+                        restore_bytes_per_s=rate,
+                        sessions=self.d.restores.sessions()))  # fmt: skip
                 try:
                     update = await asyncio.wait_for(queue.get(), max(0.0, next_metrics - now))
                 except asyncio.TimeoutError:

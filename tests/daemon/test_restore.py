@@ -465,3 +465,32 @@ def test_daemon_killed_mid_restore_is_never_a_success(thawd: ThawdProcess) -> No
     with pytest.raises(errors.DaemonUnavailable):
         c.status()
     c.close()
+
+
+def test_sessions_show_who_restores_what(thawd: ThawdProcess) -> None:
+    """ListSessions: an open session with its pid, uid and size; ended restores with what the
+    client copied, how long it took and whether it was confirmed; the watch stream's metrics
+    carry the same."""
+    from thaw._proto import thawd_pb2 as pb
+
+    tensors = random_tensors(60)
+    path = write_snapshot(thawd.dir / "w.thaw", tensors)
+    with connect(thawd.socket) as c:
+        c.register(path, "w")
+        c.restore(zeros_like(tensors), "w")
+        opened = c._conn.call("OpenRestore", pb.OpenRestoreRequest(name="w"))
+        sessions = c.sessions()
+        now_open, ended = sessions[0], sessions[1]
+        assert (now_open.open, now_open.kind, now_open.snapshot) == (True, "restore", "w")
+        assert (now_open.pid, now_open.uid) == (os.getpid(), os.getuid())
+        assert now_open.bytes == c.stat("w").size_bytes and now_open.seconds >= 0
+        assert (ended.open, ended.ok, ended.snapshot) == (False, True, "w")
+        assert ended.bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+        assert isinstance(ended.gbps, float) and ended.gbps > 0
+        c._conn.call("CloseRestore", pb.CloseRestoreRequest(session_id=opened.session_id,
+                                                            ok=False, error="gave up"))  # fmt: skip
+        time.sleep(0.1)  # the record of an ended session is made just after the reply
+        failed = c.sessions()[0]
+        assert (failed.open, failed.ok) == (False, False)
+        metrics = next(u for u in c.watch(0.2) if isinstance(u, Metrics))
+        assert [s.ok for s in metrics.sessions[:2]] == [False, True]

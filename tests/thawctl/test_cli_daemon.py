@@ -375,3 +375,25 @@ def test_fish_completes_snapshot_names_from_the_daemon(
         cwd=tmp_path,
     )
     assert done.stdout.split() == ["alpha"], done.stderr
+
+
+def test_sessions_lists_the_latest_restores_with_their_rates(
+    thawctl: Any, thawd: Any, snapshot_file: Path
+) -> None:
+    import thaw
+    from tests.daemon.conftest import random_tensors, zeros_like
+
+    thawctl("pin", str(snapshot_file))
+    with thaw.connect(thawd.socket) as client:
+        client.restore(zeros_like(random_tensors(0)), snapshot_file.stem)
+    result = thawctl("sessions", "--json")
+    assert result.code == 0, result.err
+    latest = result.json()[0]
+    assert latest.keys() == {"kind", "snapshot", "pid", "uid", "bytes", "started_unix",
+                             "seconds", "open", "ok", "gbps", "delivery"}  # fmt: skip
+    assert (latest["kind"], latest["snapshot"], latest["open"], latest["ok"]) == (
+        "restore", snapshot_file.stem, False, True)  # fmt: skip
+    assert (latest["pid"], latest["uid"]) == (os.getpid(), os.getuid())
+    assert latest["bytes"] > 0 and latest["gbps"] > 0 and latest["delivery"] in ("fds", "mapped")
+    table = thawctl("sessions")
+    assert table.code == 0 and "done" in table.out and snapshot_file.stem in table.out

@@ -5,6 +5,7 @@ filter, sort, remove, verify, a daemon restart), and an SVG snapshot of the main
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from thawctl.tui.screens.help import HelpScreen
 from thawctl.tui.screens.main import MainScreen
 from thawctl.tui.source import Connection, DaemonSource
 from thawctl.tui.widgets.events import EventLog
+from thawctl.tui.widgets.sessions import SessionTable
 from thawctl.tui.widgets.snapshots import SnapshotTable, column_widths
 from thawctl.tui.widgets.throughput import ThroughputAxis
 
@@ -250,6 +252,57 @@ def test_unpin_of_a_snapshot_in_use_asks_first(thawd: Any, snapshot_dir: Any) ->
                 await wait_for(
                     pilot, lambda: [r.tier for r in screen.snapshots] == ["cold"], "cold"
                 )
+                await pilot.press("q")
+
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        restorer.join(TIMEOUT)
+
+
+def test_sessions_view_shows_who_restores_what(thawd: Any, snapshot_dir: Any) -> None:
+    """Key S: the restore held open shows with this process's pid and uid; once it ends, it
+    is listed as done with its rate; S again brings the snapshots back."""
+    from tests.daemon.conftest import zeros_like
+
+    (path,) = snapshot_files(snapshot_dir, "watched")
+    register(thawd.socket, path, "watched")
+    opened, release = threading.Event(), threading.Event()
+
+    def hold(done: int, total: int) -> None:
+        if not done:  # before the copy: the session is open
+            opened.set()
+            release.wait(TIMEOUT)
+
+    def restore() -> None:
+        with thaw.connect(thawd.socket) as client:
+            client.restore(zeros_like(random_tensors(0)), "watched", progress=hold)
+
+    restorer = threading.Thread(target=restore)
+    restorer.start()
+    try:
+        assert opened.wait(TIMEOUT)
+
+        async def scenario() -> None:
+            app = make_app(thawd.socket)
+            async with app.run_test(size=(120, 35)) as pilot:
+                screen = main_screen(app)
+                await pilot.press("S")
+                table = screen.query_one(SessionTable)
+                assert table.display and not screen.query_one(SnapshotTable).display
+
+                def rows() -> list[list[str]]:
+                    return [[str(c) for c in table.get_row(r.key)] for r in table.ordered_rows]
+
+                await wait_for(pilot, lambda: rows() and rows()[0][0] == "open", "the open one")
+                assert rows()[0][:5] == ["open", "restore", "watched", str(os.getpid()),
+                                         str(os.getuid())]  # fmt: skip
+                assert "1 open" in str(table.border_title)
+                release.set()
+                await wait_for(pilot, lambda: rows() and rows()[0][0] == "done", "the ended one")
+                assert rows()[0][7].endswith("GB/s")
+                await pilot.press("S")
+                assert screen.query_one(SnapshotTable).display and not table.display
                 await pilot.press("q")
 
         asyncio.run(scenario())

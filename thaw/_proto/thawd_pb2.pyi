@@ -485,15 +485,51 @@ class Event(_message.Message):
     duration_s: float
     def __init__(self, kind: _Optional[str] = ..., snapshot: _Optional[str] = ..., message: _Optional[str] = ..., bytes: _Optional[int] = ..., duration_s: _Optional[float] = ...) -> None: ...
 
+class SessionInfo(_message.Message):
+    __slots__ = ("kind", "snapshot", "pid", "uid", "bytes", "started_unix", "duration_s", "open", "ok", "delivery")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    snapshot: str
+    pid: int
+    uid: int
+    bytes: int
+    started_unix: float
+    duration_s: float
+    open: bool
+    ok: bool
+    delivery: Delivery
+    def __init__(self, kind: _Optional[str] = ..., snapshot: _Optional[str] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., bytes: _Optional[int] = ..., started_unix: _Optional[float] = ..., duration_s: _Optional[float] = ..., open: _Optional[bool] = ..., ok: _Optional[bool] = ..., delivery: _Optional[_Union[Delivery, str]] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
+
 class Metrics(_message.Message):
-    __slots__ = ("status", "snapshots", "restore_bytes_per_s")
+    __slots__ = ("status", "snapshots", "restore_bytes_per_s", "sessions")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     RESTORE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     status: DaemonStatus
     snapshots: _containers.RepeatedCompositeFieldContainer[Snapshot]
     restore_bytes_per_s: float
-    def __init__(self, status: _Optional[_Union[DaemonStatus, _Mapping]] = ..., snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., restore_bytes_per_s: _Optional[float] = ...) -> None: ...
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, status: _Optional[_Union[DaemonStatus, _Mapping]] = ..., snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., restore_bytes_per_s: _Optional[float] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
 
 class WatchUpdate(_message.Message):
     __slots__ = ("time_unix", "event", "metrics")

@@ -115,6 +115,11 @@ class ThawdStub:
                 request_serializer=thaw_dot_v1_dot_thawd__pb2.WatchRequest.SerializeToString,
                 response_deserializer=thaw_dot_v1_dot_thawd__pb2.WatchUpdate.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/thaw.v1.Thawd/ListSessions',
+                request_serializer=thaw_dot_v1_dot_thawd__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=thaw_dot_v1_dot_thawd__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class ThawdServicer:
@@ -216,6 +221,12 @@ class ThawdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ThawdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +309,11 @@ def add_ThawdServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=thaw_dot_v1_dot_thawd__pb2.WatchRequest.FromString,
                     response_serializer=thaw_dot_v1_dot_thawd__pb2.WatchUpdate.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=thaw_dot_v1_dot_thawd__pb2.ListSessionsRequest.FromString,
+                    response_serializer=thaw_dot_v1_dot_thawd__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -732,6 +748,33 @@ class Thawd:
             '/thaw.v1.Thawd/Watch',
             thaw_dot_v1_dot_thawd__pb2.WatchRequest.SerializeToString,
             thaw_dot_v1_dot_thawd__pb2.WatchUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/thaw.v1.Thawd/ListSessions',
+            thaw_dot_v1_dot_thawd__pb2.ListSessionsRequest.SerializeToString,
+            thaw_dot_v1_dot_thawd__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,6 +28,7 @@ from thaw.daemon.records import (
     Metrics,
     PinProgress,
     RestoreResult,
+    SessionRecord,
     SnapshotRecord,
     VerifyResult,
 )
@@ -156,6 +157,12 @@ class Client:
             SnapshotRecord.from_pb(reply.snapshot), reply.bytes, reply.duration_s, reply.source
         )
 
+    def sessions(self) -> builtins.list[SessionRecord]:
+        """Every open restore and freeze session (any uid's), then the latest ended restores,
+        newest first: who is restoring what, how fast."""
+        reply = self._conn.call("ListSessions", pb.ListSessionsRequest())
+        return [SessionRecord.from_pb(s) for s in reply.sessions]
+
     def status(self) -> DaemonStatus:
         return DaemonStatus.from_pb(self._conn.call("Status", pb.StatusRequest()))
 
@@ -175,6 +182,7 @@ class Client:
                     DaemonStatus.from_pb(m.status),
                     tuple(SnapshotRecord.from_pb(s) for s in m.snapshots),
                     m.restore_bytes_per_s,
+                    tuple(SessionRecord.from_pb(s) for s in m.sessions),
                 )
 
     # --- restore and freeze -------------------------------------------------------------------

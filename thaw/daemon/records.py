@@ -246,6 +246,37 @@ class Event:
 
 
 @dataclasses.dataclass(frozen=True)
+class SessionRecord:
+    """A restore or freeze session: open now, or one of the latest ended (thawd keeps 64)."""
+
+    kind: str  # restore | freeze
+    snapshot: str
+    pid: int
+    uid: int
+    bytes: int  # open: the snapshot's payload; ended: what the client copied
+    started: float  # unix time
+    seconds: float  # open: so far; ended: as the client reported it
+    open: bool
+    ok: bool  # ended: confirmed (False: failed); always False while open
+    delivery: Delivery | NotAvailable
+
+    @property
+    def gbps(self) -> float | NotAvailable:
+        """The rate of an ended session; NA while open (thawd sees no progress)."""
+        if self.open or self.seconds <= 0:
+            return NA
+        return self.bytes / self.seconds / 1e9
+
+    @classmethod
+    def from_pb(cls, m: pb.SessionInfo) -> SessionRecord:
+        delivery = DELIVERIES.get(m.delivery, NA)
+        if m.delivery == pb.DELIVERY_DAEMON_COPY:
+            delivery = Delivery.DAEMON_COPY
+        return cls(m.kind, m.snapshot, m.pid, m.uid, m.bytes, m.started_unix, m.duration_s,
+                   m.open, m.ok, delivery)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
 class Metrics:
     """The periodic picture of the daemon on the watch stream."""
 
@@ -253,6 +284,7 @@ class Metrics:
     status: DaemonStatus
     snapshots: tuple[SnapshotRecord, ...]
     restore_bytes_per_s: float
+    sessions: tuple[SessionRecord, ...] = ()  # as Client.sessions()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ KEYS = (
     ("d", "remove it from thawd, after asking (the file stays)"),
     ("/", "filter by name, path, tier, checksum state or label"),
     ("s", "cycle the sort: name, tier, size, restores, last restore"),
+    ("S", "sessions: open restores and freezes (pid, uid, snapshot, size), latest rates"),
     ("↑ ↓ j k", "select a snapshot"),
     ("Home End", "the first, the last snapshot"),
     ("?", "this help"),

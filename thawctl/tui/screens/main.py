@@ -28,6 +28,7 @@ from thawctl.tui.widgets.events import EventLog
 from thawctl.tui.widgets.gauges import MemoryGauges
 from thawctl.tui.widgets.gpus import GpuList
 from thawctl.tui.widgets.header import DaemonHeader
+from thawctl.tui.widgets.sessions import SessionTable
 from thawctl.tui.widgets.snapshots import SORT_NAMES, SnapshotTable, arrange
 from thawctl.tui.widgets.throughput import WINDOW, ThroughputPlot
 
@@ -49,6 +50,7 @@ class MainScreen(Screen[None]):
         Binding("d", "remove", "remove"),
         Binding("slash", "filter", "filter", key_display="/"),
         Binding("s", "sort", "sort"),
+        Binding("S", "sessions", "sessions", show=False),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "app.quit", "quit"),
     ]
@@ -57,6 +59,7 @@ class MainScreen(Screen[None]):
     status: reactive[Any] = reactive(None)
     connection: reactive[Any] = reactive(None)
     snapshots: reactive[tuple[Any, ...]] = reactive(())
+    sessions: reactive[tuple[Any, ...]] = reactive(())
     samples: reactive[tuple[float, ...]] = reactive(())
     now: reactive[float] = reactive(0.0)
     interval_s: reactive[float] = reactive(1.0)
@@ -79,6 +82,7 @@ class MainScreen(Screen[None]):
             MainScreen.snapshots, MainScreen.filter_text, MainScreen.sort_key, MainScreen.now
         )
         yield table
+        yield SessionTable(id="sessions").data_bind(MainScreen.sessions)
         yield Input(placeholder="filter: name, path, tier, label…", id="filter")
         yield Static("", id="activity")
         yield EventLog(id="events")
@@ -137,6 +141,7 @@ class MainScreen(Screen[None]):
         if isinstance(item, Metrics):
             self.status = item.status
             self.snapshots = item.snapshots
+            self.sessions = item.sessions
             self.now = item.time
             self.samples = (*self.samples, item.restore_bytes_per_s)[-WINDOW:]
         elif isinstance(item, Event):
@@ -192,6 +197,14 @@ class MainScreen(Screen[None]):
             self.notify("no snapshot selected", severity="warning")
             return None
         return next((r for r in self.snapshots if r.name == name), None)
+
+    def action_sessions(self) -> None:
+        """Show the sessions in the snapshot table's place, or the snapshots again."""
+        showing = not self.has_class("-sessions")
+        self.set_class(showing, "-sessions")
+        sessions = self.query_one(SessionTable)
+        sessions.styles.height = self.query_one(SnapshotTable).styles.height
+        (sessions if showing else self.query_one(SnapshotTable)).focus()
 
     def action_pin(self) -> None:
         record = self._selected()
