@@ -6,6 +6,16 @@ Each message says what is wrong and, where there is one, what to do about it.
 from __future__ import annotations
 
 
+def add_note(exc: BaseException, note: str) -> None:
+    """`exc.add_note(note)`, also on Python 3.10, which lacks it (tracebacks and thawctl's
+    error line read `__notes__` either way)."""
+    notes: list[str] | None = getattr(exc, "__notes__", None)
+    if notes is None:
+        notes = []
+        setattr(exc, "__notes__", notes)  # noqa: B010 (3.10 declares no such attribute)
+    notes.append(note)
+
+
 class ThawError(Exception):
     """Base class of every error raised by thaw, thawd's client and thawctl."""
 

@@ -467,14 +467,14 @@ def run_pin(ctx: Context) -> int:
 def _undo_register(client: Any, name: str, error: BaseException) -> None:
     """A `pin PATH` that registered the file and then failed leaves thawd as it found it:
     the registration goes again, and the error line says so (or says that it stayed)."""
-    from thaw.errors import DaemonError
+    from thaw.errors import DaemonError, add_note
 
     try:
         client.unregister(name)
     except DaemonError as e:
-        error.add_note(f"registered as {name} but not pinned (unregistering it failed: {e})")
+        add_note(error, f"registered as {name} but not pinned (unregistering it failed: {e})")
     else:
-        error.add_note(f"unregistered {name} again (this pin had registered it)")
+        add_note(error, f"unregistered {name} again (this pin had registered it)")
 
 
 def run_unpin(ctx: Context) -> int:

@@ -162,7 +162,8 @@ class Restores:
                 self.close_sessions(closes)
             if len(items) > 1:
                 restored = ", ".join(repr(r.name) for r in results) or "none"
-                e.add_note(f"restored and confirmed before it: {restored}; the rest are not")
+                errors.add_note(e, f"restored and confirmed before it: {restored}; the rest "
+                                "are not")  # fmt: skip
             raise
         t_copy = time.perf_counter()
         try:
