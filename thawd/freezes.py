@@ -56,7 +56,7 @@ log = logging.getLogger("thawd.freezes")
 MANY_TENSORS = 4096
 MAX_DIM = 1 << 48
 # A fingerprint is parsed on the event loop: 1 MiB of JSON is far more than its bounded
-# fields and labels fill (thaw/fingerprint.py), and a moment to parse.
+# fields and labels fill (thaw/format/fingerprint.py), and a moment to parse.
 MAX_FINGERPRINT_JSON = 1 << 20
 
 
