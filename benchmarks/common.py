@@ -13,6 +13,25 @@ from thaw import _native
 
 # Llama-3-8B: 32 layers, hidden 4096, MLP 14336, 32 query / 8 KV heads of 128, vocab 128256.
 LLAMA3_8B = dict(layers=32, hidden=4096, mlp=14336, heads=32, kv_heads=8, vocab=128256)
+# Llama-3-70B: 80 layers, hidden 8192, MLP 28672, 64 query / 8 KV heads of 128, vocab 128256.
+LLAMA3_70B = dict(layers=80, hidden=8192, mlp=28672, heads=64, kv_heads=8, vocab=128256)
+
+
+def _layer(c: dict[str, int], tp: int) -> dict[str, tuple[int, ...]]:
+    """One decoder layer's weights on one of `tp` ranks, split as vLLM shards them: the
+    column-parallel projections by output rows, o_proj and down_proj by input columns."""
+    head = c["hidden"] // c["heads"]
+    return {
+        "self_attn.q_proj.weight": (c["hidden"] // tp, c["hidden"]),
+        "self_attn.k_proj.weight": (c["kv_heads"] * head // tp, c["hidden"]),
+        "self_attn.v_proj.weight": (c["kv_heads"] * head // tp, c["hidden"]),
+        "self_attn.o_proj.weight": (c["hidden"], c["hidden"] // tp),
+        "mlp.gate_proj.weight": (c["mlp"] // tp, c["hidden"]),
+        "mlp.up_proj.weight": (c["mlp"] // tp, c["hidden"]),
+        "mlp.down_proj.weight": (c["hidden"], c["mlp"] // tp),
+        "input_layernorm.weight": (c["hidden"],),
+        "post_attention_layernorm.weight": (c["hidden"],),
+    }
 
 
 def llama_shaped(size_gb: float, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
@@ -20,18 +39,7 @@ def llama_shaped(size_gb: float, dtype: torch.dtype, device: str) -> dict[str, t
 
     The same arguments give the same shapes on every device ("meta" for shapes only)."""
     c = LLAMA3_8B
-    head = c["hidden"] // c["heads"]
-    layer = {
-        "self_attn.q_proj.weight": (c["hidden"], c["hidden"]),
-        "self_attn.k_proj.weight": (c["kv_heads"] * head, c["hidden"]),
-        "self_attn.v_proj.weight": (c["kv_heads"] * head, c["hidden"]),
-        "self_attn.o_proj.weight": (c["hidden"], c["hidden"]),
-        "mlp.gate_proj.weight": (c["mlp"], c["hidden"]),
-        "mlp.up_proj.weight": (c["mlp"], c["hidden"]),
-        "mlp.down_proj.weight": (c["hidden"], c["mlp"]),
-        "input_layernorm.weight": (c["hidden"],),
-        "post_attention_layernorm.weight": (c["hidden"],),
-    }
+    layer = _layer(c, 1)
     item = torch.empty((), dtype=dtype).element_size()
     per_layer = sum(_numel(s) for s in layer.values()) * item
     embed = c["vocab"] * c["hidden"] * item
@@ -41,16 +49,36 @@ def llama_shaped(size_gb: float, dtype: torch.dtype, device: str) -> dict[str, t
     else:  # small runs (CPU smoke tests): shrink the vocabulary, keep one layer at least
         layers = max(1, int(budget // (2 * per_layer)))
         vocab = max(1024, int((budget - layers * per_layer) / (2 * c["hidden"] * item)))
-    shapes = {"model.embed_tokens.weight": (vocab, c["hidden"])}
+    return _tensors(layer, layers, vocab, c["hidden"], dtype, device, seed=0)
+
+
+def llama_shard(
+    c: dict[str, int], rank: int, tp: int, dtype: torch.dtype, device: str
+) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s shard of a whole Llama-shaped model (`c`) under tensor parallelism `tp`:
+    every rank's shapes are the same, its values its own (seeded by the rank)."""
+    return _tensors(_layer(c, tp), c["layers"], c["vocab"] // tp, c["hidden"], dtype, device, rank)
+
+
+def _tensors(
+    layer: dict[str, tuple[int, ...]],
+    layers: int,
+    vocab: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: str,
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         shapes.update({f"model.layers.{i}.{k}": s for k, s in layer.items()})
-    shapes["model.norm.weight"] = (c["hidden"],)
-    shapes["lm_head.weight"] = (vocab, c["hidden"])
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
     if device == "meta":
         return {
             name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in shapes.items()
         }
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(seed)
     return {
         name: torch.randn(shape, generator=g, device=device, dtype=dtype)
         for name, shape in shapes.items()

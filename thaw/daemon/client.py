@@ -13,8 +13,10 @@ record (records.py).
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -36,6 +38,8 @@ from thaw.daemon.restores import Restores
 from thaw.format.fingerprint import Fingerprint
 
 __all__ = ["NA", "Client", "connect", "default_socket"]
+
+log = logging.getLogger("thaw.daemon")
 
 _C = TypeVar("_C", bound="Client")
 
@@ -60,10 +64,17 @@ def prepare(client: Client) -> None:
     if torch.cuda.is_initialized():
         from thaw.mem import vmm
 
+        t0 = time.perf_counter()
         device = torch.cuda.current_device()
         client.map_pool(device)
+        t1 = time.perf_counter()
         vmm.warm_up()
         datapath.warm_up(device)
+        log.debug(
+            "prepared: pool fds in %.1f ms, CUDA warm-up in %.1f ms",
+            (t1 - t0) * 1e3,
+            (time.perf_counter() - t1) * 1e3,
+        )
 
 
 class Client:

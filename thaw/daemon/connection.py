@@ -9,6 +9,7 @@ import builtins
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -53,7 +54,9 @@ class Connection:
         self._pid = os.getpid()
         self._pool: dict[str, int] | None = None  # the VMM pool thawd lets clients map whole
         self._pool_map: PoolMap | None = None
+        t0 = time.perf_counter()
         self.authenticate()
+        t1 = time.perf_counter()
         self._channel = grpc.insecure_channel(
             f"unix:{socket}", options=[("grpc.max_receive_message_length", 64 << 20)]
         )
@@ -67,6 +70,11 @@ class Connection:
             raise errors.DaemonUnavailable(
                 f"thawd at {socket} accepted the fd socket but not gRPC in {timeout} s"
             ) from None
+        log.debug(
+            "connected: authenticated in %.1f ms, gRPC ready in %.1f ms",
+            (t1 - t0) * 1e3,
+            (time.perf_counter() - t1) * 1e3,
+        )
 
     def authenticate(self) -> None:
         path = fdsocket.fd_socket_path(self.socket)

@@ -1,10 +1,11 @@
 """A client's map of thawd's whole VMM pool, kept for exactly as long as that thawd lives.
 
 Where thawd shares its pool (`share_pool`, the default on GPU hosts), a CUDA process maps all
-of it once, at connect: its chunks' fds come over a second fd-socket connection and are
-imported there and then (tens of milliseconds), and a thread of its own maps them for the
-process's GPU while the engine goes on building its model. A restore of any pinned snapshot
-then needs no fds, imports or maps (DELIVERY_POOL).
+of it once: its chunks' fds come over a second fd-socket connection at connect (no driver
+calls), and a thread of its own imports and maps them for the process's GPU while the engine
+goes on building its model; a restore that starts first imports and maps the chunks it
+reaches itself, between its copies. A restore of any pinned snapshot then needs no fds,
+imports or maps of its own (DELIVERY_POOL).
 
 That connection stays open and idle: when it reaches EOF, thawd has gone away, and the map is
 released (once the copies using it finish), so a stopped or restarted thawd's page-locked
@@ -28,7 +29,8 @@ log = logging.getLogger("thaw.daemon.pool_map")
 
 
 class PoolMap:
-    """The pool's import (at construction), its background mapping, and the watch on thawd.
+    """The pool's fds (taken at construction), their background import and mapping, and the
+    watch on thawd.
 
     Raises OSError, ConnectionError or ThawError when the pool cannot be imported here (the
     caller restores without it)."""
@@ -46,7 +48,7 @@ class PoolMap:
             self._sock.settimeout(30.0)  # a stuck thawd: give up, restore without the map
             mirror = vmm.PoolMirror(self.pool_id, self._chunk, self._chunks, device)
             try:
-                self._import(mirror)
+                self._take_fds(mirror)
             except BaseException:
                 mirror.close()
                 raise
@@ -56,7 +58,7 @@ class PoolMap:
             raise
         self._mirror: Any = mirror
         log.debug(
-            "pool %d: %d chunks imported in %.1f ms",
+            "pool %d: %d chunks' fds taken in %.1f ms",
             self.pool_id,
             self._chunks,
             (time.perf_counter() - t0) * 1e3,
@@ -73,26 +75,34 @@ class PoolMap:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _import(self, mirror: Any) -> None:
+    def _take_fds(self, mirror: Any) -> None:
         start = 0
         while start < self._chunks:
             fdsocket.send(self._sock, {"op": "pool", "start": start})
             reply, fds = fdsocket.recv(self._sock)
-            try:
-                if not reply.get("ok") or not fds:
-                    raise errors.DaemonError(reply.get("message", "no pool fds"))
-                if int(reply.get("pool", 0)) != self.pool_id:
-                    raise errors.DaemonError("thawd restarted while its pool was being mapped")
-                mirror.add(start, fds)
-            finally:
+            if not reply.get("ok") or not fds or int(reply.get("pool", 0)) != self.pool_id:
                 for fd in fds:
                     os.close(fd)
+                if reply.get("ok") and fds:
+                    raise errors.DaemonError("thawd restarted while its pool was being mapped")
+                raise errors.DaemonError(reply.get("message", "no pool fds"))
+            mirror.offer(start, fds[: self._chunks - start])
+            for fd in fds[self._chunks - start :]:  # more than the pool has: never ours to keep
+                os.close(fd)
             start += len(fds)
 
     def _run(self) -> None:
         mirror = self._mirror
         t0 = time.perf_counter()
         try:
+            # Imports do not wait for copies, as maps do: a restore needs the chunks it reaches
+            # imported, and these run ahead of it.
+            for i in range(self._chunks):
+                if self._stop.is_set():
+                    break
+                mirror.import_chunk(i)
+            ms = (time.perf_counter() - t0) * 1e3
+            log.debug("pool %d: imported in %.1f ms", self.pool_id, ms)
             for i in range(self._chunks):
                 if self._stop.is_set() or not mirror.wait_idle():
                     break

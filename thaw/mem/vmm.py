@@ -256,17 +256,21 @@ class PoolMirror:
 
     A process that maps the pool once restores any contiguous pool buffer with no fds,
     imports or maps (DELIVERY_POOL): the ~19 ms that a 16 GB buffer's first restore in a new
-    process otherwise spends on them (H200). The chunks are imported up front (`add`) and
-    mapped in the background (`map_range`, about 2.8 ms per 256 MiB chunk without CPU
-    access), which waits while a restore or freeze holds the map (`acquire`): mapping beside
-    a copy slows the copy, and a restore maps the chunks it reaches first itself. GPU access
-    only: CPU copies use the per-buffer mapping.
+    process otherwise spends on them (H200). The chunks' fds are handed over up front
+    (`offer`, no driver calls); each chunk is imported and mapped when first needed
+    (`map_range`: about 2 ms to import and 2.8 ms to map a 256 MiB chunk without CPU access),
+    by a restore that reaches it or by the background thread (`import_chunk`, then `map_range`
+    while no copy holds the map: mapping beside a copy slows the copy). Importing them all at
+    connect cost a new process 0.13-0.17 s before its first restore could start (H200, 73
+    chunks); now a restore overlaps the imports of the chunks it reaches with its copies.
+    GPU access only: CPU copies use the per-buffer mapping.
     """
 
     def __init__(self, pool_id: int, chunk: int, count: int, device: int) -> None:
         self.id, self.chunk, self.device = pool_id, chunk, device
         self.size = chunk * count
         self._handles: list[Any] = [None] * count
+        self._fds: list[int] = [-1] * count  # handed over and not yet imported
         # Set once a chunk is mapped and accessible, read without a lock: the copy loop asks
         # about every piece it issues, and only a chunk not mapped yet takes its lock.
         self._mapped = [False] * count
@@ -279,15 +283,39 @@ class PoolMirror:
         reserved = cu.cuMemAddressReserve(self.size, 0, 0, 0)
         self.addr = int(cuda.check(reserved, f"cuMemAddressReserve({self.size})"))
 
-    def add(self, start: int, fds: list[int]) -> None:
-        """Import the chunks from `start` from their fds (which stay the caller's)."""
+    def offer(self, start: int, fds: list[int]) -> None:
+        """Take the fds of the chunks from `start` (they are the mirror's from now on, closed
+        once imported or by `close`); each is imported when first needed."""
         for i, fd in enumerate(fds, start):
-            self._handles[i] = cuda.check(
-                cu.cuMemImportFromShareableHandle(fd, POSIX_FD), "cuMemImportFromShareableHandle"
-            )
+            with self._locks[i]:
+                if self._fds[i] >= 0:
+                    os.close(self._fds[i])
+                self._fds[i] = fd
+
+    def import_chunk(self, i: int) -> None:
+        """Import chunk i if no one has yet (the background thread, ahead of restores)."""
+        if self._handles[i] is None:
+            with self._locks[i]:
+                self._import(i)
+
+    def _import(self, i: int) -> None:
+        """Chunk i's handle from its fd, with its lock held."""
+        if self._handles[i] is not None:
+            return
+        if self._closing:
+            raise CudaError("thawd's pool mapping was released (thawd went away)")
+        fd = self._fds[i]
+        if fd < 0:
+            raise CudaError(f"thawd's pool chunk {i} was never handed over")
+        self._handles[i] = cuda.check(
+            cu.cuMemImportFromShareableHandle(fd, POSIX_FD), "cuMemImportFromShareableHandle"
+        )
+        self._fds[i] = -1
+        os.close(fd)
 
     def map_range(self, start: int, end: int) -> None:
-        """Make pool bytes start..end readable by the GPU, mapping the chunks not yet mapped."""
+        """Make pool bytes start..end readable by the GPU, importing and mapping the chunks not
+        yet mapped."""
         for i in range(start // self.chunk, -(-end // self.chunk)):
             if self._mapped[i]:
                 continue
@@ -296,6 +324,7 @@ class PoolMirror:
                     continue
                 if self._closing:
                     raise CudaError("thawd's pool mapping was released (thawd went away)")
+                self._import(i)
                 _map(self.addr + i * self.chunk, self.chunk, self._handles[i], self._access)
                 self._mapped[i] = True
 
@@ -353,6 +382,10 @@ class PoolMirror:
                 if handle is not None:
                     cu.cuMemRelease(handle)
             self._handles = []
+            for fd in self._fds:
+                if fd >= 0:
+                    os.close(fd)
+            self._fds = []
             self.addr = 0
 
 
