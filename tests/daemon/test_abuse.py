@@ -178,7 +178,7 @@ def test_a_flood_of_bad_requests_is_a_few_log_lines(thawd: ThawdProcess) -> None
             with pytest.raises(errors.InvalidRequest):
                 c._conn.call("Stat", pb.StatRequest(name=f"bad name {i}"))
         with pytest.raises(grpc.RpcError):  # and a raw call the client library would not make
-            c._conn._stub.Pin(
+            c._conn._grpc().Pin(
                 pb.PinRequest(name="x", tier=7),  # type: ignore[arg-type]
                 metadata=c._conn.metadata(),
                 timeout=5,
@@ -208,13 +208,13 @@ def test_open_sessions_and_watch_streams_are_bounded(thawd: ThawdProcess) -> Non
         c._conn.call("CloseRestore", pb.CloseRestoreRequest(session_id=opened[0].session_id))
         c._conn.call("OpenRestore", pb.OpenRestoreRequest(name="s"))  # room again
         # Watch streams: at most MAX_WATCHES per uid, each at most 5 updates a second.
-        stub, metadata = c._conn._stub, c._conn.metadata()
+        stub, metadata = c._conn._grpc(), c._conn.metadata()
         streams = [stub.Watch(pb.WatchRequest(interval_s=0.001), metadata=metadata)
                    for _ in range(MAX_WATCHES)]  # fmt: skip
         try:
             for s in streams:
                 next(s)  # each is open and answering
-            extra = c._conn._stub.Watch(pb.WatchRequest(), metadata=c._conn.metadata(), timeout=5)
+            extra = c._conn._grpc().Watch(pb.WatchRequest(), metadata=c._conn.metadata(), timeout=5)
             with pytest.raises(grpc.RpcError) as info:
                 next(extra)
             assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT

@@ -1,27 +1,33 @@
 """One connection to thawd: gRPC for control, the fd socket (thaw/daemon/fdsocket.py) for
 what gRPC cannot carry: the token bound to this process's credentials, file descriptors, and
 the restore opens and closes that every restore waits for. It also holds this process's map
-of thawd's whole pool (thaw/daemon/pool_map.py). Thread-safe."""
+of thawd's whole pool (thaw/daemon/pool_map.py). Thread-safe.
+
+The gRPC channel is made on the first gRPC call, not at connect: a restore from the pinned
+tier needs only the fd socket, and importing grpc and making its channel were 50-80 ms of a
+new engine process's connect (H200 host). Connect still checks that the gRPC socket accepts.
+"""
 
 from __future__ import annotations
 
 import builtins
 import logging
 import os
+import socket as socketlib
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
-
-import grpc
+from typing import TYPE_CHECKING, Any
 
 from thaw import errors
 from thaw._proto import thawd_pb2 as pb
-from thaw._proto import thawd_pb2_grpc as pb_grpc
 from thaw.daemon import fdsocket
 from thaw.daemon.pool_map import PoolMap
-from thaw.daemon.refusals import HOW_TO_START, from_rpc, refused
+from thaw.daemon.refusals import HOW_TO_START, code_name, from_rpc, refused
+
+if TYPE_CHECKING:
+    import grpc
 
 SYSTEM_SOCKET = "/run/thawd/thawd.sock"
 
@@ -54,27 +60,39 @@ class Connection:
         self._pid = os.getpid()
         self._pool: dict[str, int] | None = None  # the VMM pool thawd lets clients map whole
         self._pool_map: PoolMap | None = None
+        self._grpc_lock = threading.Lock()
+        self._channel: Any = None  # made by the first gRPC call (_grpc)
+        self._stub: Any = None
         t0 = time.perf_counter()
         self.authenticate()
-        t1 = time.perf_counter()
-        self._channel = grpc.insecure_channel(
-            f"unix:{socket}", options=[("grpc.max_receive_message_length", 64 << 20)]
-        )
-        self._stub = pb_grpc.ThawdStub(self._channel)
-        # Connect now, not in the first call: an engine's first restore should not pay it.
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            self.close_pool_map()
+            probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+            try:
+                probe.settimeout(timeout)
+                probe.connect(socket)
+            finally:
+                probe.close()
+        except OSError as e:
             self.close_transport()
             raise errors.DaemonUnavailable(
-                f"thawd at {socket} accepted the fd socket but not gRPC in {timeout} s"
+                f"thawd at {socket} accepted the fd socket but not gRPC ({e.strerror or e}): "
+                "was its socket file removed? restart thawd"
             ) from None
-        log.debug(
-            "connected: authenticated in %.1f ms, gRPC ready in %.1f ms",
-            (t1 - t0) * 1e3,
-            (time.perf_counter() - t1) * 1e3,
-        )
+        log.debug("connected: authenticated in %.1f ms", (time.perf_counter() - t0) * 1e3)
+
+    def _grpc(self) -> Any:
+        """The gRPC stub, its channel made on first use."""
+        with self._grpc_lock:
+            if self._stub is None:
+                import grpc
+
+                from thaw._proto import thawd_pb2_grpc as pb_grpc
+
+                self._channel = grpc.insecure_channel(
+                    f"unix:{self.socket}", options=[("grpc.max_receive_message_length", 64 << 20)]
+                )
+                self._stub = pb_grpc.ThawdStub(self._channel)
+            return self._stub
 
     def authenticate(self) -> None:
         path = fdsocket.fd_socket_path(self.socket)
@@ -160,22 +178,26 @@ class Connection:
         """A unary call; re-authenticates once if the daemon restarted and forgot our token.
 
         `timeout`: seconds, None for no deadline (long work: verify, a waited-for freeze)."""
+        import grpc  # loaded by _grpc(): a lookup
+
         deadline = self.timeout if timeout == "default" else timeout
+        stub = self._grpc()
         for attempt in (0, 1):
             try:
-                return getattr(self._stub, method)(
-                    request, metadata=self.metadata(), timeout=deadline
-                )
+                return getattr(stub, method)(request, metadata=self.metadata(), timeout=deadline)
             except grpc.RpcError as e:
-                if attempt == 0 and e.code() is grpc.StatusCode.UNAUTHENTICATED:
+                if attempt == 0 and code_name(e) == "UNAUTHENTICATED":
                     self.authenticate()
                     continue
                 raise from_rpc(e, self.socket) from None
         raise AssertionError("unreachable")
 
     def stream(self, method: str, request: Any, timeout: float | None) -> Iterator[Any]:
+        import grpc  # loaded by _grpc(): a lookup
+
+        stub = self._grpc()
         for attempt in (0, 1):
-            call = getattr(self._stub, method)(request, metadata=self.metadata(), timeout=timeout)
+            call = getattr(stub, method)(request, metadata=self.metadata(), timeout=timeout)
             first = True
             try:
                 for item in call:
@@ -183,7 +205,7 @@ class Connection:
                     yield item
                 return
             except grpc.RpcError as e:
-                if first and attempt == 0 and e.code() is grpc.StatusCode.UNAUTHENTICATED:
+                if first and attempt == 0 and code_name(e) == "UNAUTHENTICATED":
                     self.authenticate()
                     continue
                 raise from_rpc(e, self.socket) from None
@@ -276,7 +298,9 @@ class Connection:
         requests: builtins.list[Any],
     ) -> tuple[builtins.list[Any], builtins.list[grpc.RpcError]]:
         """Send every request at once; (the replies that came, the failures), once all ended."""
-        call = getattr(self._stub, method)
+        import grpc  # loaded by _grpc(): a lookup
+
+        call = getattr(self._grpc(), method)
         futures = [call.future(r, metadata=self.metadata(), timeout=self.timeout) for r in requests]
         replies, failures = [], []
         for future in futures:
@@ -292,11 +316,14 @@ class Connection:
         """Have thawd copy between its pool and our exported GPU allocations (`CopyInto` for a
         restore, `CopyOut` for a freeze), one call per batch: each batch is sent before the
         next is exported, so exporting overlaps the daemon's copies. Returns bytes moved."""
+        import grpc  # loaded by _grpc(): a lookup
+
+        stub = self._grpc()
         calls, finishes = [], []
         try:
             for exported, finish in batches:
                 calls.append(
-                    getattr(self._stub, method).future(
+                    getattr(stub, method).future(
                         pb.DaemonCopyRequest(
                             session_id=session_id,
                             device_uuid=exported.device_uuid,
@@ -331,4 +358,7 @@ class Connection:
     def close_transport(self) -> None:
         with self._lock:
             self.drop_fd_sock()
-        self._channel.close()
+        with self._grpc_lock:
+            channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            channel.close()

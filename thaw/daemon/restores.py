@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
-
 from thaw import errors
 from thaw._proto import thawd_pb2 as pb
 from thaw.daemon import fdsocket
@@ -34,7 +32,7 @@ from thaw.daemon.records import (
     RestoreResult,
     Tier,
 )
-from thaw.daemon.refusals import from_rpc, refused
+from thaw.daemon.refusals import code_name, from_rpc, refused
 from thaw.format import TensorEntry
 from thaw.format.fingerprint import Fingerprint, check
 from thaw.mem.mapping import Mapping as MemoryMapping
@@ -230,7 +228,7 @@ class Restores:
                         for i in infos
                     ]
                 )
-            if attempt == 0 and not infos and failures[0].code() is grpc.StatusCode.UNAUTHENTICATED:
+            if attempt == 0 and not infos and code_name(failures[0]) == "UNAUTHENTICATED":
                 self._conn.authenticate()  # the daemon restarted and forgot our token
                 continue
             raise from_rpc(failures[0], self._conn.socket) from None
