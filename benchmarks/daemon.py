@@ -84,7 +84,10 @@ def child(args: argparse.Namespace) -> None:
     """A brand-new engine-like process: empty tensors on its GPU, restored twice from thawd."""
     logging.basicConfig(level=logging.DEBUG, format="  child: %(name)s: %(message)s")
     logging.getLogger("grpc").setLevel(logging.WARNING)
-    torch.cuda.init() if args.device.startswith("cuda") else None
+    if args.device.startswith("cuda"):  # as an engine's worker: its own GPU, then connect
+        if ":" in args.device:
+            torch.cuda.set_device(torch.device(args.device))
+        torch.cuda.init()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     # As thaw's vLLM loader does, connect before the model is built (the pool is mapped
     # meanwhile), unless --connect-late: connect, then restore at once.

@@ -57,7 +57,7 @@ class Config:
     pinned_budget: int = 8 << 30
     warm_budget: int = 16 << 30
     pool: str = "auto"  # auto | memfd | vmm
-    # VMM pool chunk: buffers are whole chunks; a client maps one fd per chunk (at most 253).
+    # VMM pool chunk: buffers are whole chunks; a client maps one fd per chunk.
     vmm_chunk: int = 256 << 20
     allow_uids: tuple[int, ...] = ()
     allow_gids: tuple[int, ...] = ()

@@ -115,12 +115,18 @@ class FdServer:
                     elif op == "fd":
                         assert self.daemon is not None
                         t0 = time.perf_counter()
-                        fds, sizes, kind, buffer_id = self.daemon.restores.redeem(
+                        fds, sizes, kind, buffer_id, left = self.daemon.restores.redeem(
                             _text(message, "session", 64), uid
                         )
                         _hand_over(
                             conn,
-                            {"ok": True, "sizes": sizes, "kind": kind, "buffer": buffer_id},
+                            {
+                                "ok": True,
+                                "sizes": sizes,
+                                "kind": kind,
+                                "buffer": buffer_id,
+                                "left": left,
+                            },
                             fds,
                         )
                         log.debug(

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from thaw._proto import thawd_pb2 as pb
+from thaw.daemon import fdsocket
 from thaw.errors import InvalidRequest, NotFound, PermissionDenied
 from thaw.format import TensorEntry
 from thaw.format.fingerprint import Fingerprint
@@ -217,17 +218,22 @@ class Restores:
         self,
         session_id: str,
         uid: int,
-    ) -> tuple[builtins.list[int], builtins.list[int], str, int]:
-        """The fds of a session for the fd socket: only to the uid that opened it, only once.
+    ) -> tuple[builtins.list[int], builtins.list[int], str, int, int]:
+        """The next fds of a session for the fd socket, at most fdsocket.MAX_FDS (one message
+        carries no more: a buffer of more chunks, over 63 GiB, is redeemed in turns): only to
+        the uid that opened it, each fd only once.
 
-        Returns (fds, bytes each maps, session kind, buffer id); the caller closes the fds."""
+        Returns (fds, bytes each maps, session kind, buffer id, how many are left to redeem);
+        the caller closes the fds."""
         session = self.d.sessions.get(session_id)
         if session is None or not session.fds:
             raise NotFound("no such session (closed, already redeemed, or the daemon restarted)")
         if session.uid != uid:
             raise PermissionDenied(f"session belongs to uid {session.uid}, not {uid}")
-        fds, session.fds = session.fds, []
-        return fds, session.sizes, session.kind, session.buffer_id
+        done = len(session.sizes) - len(session.fds)
+        fds, session.fds = session.fds[: fdsocket.MAX_FDS], session.fds[fdsocket.MAX_FDS :]
+        sizes = session.sizes[done : done + len(fds)]
+        return fds, sizes, session.kind, session.buffer_id, len(session.fds)
 
     def close(
         self, peer: Peer, session_id: str, ok: bool, nbytes: int, duration_s: float, error: str

@@ -305,3 +305,18 @@ def test_a_restore_holding_the_map_survives_a_thawd_restart(thawd_factory: Any) 
         held.release()  # the restore ends: now the old map goes
         first._thread.join(20)
         assert not first.alive
+
+
+def test_a_buffer_of_more_chunks_than_one_message_carries(thawd_factory: Any) -> None:
+    """A pool buffer of 260 chunks, more than the 253 fds one fd-socket message carries
+    (SCM_MAX_FD; a 70 GB shard in 256 MiB chunks), is handed over in turns: a CPU restore,
+    which maps the buffer from its fds, gets every byte (it was "thawd went away")."""
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="600MiB", vmm_chunk=2 << 20)
+    from thaw.client import connect
+
+    tensors = cuda_tensors(5, 130)  # 520 MiB: 260 chunks of 2 MiB
+    with connect(d.socket) as c:
+        c.freeze(tensors, "big")
+        cpu = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in tensors.items()}
+        assert c.restore(cpu, "big").tier == "pinned"
+    assert all(torch.equal(cpu[k], tensors[k].cpu()) for k in tensors)

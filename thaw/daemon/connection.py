@@ -214,14 +214,28 @@ class Connection:
 
     def redeem(self, session_id: str) -> tuple[list[int], list[int], int]:
         """The fds of an open session, over the fd socket (checked against our SO_PEERCRED):
-        (fds, bytes each maps, the daemon's buffer id). The caller closes the fds."""
-        reply, fds = self.fd_call({"op": "fd", "session": session_id}, "while handing over memory")
-        sizes = [int(n) for n in reply.get("sizes", [])]
-        if not reply.get("ok") or not fds or len(fds) != len(sizes):
-            for fd in fds:
+        (fds, bytes each maps, the daemon's buffer id). The caller closes the fds.
+
+        One message carries at most fdsocket.MAX_FDS fds: a buffer of more chunks (over
+        63 GiB) comes in turns, until thawd says none are left."""
+        all_fds: builtins.list[int] = []
+        all_sizes: builtins.list[int] = []
+        try:
+            while True:
+                reply, fds = self.fd_call(
+                    {"op": "fd", "session": session_id}, "while handing over memory"
+                )
+                all_fds += fds
+                sizes = [int(n) for n in reply.get("sizes", [])]
+                if not reply.get("ok") or not fds or len(fds) != len(sizes):
+                    raise refused(reply)
+                all_sizes += sizes
+                if not reply.get("left"):
+                    return all_fds, all_sizes, int(reply.get("buffer", 0))
+        except BaseException:
+            for fd in all_fds:
                 os.close(fd)
-            raise refused(reply)
-        return fds, sizes, int(reply.get("buffer", 0))
+            raise
 
     def fd_request(
         self,
