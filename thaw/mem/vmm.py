@@ -258,12 +258,14 @@ class PoolMirror:
     imports or maps (DELIVERY_POOL): the ~19 ms that a 16 GB buffer's first restore in a new
     process otherwise spends on them (H200). The chunks' fds are handed over up front
     (`offer`, no driver calls); each chunk is imported and mapped when first needed
-    (`map_range`: about 2 ms to import and 2.8 ms to map a 256 MiB chunk without CPU access),
-    by a restore that reaches it or by the background thread (`import_chunk`, then `map_range`
-    while no copy holds the map: mapping beside a copy slows the copy). Importing them all at
-    connect cost a new process 0.13-0.17 s before its first restore could start (H200, 73
-    chunks); now a restore overlaps the imports of the chunks it reaches with its copies.
-    GPU access only: CPU copies use the per-buffer mapping.
+    (`map_range`: under 0.1 ms to import and 2.8 ms to map a 256 MiB chunk without CPU
+    access), by a restore that reaches it or by the background thread (`import_chunk`, then
+    `map_range` while no copy holds the map: mapping beside a copy slows the copy). So
+    connect makes no
+    driver call per chunk (importing 73 chunks took 4-5 ms on the H200 host; the 0.13-0.2 s
+    that connect spent around them was the CUDA context that creating the mirror makes
+    current, which an engine has made already). GPU access only: CPU copies use the
+    per-buffer mapping.
     """
 
     def __init__(self, pool_id: int, chunk: int, count: int, device: int) -> None:
