@@ -294,8 +294,8 @@ def main() -> None:
         rows.append(Row(label, (1 << 20) / median_s / 1e9, target="< 5 ms", ok=median_s < 0.005))
 
         # Pin of a snapshot whose file is in the page cache: read from the cache, verified as
-        # it lands, against reading the same file with 16 threads. The baseline runs first: it
-        # reads the whole file, which thawd's write-behind left only partly cached.
+        # it lands, against reading the same file with 16 threads. The baseline runs first, so
+        # the whole file is cached whatever the write-behind left (it left all of it, H200).
         client.unpin("bench")
         path = directory / "bench.thaw"
         before = resident_fraction(path)
