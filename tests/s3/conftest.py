@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -36,12 +35,14 @@ def s3_table(endpoint: str, **extra: object) -> dict[str, object]:
 
 @pytest.fixture
 def s3_thawd() -> Iterator[Callable[..., ThawdProcess]]:
-    """Start thawds with an [s3] table (`s3_table`'s keys plus any given) and the tests'
-    credentials in their environment; all closed after the test."""
+    """Start thawds with an [s3] table (`s3_table`'s keys plus any given; none for an
+    `endpoint` of None) and the tests' credentials in their environment; all closed after
+    the test."""
     made: list[ThawdProcess] = []
 
-    def start(endpoint: str, log_level: str = "info", **s3: object) -> ThawdProcess:
-        daemon = ThawdProcess(make_dir(), log_level=log_level, s3=s3_table(endpoint, **s3))
+    def start(endpoint: str | None, log_level: str = "info", **s3: object) -> ThawdProcess:
+        table: dict[str, object] = {"s3": s3_table(endpoint, **s3)} if endpoint else {}
+        daemon = ThawdProcess(make_dir(), log_level=log_level, **table)  # type: ignore[arg-type]
         made.append(daemon)
         return daemon.start(env=CREDENTIALS)
 
@@ -56,7 +57,3 @@ def upload(server: MotoServer, path: Path, key: str, data: bytes | None = None) 
     body = path.read_bytes() if data is None else data
     server.client().put_object(Bucket=BUCKET, Key=f"snapshots/{key}", Body=body)
     return f"{ALLOWED}{key}"
-
-
-def restart_env() -> dict[str, Any]:
-    return dict(CREDENTIALS)

@@ -72,7 +72,7 @@ class Store:
             raise DaemonError("object storage needs boto3: pip install 'thaw[s3]'") from None
         c = self.config
         boto = BotoConfig(
-            retries={"max_attempts": c.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": c.max_attempts, "mode": "standard"},
             connect_timeout=c.timeout_s,
             read_timeout=c.timeout_s,
             max_pool_connections=2 * c.connections,
@@ -198,6 +198,10 @@ class Store:
             if code in ("AccessDenied", "403") or status == 403:
                 raise PermissionDenied(f"{ref.uri}: the store refuses thawd's credentials "
                                        f"permission to {action} it") from None  # fmt: skip
+            if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+                what = f"{status} {code}" if code and code != str(status) else str(status)
+                raise Unreachable(f"{ref.uri}: the store answered {what} to all of "
+                                  f"{self.config.max_attempts} attempts") from None  # fmt: skip
             raise DaemonError(f"{ref.uri}: the store answered {code or status}") from None
         except NoCredentialsError:
             raise PermissionDenied("thawd found no S3 credentials (environment, profile or "
