@@ -51,6 +51,10 @@ class Objects:
         assert self.store is not None
         return self.store
 
+    def writable(self, ref: ObjectRef) -> Store:
+        """The store for a freeze into `ref`, if the allow list admits it."""
+        return self._store(ref, "write")
+
     async def register(self, peer: Peer, uri: str, name: str,
                        labels: dict[str, str]) -> pb.Snapshot:  # fmt: skip
         """Register the snapshot object at `uri` under `name` (default: its key's last part)."""

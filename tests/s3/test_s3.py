@@ -207,3 +207,34 @@ def test_transient_errors_are_retried_within_bounds(
     finally:
         flaky.close()
         down.close()
+
+
+def test_freeze_to_s3_uploads_a_complete_verified_object(
+    moto: MotoServer, s3_thawd: Start, tmp_path: Path
+) -> None:
+    tensors = random_tensors(10, scale=300)
+    daemon = s3_thawd(moto.url)
+    uri = f"{ALLOWED}frozen/model.thaw"
+    with connect(daemon.socket) as c:
+        record = c.freeze_tensors(tensors, "frozen", path=uri, wait=True)
+        assert (record.path, record.tier, record.checksum_state) == (uri, "pinned", "verified")
+        with pytest.raises(errors.AlreadyExists):  # never over an existing object
+            c.freeze_tensors(tensors, "again", path=uri, wait=True)
+        with pytest.raises(errors.PermissionDenied):
+            c.freeze_tensors(tensors, "elsewhere", path=f"s3://{BUCKET}/other/x.thaw")
+    # The object is a whole snapshot file, in parts: what another node pins.
+    head = moto.client().head_object(Bucket=BUCKET, Key="snapshots/frozen/model.thaw")
+    assert head["ETag"].strip('"').endswith("-5")  # 5 MiB parts of about 21 MiB
+    body = moto.client().get_object(Bucket=BUCKET, Key="snapshots/frozen/model.thaw")["Body"]
+    (tmp_path / "model.thaw").write_bytes(body.read())
+    from thaw.format import open_snapshot
+
+    assert open_snapshot(tmp_path / "model.thaw").manifest.content_id == record.content_id
+    other = s3_thawd(moto.url)
+    with connect(other.socket) as c:
+        c.register(uri)
+        c.pin("model")
+        out = zeros_like(tensors)
+        c.restore_tensors(out, "model")
+        assert same(out, tensors)
+    assert not moto.client().list_multipart_uploads(Bucket=BUCKET).get("Uploads")

@@ -405,27 +405,11 @@ class SnapshotWriter:
         tensors = tuple(
             dataclasses.replace(e, checksum=c) for e, c in zip(self.entries, checksums, strict=True)
         )
-        blob = Manifest(fingerprint, tensors).to_bytes()
+        header, blob = encode(Manifest(fingerprint, tensors), self.payload_length)
         manifest_offset = PAYLOAD_OFFSET + self.payload_length
-        file_length = manifest_offset + len(blob)
         os.pwrite(self.fd, blob, manifest_offset)
-        os.ftruncate(self.fd, file_length)
+        os.ftruncate(self.fd, manifest_offset + len(blob))
         os.fchmod(self.fd, 0o666 & ~_umask())  # a temporary file's 0600 would hide it
-        fields = (
-            MAGIC,
-            VERSION,
-            0,
-            HEADER_SIZE,
-            ALIGNMENT,
-            PAYLOAD_OFFSET,
-            self.payload_length,
-            manifest_offset,
-            len(blob),
-            file_length,
-            _native.xxh3(blob),
-        )
-        head = _HEADER.pack(*fields, 0)[:-8]
-        header = head + struct.pack("<Q", _native.xxh3(head))
         # The payload and manifest are durable before the header that makes them valid.
         os.fsync(self.fd)
         os.pwrite(self.fd, header, 0)
@@ -460,6 +444,29 @@ class SnapshotWriter:
         if self._own_dir and self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
+
+
+def encode(manifest: Manifest, payload_length: int) -> tuple[bytes, bytes]:
+    """The header and the manifest of a snapshot whose payload of `payload_length` bytes
+    lies at PAYLOAD_OFFSET and whose manifest follows it (a file, or an object uploaded in
+    parts by thawd/s3)."""
+    blob = manifest.to_bytes()
+    manifest_offset = PAYLOAD_OFFSET + payload_length
+    fields = (
+        MAGIC,
+        VERSION,
+        0,
+        HEADER_SIZE,
+        ALIGNMENT,
+        PAYLOAD_OFFSET,
+        payload_length,
+        manifest_offset,
+        len(blob),
+        manifest_offset + len(blob),
+        _native.xxh3(blob),
+    )
+    head = _HEADER.pack(*fields, 0)[:-8]
+    return head + struct.pack("<Q", _native.xxh3(head)), blob
 
 
 TEMP_SUFFIX = ".tmp"
