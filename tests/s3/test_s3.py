@@ -238,3 +238,37 @@ def test_freeze_to_s3_uploads_a_complete_verified_object(
         c.restore_tensors(out, "model")
         assert same(out, tensors)
     assert not moto.client().list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+
+
+def test_thawctl_pins_inspects_and_freezes_objects(
+    moto: MotoServer,
+    s3_thawd: Start,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from thawctl.cli import main
+
+    path, _ = _snapshot(tmp_path, seed=11, scale=1)
+    uri = upload(moto, path, "cli.thaw")
+    daemon = s3_thawd(moto.url)
+    monkeypatch.setenv("THAW_SOCKET", daemon.socket)
+
+    def thawctl(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(list(argv))
+        return code, capsys.readouterr().out
+
+    code, out = thawctl("pin", uri)
+    assert code == 0 and "registered cli" in out and "cli is pinned" in out
+    code, out = thawctl("info", uri)
+    assert code == 0 and uri in out and "pinned" in out
+    code, out = thawctl("pin", uri)  # already registered: found by its URI
+    assert code == 0 and "registered" not in out
+    frozen = f"{ALLOWED}cli-frozen.thaw"
+    code, out = thawctl("freeze", "--model", "tiny", "-o", frozen)
+    assert code == 0 and frozen in out
+    code, out = thawctl("info", "cli-frozen", "--json")
+    assert code == 0 and '"tier": "pinned"' in out
+    code, _ = thawctl("pin", f"s3://{BUCKET}/secrets/x.thaw")
+    assert code != 0
