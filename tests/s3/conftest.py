@@ -29,7 +29,8 @@ def moto() -> Iterator[MotoServer]:
 
 def s3_table(endpoint: str, **extra: object) -> dict[str, object]:
     # Small parts and few connections: a 20 MiB test object still takes several ranges.
-    return {"allow": [ALLOWED], "endpoint_url": endpoint, "part_size": "5MiB",
+    return {"allow": [ALLOWED], "allow_write": [ALLOWED], "endpoint_url": endpoint,
+            "part_size": "5MiB",
             "connections": 4, "max_attempts": 3, "timeout_s": 5.0, **extra}  # fmt: skip
 
 

@@ -33,6 +33,8 @@ def test_object_storage_is_off_unless_the_operator_allows_prefixes(tmp_path: Pat
                 "s3://other/snapshots/llama.thaw"):  # fmt: skip
         with pytest.raises(PermissionDenied, match="allow list"):
             s3.check(ObjectRef.parse(uri), "read")
+    with pytest.raises(PermissionDenied, match="allow_write list admits nothing"):
+        s3.check(ObjectRef.parse("s3://models/snapshots/llama.thaw"), "write")
     with pytest.raises(PermissionDenied, match="off"):
         S3Config().check(ObjectRef.parse("s3://models/snapshots/llama.thaw"), "read")
 
@@ -41,6 +43,7 @@ def test_object_storage_is_off_unless_the_operator_allows_prefixes(tmp_path: Pat
     ("table", "message"),
     [
         ('allow = ["s3://models/snapshots"]', 'ending in "/"'),  # would admit snapshots-x/
+        ('allow_write = ["s3://models/"]', "needs allow"),
         ('allow = "s3://models/"', "write a list"),
         ('allow = ["/models/"]', "write a list"),
         ('allow = ["s3://models/"]\ncache_dir = "/c"', "needs cache_bytes"),

@@ -139,6 +139,9 @@ def test_only_what_the_operator_allows_is_read(
                 c.register(uri)
         with pytest.raises(errors.PermissionDenied, match="allow list admits only"):
             c.register(f"s3://{BUCKET}/secrets/keys.thaw")
+    reader = s3_thawd(moto.url, allow_write=[])  # reads the store, never writes it
+    with connect(reader.socket) as c, pytest.raises(errors.PermissionDenied, match="allow_write"):
+        c.freeze_tensors(random_tensors(0), "upload", path=f"{ALLOWED}upload.thaw")
     off = s3_thawd(None)  # no [s3] table: object storage is off
     with connect(off.socket) as c, pytest.raises(errors.PermissionDenied, match="is off"):
         c.register(f"{ALLOWED}x.thaw")

@@ -53,8 +53,11 @@ class ObjectRef:
 class S3Config:
     """thawd.toml's `[s3]` table (docs/DAEMON.md, "Object storage")."""
 
-    # URI prefixes thawd may read and write ("s3://bucket/" for a whole bucket); empty: S3 off.
+    # URI prefixes thawd may read ("s3://bucket/" for a whole bucket); empty: S3 off. Freezes
+    # write only under `allow_write` (empty: none): a node that serves snapshots need not be
+    # able to overwrite the fleet's store on any client's word.
     allow: tuple[str, ...] = ()
+    allow_write: tuple[str, ...] = ()
     endpoint_url: str = ""  # "" = AWS; http(s)://host:port for an S3-compatible store
     region: str = ""  # "" = the credential chain's (AWS_REGION, the profile)
     # A node's local copies of pinned objects, so a restart re-pins from disk; "" = none.
@@ -74,7 +77,8 @@ class S3Config:
         return bool(self.allow)
 
     def check(self, ref: ObjectRef, action: str) -> None:
-        """PermissionDenied unless `ref` lies under a prefix of `allow`."""
+        """PermissionDenied unless `ref` lies under a prefix of `allow` ("read"), or of
+        `allow_write` too ("write")."""
         if not self.enabled:
             raise PermissionDenied(
                 f"{ref.uri}: object storage is off on this thawd (its operator enables it "
@@ -83,6 +87,11 @@ class S3Config:
         if not any(ref.uri.startswith(prefix) for prefix in self.allow):
             raise PermissionDenied(f"{ref.uri}: thawd may not {action} it: its [s3] allow list "
                                    f"admits only {', '.join(self.allow)}")  # fmt: skip
+        if action == "write" and not any(ref.uri.startswith(p) for p in self.allow_write):
+            raise PermissionDenied(
+                f"{ref.uri}: thawd may not write it: its [s3] allow_write list admits "
+                f"{', '.join(self.allow_write) or 'nothing'}"
+            )
 
 
 def parse(value: object, size: Any, seconds: Any) -> S3Config:
@@ -94,7 +103,7 @@ def parse(value: object, size: Any, seconds: Any) -> S3Config:
         raise ValueError(f"unknown key {unknown[0]}; the keys are {', '.join(sorted(fields))}")
     out: dict[str, Any] = {}
     for key, v in value.items():
-        if key == "allow":
+        if key in ("allow", "allow_write"):
             out[key] = tuple(_prefix(p) for p in (v if isinstance(v, list) else [None]))
         elif key in ("endpoint_url", "region"):
             if not isinstance(v, str) or (key == "endpoint_url" and v and
@@ -117,6 +126,8 @@ def parse(value: object, size: Any, seconds: Any) -> S3Config:
     if not (5 << 20) <= config.part_size <= (1 << 30):
         # S3's multipart parts are 5 MiB at least; 1 GiB bounds a request's memory.
         raise ValueError('part_size: write a size from "5MiB" to "1GiB"')
+    if config.allow_write and not config.enabled:
+        raise ValueError("allow_write needs allow: thawd reads back what it writes")
     if config.cache_dir and not config.cache_bytes:
         raise ValueError('cache_dir needs cache_bytes, the most it may hold: "200GiB"')
     return config
