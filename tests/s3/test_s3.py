@@ -18,6 +18,9 @@ from tests.s3.conftest import ALLOWED, BUCKET, upload
 from tests.s3.store import CREDENTIALS, SECRET, MotoServer, Relay
 from thaw import errors
 from thaw.client import connect
+from thaw.engines.options import Options
+from thaw.engines.ranks import resolve
+from thaw.engines.sources import find_source
 
 Start = Callable[..., ThawdProcess]
 
@@ -41,6 +44,9 @@ def test_pin_from_s3_is_bit_identical_and_cached_for_a_restart(
             c.restore_tensors(zeros_like(tensors), "llama")  # objects serve from the pool only
         pinned = c.pin("llama")
         assert (pinned.tier, pinned.checksum_state) == ("pinned", "verified")
+        # An engine given the URI finds the object thawd pinned (rank 0 of 1).
+        source = find_source(resolve(Options(snapshot=uri), 0, 1), c)
+        assert (source.name, source.tier) == ("llama", "pinned")
         out = zeros_like(tensors)
         c.restore_tensors(out, "llama")
         assert same(out, tensors)

@@ -65,11 +65,11 @@ class RankRef:
 def resolve(options: Options, rank: int, tp_size: int) -> RankRef:
     """Rank `rank`'s snapshot of an engine of `tp_size` ranks loading `options.snapshot`."""
     if is_path(options.snapshot):
-        return RankRef("", _absolute(rank_path(options.snapshot, rank, tp_size)))
+        return RankRef("", absolute(rank_path(options.snapshot, rank, tp_size)))
     path = rank_path(options.path, rank, tp_size) if options.path else ""
-    return RankRef(rank_name(options.snapshot, rank, tp_size), _absolute(path) if path else "")
+    return RankRef(rank_name(options.snapshot, rank, tp_size), absolute(path) if path else "")
 
 
-def _absolute(path: str) -> str:
+def absolute(path: str) -> str:
     """A file's absolute path; an object's URI as it is (thawd matches it by its URI)."""
     return path if path.startswith("s3://") else os.path.abspath(path)
