@@ -29,7 +29,7 @@ def documents() -> dict[str, Any]:
     return docs
 
 
-@pytest.mark.parametrize("kind", ["ConfigMap", "DaemonSet"])
+@pytest.mark.parametrize("kind", ["ConfigMap", "DaemonSet", "Deployment"])
 def test_manifests_are_valid_kubernetes_objects(kind: str) -> None:
     kubernetes_validate.validate(documents()[kind], VERSION, strict=True)
 
@@ -62,3 +62,10 @@ def test_the_daemonset_runs_thawd_as_its_configmap_configures_it(tmp_path: Path)
         assert volumes[mounts[directory]]["hostPath"]["path"] == directory
     config_map = docs["ConfigMap"]["metadata"]["name"]
     assert volumes[mounts["/etc/thawd"]]["configMap"]["name"] == config_map
+    # The example engine reaches the same socket, in the socket group thawd runs with.
+    engine = docs["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsGroup"] in engine["securityContext"]["supplementalGroups"]
+    for c in [*engine["initContainers"], *engine["containers"]]:
+        assert {"name": "THAW_SOCKET", "value": thawd.socket} in c["env"]
+    (socket_dir,) = [v for v in engine["volumes"] if "hostPath" in v]
+    assert socket_dir["hostPath"]["path"] == str(Path(thawd.socket).parent)
