@@ -62,8 +62,9 @@ class Objects:
         ref = ObjectRef.parse(uri)
         store = self._store(ref, "read")
         name = name or validate_name(ref.basename.removesuffix(".thaw"))
+        fetched = await d.on_thread(peer.uid, SnapshotObject.fetch, store, ref)
         async with d.parses:
-            obj = await d.on_thread(peer.uid, SnapshotObject.read, store, ref)
+            obj = await d.on_thread(peer.uid, fetched.parse)
         entry = Entry(new_row(name, ref.uri, labels, peer.uid))
         entry.attach_object(obj)
         await d.on_thread(peer.uid, entry.prepare)
@@ -86,8 +87,9 @@ class Objects:
             obj = SnapshotObject(ref, row.file_size, row.object_etag, snapshot)
             cached.close()
         else:
+            fetched = await asyncio.to_thread(SnapshotObject.fetch, store, ref, row.object_etag)
             async with self.d.parses:
-                obj = await asyncio.to_thread(SnapshotObject.read, store, ref, row.object_etag)
+                obj = await asyncio.to_thread(fetched.parse)
         entry.attach_object(obj)
         await asyncio.to_thread(entry.prepare)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from thaw.errors import DaemonError
 from thaw.format import PAYLOAD_OFFSET, Manifest, Snapshot
-from thaw.format.snapshot import HEADER_SIZE, encode, parse_header
+from thaw.format.snapshot import HEADER_SIZE, Header, encode, parse_header
 from thawd.s3.config import ObjectRef
 from thawd.s3.store import Store
 
@@ -30,25 +30,45 @@ class SnapshotObject:
 
     @classmethod
     def read(cls, store: Store, ref: ObjectRef, etag: str = "") -> SnapshotObject:
-        """Read the object's header and manifest (two ranged GETs). `etag`: the identity it
-        was registered with (SnapshotChanged if the object is now another); "" takes the
-        object as it is now."""
+        """Read the object's header and manifest (`fetch`) and check them (`Fetched.parse`)."""
+        return cls.fetch(store, ref, etag).parse()
+
+    @classmethod
+    def fetch(cls, store: Store, ref: ObjectRef, etag: str = "") -> Fetched:
+        """The object's identity, header and manifest bytes (a HEAD and two ranged GETs).
+        `etag`: the identity it was registered with (SnapshotChanged if the object is now
+        another); "" takes the object as it is now."""
         size, now = store.head(ref)
         if etag and now != etag:
             from thaw.errors import SnapshotChanged
 
             raise SnapshotChanged(f"{ref.uri}: the object was replaced since it was registered "
                                   f"(ETag {etag}, now {now}); register it again")  # fmt: skip
-        path = Path(ref.uri)
         raw = store.read(ref, now, 0, min(HEADER_SIZE, size))
-        header = parse_header(path, raw, size)
+        header = parse_header(Path(ref.uri), raw, size)  # bounds the manifest read next
         blob = store.read(ref, now, header.manifest_offset, header.manifest_length)
-        return cls(ref, size, now, header.snapshot(path, blob))
+        return Fetched(ref, size, now, header, blob)
 
     def bytes_at(self, store: Store, start: int, length: int) -> bytes:
         """A range of this version of the object (the header and the manifest, for a cache
         file: the same bytes the object holds, so the file checks as the object did)."""
         return store.read(self.ref, self.etag, start, length)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetched:
+    """An object's header and manifest as read, not yet parsed: the network is done, so the
+    parse can take one of thawd's few parse slots without holding it through a slow store."""
+
+    ref: ObjectRef
+    size: int
+    etag: str
+    header: Header
+    blob: bytes
+
+    def parse(self) -> SnapshotObject:
+        snapshot = self.header.snapshot(Path(self.ref.uri), self.blob)
+        return SnapshotObject(self.ref, self.size, self.etag, snapshot)
 
 
 def upload(store: Store, ref: ObjectRef, manifest: Manifest, addr: int,

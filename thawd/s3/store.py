@@ -29,16 +29,6 @@ log = logging.getLogger("thawd.s3")
 for _name in ("botocore", "boto3", "urllib3", "s3transfer"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
-# What a body cut off midway raises: urllib3's errors and botocore's (ResponseStreamingError,
-# IncompleteReadError), imported here only when boto3 is installed (thaw[s3]).
-try:
-    from botocore.exceptions import BotoCoreError
-    from urllib3.exceptions import HTTPError
-
-    BODY_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, BotoCoreError, HTTPError)
-except ImportError:
-    BODY_ERRORS = (OSError, ValueError)
-
 # Bodies are copied into pool memory in pieces of this size: one piece of Python bytes at a
 # time per connection, not a whole 64 MiB part.
 READ_PIECE = 1 << 20
@@ -56,6 +46,9 @@ class Store:
         self.config = config
         self._client: Any = None
         self._lock = threading.Lock()
+        # What a body cut off midway raises; botocore's and urllib3's errors join once boto3
+        # is imported (ResponseStreamingError, IncompleteReadError, ProtocolError).
+        self._body_errors: tuple[type[Exception], ...] = (OSError, ValueError)
 
     @property
     def client(self) -> Any:
@@ -68,8 +61,11 @@ class Store:
         try:
             import boto3
             from botocore.config import Config as BotoConfig
+            from botocore.exceptions import BotoCoreError
+            from urllib3.exceptions import HTTPError
         except ImportError:
             raise DaemonError("object storage needs boto3: pip install 'thaw[s3]'") from None
+        self._body_errors = (OSError, ValueError, BotoCoreError, HTTPError)
         c = self.config
         boto = BotoConfig(
             retries={"total_max_attempts": c.max_attempts, "mode": "standard"},
@@ -122,7 +118,7 @@ class Store:
                     )
             except Unreachable:
                 raise
-            except BODY_ERRORS as e:  # a body broken off midway
+            except self._body_errors as e:  # a body broken off midway
                 if attempts >= self.config.max_attempts:
                     raise Unreachable(f"{ref.uri}: reading bytes from {start + done} failed "
                                       f"{attempts} times: {e}") from None  # fmt: skip
