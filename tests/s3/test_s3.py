@@ -91,6 +91,31 @@ def test_a_damaged_cache_file_is_never_served(
     assert "reading the store instead" in daemon.log.read_text()
 
 
+def test_a_restart_re_pins_from_the_store_and_refuses_a_replaced_object(
+    moto: MotoServer, s3_thawd: Start, tmp_path: Path
+) -> None:
+    path, tensors = _snapshot(tmp_path, seed=12)
+    other, _ = _snapshot(tmp_path, seed=13)
+    uri = upload(moto, path, "restart.thaw")
+    daemon = s3_thawd(moto.url)  # no cache: every pin reads the store
+    with connect(daemon.socket) as c:
+        c.register(uri)
+        c.pin("restart")
+    daemon.stop()
+    daemon.start(env=CREDENTIALS)
+    with connect(daemon.socket) as c:
+        assert c.stat("restart").tier == "pinned"
+        out = zeros_like(tensors)
+        c.restore_tensors(out, "restart")
+        assert same(out, tensors)
+    upload(moto, other, "restart.thaw")  # another version under the registered key
+    daemon.stop()
+    daemon.start(env=CREDENTIALS)
+    with connect(daemon.socket) as c:
+        record = c.stat("restart")
+        assert record.tier == "cold" and "replaced" in record.error
+
+
 def test_a_corrupted_object_is_refused(moto: MotoServer, s3_thawd: Start, tmp_path: Path) -> None:
     path, _ = _snapshot(tmp_path, seed=3)
     data = bytearray(path.read_bytes())
