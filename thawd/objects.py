@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from thaw._proto import thawd_pb2 as pb
 from thaw.errors import ChecksumMismatch, DaemonError, SnapshotError
 from thawd.buffers import PoolBuffer
+from thawd.config import ConfigError
 from thawd.entries import Entry
 from thawd.files import SnapshotFile
 from thawd.registry import new_row
@@ -43,7 +44,10 @@ class Objects:
         self.d = daemon
         c = daemon.config.s3
         self.store = Store(c) if c.enabled else None
-        self.cache = Cache(c.cache_dir, c.cache_bytes) if c.enabled and c.cache_dir else None
+        try:
+            self.cache = Cache(c.cache_dir, c.cache_bytes) if c.enabled and c.cache_dir else None
+        except OSError as e:  # thawd does not start on a cache it cannot trust or use
+            raise ConfigError(f"[s3] cache_dir = {c.cache_dir!r}: {e}") from None
 
     def _store(self, ref: ObjectRef, action: str) -> Store:
         """The store, if the operator's allow list admits `ref` (PermissionDenied if not)."""

@@ -306,3 +306,14 @@ def test_thawctl_pins_inspects_and_freezes_objects(
     assert code == 0 and '"tier": "pinned"' in out
     code, _ = thawctl("pin", f"s3://{BUCKET}/secrets/x.thaw")
     assert code != 0
+
+
+def test_a_cache_directory_others_may_write_stops_thawd_at_start(
+    moto: MotoServer, s3_thawd: Start, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(RuntimeError, match="cache_dir"):
+        s3_thawd(moto.url, cache_dir=str(shared), cache_bytes="1MiB")
+    assert oct(shared.stat().st_mode & 0o777) == "0o777"  # refused, never chmodded

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import stat
 
 from thaw import _native
@@ -29,6 +30,9 @@ from thawd.s3.store import Store
 log = logging.getLogger("thawd.s3")
 SUFFIX = ".thaw"
 TEMP_PREFIX = ".tmp-"
+# The cache's own files: only these are counted and evicted (a cache_dir that also holds
+# someone's snapshot files loses none of them).
+OWN = re.compile(r"[0-9a-f]{40}\.thaw")
 
 
 class Cache:
@@ -44,7 +48,11 @@ class Cache:
                 f"cache_dir {directory} belongs to uid {st.st_uid}, not thawd's "
                 f"({os.getuid()}): give thawd a directory of its own"
             )
-        os.fchmod(self.fd, 0o700)  # nobody else writes (or reads) what thawd will trust
+        if st.st_mode & 0o022:  # never chmod a directory the operator named by mistake
+            os.close(self.fd)
+            raise PermissionError(f"cache_dir {directory} is writable by others (mode "
+                                  f"{st.st_mode & 0o777:o}): give thawd a directory of its own, "
+                                  "mode 0700")  # fmt: skip
         for entry in os.scandir(self.fd):  # a write killed midway left its temporary file
             if entry.name.startswith(TEMP_PREFIX):
                 with contextlib.suppress(FileNotFoundError):
@@ -121,7 +129,7 @@ class Cache:
         """Remove least recently used files until `size` more bytes fit the budget."""
         files = []
         for e in os.scandir(self.fd):
-            if e.name.endswith(SUFFIX) and e.name != keep:
+            if OWN.fullmatch(e.name) and e.name != keep:
                 st = e.stat(follow_symlinks=False)
                 files.append((st.st_mtime_ns, st.st_blocks * 512, e.name))
         used = sum(f[1] for f in files)
@@ -131,10 +139,6 @@ class Cache:
             log.info("cache: removing %s (%d bytes) to make room", name, blocks)
             self.remove(name)
             used -= blocks
-
-    def used(self) -> int:
-        return sum(e.stat(follow_symlinks=False).st_blocks * 512 for e in os.scandir(self.fd)
-                   if e.name.endswith(SUFFIX))  # fmt: skip
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
