@@ -9,7 +9,9 @@ tests do), uploads a Llama-shaped snapshot, then in the same run measures, best 
 - thawd's pin of s3://BUCKET/bench.thaw: parallel ranged GETs straight into the pool buffer,
   every tensor verified against the manifest (no cache directory: every pin reads the store);
 - boto3's download_fileobj of the same object into memory with the same concurrency and
-  part size: the plain parallel download, which verifies nothing.
+  part size: the plain parallel download, which verifies nothing;
+- a second thawd with a cache directory: its pins after the first read the node's copy
+  (what a restarted node does), verified as any file.
 
 A loopback server measures the client side's overhead, not a network: moto is a Python
 process, so both figures are bounded by it.
@@ -18,6 +20,7 @@ process, so both figures are bounded by it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import shutil
@@ -41,13 +44,15 @@ from thaw import freeze_file  # noqa: E402
 
 
 def start_thawd(directory: Path, endpoint: str, bucket: str, args: argparse.Namespace,
-                budget: int) -> subprocess.Popen[bytes]:  # fmt: skip
+                budget: int, cache: bool) -> subprocess.Popen[bytes]:  # fmt: skip
+    directory.mkdir(exist_ok=True)
     sock = directory / "thawd.sock"
+    cached = f'cache_dir = "{directory / "cache"}"\ncache_bytes = {2 * budget}\n' if cache else ""
     (directory / "thawd.toml").write_text(
         f'socket = "{sock}"\nstate_dir = "{directory / "state"}"\npool = "memfd"\n'
         f"pinned_budget = {budget}\nwarm_budget = 0\nio_threads = 8\n"
         f'[s3]\nallow = ["s3://{bucket}/"]\nendpoint_url = "{endpoint}"\n'
-        f'connections = {args.connections}\npart_size = "{args.part_mib}MiB"\n'
+        f'connections = {args.connections}\npart_size = "{args.part_mib}MiB"\n{cached}'
     )
     env = {**os.environ, **CREDENTIALS, "PYTHONPATH": str(ROOT)}
     with open(directory / "thawd.log", "wb") as log:
@@ -64,6 +69,22 @@ def start_thawd(directory: Path, endpoint: str, bucket: str, args: argparse.Name
         except thaw.DaemonUnavailable:
             time.sleep(0.2)
     sys.exit("thawd did not come up in 60 s")
+
+
+def pins(directory: Path, uri: str, repeat: int, first: bool) -> tuple[int, list[float]]:
+    """The payload's bytes and the seconds of `repeat` pins (unpinned after each); `first`:
+    one pin more, not timed (a cache's filling)."""
+    times = []
+    with thaw.connect(str(directory / "thawd.sock")) as client:
+        record = client.register(uri)
+        for i in range(repeat + first):
+            t0 = time.perf_counter()
+            pinned = client.pin(record.name)
+            if i >= first:
+                times.append(time.perf_counter() - t0)
+            assert pinned.checksum_state == "verified"
+            client.unpin(record.name)
+    return record.size_bytes, times
 
 
 def main() -> None:
@@ -83,7 +104,7 @@ def main() -> None:
     server = None if args.endpoint else MotoServer()
     endpoint = args.endpoint or (server.url if server else "")
     directory = Path(tempfile.mkdtemp(prefix="thaw-s3-bench-"))
-    daemon = None
+    daemons: list[subprocess.Popen[bytes]] = []
     try:
         s3 = boto3.session.Session().client("s3", endpoint_url=endpoint)
         if server is not None:
@@ -108,28 +129,26 @@ def main() -> None:
             assert sink.getbuffer().nbytes == size
             del sink
 
-        daemon = start_thawd(directory, endpoint, args.bucket, args, size + (1 << 30))
-        pins = []
-        with thaw.connect(str(directory / "thawd.sock")) as client:
-            record = client.register(f"s3://{args.bucket}/bench.thaw")
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                pinned = client.pin(record.name)
-                pins.append(time.perf_counter() - t0)
-                assert pinned.checksum_state == "verified"
-                client.unpin(record.name)
-        payload = record.size_bytes
-        pin = Row(
-            f"thawd pin from S3, verified ({args.connections}x{args.part_mib} MiB)",
-            payload / min(pins) / 1e9,
-            "boto3 download_fileobj, same parts",
-            size / min(downloads) / 1e9,
-        )
-        print_table(f"S3 -> memory, best of {args.repeat} (payload vs object bytes)", [pin])
-        print(f"  pin seconds: {', '.join(f'{s:.2f}' for s in pins)}; "
-              f"download seconds: {', '.join(f'{s:.2f}' for s in downloads)}")  # fmt: skip
+        uri = f"s3://{args.bucket}/bench.thaw"
+        runs = {}
+        for label, cache in (("store", False), ("cache", True)):
+            where = directory / label
+            daemons.append(start_thawd(where, endpoint, args.bucket, args, size + (1 << 30), cache))
+            payload, runs[label] = pins(where, uri, args.repeat, first=cache)
+        download = Row("", 0.0, "boto3 download_fileobj, same parts", size / min(downloads) / 1e9)
+        names = {
+            "store": f"thawd pin from S3, verified ({args.connections}x{args.part_mib} MiB)",
+            "cache": "thawd pin from its cache_dir, verified",
+        }
+        rows = [
+            dataclasses.replace(download, what=names[k], gbps=payload / min(runs[k]) / 1e9)
+            for k in names
+        ]
+        print_table(f"S3 -> memory, best of {args.repeat} (payload vs object bytes)", rows)
+        for label, seconds in (*runs.items(), ("download", downloads)):
+            print(f"  {label} seconds: {', '.join(f'{s:.2f}' for s in seconds)}")
     finally:
-        if daemon is not None:
+        for daemon in daemons:
             daemon.terminate()
             daemon.wait(30)
         if server is not None:
