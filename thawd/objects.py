@@ -106,6 +106,7 @@ class Objects:
             cached = await d.on_thread(uid, self._cached, obj.ref, obj.etag, obj.size,
                                        obj.snapshot.manifest.content_id)  # fmt: skip
             if cached is not None:
+                log.info("pinning %s from the cache (%s)", obj.ref.uri, cached.path)
                 try:
                     async for end in d.tiers.fill_file(uid, entry, cached, self._nothing):
                         yield end
@@ -117,6 +118,7 @@ class Objects:
                 finally:
                     cached.close()
         threads, cache = d.config.io_threads, self.cache
+        log.info("pinning %s from the store", obj.ref.uri)
 
         def read(buf: PoolBuffer, groups: Groups, done: s3fill.Progress) -> None:
             s3fill.fill(store, obj, buf.addr, groups, threads, done)

@@ -99,6 +99,7 @@ class Daemon:
         """Take up the registry: reopen each snapshot's file and check it is still the one
         registered; forget rows of freezes a killed daemon never finished writing."""
         await asyncio.to_thread(self.freezes.remove_stale_temporaries)
+        objects: builtins.list[Entry] = []
         for row in await asyncio.to_thread(self.registry.rows):
             if row.state == "writing":
                 log.warning(
@@ -110,12 +111,11 @@ class Daemon:
                 self.registry.remove(row.name)
                 continue
             entry = Entry(row)
+            if is_uri(row.path):
+                objects.append(entry)
+                self.entries[row.name] = entry
+                continue
             try:
-                if is_uri(row.path):
-                    await self.objects.load(entry)
-                    self.entries[row.name] = entry
-                    self.registry.save(entry.row)
-                    continue
                 async with self.parses:
                     file = await asyncio.to_thread(SnapshotFile.reopen, row.path, entry.identity())
                 entry.attach(file)
@@ -125,6 +125,17 @@ class Daemon:
                 log.warning("registered snapshot %s is unusable: %s", row.name, e)
             self.entries[row.name] = entry
             self.registry.save(entry.row)
+        # Objects at once: each may wait on the store (bounded attempts), and a store that is
+        # down must not cost the start that wait once per object, in turn.
+        await asyncio.gather(*(self._load_object(e) for e in objects))
+
+    async def _load_object(self, entry: Entry) -> None:
+        try:
+            await self.objects.load(entry)
+        except (SnapshotError, DaemonError, OSError) as e:
+            entry.row.error = str(e)
+            log.warning("registered snapshot %s is unusable: %s", entry.row.name, e)
+        self.registry.save(entry.row)
 
     # --- records ----------------------------------------------------------------------------
 
