@@ -24,6 +24,7 @@ from typing import Any
 from thawctl import exitcodes, render, schema
 from thawctl.context import Context
 from thawctl.exitcodes import CommandError
+from thawctl.refs import is_object
 from thawctl.snapshots import add_label_option
 
 ENGINES = ("torch", "vllm", "sglang")
@@ -44,7 +45,9 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         required=True,
         help="a Hugging Face model directory or id, or `tiny` (the embedded test model)",
     )
-    p.add_argument("-o", "--output", required=True, metavar="PATH", help="snapshot file to write")
+    p.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="snapshot file to write, or s3://bucket/key.thaw: thawd uploads it "
+                   "where its [s3] allow list admits (and keeps it pinned)")  # fmt: skip
     p.add_argument(
         "--engine",
         choices=ENGINES,
@@ -81,6 +84,14 @@ def run_freeze(ctx: Context) -> int:
     args = ctx.args
     if args.tensor_parallel_size < 1:
         raise CommandError("--tensor-parallel-size must be at least 1", exitcodes.USAGE)
+    if is_object(args.output):  # thawd uploads it: the bytes go through its pool
+        if args.engine != "torch":
+            raise CommandError("-o s3://... freezes through thawd with --engine torch; freeze "
+                               "an engine's ranks into files, then upload them or freeze with "
+                               "thawd names", exitcodes.USAGE)  # fmt: skip
+        with ctx.connect() as client:
+            doc = freeze_torch(args, client)
+        return _report(ctx, doc)
     output = Path(args.output)
     if output.exists() and not args.force:
         raise CommandError(f"{output} exists; pass --force to overwrite it", exitcodes.ERROR)
@@ -89,6 +100,10 @@ def run_freeze(ctx: Context) -> int:
             f"{output.parent} is not a directory; create it first", exitcodes.NOT_FOUND
         )
     doc = freeze_torch(args) if args.engine == "torch" else freeze_engine(args)
+    return _report(ctx, doc)
+
+
+def _report(ctx: Context, doc: dict[str, Any]) -> int:
     if ctx.json:
         render.emit_json(doc, ctx.out)
         return exitcodes.OK
@@ -157,7 +172,9 @@ def load_torch_model(model: str, dtype: str, device: str) -> Any:
     return loaded.to(device).eval()  # type: ignore[arg-type]
 
 
-def freeze_torch(args: argparse.Namespace) -> dict[str, Any]:
+def freeze_torch(args: argparse.Namespace, client: Any = None) -> dict[str, Any]:
+    """Freeze a torch model into the file `args.output`, or, given thawd's `client`, into
+    the object `args.output` (s3://...), which thawd writes and keeps pinned."""
     if args.tensor_parallel_size != 1:
         raise CommandError(
             "--engine torch freezes one unsharded model: use --tensor-parallel-size 1, or "
@@ -180,6 +197,35 @@ def freeze_torch(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model if args.model == TINY else _model_name(args.model),
         labels=dict(args.label),
     )
+    if client is not None:
+        t0 = time.perf_counter()
+        name = args.output.rsplit("/", 1)[-1].removesuffix(".thaw")
+        record = client.freeze_tensors(model, name, args.output, fingerprint, wait=True)
+        seconds = time.perf_counter() - t0
+        return {
+            "engine": "torch",
+            "model": args.model,
+            "dtype": fingerprint.dtype,
+            "tensor_parallel_size": 1,
+            "load_seconds": round(loaded, 6),
+            "freeze": {
+                "bytes": record.size_bytes,
+                "seconds": round(seconds, 6),
+                "gbps": round(record.size_bytes / seconds / 1e9, 4),
+                "source": "thawd",
+            },
+            "fingerprint": fingerprint.to_json(),
+            "files": [
+                {
+                    "path": record.path,
+                    "size_bytes": record.size_bytes,
+                    "file_bytes": record.file_bytes,
+                    "tensor_count": record.tensor_count,
+                    "tp_rank": fingerprint.tp_rank,
+                    "name": record.name,
+                }
+            ],
+        }
     stats = freeze_file(model, args.output, fingerprint=fingerprint)
     return {
         "engine": "torch",

@@ -16,7 +16,7 @@ from typing import Any
 from thawctl import exitcodes, render, schema
 from thawctl.context import Context
 from thawctl.progress import Progress
-from thawctl.refs import looks_like_path
+from thawctl.refs import is_object, looks_like_path
 
 
 def label(text: str) -> tuple[str, str]:
@@ -140,7 +140,9 @@ def resolve(client: Any, ref: str) -> str:
 
 def find_by_path(client: Any, path: str) -> Any:
     """The first snapshot registered for the file at `path` (the same file by any name: a
-    symlink or a hard link too), or None."""
+    symlink or a hard link too), or None. An object is its URI."""
+    if is_object(path):
+        return next((r for r in client.list() if r.path == path), None)
     wanted = os.path.realpath(path)
     for r in client.list():
         if os.path.realpath(r.path) == wanted or _same_file(r.path, path):
@@ -157,8 +159,8 @@ def _same_file(a: str, b: str) -> bool:
 
 def require_file(path: str) -> None:
     """FileNotFoundError (exit 4) for a PATH that is not there: said here, in thawctl's words,
-    rather than thawd's refusal of the request (exit 2)."""
-    if not os.path.exists(path):
+    rather than thawd's refusal of the request (exit 2). Objects are thawd's to find."""
+    if not is_object(path) and not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "no such file", path)
 
 
@@ -314,12 +316,16 @@ def run_info(ctx: Context) -> int:
     ref = ctx.args.ref
     record = None
     doc: dict[str, Any] | None
-    if looks_like_path(ref):
+    if is_object(ref):  # thawd reads objects, thawctl does not: the registered record
+        with ctx.connect() as client:
+            record = client.stat(resolve(client, ref))
+        doc = None
+    elif looks_like_path(ref):
         doc = local.file_info(ref)
     else:
         with ctx.connect() as client:
             record = client.stat(ref)
-        doc = _file_doc_if_readable(record.path)
+        doc = None if is_object(record.path) else _file_doc_if_readable(record.path)
     if ctx.json:
         render.emit_json(
             {
@@ -332,6 +338,8 @@ def run_info(ctx: Context) -> int:
         return exitcodes.OK
     if record is not None:
         _human_snapshot(ctx, record)
+        if doc is None and is_object(record.path):
+            return exitcodes.OK
         if doc is None:
             ctx.print(f"\n(the file {record.path} is not readable here: no tensor table)")
             return exitcodes.OK

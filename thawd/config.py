@@ -20,6 +20,7 @@ else:  # the same parser, from PyPI before 3.11 (thaw[daemon] installs it there)
     import tomli as tomllib
 
 from thaw.errors import InvalidRequest
+from thawd.s3 import config as s3config
 from thawd.security import resolve_group
 
 _UNITS = {
@@ -77,6 +78,8 @@ class Config:
     metrics_port: int = 0  # Prometheus exporter on 127.0.0.1:PORT; 0 = off
     log_level: str = "info"
     log_format: str = "text"  # text | json (one object per line)
+    # The [s3] table; off unless it allows some prefixes.
+    s3: s3config.S3Config = dataclasses.field(default_factory=s3config.S3Config)
 
     @property
     def fd_socket(self) -> str:
@@ -197,6 +200,7 @@ _PARSE: dict[str, Any] = {
     "metrics_port": lambda v: _integer(v, 0, 65535),
     "log_level": _choice(*LOG_LEVELS),
     "log_format": _choice("text", "json"),
+    "s3": lambda v: s3config.parse(v, _size, _seconds),
 }
 
 

@@ -11,6 +11,7 @@ from thaw.format import PAYLOAD_OFFSET, Manifest, TensorEntry
 from thawd.buffers import PoolBuffer, WarmMapping
 from thawd.files import Identity, SnapshotFile
 from thawd.registry import Row
+from thawd.s3.objects import SnapshotObject
 
 TIERS = {"cold": pb.TIER_COLD, "warm": pb.TIER_WARM, "pinned": pb.TIER_PINNED}
 TIER_RANK = {"cold": 0, "warm": 1, "pinned": 2}
@@ -40,6 +41,7 @@ class Entry:
     busy: str = ""  # "pinning", "warming", "verifying": one at a time
     copying: int = 0  # CUDA IPC copies from its pool buffer in flight (the buffer must stay)
     file_pending: bool = False  # frozen; its file is being written
+    object: SnapshotObject | None = None  # a snapshot in object storage (it has no file)
     # The manifest as an OpenRestoreResponse, built once per manifest: building 291 tensor
     # messages costs a restore milliseconds, copying a built message microseconds.
     _manifest_pb: tuple[Manifest, pb.OpenRestoreResponse] | None = None
@@ -58,6 +60,17 @@ class Entry:
         self.row.file_dev, self.row.file_ino, self.row.file_size = ident.dev, ident.ino, ident.size
         self.row.file_mtime_ns, self.row.file_ctime_ns = ident.mtime_ns, ident.ctime_ns
 
+    def attach_object(self, obj: SnapshotObject) -> None:
+        """Make `obj` the snapshot's source: as `attach`, its identity being size and ETag."""
+        self.object = obj
+        snap = obj.snapshot
+        self.manifest = snap.manifest
+        self.payload_offset = snap.payload_offset
+        self.payload_length = snap.payload_length
+        self.file_length = obj.size
+        self.row.path, self.row.file_size = obj.ref.uri, obj.size
+        self.row.object_etag, self.row.content_id = obj.etag, snap.manifest.content_id
+
     def identity(self) -> Identity | None:
         """The file's identity recorded in the row (None: a row from before identities)."""
         r = self.row
@@ -68,6 +81,11 @@ class Entry:
     def the_file(self) -> SnapshotFile:
         """The snapshot's file, or the reason there is none as an exception."""
         if self.file is None:
+            if self.object is not None:
+                raise InvalidRequest(
+                    f"snapshot {self.row.name!r} is in object storage ({self.row.path}) and "
+                    f"not pinned: pin it first (thawctl pin {self.row.name})"
+                )
             if self.file_pending:
                 raise InvalidRequest(
                     f"snapshot {self.row.name!r} is still being written to disk; retry"

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from thaw._proto import thawd_pb2 as pb
-from thaw.errors import AlreadyExists, DaemonError, InvalidRequest
+from thaw.errors import AlreadyExists, DaemonError, InvalidRequest, NotFound
 from thaw.format import (
     MAX_NAME,
     MAX_NDIM,
@@ -44,6 +44,8 @@ from thawd.entries import POOL_KINDS, Entry, entry_pb
 from thawd.files import SnapshotFile
 from thawd.registry import new_row
 from thawd.restores import Session, daemon_copy
+from thawd.s3.config import ObjectRef, is_uri
+from thawd.s3.objects import SnapshotObject, upload
 from thawd.security import Peer, validate_labels, validate_name
 
 if TYPE_CHECKING:
@@ -68,6 +70,7 @@ class Target:
     dir_fd: int
     name: str
     path: str
+    object: ObjectRef | None = None  # an object in S3 instead (dir_fd -1)
 
     def close(self) -> None:
         if self.dir_fd >= 0:
@@ -139,6 +142,8 @@ class Freezes:
     def _target(self, peer: Peer, name: str, path: str) -> Target:
         """The freeze's directory, opened for `peer` (blocking: runs on a thread). No path:
         thawd's own snapshot directory."""
+        if is_uri(path):
+            return self._object_target(path)
         if not path:
             d = self.d
             d.config.snapshot_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +161,16 @@ class Freezes:
             return target
         target.close()
         raise AlreadyExists(f"{target.path} exists; remove it or choose another path")
+
+    def _object_target(self, uri: str) -> Target:
+        """An object the operator's allow list admits and that does not exist yet (blocking)."""
+        ref = ObjectRef.parse(uri)
+        store = self.d.objects.writable(ref)
+        try:
+            store.head(ref)
+        except NotFound:
+            return Target(-1, ref.basename, ref.uri, ref)
+        raise AlreadyExists(f"{ref.uri} exists; remove it or choose another key")
 
     async def copy_out(
         self, peer: Peer, token: str, request: pb.DaemonCopyRequest
@@ -230,7 +245,7 @@ class Freezes:
         task.add_done_callback(self.writing.discard)
         if wait:
             await asyncio.shield(task)
-            if entry.file is None:
+            if entry.file is None and entry.object is None:
                 raise DaemonError(f"snapshot {row.name!r}: {entry.row.error}")
         return entry.record()
 
@@ -243,12 +258,19 @@ class Freezes:
         threads = d.config.io_threads
         t0 = time.monotonic()
 
-        def work() -> SnapshotFile:
+        def work() -> SnapshotFile | SnapshotObject:
             checksums = [checksum(buf.addr + t.offset, t.length, threads) for t in manifest.tensors]
             pairs = zip(manifest.tensors, checksums, strict=True)
             tensors = tuple(dataclasses.replace(t, checksum=c) for t, c in pairs)
             entry.manifest = Manifest(manifest.fingerprint, tensors)
             entry.row.checksum_state = "verified"
+            if target.object is not None:
+                store = d.objects.writable(target.object)
+                written = upload(store, target.object, entry.manifest, buf.addr,
+                                 entry.payload_length)  # fmt: skip
+                entry.manifest = written.snapshot.manifest
+                entry.prepare()
+                return written
             with SnapshotWriter(
                 target.name, manifest.tensors, dir_fd=target.dir_fd, replace=False
             ) as w:
@@ -276,7 +298,10 @@ class Freezes:
             d.events.publish("freeze_failed", entry.row.name, entry.row.error)
             log.error("freeze of %s: %s", entry.row.name, entry.row.error)
         else:
-            entry.attach(file)
+            if isinstance(file, SnapshotObject):
+                entry.attach_object(file)
+            else:
+                entry.attach(file)
             entry.row.state = "ready"
             d.save(entry)
             d.events.publish(

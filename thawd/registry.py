@@ -57,6 +57,10 @@ COLUMNS = (
     # 'ready', or 'writing' from a freeze's commit until its file is durable: a row still
     # 'writing' at start belonged to a daemon killed mid-write; its bytes died with it.
     ("state", "TEXT NOT NULL DEFAULT 'ready'"),
+    # A snapshot in object storage (path s3://...): the ETag it was registered with, and its
+    # manifest's content id, which a cached copy must match (thawd/s3/cache.py).
+    ("object_etag", "TEXT NOT NULL DEFAULT ''"),
+    ("content_id", "TEXT NOT NULL DEFAULT ''"),
 )
 FIELDS = (
     "name",
@@ -91,6 +95,8 @@ class Row:
     file_mtime_ns: int = -1
     file_ctime_ns: int = -1
     state: str = "ready"  # ready | writing
+    object_etag: str = ""
+    content_id: str = ""
 
     def values(self) -> tuple[object, ...]:
         return tuple(

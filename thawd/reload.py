@@ -32,7 +32,10 @@ from thawd.state import Daemon
 log = logging.getLogger("thawd.reload")
 
 # What the running daemon holds open or built from them at start.
-RESTART = ("socket", "state_dir", "pool", "vmm_chunk", "share_pool", "tcp_listen", "metrics_port")
+# s3: its client and cache are made at start (an allow list that shrinks must not leave a
+# running client reading what the new list refuses halfway through a pin, either).
+RESTART = ("socket", "state_dir", "pool", "vmm_chunk", "share_pool", "tcp_listen", "metrics_port",
+           "s3")  # fmt: skip
 SIZES = ("pinned_budget", "warm_budget", "vmm_chunk")
 
 

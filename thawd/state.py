@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from thaw._proto import thawd_pb2 as pb
 from thaw.errors import (
     AlreadyExists,
+    DaemonError,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -39,8 +40,10 @@ from thawd.entries import POOL_KINDS, Entry
 from thawd.events import Events
 from thawd.files import SnapshotFile
 from thawd.freezes import Freezes
+from thawd.objects import Objects
 from thawd.registry import Registry, new_row
 from thawd.restores import Restores, Session
+from thawd.s3.config import is_uri
 from thawd.security import Peer, resolve_group, validate_labels, validate_name
 from thawd.tiers import Tiers
 
@@ -90,11 +93,13 @@ class Daemon:
         self.tiers = Tiers(self)
         self.restores = Restores(self)
         self.freezes = Freezes(self)
+        self.objects = Objects(self)
 
     async def load(self) -> None:
         """Take up the registry: reopen each snapshot's file and check it is still the one
         registered; forget rows of freezes a killed daemon never finished writing."""
         await asyncio.to_thread(self.freezes.remove_stale_temporaries)
+        objects: builtins.list[Entry] = []
         for row in await asyncio.to_thread(self.registry.rows):
             if row.state == "writing":
                 log.warning(
@@ -106,16 +111,31 @@ class Daemon:
                 self.registry.remove(row.name)
                 continue
             entry = Entry(row)
+            if is_uri(row.path):
+                objects.append(entry)
+                self.entries[row.name] = entry
+                continue
             try:
                 async with self.parses:
                     file = await asyncio.to_thread(SnapshotFile.reopen, row.path, entry.identity())
                 entry.attach(file)
                 await asyncio.to_thread(entry.prepare)
-            except (SnapshotError, SnapshotChanged, OSError) as e:
+            except (SnapshotError, DaemonError, OSError) as e:
                 entry.row.error = str(e)
                 log.warning("registered snapshot %s is unusable: %s", row.name, e)
             self.entries[row.name] = entry
             self.registry.save(entry.row)
+        # Objects at once: each may wait on the store (bounded attempts), and a store that is
+        # down must not cost the start that wait once per object, in turn.
+        await asyncio.gather(*(self._load_object(e) for e in objects))
+
+    async def _load_object(self, entry: Entry) -> None:
+        try:
+            await self.objects.load(entry)
+        except (SnapshotError, DaemonError, OSError) as e:
+            entry.row.error = str(e)
+            log.warning("registered snapshot %s is unusable: %s", entry.row.name, e)
+        self.registry.save(entry.row)
 
     # --- records ----------------------------------------------------------------------------
 
@@ -213,6 +233,8 @@ class Daemon:
         if name:
             validate_name(name)
         validate_labels(labels)
+        if is_uri(path):
+            return await self.objects.register(peer, path, name, labels)
         opened = await self.on_thread(peer.uid, paths.open_file, peer, path)
         async with self.parses:
             file = await self.on_thread(peer.uid, SnapshotFile.adopt, opened.fd, opened.path)
@@ -221,25 +243,29 @@ class Daemon:
             entry = Entry(new_row(name, file.path, labels, peer.uid))
             entry.attach(file)
             await self.on_thread(peer.uid, entry.prepare)
-            # No await from here on: the name is checked and taken in one step.
-            old = self.entries.get(name)
-            freezing = any(s.kind == "freeze" and s.name == name for s in self.sessions.values())
-            if freezing or (old is not None and (old.file is not None or old.file_pending)):
-                where = f" ({old.row.path})" if old else " (being frozen)"
-                raise AlreadyExists(f"a snapshot named {name!r} is already registered{where}")
-            if old is not None:
-                # Its file changed or vanished: its owner registers the new one in its place.
-                self.owned(peer, name, "replace")
-                old.check_idle()
-                old.close()
-                del self.entries[name]
+            self.claim(peer, name, entry)
         except BaseException:
             file.close()
             raise
-        self.entries[name] = entry
         await self.save(entry)
         self.events.publish("registered", name, file.path, entry.payload_length)
         return entry.record()
+
+    def claim(self, peer: Peer, name: str, entry: Entry) -> None:
+        """Register `entry` as `name`: taken in one step (no await), unless the name is in
+        use; a registration whose file changed or vanished is replaced by its owner."""
+        old = self.entries.get(name)
+        freezing = any(s.kind == "freeze" and s.name == name for s in self.sessions.values())
+        held = old is not None and (old.file or old.object or old.file_pending)
+        if freezing or held:
+            where = f" ({old.row.path})" if old else " (being frozen)"
+            raise AlreadyExists(f"a snapshot named {name!r} is already registered{where}")
+        if old is not None:
+            self.owned(peer, name, "replace")
+            old.check_idle()
+            old.close()
+            del self.entries[name]
+        self.entries[name] = entry
 
     async def unregister(self, peer: Peer, name: str) -> None:
         entry = self.owned(peer, name, "unregister")
@@ -269,7 +295,8 @@ class Daemon:
 
     async def repin(self, on_progress: Any) -> None:
         thawd_itself = Peer(os.getpid(), os.getuid(), os.getgid(), frozenset())
-        wanted = [e for e in self.entries.values() if e.row.wanted_tier != "cold" and e.file]
+        wanted = [e for e in self.entries.values()
+                  if e.row.wanted_tier != "cold" and (e.file or e.object)]  # fmt: skip
         for i, entry in enumerate(wanted):
             on_progress(f"re-pinning {entry.row.name} ({i + 1}/{len(wanted)})")
             try:
@@ -296,5 +323,6 @@ class Daemon:
             self.copier.close()
         if self.arena is not None:
             self.arena.close()
+        self.objects.close()
         self.restores.flush_counters()
         self.registry.close()

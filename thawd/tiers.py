@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from thaw import _native
@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 # message about every 0.7 s from a disk at 1.4 GB/s.
 PIN_CHUNK = 1 << 30
 
+Groups = list[list[TensorEntry]]
+# Reads a payload into a pool buffer, group by group, calling done(end) once a group is in
+# and verified (on a worker thread).
+Reader = Callable[[PoolBuffer, Groups, Callable[[int], None]], None]
+Explain = Callable[[BaseException], Awaitable[None]]
+
 
 class Tiers:
     def __init__(self, daemon: Daemon) -> None:
@@ -52,20 +58,27 @@ class Tiers:
             yield pb.PinProgress(done_bytes=entry.payload_length, total_bytes=entry.payload_length,
                                  done=True, snapshot=entry.record())  # fmt: skip
             return
-        file = entry.the_file()
+        if entry.object is not None and tier != "pinned":
+            raise InvalidRequest(f"snapshot {name!r} is in object storage: it is pinned or "
+                                 "cold (warm is the page cache of a local file)")  # fmt: skip
+        file = entry.the_file() if entry.object is None else None
         # Busy before the first await: a second pin of the same snapshot is refused, never run
         # beside this one (two fills would both take budget for one snapshot).
         entry.busy = "pinning" if tier == "pinned" else "warming"
         try:
-            await d.check_file(peer.uid, entry, file)
+            if file is not None:
+                await d.check_file(peer.uid, entry, file)
             size = d.budgets.size(tier, entry.payload_length)
             d.budgets.promise(tier, size, name)
             try:
                 if tier == "pinned":
-                    async for done in self._fill(peer.uid, entry, file):
+                    fill = self.fill_file(peer.uid, entry, file) if file is not None else \
+                        d.objects.fill(peer.uid, entry)  # fmt: skip
+                    async for done in fill:
                         yield pb.PinProgress(done_bytes=done, total_bytes=entry.payload_length,
                                              elapsed_s=time.monotonic() - t0)  # fmt: skip
                 else:
+                    assert file is not None
                     entry.warm = await d.on_thread(peer.uid, WarmMapping, file,
                                                    d.config.io_threads, d.config.mlock)  # fmt: skip
                     d.memory_locked &= entry.warm.locked or not d.config.mlock
@@ -84,21 +97,16 @@ class Tiers:
         yield pb.PinProgress(done_bytes=entry.payload_length, total_bytes=entry.payload_length,
                              elapsed_s=elapsed, done=True, snapshot=entry.record())  # fmt: skip
 
-    async def _fill(self, uid: int, entry: Entry, file: SnapshotFile) -> AsyncIterator[int]:
-        """Read the payload from the registered file into a new pool buffer, each 16 MiB block
-        hashed as it lands (`_native.pread_hashed`): every tensor is verified in the same pass
-        that reads it, and the buffer is the entry's once all of them matched."""
-        d = self.d
-        assert entry.manifest is not None
-        loop = asyncio.get_running_loop()
-        progress: asyncio.Queue[int | BaseException] = asyncio.Queue()
+    def fill_file(self, uid: int, entry: Entry, file: SnapshotFile,
+                  explain: Explain | None = None) -> AsyncIterator[int]:  # fmt: skip
+        """Read the payload from `file` (the registered file, or a cached copy of an object)
+        into a new pool buffer, each 16 MiB block hashed as it lands (`_native.pread_hashed`):
+        every tensor is verified in the same pass that reads it. `explain`: what a failure
+        means (default: the registered file's `_explain`)."""
         offset = entry.payload_offset
-        buf = await asyncio.to_thread(PoolBuffer, d.pool_kind, entry.row.name, entry.payload_length,
-                                      d.config.mlock, d.arena)  # fmt: skip
-        threads = d.config.io_threads
-        groups = _groups(sorted(entry.manifest.tensors, key=lambda t: t.offset), PIN_CHUNK)
+        threads = self.d.config.io_threads
 
-        def work() -> None:
+        def read(buf: PoolBuffer, groups: Groups, done: Callable[[int], None]) -> None:
             direct, align = file.direct()
             try:
                 for group in groups:
@@ -116,9 +124,34 @@ class Tiers:
                         found = _native.xxh3(digest)
                         if found != t.checksum:
                             raise ChecksumMismatch(file.path, t.name, t.checksum, found)
-                    loop.call_soon_threadsafe(progress.put_nowait, end)
+                    done(end)
             finally:
                 os.close(direct)
+
+        async def pin_failed(e: BaseException) -> None:
+            await self._explain(uid, entry, file, e, "pin_failed")
+
+        return self.fill(uid, entry, read, explain or pin_failed)
+
+    async def fill(self, uid: int, entry: Entry, read: Reader,
+                   explain: Explain) -> AsyncIterator[int]:  # fmt: skip
+        """Fill a new pool buffer with the entry's payload by `read(buffer, groups, done)` on
+        one of `uid`'s threads, yielding each group's end as `read` reports it verified; the
+        buffer is the entry's once `read` returned. On failure the buffer is freed (once
+        `read` has returned) and `explain(error)` may raise a better error."""
+        d = self.d
+        assert entry.manifest is not None
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue[int | BaseException] = asyncio.Queue()
+        buf = await asyncio.to_thread(PoolBuffer, d.pool_kind, entry.row.name, entry.payload_length,
+                                      d.config.mlock, d.arena)  # fmt: skip
+        groups = _groups(sorted(entry.manifest.tensors, key=lambda t: t.offset), PIN_CHUNK)
+
+        def work() -> None:
+            def done(end: int) -> None:
+                loop.call_soon_threadsafe(progress.put_nowait, end)
+
+            read(buf, groups, done)
             buf.finish()
 
         def finished(fut: asyncio.Future[None]) -> None:
@@ -137,7 +170,7 @@ class Tiers:
         except BaseException as e:
             await asyncio.wait([future])  # never free memory a worker is still writing
             buf.close()
-            await self._explain(uid, entry, file, e, "pin_failed")
+            await explain(e)
             raise
         entry.release()
         entry.pool, entry.tier = buf, "pinned"
@@ -153,11 +186,11 @@ class Tiers:
             return
         await self.d.check_file(uid, entry, file)  # raises SnapshotChanged when that is the cause
         if isinstance(error, ChecksumMismatch):
-            self._mark_corrupt(entry, event, error)
+            self.mark_corrupt(entry, event, error)
             return
         raise DaemonError(f"{file.path}: reading it failed ({error})") from error
 
-    def _mark_corrupt(self, entry: Entry, event: str, error: ChecksumMismatch) -> None:
+    def mark_corrupt(self, entry: Entry, event: str, error: ChecksumMismatch) -> None:
         """A tensor did not match its checksum: record it, durably, and tell the watchers."""
         entry.row.checksum_state, entry.row.error = "corrupt", str(error)
         self.d.save(entry)
@@ -195,7 +228,7 @@ class Tiers:
             except (ChecksumMismatch, EOFError, OSError) as e:
                 if file is None:
                     assert isinstance(e, ChecksumMismatch)
-                    self._mark_corrupt(entry, "verify_failed", e)
+                    self.mark_corrupt(entry, "verify_failed", e)
                     raise
                 await self._explain(peer.uid, entry, file, e, "verify_failed")
                 raise

@@ -103,10 +103,11 @@ class Client:
     def register(
         self, path: str | os.PathLike[str], name: str = "", labels: Mapping[str, str] | None = None
     ) -> SnapshotRecord:
-        """Register a snapshot file (cold) under `name` (default: the file name)."""
-        request = pb.RegisterRequest(
-            path=os.path.abspath(os.fspath(path)), name=name, labels=dict(labels or {})
-        )
+        """Register a snapshot file (cold) under `name` (default: the file name), or a
+        snapshot object (`s3://bucket/key`, which thawd reads where its operator allows)."""
+        where = os.fspath(path)
+        where = where if where.startswith("s3://") else os.path.abspath(where)
+        request = pb.RegisterRequest(path=where, name=name, labels=dict(labels or {}))
         return SnapshotRecord.from_pb(self._conn.call("Register", request).snapshot)
 
     def unregister(self, name: str) -> None:

@@ -93,7 +93,7 @@ def _freeze_copy(
             "BeginFreeze",
             pb.BeginFreezeRequest(
                 name=name,
-                path=os.path.abspath(path) if path else "",
+                path=_where(path),
                 tensors=specs,
                 pin=pin,
                 fingerprint_json=json.dumps(fingerprint.to_json()),
@@ -173,3 +173,11 @@ def _freeze_mapped(
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _where(path: str | None) -> str:
+    """A freeze's target as thawd takes it: an absolute path, an object URI (s3://bucket/key,
+    written by thawd where its operator allows), or "" for thawd's own directory."""
+    if not path:
+        return ""
+    return path if path.startswith("s3://") else os.path.abspath(path)

@@ -5,7 +5,8 @@ All rank naming is here. Three spellings name snapshots that already exist on di
 thawd registries, so they stay as they are: an engine's snapshot files insert ".rank{N}"
 before the suffix (`rank_path`), its thawd names append "-rank{N}" (`rank_name`), and a KV
 prefix's shards other than rank 0 append ".tp{N}" (`kv_rank_name`). "{rank}" in a name or
-path given by the caller replaces all three.
+path given by the caller replaces all three. A path may be an object's URI
+(s3://bucket/key.thaw, which thawd pins): its ranks are named as files' are.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def rank_path(template: str, rank: int, tp_size: int) -> str:
         return template.replace("{rank}", str(rank))
     if tp_size == 1:
         return template
-    p = Path(template)
-    suffix = p.suffix or ""
-    return str(p.with_name(f"{p.name[: len(p.name) - len(suffix)]}.rank{rank}{suffix}"))
+    # The last component by string, not Path: Path("s3://b/k") would lose a slash.
+    head, slash, base = template.rpartition("/")
+    suffix = Path(base).suffix or ""
+    return f"{head}{slash}{base[: len(base) - len(suffix)]}.rank{rank}{suffix}"
 
 
 def rank_name(name: str, rank: int, tp_size: int) -> str:
@@ -63,8 +65,11 @@ class RankRef:
 def resolve(options: Options, rank: int, tp_size: int) -> RankRef:
     """Rank `rank`'s snapshot of an engine of `tp_size` ranks loading `options.snapshot`."""
     if is_path(options.snapshot):
-        return RankRef("", os.path.abspath(rank_path(options.snapshot, rank, tp_size)))
+        return RankRef("", absolute(rank_path(options.snapshot, rank, tp_size)))
     path = rank_path(options.path, rank, tp_size) if options.path else ""
-    return RankRef(
-        rank_name(options.snapshot, rank, tp_size), os.path.abspath(path) if path else ""
-    )
+    return RankRef(rank_name(options.snapshot, rank, tp_size), absolute(path) if path else "")
+
+
+def absolute(path: str) -> str:
+    """A file's absolute path; an object's URI as it is (thawd matches it by its URI)."""
+    return path if path.startswith("s3://") else os.path.abspath(path)

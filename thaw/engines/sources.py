@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from thaw.daemon.records import StrEnum
 from thaw.engines.fingerprints import without
 from thaw.engines.options import Options
-from thaw.engines.ranks import RankRef, resolve
+from thaw.engines.ranks import RankRef, absolute, resolve
 from thaw.errors import DaemonUnavailable, NotFound, SnapshotMissing
 from thaw.format.fingerprint import Fingerprint, check
 
@@ -104,7 +104,7 @@ def find_source(ref: RankRef, client: Client | None) -> Source:
             except NotFound:
                 record = None
         elif ref.path:
-            record = next((r for r in client.list() if os.path.abspath(r.path) == ref.path), None)
+            record = next((r for r in client.list() if absolute(r.path) == ref.path), None)
         if record is not None and not record.error:
             fp = record.fingerprint if isinstance(record.fingerprint, Fingerprint) else None
             return Source(SourceKind.THAWD, record.name, record.path, record.tier, fp)

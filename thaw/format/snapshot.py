@@ -199,8 +199,35 @@ def read_snapshot(fd: int, path: object) -> Snapshot:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise SnapshotError(path, "not a regular file")
-    file_length = st.st_size
-    raw = os.pread(fd, _HEADER.size, 0)
+    header = parse_header(path, os.pread(fd, _HEADER.size, 0), st.st_size)
+    blob = os.pread(fd, header.manifest_length, header.manifest_offset)
+    return header.snapshot(path, blob)
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """A validated header: where the payload and the manifest lie in a file of `file_length`."""
+
+    payload_offset: int
+    payload_length: int
+    manifest_offset: int
+    manifest_length: int
+    manifest_checksum: int
+    file_length: int
+
+    def snapshot(self, path: Path, blob: bytes) -> Snapshot:
+        """The snapshot whose manifest, read from where this header says, is `blob`."""
+        if len(blob) != self.manifest_length:
+            raise TruncatedSnapshot(path, "manifest shorter than declared")
+        if _native.xxh3(blob) != self.manifest_checksum:
+            raise ManifestCorrupt(path, "manifest checksum mismatch: the manifest is damaged")
+        manifest = parse_manifest(path, blob, self.payload_length)
+        return Snapshot(path, manifest, self.payload_offset, self.payload_length, self.file_length)
+
+
+def parse_header(path: Path, raw: bytes, file_length: int) -> Header:
+    """Validate the first HEADER_SIZE bytes (`raw`) of a snapshot of `file_length` bytes: a
+    file's or an object's (thawd/s3 reads both ranges over HTTP, with the same bounds)."""
     if len(raw) < len(MAGIC) or raw[: len(MAGIC)] != MAGIC:
         raise BadMagic(path, "not a thaw snapshot (wrong magic bytes)")
     if len(raw) < _HEADER.size:
@@ -218,7 +245,7 @@ def read_snapshot(fd: int, path: object) -> Snapshot:
         declared_length,
         manifest_checksum,
         header_checksum,
-    ) = _HEADER.unpack(raw)
+    ) = _HEADER.unpack(raw[: _HEADER.size])
     if version != VERSION:
         raise UnsupportedVersion(
             path, f"format version {version}; this thaw reads version {VERSION}: upgrade thaw"
@@ -241,13 +268,8 @@ def read_snapshot(fd: int, path: object) -> Snapshot:
         raise HeaderCorrupt(path, f"manifest of {manifest_length} bytes exceeds the 64 MiB bound")
     if manifest_offset + manifest_length > file_length:
         raise HeaderCorrupt(path, "manifest extends past the end of the file")
-    blob = os.pread(fd, manifest_length, manifest_offset)
-    if len(blob) != manifest_length:
-        raise TruncatedSnapshot(path, "manifest shorter than declared")
-    if _native.xxh3(blob) != manifest_checksum:
-        raise ManifestCorrupt(path, "manifest checksum mismatch: the manifest is damaged")
-    manifest = parse_manifest(path, blob, payload_length)
-    return Snapshot(path, manifest, payload_offset, payload_length, file_length)
+    return Header(payload_offset, payload_length, manifest_offset, manifest_length,
+                  manifest_checksum, file_length)  # fmt: skip
 
 
 def parse_manifest(path: object, blob: bytes, payload_length: int) -> Manifest:
@@ -383,27 +405,11 @@ class SnapshotWriter:
         tensors = tuple(
             dataclasses.replace(e, checksum=c) for e, c in zip(self.entries, checksums, strict=True)
         )
-        blob = Manifest(fingerprint, tensors).to_bytes()
+        header, blob = encode(Manifest(fingerprint, tensors), self.payload_length)
         manifest_offset = PAYLOAD_OFFSET + self.payload_length
-        file_length = manifest_offset + len(blob)
         os.pwrite(self.fd, blob, manifest_offset)
-        os.ftruncate(self.fd, file_length)
+        os.ftruncate(self.fd, manifest_offset + len(blob))
         os.fchmod(self.fd, 0o666 & ~_umask())  # a temporary file's 0600 would hide it
-        fields = (
-            MAGIC,
-            VERSION,
-            0,
-            HEADER_SIZE,
-            ALIGNMENT,
-            PAYLOAD_OFFSET,
-            self.payload_length,
-            manifest_offset,
-            len(blob),
-            file_length,
-            _native.xxh3(blob),
-        )
-        head = _HEADER.pack(*fields, 0)[:-8]
-        header = head + struct.pack("<Q", _native.xxh3(head))
         # The payload and manifest are durable before the header that makes them valid.
         os.fsync(self.fd)
         os.pwrite(self.fd, header, 0)
@@ -438,6 +444,29 @@ class SnapshotWriter:
         if self._own_dir and self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
+
+
+def encode(manifest: Manifest, payload_length: int) -> tuple[bytes, bytes]:
+    """The header and the manifest of a snapshot whose payload of `payload_length` bytes
+    lies at PAYLOAD_OFFSET and whose manifest follows it (a file, or an object uploaded in
+    parts by thawd/s3)."""
+    blob = manifest.to_bytes()
+    manifest_offset = PAYLOAD_OFFSET + payload_length
+    fields = (
+        MAGIC,
+        VERSION,
+        0,
+        HEADER_SIZE,
+        ALIGNMENT,
+        PAYLOAD_OFFSET,
+        payload_length,
+        manifest_offset,
+        len(blob),
+        manifest_offset + len(blob),
+        _native.xxh3(blob),
+    )
+    head = _HEADER.pack(*fields, 0)[:-8]
+    return head + struct.pack("<Q", _native.xxh3(head)), blob
 
 
 TEMP_SUFFIX = ".tmp"
