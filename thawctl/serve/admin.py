@@ -148,6 +148,7 @@ def unix_listener(path: str) -> socket.socket:
     old = os.umask(0o077)
     try:
         sock.bind(path)
+        os.chmod(path, 0o600)
     finally:
         os.umask(old)
     sock.listen(64)

@@ -88,8 +88,11 @@ class Api:
         try:
             if route == "chat":
                 prompt = await lease.slot.engine.render_chat(_messages(req), self.chat_template)
-                max_tokens = req.max_completion_tokens or req.max_tokens or max(
-                    1, lease.slot.engine.max_model_len - len(prompt["prompt_token_ids"]))
+                max_tokens = (
+                    req.max_completion_tokens
+                    or req.max_tokens
+                    or max(1, lease.slot.engine.max_model_len - len(prompt["prompt_token_ids"]))
+                )
                 params = req.to_sampling_params(max_tokens, {})
             else:
                 prompt = _completion_prompt(req.prompt)
@@ -243,12 +246,16 @@ def _response(route: str, model: str, request_id: str, final: Any) -> dict[str, 
         CompletionResponse,
         CompletionResponseChoice,
     )
-    from vllm.entrypoints.serve.engine.protocol import UsageInfo
+    from vllm.entrypoints.serve.engine.protocol import PromptTokenUsageInfo, UsageInfo
 
     c = final.outputs[0]
     prompt_tokens = len(final.prompt_token_ids or [])
+    # cached_tokens: the prefix cache's hits; after a swap they start again from 0, since
+    # the restore dropped the KV of the old weights (docs/SERVE.md).
     usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=len(c.token_ids),
-                      total_tokens=prompt_tokens + len(c.token_ids))  # fmt: skip
+                      total_tokens=prompt_tokens + len(c.token_ids),
+                      prompt_tokens_details=PromptTokenUsageInfo(
+                          cached_tokens=int(final.num_cached_tokens or 0)))  # fmt: skip
     body: Any
     if route == "chat":
         body = ChatCompletionResponse(

@@ -27,31 +27,54 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         "listens on a Unix socket (mode 0600), and on the HTTP port only with "
         "--admin-token-file. See docs/SERVE.md.",
     )
-    p.add_argument("--model", required=True, metavar="DIR_OR_ID",
-                   help="the architecture, config and tokenizer every slot is started with")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR_OR_ID",
+        help="the architecture, config and tokenizer every slot is started with",
+    )
     p.add_argument("--snapshot", required=True, metavar="NAME",
                    help="the first model's thawd snapshot (a name, or a file thawd registers); "
                    "served as NAME unless --name says otherwise")  # fmt: skip
     p.add_argument("--name", metavar="MODEL", help="the name clients use for --snapshot")
-    p.add_argument("--register", action="append", default=[], metavar="NAME=SNAPSHOT",
-                   help="another model to serve (repeatable): a thawd name or a snapshot file")
+    p.add_argument(
+        "--register",
+        action="append",
+        default=[],
+        metavar="NAME=SNAPSHOT",
+        help="another model to serve (repeatable): a thawd name or a snapshot file",
+    )
     p.add_argument("--pool-size", type=int, default=1, metavar="N",
                    help="engines to start (default 1)")  # fmt: skip
-    p.add_argument("--max-queue", type=int, default=32, metavar="N",
-                   help="requests that may wait per model before 429 (default 32)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=32,
+        metavar="N",
+        help="requests that may wait per model before 429 (default 32)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     p.add_argument("--admin-socket", metavar="PATH",
                    help="the admin API's Unix socket (default $XDG_RUNTIME_DIR/thaw/"
                    "serve-PORT.sock)")  # fmt: skip
-    p.add_argument("--admin-token-file", metavar="PATH",
-                   help="also serve the admin API under /admin on the HTTP port, to callers "
-                   "sending this file's token as Authorization: Bearer (file mode 600)")
-    p.add_argument("--chat-template", metavar="FILE",
-                   help="a Jinja chat template, for a tokenizer without one")
-    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="a vllm.LLM keyword (repeatable); VALUE is JSON, else a string: "
-                   "--engine-arg max_model_len=4096 --engine-arg dtype=float16")
+    p.add_argument(
+        "--admin-token-file",
+        metavar="PATH",
+        help="also serve the admin API under /admin on the HTTP port, to callers "
+        "sending this file's token as Authorization: Bearer (file mode 600)",
+    )
+    p.add_argument(
+        "--chat-template", metavar="FILE", help="a Jinja chat template, for a tokenizer without one"
+    )
+    p.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a vllm.LLM keyword (repeatable); VALUE is JSON, else a string: "
+        "--engine-arg max_model_len=4096 --engine-arg dtype=float16",
+    )
     p.set_defaults(func=run_serve)
 
 

@@ -149,7 +149,8 @@ class Engine:
                 tok = self.llm.get_tokenizer()
                 text = tok.apply_chat_template(
                     messages,
-                    chat_template=template or getattr(tok, "chat_template", None)
+                    chat_template=template
+                    or getattr(tok, "chat_template", None)
                     or DEFAULT_CHAT_TEMPLATE,
                     add_generation_prompt=True,
                     tokenize=False,

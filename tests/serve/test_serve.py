@@ -1,0 +1,249 @@
+"""`thawctl serve` end to end: a real thawd, a real `thawctl serve` process with one real
+vLLM CPU engine, the official `openai` client as a user's client and raw HTTP for SSE.
+
+Every answer is checked against an engine loaded directly with that model's weights
+(conftest.py's `reference`): a request served by the wrong weights fails these tests. The
+tests share one server and run in file order; each leaves the pool serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import stat
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import CHAT, MAX_QUEUE, MAX_TOKENS, PROMPTS, Server
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed"),
+]
+
+
+def openai_client(server: Server) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def complete(server: Server, model: str, prompt: str, **extra: Any) -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            **extra}  # fmt: skip
+    return httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+
+
+def test_models_lists_every_model_and_where_it_is(server: Server) -> None:
+    models = {m.id: m for m in openai_client(server).models.list().data}
+    assert set(models) == {"tiny0", "tiny1"}
+    assert models["tiny0"].model_extra is not None
+    assert models["tiny0"].model_extra["slots"] == [0]  # the first weights, loaded at start
+    assert models["tiny1"].model_extra is not None
+    assert models["tiny1"].model_extra["slots"] == []
+
+
+def test_completions_per_model_equal_direct_engine_across_swaps(
+    server: Server, reference: dict[str, Any]
+) -> None:
+    client = openai_client(server)
+    # tiny1 is not loaded: the one slot swaps, then back, then again.
+    for model in ("tiny0", "tiny1", "tiny0", "tiny1"):
+        for prompt in PROMPTS:
+            raw = client.completions.with_raw_response.create(
+                model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+            )
+            answer = raw.parse()
+            assert answer.model == model
+            assert answer.choices[0].text == reference[model][prompt], (model, prompt)
+            assert raw.headers["x-thaw-slot"] == "0"
+    swaps = server.admin().get("/pool").json()["last_swaps"]
+    assert [(s["model"], s["ok"]) for s in swaps[-3:]] == [("tiny1", True), ("tiny0", True),
+                                                          ("tiny1", True)]  # fmt: skip
+    assert all(s["tier"] == "pinned" and s["bytes"] > 0 for s in swaps)
+
+
+def test_chat_uses_the_template_and_equals_direct_engine(
+    server: Server, reference: dict[str, Any]
+) -> None:
+    client = openai_client(server)
+    for model in ("tiny0", "tiny1"):
+        answer = client.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0
+        )
+        assert answer.choices[0].message.role == "assistant"
+        assert answer.choices[0].message.content == reference[model]["chat"], model
+
+
+def test_completion_stream_is_sse_and_adds_up(server: Server, reference: dict[str, Any]) -> None:
+    body = {"model": "tiny0", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = "".join(r.iter_text())
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]", raw[-200:]
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: {") for e in events[:-2])
+    assert len(chunks) > 1
+    assert all(c["object"] == "text_completion" and c["model"] == "tiny0" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == reference["tiny0"][PROMPTS[0]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_chat_stream_through_openai_client(server: Server, reference: dict[str, Any]) -> None:
+    stream = openai_client(server).chat.completions.create(
+        model="tiny1",
+        messages=CHAT,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+    )
+    deltas = [c.choices[0].delta.content or "" for c in stream]
+    assert len(deltas) > 1
+    assert "".join(deltas) == reference["tiny1"]["chat"]
+
+
+def test_concurrent_requests_for_two_models_on_one_slot(
+    server: Server, reference: dict[str, Any]
+) -> None:
+    import openai
+
+    async def main() -> list[tuple[str, str, str]]:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused",
+                                    max_retries=0)  # fmt: skip
+
+        async def one(model: str, prompt: str) -> tuple[str, str, str]:
+            r = await client.completions.create(model=model, prompt=prompt,
+                                                max_tokens=MAX_TOKENS, temperature=0)  # fmt: skip
+            return model, prompt, r.choices[0].text
+
+        jobs = [one(m, p) for _ in range(2) for m in ("tiny0", "tiny1") for p in PROMPTS]
+        return list(await asyncio.gather(*jobs))
+
+    before = len(server.admin().get("/pool").json()["last_swaps"])
+    results = asyncio.run(main())
+    assert len(results) == 8
+    for model, prompt, text in results:
+        assert text == reference[model][prompt], (model, prompt)
+    # Requests were batched per model, not swapped per request.
+    after = len(server.admin().get("/pool").json()["last_swaps"])
+    assert 1 <= after - before <= 4
+
+
+def test_swap_drops_the_prefix_cache(server: Server, reference: dict[str, Any]) -> None:
+    prompt = reference["long_prompt"]["text"]
+
+    def cached(model: str) -> int:
+        r = complete(server, model, prompt, max_tokens=1)
+        assert r.status_code == 200, r.text
+        return int(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    cached("tiny0")
+    assert cached("tiny0") == 512  # 4 full 128-token blocks of the CPU backend
+    cached("tiny1")  # swap away...
+    assert cached("tiny0") == 0  # ...and back: no KV of other weights survived either swap
+
+
+def test_queue_full_is_429_with_retry_after(server: Server, reference: dict[str, Any]) -> None:
+    admin = server.admin()
+    # With the only slot drained, every request waits: the queue fills deterministically.
+    assert admin.post("/slots/0/drain").json()["state"] == "drained"
+
+    async def main() -> tuple[list[httpx.Response], httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            body = {"model": "tiny1", "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS,
+                    "temperature": 0}  # fmt: skip
+            waiting = [asyncio.create_task(client.post("/v1/completions", json=body))
+                       for _ in range(MAX_QUEUE)]  # fmt: skip
+            while admin_queue("tiny1") < MAX_QUEUE:
+                await asyncio.sleep(0.05)
+            refused = await client.post("/v1/completions", json=body)
+            assert admin.post("/slots/0/resume").status_code == 200
+            return list(await asyncio.gather(*waiting)), refused
+
+    def admin_queue(model: str) -> int:
+        models = admin.get("/pool").json()["models"]
+        return int(next(m["queue"] for m in models if m["name"] == model))
+
+    served, refused = asyncio.run(main())
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert [r.status_code for r in served] == [200] * MAX_QUEUE
+    assert all(r.json()["choices"][0]["text"] == reference["tiny1"][PROMPTS[1]] for r in served)
+
+
+def test_unknown_model_is_404(server: Server) -> None:
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        openai_client(server).completions.create(model="nope", prompt="x", max_tokens=1)
+
+
+def test_admin_refuses_unauthenticated_callers(server: Server) -> None:
+    assert httpx.get(f"{server.url}/admin/pool").status_code == 401
+    wrong = {"Authorization": "Bearer " + "0" * 32}
+    assert httpx.get(f"{server.url}/admin/pool", headers=wrong).status_code == 403
+    right = {"Authorization": f"Bearer {server.token}"}
+    pool = httpx.get(f"{server.url}/admin/pool", headers=right)
+    assert pool.status_code == 200 and pool.json()["slots"][0]["slot"] == 0
+    # The Unix socket admits only its owner (and root): mode 0600 in a 0700 directory.
+    assert stat.S_IMODE(os.stat(server.admin_socket).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(server.admin_socket)).st_mode) == 0o700
+
+
+def test_register_at_runtime_then_serve_then_unregister(
+    server: Server, reference: dict[str, Any], tmp_path: Any
+) -> None:
+    import torch
+
+    from thaw import freeze_file
+    from thaw.format.fingerprint import Fingerprint
+
+    admin = server.admin()
+    created = admin.post("/models", json={"name": "tiny1-ft", "snapshot": "tiny1"})
+    assert created.status_code == 201, created.text
+    assert complete(server, "tiny1-ft", PROMPTS[0]).json()["choices"][0]["text"] == (
+        reference["tiny1"][PROMPTS[0]])  # fmt: skip
+    assert "tiny1-ft" in {m.id for m in openai_client(server).models.list().data}
+
+    # Weights of another architecture: no slot of this pool can hold them.
+    other = tmp_path / "other.thaw"
+    fp = Fingerprint(architecture="MistralForCausalLM", dtype="float32", parameter_count=4096,
+                     tp_rank=0, tp_size=1, engine="vllm", model="other")  # fmt: skip
+    freeze_file({"w": torch.zeros(64, 64)}, other, fingerprint=fp)
+    refused = admin.post("/models", json={"name": "other", "snapshot": str(other)})
+    assert refused.status_code == 422 and "no slot can hold" in refused.json()["error"]["message"]
+    missing = admin.post("/models", json={"name": "ghost", "snapshot": "no-such-snapshot"})
+    assert missing.status_code == 404
+
+    assert admin.delete("/models/tiny1-ft").status_code == 200
+    assert complete(server, "tiny1-ft", PROMPTS[0]).status_code == 404
+
+
+def test_metrics(server: Server) -> None:
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'thaw_serve_swaps_total{model="tiny1",outcome="ok"}' in text
+    assert 'thaw_serve_requests_total{model="tiny0",outcome="200",route="completions"}' in text
+    assert 'thaw_serve_requests_total{model="tiny1",outcome="429",route="completions"} 1.0' in text
+    assert 'thaw_serve_queue_depth{model="tiny0"} 0.0' in text
+    # The slot held tiny1-ft, unregistered since: "empty" (its weights serve no model).
+    states = [
+        line
+        for line in text.splitlines()
+        if line.startswith('thaw_serve_slot_state{slot="0"') and line.endswith(" 1.0")
+    ]
+    assert states == ['thaw_serve_slot_state{slot="0",state="empty"} 1.0']
+    assert "thaw_serve_swap_seconds_count" in text
+
+
+def test_health(server: Server) -> None:
+    r = httpx.get(f"{server.url}/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "slots": 1}
