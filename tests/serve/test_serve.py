@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import stat
+import time
 from typing import Any
 
 import httpx
@@ -110,6 +111,23 @@ def test_chat_stream_through_openai_client(server: Server, reference: dict[str, 
     assert "".join(deltas) == reference["tiny1"]["chat"]
 
 
+def test_a_client_leaving_mid_stream_frees_the_slot(
+    server: Server, reference: dict[str, Any]
+) -> None:
+    body = {"model": "tiny1", "prompt": PROMPTS[0], "max_tokens": 1000, "temperature": 0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as r:
+        next(r.iter_lines())  # one event, then hang up with ~1000 tokens to go
+    admin = server.admin()
+    deadline = time.monotonic() + 30
+    while admin.get("/pool").json()["slots"][0]["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert admin.get("/pool").json()["slots"][0]["in_flight"] == 0
+    # The slot is free to swap: the other model is served.
+    assert complete(server, "tiny0", PROMPTS[0]).json()["choices"][0]["text"] == (
+        reference["tiny0"][PROMPTS[0]])  # fmt: skip
+
+
 def test_concurrent_requests_for_two_models_on_one_slot(
     server: Server, reference: dict[str, Any]
 ) -> None:
@@ -127,13 +145,13 @@ def test_concurrent_requests_for_two_models_on_one_slot(
         jobs = [one(m, p) for _ in range(2) for m in ("tiny0", "tiny1") for p in PROMPTS]
         return list(await asyncio.gather(*jobs))
 
-    before = len(server.admin().get("/pool").json()["last_swaps"])
+    before = server.admin().get("/pool").json()["slots"][0]["swaps"]
     results = asyncio.run(main())
     assert len(results) == 8
     for model, prompt, text in results:
         assert text == reference[model][prompt], (model, prompt)
     # Requests were batched per model, not swapped per request.
-    after = len(server.admin().get("/pool").json()["last_swaps"])
+    after = server.admin().get("/pool").json()["slots"][0]["swaps"]
     assert 1 <= after - before <= 4
 
 

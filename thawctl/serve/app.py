@@ -105,7 +105,7 @@ class Api:
         lease.slot.engine.submit(job)
         count = self.metrics.requests.labels(name, route, "200").inc
         if req.stream:
-            return StreamingResponse(self._stream(lease, job, route, count),
+            return LeasedStream(lease, job, self._stream(lease, job, route, count),
                                      media_type="text/event-stream",
                                      headers=lease_headers(lease))  # fmt: skip
         try:
@@ -194,24 +194,46 @@ def build(api: Api, extra: list[Any] | None = None) -> Starlette:
     return Starlette(routes=[*api.routes(), *(extra or [])])
 
 
+class LeasedStream(StreamingResponse):
+    """A stream that ends its request however the response ends: a client that leaves
+    before the first chunk cancels the response before the generator ever ran, and a
+    generator never started runs no `finally`. Without this the slot would count that
+    request forever and never swap again."""
+
+    def __init__(self, lease: Lease, job: Job, content: AsyncIterator[str], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.lease, self.job = lease, job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _end(self.lease, self.job)
+
+
+def _end(lease: Lease, job: Job) -> None:
+    """A request left before its last output is aborted in the engine; the lease goes."""
+    if not job.done:
+        job.done = True
+        lease.slot.engine.abort(job.request_id)
+    lease.release()
+
+
 async def _outputs(lease: Lease, job: Job) -> AsyncIterator[Any]:
     """The slot's outputs for one job; the lease is released when it ends, however it ends
     (a client gone mid-stream aborts the request in the engine first)."""
-    finished = False
     try:
         while True:
             item = await job.outputs.get()
+            if item is None or isinstance(item, BaseException):
+                job.done = True
             if item is None:
-                finished = True
                 return
             if isinstance(item, BaseException):
-                finished = True
                 raise item
             yield item
     finally:
-        if not finished:
-            lease.slot.engine.abort(job.request_id)
-        lease.release()
+        _end(lease, job)
 
 
 def _completion_prompt(prompt: Any) -> Any:

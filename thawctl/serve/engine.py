@@ -40,6 +40,7 @@ class Job:
     params: Any  # vllm.SamplingParams
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue[Any]
+    done: bool = False  # its last output (or its error) was taken: nothing to abort
 
     def put(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)

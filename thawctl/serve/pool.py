@@ -87,9 +87,13 @@ class Lease:
     slot: Slot
     queue_s: float  # waited for a slot, not counting the swap
     swap_s: float  # the part of its wait spent in the swap that loaded its model
+    released: bool = False
 
     def release(self) -> None:
-        self.pool.release(self.slot)
+        """Idempotent: a stream's generator and its response may both end it."""
+        if not self.released:
+            self.released = True
+            self.pool.release(self.slot)
 
 
 @dataclasses.dataclass
