@@ -32,10 +32,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from daemon import start_daemon  # noqa: E402
+from daemon import start_daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048,
