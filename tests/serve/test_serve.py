@@ -262,6 +262,37 @@ def test_metrics(server: Server) -> None:
     assert "thaw_serve_swap_seconds_count" in text
 
 
+def test_top_shows_the_pool(server: Server, module_thawd: Any) -> None:
+    """`thawctl top --serve SOCKET`, key P: slots, the model per slot, queue, swaps/min."""
+    from thawctl.tui.app import ThawTop
+    from thawctl.tui.screens.main import MainScreen
+    from thawctl.tui.source import DaemonSource
+    from thawctl.tui.widgets.pool import PoolTable
+
+    complete(server, "tiny0", PROMPTS[0])  # the slot holds a registered model again
+
+    async def scenario() -> None:
+        app = ThawTop(DaemonSource(module_thawd.socket, 0.2), 0.2, server.admin_socket)
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = app.screen
+            assert isinstance(screen, MainScreen)
+            await pilot.press("P")
+            assert screen.has_class("-pool")
+            table = screen.query_one(PoolTable)
+            deadline = time.monotonic() + 20
+            while table.row_count == 0 and time.monotonic() < deadline:
+                await pilot.pause(0.05)
+            cells = [str(c) for c in table.get_row_at(0)]
+            assert cells[:3] == ["0", "idle", "tiny0"]
+            assert int(cells[5]) >= 4  # the swaps of the tests above
+            assert "1 slots · 0 queued ·" in str(table.border_title)
+            assert "swaps/min" in str(table.border_title)
+            await pilot.press("P")
+            assert not screen.has_class("-pool")
+
+    asyncio.run(scenario())
+
+
 def test_health(server: Server) -> None:
     r = httpx.get(f"{server.url}/health")
     assert r.status_code == 200 and r.json() == {"status": "ok", "slots": 1}
