@@ -205,6 +205,14 @@ def test_unknown_model_is_404(server: Server) -> None:
         openai_client(server).completions.create(model="nope", prompt="x", max_tokens=1)
 
 
+def test_a_request_vllm_refuses_is_400(server: Server) -> None:
+    body = {"model": "tiny0", "prompt": [5] * 3000, "max_tokens": 1}  # > max_model_len
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "3000" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_admin_refuses_unauthenticated_callers(server: Server) -> None:
     assert httpx.get(f"{server.url}/admin/pool").status_code == 401
     wrong = {"Authorization": "Bearer " + "0" * 32}

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from thawctl.serve.engine import Job
+from thawctl.serve.engine import Job, RequestRefused
 from thawctl.serve.metrics import Metrics
 from thawctl.serve.models import ModelError
 from thawctl.serve.pool import Lease, Pool, QueueFull
@@ -110,6 +110,9 @@ class Api:
                                      headers=lease_headers(lease))  # fmt: skip
         try:
             outputs = [o async for o in _outputs(lease, job)]
+        except RequestRefused as e:
+            self.metrics.requests.labels(name, route, "400").inc()
+            return error(400, str(e), "invalid_request_error")
         except Exception as e:
             self.metrics.requests.labels(name, route, "500").inc()
             return error(500, f"generation failed: {e}", "internal_error")

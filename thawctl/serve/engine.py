@@ -46,6 +46,10 @@ class Job:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
 
 
+class RequestRefused(ValueError):
+    """vLLM refused to add the request (a prompt too long for the model, ...): HTTP 400."""
+
+
 class WrongWeights(RuntimeError):
     """A request reached a slot holding other weights: refused rather than served."""
 
@@ -68,6 +72,9 @@ class Engine:
     # --- the asyncio side --------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
+        if not self.alive():  # nothing would ever answer it
+            job.put(RuntimeError(f"slot {self.index}'s engine has stopped"))
+            return
         self._inbox.put(("add", job))
 
     def abort(self, request_id: str) -> None:
@@ -76,6 +83,8 @@ class Engine:
     async def swap(self, model: str, snapshot: str) -> EngineTransfer:
         """Restore `snapshot` into this engine (the pool calls it only with no request in
         flight here); the engine holds `model` afterwards."""
+        if not self.alive():
+            raise RuntimeError(f"slot {self.index}'s engine has stopped")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[EngineTransfer] = loop.create_future()
         self._inbox.put(("swap", (model, snapshot, loop, done)))
@@ -135,7 +144,7 @@ class Engine:
             try:
                 engine.add_request(job.request_id, job.prompt, job.params)
             except Exception as e:  # a prompt vLLM refuses (too long, ...): that request's
-                job.put(e)
+                job.put(RequestRefused(str(e)))
                 return
             self._jobs[job.request_id] = job
         elif kind == "abort":

@@ -188,6 +188,7 @@ class Pool:
         except asyncio.CancelledError:
             if waiter in queue:
                 queue.remove(waiter)
+                self._schedule()  # a reservation made for it alone is released
             elif waiter.future.done() and not waiter.future.cancelled() \
                     and waiter.future.exception() is None:  # fmt: skip
                 waiter.future.result().release()  # admitted as the client left
@@ -220,6 +221,11 @@ class Pool:
 
     def _schedule(self) -> None:
         """Admit whom can be admitted, start the swaps that can start: oldest waiter first."""
+        # A reservation outlives no one: if every request it was made for left (or was
+        # served), the slot takes requests for the model it holds again.
+        for s in self.slots:
+            if s.reserved_for and not self.waiters.get(s.reserved_for):
+                s.reserved_for = ""
         pending = sorted(((q[0].arrived, name) for name, q in self.waiters.items() if q))
         for _, name in pending:
             queue = self.waiters[name]
