@@ -155,6 +155,42 @@ def test_concurrent_requests_for_two_models_on_one_slot(
     assert 1 <= after - before <= 4
 
 
+def test_no_swap_under_a_request_in_flight(server: Server, reference: dict[str, Any]) -> None:
+    """A long stream on the one slot: a request for the other model waits for it to end
+    (the slot is reserved, so a later request for the first model queues, not joins)."""
+    complete(server, "tiny0", PROMPTS[0])  # the slot holds tiny0
+
+    async def main() -> tuple[float, httpx.Response, httpx.Response, int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            long = {"model": "tiny0", "prompt": PROMPTS[0], "max_tokens": 300,
+                    "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
+            async with client.stream("POST", "/v1/completions", json=long) as stream:
+                lines = stream.aiter_lines()
+                await anext(lines)  # in flight now
+                other = asyncio.create_task(client.post("/v1/completions", json={
+                    "model": "tiny1", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
+                    "temperature": 0}))  # fmt: skip
+                await asyncio.sleep(0.3)
+                again = asyncio.create_task(client.post("/v1/completions", json={
+                    "model": "tiny0", "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS,
+                    "temperature": 0}))  # fmt: skip
+                chunks = 1 + sum([1 async for line in lines if line.startswith("data: {")])
+                ended = time.time()
+            return ended, await other, await again, chunks
+
+    ended, other, again, chunks = asyncio.run(main())
+    assert chunks >= 2
+    assert other.json()["choices"][0]["text"] == reference["tiny1"][PROMPTS[0]]
+    assert again.json()["choices"][0]["text"] == reference["tiny0"][PROMPTS[1]]
+    swaps = server.admin().get("/pool").json()["last_swaps"]
+    to_tiny1 = [s for s in swaps if s["model"] == "tiny1"][-1]
+    # The swap started (its end less its length) after the stream's last token, which the
+    # client read a little later: 0.1 s of slack, against a stream in flight for seconds.
+    assert to_tiny1["ended"] - to_tiny1["seconds"] >= ended - 0.1
+    assert float(other.headers["x-thaw-queue-seconds"]) > 0.2
+    assert [s["model"] for s in swaps[-2:]] == ["tiny1", "tiny0"]
+
+
 def test_swap_drops_the_prefix_cache(server: Server, reference: dict[str, Any]) -> None:
     prompt = reference["long_prompt"]["text"]
 

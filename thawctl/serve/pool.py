@@ -299,7 +299,7 @@ class Pool:
         slot.draining = True
         slot.reserved_for = ""
         self._schedule()
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):  # 3.10: not the builtin yet
             await asyncio.wait_for(slot.idle.wait(), timeout)
         return slot
 
