@@ -135,8 +135,11 @@ def server(reference: dict[str, Any], tiny_dirs: dict[int, Path], module_thawd: 
         yield Server(url, admin_socket, token, log, proc)
     finally:
         proc.send_signal(signal.SIGTERM)
+        rc = None
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
+            rc = proc.wait(30)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the engine's processes, whatever happened
         proc.wait()
+    # SIGTERM stops the server and its engines, and says so with exit code 0.
+    assert rc == 0, f"thawctl serve exited with {rc} on SIGTERM:\n{log.read_text()[-4000:]}"

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from thawctl import exitcodes
@@ -102,6 +105,8 @@ def run_serve(ctx: Context) -> int:
         ) from e
 
     from thawctl.serve import admin, app, engine, metrics, pool
+
+    server_cls = _server_class()
     from thawctl.serve.models import Model, ModelError, validate_name
 
     args = ctx.args
@@ -146,13 +151,18 @@ def run_serve(ctx: Context) -> int:
     admin_path = args.admin_socket or admin.default_socket(args.port)
     listener = admin.unix_listener(admin_path)
 
-    http = uvicorn.Server(uvicorn.Config(app.build(api, mounts), host=args.host,
+    http = server_cls(uvicorn.Config(app.build(api, mounts), host=args.host,
                                          port=args.port, log_level="warning",
                                          access_log=False))  # fmt: skip
-    ops = uvicorn.Server(uvicorn.Config(control.router(), log_level="warning",
+    ops = server_cls(uvicorn.Config(control.router(), log_level="warning",
                                         access_log=False))  # fmt: skip
 
     async def serve() -> None:
+        # SIGINT/SIGTERM end both servers; then the engines stop (the finally below) and
+        # the command returns 0.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, _stop, http, ops)
         ctx.warn(f"serve: http://{args.host}:{args.port}/v1 ({len(the_pool.models)} models, "
                  f"{len(slots)} slots); admin on unix:{admin_path}")  # fmt: skip
         await asyncio.gather(http.serve(), ops.serve(sockets=[listener]))
@@ -166,11 +176,31 @@ def run_serve(ctx: Context) -> int:
     return exitcodes.OK
 
 
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server without its signal handling: two servers share this process,
+        and uvicorn re-raises the signal once it has stopped, which would kill the process
+        before its engines are shut down."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return Server
+
+
+def _stop(*servers: Any) -> None:
+    for server in servers:
+        server.should_exit = True
+
+
 def _resolve(client: Any, name: str, snapshot: str) -> Any:
     """A Model for a thawd snapshot (a file is registered with thawd under `name` first):
     its architecture from the fingerprint thawd recorded."""
     from thaw.engines.ranks import is_path
-    from thaw.errors import ThawError
+    from thaw.errors import DaemonUnavailable, NotFound, SnapshotMissing, ThawError
     from thaw.format.fingerprint import Fingerprint
     from thawctl.serve.models import Architecture, Model, ModelError
 
@@ -179,8 +209,12 @@ def _resolve(client: Any, name: str, snapshot: str) -> Any:
             client.register(snapshot, name)
             snapshot = name
         record = client.stat(snapshot)
-    except ThawError as e:
+    except (NotFound, SnapshotMissing) as e:
         raise ModelError(f"snapshot {snapshot!r}: {e}", 404, "not_found_error") from e
+    except DaemonUnavailable as e:
+        raise ModelError(f"thawd: {e}", 503, "service_unavailable") from e
+    except ThawError as e:  # a name thawd holds for another file, a file it refuses, ...
+        raise ModelError(f"snapshot {snapshot!r}: {e}", 409, "conflict_error") from e
     fp = record.fingerprint
     if not isinstance(fp, Fingerprint):
         raise ModelError(f"snapshot {snapshot!r} has no fingerprint: no slot can hold it", 422)
