@@ -100,6 +100,9 @@ class Api:
         except Exception as e:
             lease.release()
             return error(400, f"invalid request: {e}", "invalid_request_error")
+        except BaseException:  # cancelled (the client left) while the prompt was rendered
+            lease.release()
+            raise
         job = Job(f"{route}-{uuid.uuid4().hex}", name, prompt, params,
                   asyncio.get_running_loop(), asyncio.Queue())  # fmt: skip
         lease.slot.engine.submit(job)
