@@ -106,9 +106,25 @@ def test_chat_stream_through_openai_client(server: Server, reference: dict[str, 
         temperature=0,
         stream=True,
     )
-    deltas = [c.choices[0].delta.content or "" for c in stream]
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert len(deltas) > 1
     assert "".join(deltas) == reference["tiny1"]["chat"]
+    assert chunks[-1].usage is None  # only when asked for
+
+
+def test_stream_usage_when_asked_equals_the_unstreamed_usage(server: Server) -> None:
+    client = openai_client(server)
+    plain = client.completions.create(model="tiny0", prompt=PROMPTS[1], max_tokens=MAX_TOKENS,
+                                      temperature=0)  # fmt: skip
+    chunks = list(client.completions.create(
+        model="tiny0", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert plain.usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+        plain.usage.prompt_tokens, plain.usage.completion_tokens)  # fmt: skip
+    assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_a_client_leaving_mid_stream_frees_the_slot(

@@ -108,9 +108,10 @@ class Api:
         lease.slot.engine.submit(job)
         count = self.metrics.requests.labels(name, route, "200").inc
         if req.stream:
-            return LeasedStream(lease, job, self._stream(lease, job, route, count),
-                                     media_type="text/event-stream",
-                                     headers=lease_headers(lease))  # fmt: skip
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return LeasedStream(lease, job, self._stream(lease, job, route, count, usage),
+                                media_type="text/event-stream",
+                                headers=lease_headers(lease))  # fmt: skip
         try:
             outputs = [o async for o in _outputs(lease, job)]
         except RequestRefused as e:
@@ -124,9 +125,11 @@ class Api:
         return JSONResponse(_response(route, name, job.request_id, final),
                             headers=lease_headers(lease))  # fmt: skip
 
-    async def _stream(self, lease: Lease, job: Job, route: str,
-                      count: Callable[[], None]) -> AsyncIterator[str]:  # fmt: skip
-        """Server-sent events, one per step's delta as the slot produces it."""
+    async def _stream(self, lease: Lease, job: Job, route: str, count: Callable[[], None],
+                      usage: bool) -> AsyncIterator[str]:  # fmt: skip
+        """Server-sent events, one per step's delta as the slot produces it; with `usage`
+        (stream_options.include_usage) a last chunk with no choices and the token counts,
+        as OpenAI sends it."""
         from vllm.entrypoints.generate.base.protocol import DeltaMessage
         from vllm.entrypoints.openai.chat_completion.protocol import (
             ChatCompletionResponseStreamChoice,
@@ -136,11 +139,15 @@ class Api:
             CompletionResponseStreamChoice,
             CompletionStreamResponse,
         )
+        from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
         first = True
+        prompt_tokens = completion_tokens = 0
         try:
             async for out in _outputs(lease, job):
                 c = out.outputs[0]
+                prompt_tokens = max(prompt_tokens, len(out.prompt_token_ids or ()))
+                completion_tokens += len(c.token_ids)
                 if route == "chat":
                     delta = DeltaMessage(role="assistant" if first else None, content=c.text)
                     chunk: Any = ChatCompletionStreamResponse(
@@ -156,6 +163,16 @@ class Api:
                     )  # fmt: skip
                 first = False
                 yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+            if usage:
+                kind = ChatCompletionStreamResponse if route == "chat" else CompletionStreamResponse
+                total = prompt_tokens + completion_tokens
+                counts = UsageInfo(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    total_tokens=total,
+                )
+                last = kind(id=job.request_id, model=job.model, choices=[], usage=counts)
+                yield f"data: {last.model_dump_json(exclude_none=True)}\n\n"
             count()
         except Exception as e:
             body = {"error": {"message": f"generation failed: {e}", "type": "internal_error",
