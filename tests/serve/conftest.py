@@ -11,6 +11,7 @@ before the server's engine starts.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -35,6 +36,26 @@ PROMPTS = ["The river town woke", "Hello world"]
 CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Tell me about the river."}]  # fmt: skip
 MODELS = {"tiny0": 0, "tiny1": 1}
+
+
+def one_layer_dir(base: Path, source: Path) -> Path:
+    """The seed-0 tiny Llama cut to its first layer: another architecture (parameter count)
+    whose weights vLLM loads, for a slot of its own."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dest = base / "onelayer" / "tiny"
+    if dest.exists():
+        return dest
+    shutil.copytree(source, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (dest / "config.json").write_text(json.dumps(config))
+    weights = load_file(dest / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.1.")},
+              dest / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    return dest
 
 
 def _reference_outputs(llm: Any) -> dict[str, Any]:
@@ -73,6 +94,13 @@ def reference(tiny_dirs: dict[int, Path], module_thawd: Any) -> dict[str, dict[s
         llm.reset_prefix_cache()
         refs["tiny1"] = _reference_outputs(llm)
         client.freeze(llm, "tiny1")
+        shutdown(llm)
+        # Another architecture, for the server's second slot.
+        small = one_layer_dir(tiny_dirs[0].parents[1], tiny_dirs[0])
+        llm = LLM(model=str(small), worker_extension_cls=thaw.vllm.WORKER_EXTENSION,
+                  **ENGINE_KWARGS)  # fmt: skip
+        refs["small"] = _reference_outputs(llm)
+        client.freeze(llm, "small")
     finally:
         shutdown(llm)
         client.close()
@@ -112,7 +140,9 @@ def server(reference: dict[str, Any], tiny_dirs: dict[int, Path], module_thawd: 
     admin_socket = str(work / "admin" / "serve.sock")
     port = free_port()
     args = [sys.executable, "-m", "thawctl", "--socket", module_thawd.socket, "serve",
-            "--model", str(tiny_dirs[0]), "--snapshot", "tiny0", "--register", "tiny1=tiny1",
+            "--model", str(tiny_dirs[0]), "--model", str(one_layer_dir(
+                tiny_dirs[0].parents[1], tiny_dirs[0])),
+            "--snapshot", "tiny0", "--register", "tiny1=tiny1", "--register", "small=small",
             "--port", str(port), "--admin-socket", admin_socket,
             "--admin-token-file", str(token_file), "--max-queue", str(MAX_QUEUE)]  # fmt: skip
     for key, value in ENGINE_KWARGS.items():

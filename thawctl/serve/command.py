@@ -23,7 +23,7 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
         "serve",
         parents=[parents["socket"]],
         help="serve models over an OpenAI-compatible API from a pool of warm vLLM engines",
-        description="Start --pool-size vLLM engines on --model's architecture and serve "
+        description="Start --pool-size vLLM engines per --model and serve "
         "/v1/completions, /v1/chat/completions, /v1/models, /health and /metrics. A request "
         "names its model; a slot holding it serves it, else the least recently used idle slot "
         "swaps its weights from thawd. The admin API (register, unregister, pool, drain) "
@@ -33,8 +33,11 @@ def add_parsers(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--model",
         required=True,
+        action="append",
         metavar="DIR_OR_ID",
-        help="the architecture, config and tokenizer every slot is started with",
+        help="the architecture, config and tokenizer of --pool-size slots; repeat it for "
+        "slots of other architectures (the first --model's first slot starts with --snapshot, "
+        "the others empty)",
     )
     p.add_argument("--snapshot", required=True, metavar="NAME",
                    help="the first model's thawd snapshot (a name, or a file thawd registers); "
@@ -144,10 +147,11 @@ def _serve(ctx: Context) -> int:
     extra = [resolve(name, snapshot) for name, snapshot in specs]
 
     slots = []
-    for i in range(args.pool_size):
+    models = [m for m in args.model for _ in range(args.pool_size)]
+    for i, model_dir in enumerate(models):
         started = time.perf_counter()
-        ctx.warn(f"serve: starting engine {i + 1} of {args.pool_size} on {args.model}")
-        slots.append(_start_slot(i, args.model, kwargs, first if i == 0 else None, ctx.socket))
+        ctx.warn(f"serve: starting engine {i + 1} of {len(models)} on {model_dir}")
+        slots.append(_start_slot(i, model_dir, kwargs, first if i == 0 else None, ctx.socket))
         ctx.warn(f"serve: slot {i} ready in {time.perf_counter() - started:.1f} s "
                  f"({slots[-1].model or 'empty'})")  # fmt: skip
     the_pool = pool.Pool(slots, max_queue=args.max_queue)
