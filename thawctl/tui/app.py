@@ -17,13 +17,14 @@ class ThawTop(App[None]):
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [Binding("ctrl+c", "quit", "quit", show=False, priority=True)]
 
-    def __init__(self, source: Source, interval_s: float = 1.0) -> None:
+    def __init__(self, source: Source, interval_s: float = 1.0, serve_socket: str = "") -> None:
         super().__init__()
         self.source = source
         self.interval_s = interval_s
+        self.serve_socket = serve_socket
 
     def on_mount(self) -> None:
-        self.push_screen(MainScreen(self.source, self.interval_s))
+        self.push_screen(MainScreen(self.source, self.interval_s, self.serve_socket))
 
     async def action_quit(self) -> None:
         # Break the watch worker's blocking read first, so the app exits at once.

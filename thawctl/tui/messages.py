@@ -35,3 +35,12 @@ class ActionDone(Message):
         self.text = text
         self.error = error
         self.log = log
+
+
+class PoolUpdate(Message):
+    """The serve pool's latest view (thawctl.serve.status.PoolView), or None and why not."""
+
+    def __init__(self, pool: Any, error: str = "") -> None:
+        super().__init__()
+        self.pool = pool
+        self.error = error

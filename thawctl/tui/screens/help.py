@@ -21,6 +21,7 @@ KEYS = (
     ("/", "filter by name, path, tier, checksum state or label"),
     ("s", "cycle the sort: name, tier, size, restores, last restore"),
     ("S", "sessions: open restores and freezes (pid, uid, snapshot, size), latest rates"),
+    ("P", "the serve pool (thawctl top --serve SOCKET): slots, models, queue, swaps/min"),
     ("↑ ↓ j k", "select a snapshot"),
     ("Home End", "the first, the last snapshot"),
     ("?", "this help"),

@@ -20,7 +20,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 
 from thawctl import render
-from thawctl.tui.messages import ActionDone, ActionProgress, SourceUpdate
+from thawctl.tui.messages import ActionDone, ActionProgress, PoolUpdate, SourceUpdate
 from thawctl.tui.screens.confirm import ConfirmScreen
 from thawctl.tui.screens.help import HelpScreen
 from thawctl.tui.source import Connection, Source
@@ -28,6 +28,7 @@ from thawctl.tui.widgets.events import EventLog
 from thawctl.tui.widgets.gauges import MemoryGauges
 from thawctl.tui.widgets.gpus import GpuList
 from thawctl.tui.widgets.header import DaemonHeader
+from thawctl.tui.widgets.pool import PoolTable
 from thawctl.tui.widgets.sessions import SessionTable
 from thawctl.tui.widgets.snapshots import SORT_NAMES, SnapshotTable, arrange
 from thawctl.tui.widgets.throughput import WINDOW, ThroughputPlot
@@ -51,6 +52,7 @@ class MainScreen(Screen[None]):
         Binding("slash", "filter", "filter", key_display="/"),
         Binding("s", "sort", "sort"),
         Binding("S", "sessions", "sessions", show=False),
+        Binding("P", "pool", "pool", show=False),
         Binding("question_mark", "help", "help", key_display="?"),
         Binding("q", "app.quit", "quit"),
     ]
@@ -66,10 +68,12 @@ class MainScreen(Screen[None]):
     filter_text: reactive[str] = reactive("")
     sort_key: reactive[str] = reactive("name")
     activity: reactive[str] = reactive("")
+    pool: reactive[Any] = reactive(None)
 
-    def __init__(self, source: Source, interval_s: float = 1.0) -> None:
+    def __init__(self, source: Source, interval_s: float = 1.0, serve_socket: str = "") -> None:
         super().__init__()
         self.source = source
+        self.serve_socket = serve_socket  # a thawctl serve's admin socket, for the pool view
         self.set_reactive(MainScreen.interval_s, interval_s)
 
     def compose(self) -> ComposeResult:
@@ -83,6 +87,7 @@ class MainScreen(Screen[None]):
         )
         yield table
         yield SessionTable(id="sessions").data_bind(MainScreen.sessions)
+        yield PoolTable(id="pool").data_bind(MainScreen.pool)
         yield Input(placeholder="filter: name, path, tier, label…", id="filter")
         yield Static("", id="activity")
         yield EventLog(id="events")
@@ -95,6 +100,8 @@ class MainScreen(Screen[None]):
         self._update_titles()
         self.query_one(SnapshotTable).focus()
         self.watch_daemon()
+        if self.serve_socket:
+            self.watch_pool()
 
     # --- the one watch worker ---------------------------------------------------------------
 
@@ -103,6 +110,32 @@ class MainScreen(Screen[None]):
         """Consume the source's stream (blocking, in a thread) and post every item."""
         for item in self.source.stream():
             self.post_message(SourceUpdate(item))
+
+    @work(thread=True, exclusive=True, group="pool", exit_on_error=False)
+    def watch_pool(self) -> None:
+        """Poll the serve pool's admin socket each interval (in a thread); a server not
+        answering leaves the last view in place, titled as unreachable."""
+        from textual.worker import get_current_worker
+
+        from thawctl.serve.status import fetch
+
+        worker = get_current_worker()
+        while not worker.is_cancelled:
+            try:
+                self.post_message(PoolUpdate(fetch(self.serve_socket)))
+            except Exception as e:
+                self.post_message(PoolUpdate(None, f"{type(e).__name__}: {e}"))
+            deadline = time.monotonic() + self.interval_s
+            while not worker.is_cancelled and time.monotonic() < deadline:
+                time.sleep(0.05)  # short naps: quitting the dashboard never waits a period
+
+    @on(PoolUpdate)
+    def _pool_received(self, message: PoolUpdate) -> None:
+        if message.pool is not None:
+            self.pool = message.pool
+        else:
+            table = self.query_one(PoolTable)
+            table.border_title = f"pool: {self.serve_socket} unreachable ({message.error})"
 
     def on_resize(self) -> None:
         # Below 24 lines the snapshot table matters most: the plot goes, the log shrinks.
@@ -198,9 +231,19 @@ class MainScreen(Screen[None]):
             return None
         return next((r for r in self.snapshots if r.name == name), None)
 
+    def action_pool(self) -> None:
+        """Show the serve pool in the snapshot table's place, or the snapshots again."""
+        showing = not self.has_class("-pool")
+        self.set_class(False, "-sessions")
+        self.set_class(showing, "-pool")
+        pool = self.query_one(PoolTable)
+        pool.styles.height = self.query_one(SnapshotTable).styles.height
+        (pool if showing else self.query_one(SnapshotTable)).focus()
+
     def action_sessions(self) -> None:
         """Show the sessions in the snapshot table's place, or the snapshots again."""
         showing = not self.has_class("-sessions")
+        self.set_class(False, "-pool")
         self.set_class(showing, "-sessions")
         sessions = self.query_one(SessionTable)
         sessions.styles.height = self.query_one(SnapshotTable).styles.height
