@@ -1,11 +1,12 @@
 """Fixtures of the `thawctl serve` tests: the tiny models' snapshots in a real thawd, the
-reference outputs of an engine loaded directly with each model's weights, and one running
-`thawctl serve` (a subprocess: the real CLI, one slot) shared by the whole module.
+reference outputs of an engine loaded directly with each model's weights, and two running
+`thawctl serve` processes (the real CLI) shared by the whole module: `server`, one slot per
+architecture (the tiny Llama and its one-layer cut), and `pool2`, two slots of one.
 
-Engines are the cost (30-50 s each on the 2-core CI box): two in all. The reference engine
+Engines are the cost (30-50 s each on the 2-core CI box): six in all. The reference engine
 loads seed 0 from its checkpoint, answers, freezes it into thawd, then loads seed 1 with
-vLLM's own checkpoint reload (not thaw's restore), answers and freezes again; it stops
-before the server's engine starts.
+vLLM's own checkpoint reload (not thaw's restore), answers and freezes again; then one more
+for the one-layer model; they stop before the servers' engines start.
 """
 
 from __future__ import annotations
@@ -132,17 +133,34 @@ class Server:
 @pytest.fixture(scope="module")
 def server(reference: dict[str, Any], tiny_dirs: dict[int, Path], module_thawd: Any,  # noqa: F811
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # fmt: skip
-    work = tmp_path_factory.mktemp("serve")
+    """Two slots, one per architecture: the tiny Llama and its one-layer cut."""
+    models = ["--model", str(tiny_dirs[0]),
+              "--model", str(one_layer_dir(tiny_dirs[0].parents[1], tiny_dirs[0])),
+              "--snapshot", "tiny0", "--register", "tiny1=tiny1",
+              "--register", "small=small"]  # fmt: skip
+    yield from _serve(module_thawd, tmp_path_factory.mktemp("serve"), models)
+
+
+@pytest.fixture(scope="module")
+def pool2(reference: dict[str, Any], tiny_dirs: dict[int, Path], module_thawd: Any,  # noqa: F811
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # fmt: skip
+    """--pool-size 2 of one architecture: slot 0 starts with tiny0, slot 1 empty; three
+    models ("tiny0-again" is tiny0's weights under another name)."""
+    models = ["--model", str(tiny_dirs[0]), "--pool-size", "2", "--snapshot", "tiny0",
+              "--register", "tiny1=tiny1", "--register", "tiny0-again=tiny0"]  # fmt: skip
+    yield from _serve(module_thawd, tmp_path_factory.mktemp("pool2"), models)
+
+
+def _serve(module_thawd: Any, work: Path, models: list[str]) -> Iterator[Server]:
+    """A `thawctl serve` process on `models` (its --model/--snapshot/--register arguments),
+    ready; stopped with SIGTERM afterwards, which must exit 0."""
     token = secrets.token_hex(16)
     token_file = work / "admin.token"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
     admin_socket = str(work / "admin" / "serve.sock")
     port = free_port()
-    args = [sys.executable, "-m", "thawctl", "--socket", module_thawd.socket, "serve",
-            "--model", str(tiny_dirs[0]), "--model", str(one_layer_dir(
-                tiny_dirs[0].parents[1], tiny_dirs[0])),
-            "--snapshot", "tiny0", "--register", "tiny1=tiny1", "--register", "small=small",
+    args = [sys.executable, "-m", "thawctl", "--socket", module_thawd.socket, "serve", *models,
             "--port", str(port), "--admin-socket", admin_socket,
             "--admin-token-file", str(token_file), "--max-queue", str(MAX_QUEUE)]  # fmt: skip
     for key, value in ENGINE_KWARGS.items():

@@ -378,3 +378,35 @@ def test_top_shows_the_pool(server: Server, module_thawd: Any) -> None:
 def test_health(server: Server) -> None:
     r = httpx.get(f"{server.url}/health")
     assert r.status_code == 200 and r.json() == {"status": "ok", "slots": 2}
+
+
+def test_a_pool_of_two_keeps_two_models_and_swaps_the_least_recently_used(
+    pool2: Server, reference: dict[str, Any]
+) -> None:
+    """--pool-size 2 (one architecture): a second model fills the empty slot and stays there;
+    asking for both then swaps nothing (affinity); a third model swaps the slot used least
+    recently, never the one just used; every answer is its weights' own."""
+    weights = {"tiny0": "tiny0", "tiny1": "tiny1", "tiny0-again": "tiny0"}
+
+    def ask(model: str) -> int:
+        r = complete(pool2, model, PROMPTS[0])
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == reference[weights[model]][PROMPTS[0]], model
+        return int(r.headers["x-thaw-slot"])
+
+    def swaps() -> int:
+        return sum(s["swaps"] for s in pool2.admin().get("/pool").json()["slots"])
+
+    assert ask("tiny0") == 0  # loaded at start
+    start = swaps()
+    assert ask("tiny1") == 1  # the empty slot
+    assert swaps() == start + 1
+    for _ in range(2):
+        assert (ask("tiny0"), ask("tiny1")) == (0, 1)
+    assert swaps() == start + 1  # both held: no swap
+    assert ask("tiny0-again") == 0  # slot 0 was used before slot 1's last request
+    assert ask("tiny1") == 1
+    assert ask("tiny0") == 0  # slot 0 again: tiny0-again was used before tiny1
+    assert swaps() == start + 3
+    slots = pool2.admin().get("/pool").json()["slots"]
+    assert [(s["slot"], s["model"]) for s in slots] == [(0, "tiny0"), (1, "tiny1")]
