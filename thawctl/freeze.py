@@ -85,12 +85,15 @@ def run_freeze(ctx: Context) -> int:
     if args.tensor_parallel_size < 1:
         raise CommandError("--tensor-parallel-size must be at least 1", exitcodes.USAGE)
     if is_object(args.output):  # thawd uploads it: the bytes go through its pool
-        if args.engine != "torch":
-            raise CommandError("-o s3://... freezes through thawd with --engine torch; freeze "
-                               "an engine's ranks into files, then upload them or freeze with "
-                               "thawd names", exitcodes.USAGE)  # fmt: skip
+        if args.engine == "sglang":
+            raise CommandError("-o s3://... freezes through thawd with --engine torch or vllm; "
+                               "freeze an SGLang engine's ranks into files, then upload them",
+                               exitcodes.USAGE)  # fmt: skip
         with ctx.connect() as client:
-            doc = freeze_torch(args, client)
+            if args.engine == "torch":
+                doc = freeze_torch(args, client)
+            else:
+                doc = freeze_engine_into(args, client)
         return _report(ctx, doc)
     output = Path(args.output)
     if output.exists() and not args.force:
@@ -250,20 +253,85 @@ def _not_installed(engine: str, why: str) -> CommandError:
                         f"{cpu}, e.g. pip install 'thaw[{engine}]'")  # fmt: skip
 
 
-def freeze_engine(args: argparse.Namespace) -> dict[str, Any]:
-    """Hand over to thaw.<engine>.freeze_engine; it owns starting the engine."""
-    # Before anything is written (the tiny model's directory, say): is the engine there?
+def _integration(engine: str) -> Any:
+    """thaw.<engine>, once the engine itself is known to be installed (checked before
+    anything is written: the tiny model's directory, say)."""
     try:
-        present = importlib.util.find_spec(args.engine) is not None
+        present = importlib.util.find_spec(engine) is not None
     except (ImportError, ValueError):  # a module set to None, or one without a spec
         present = False
     if not present:
-        raise _not_installed(args.engine, f"no module named {args.engine!r}")
-    module_name = f"thaw.{args.engine}"
+        raise _not_installed(engine, f"no module named {engine!r}")
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(f"thaw.{engine}")
     except ImportError as e:
+        raise _not_installed(engine, str(e)) from None
+
+
+def freeze_engine_into(args: argparse.Namespace, client: Any) -> dict[str, Any]:
+    """Freeze an engine's ranks into thawd, which writes each to its object (`args.output`,
+    s3://..., one per rank named as files are) and keeps it pinned; returns once every rank's
+    object is complete."""
+    from thaw.engines.ranks import rank_name
+
+    module = _integration(args.engine)
+    model = tiny_model_dir() if args.model == TINY else args.model
+    name = args.output.rsplit("/", 1)[-1].removesuffix(".thaw")
+    tp = args.tensor_parallel_size
+    started = time.perf_counter()
+    try:
+        with _stdout_to_stderr():
+            transfer = module.freeze_engine_into(
+                model=model, name=name, path=args.output, socket=client.socket,
+                dtype=checkpoint_dtype(model) if args.dtype == "auto" else args.dtype,
+                tensor_parallel_size=tp, labels=dict(args.label))  # fmt: skip
+    except ImportError as e:  # the integration is there, the engine is not
         raise _not_installed(args.engine, str(e)) from None
+    records = [_written(client, rank_name(name, r, tp)) for r in range(tp)]
+    fingerprint = records[0].fingerprint
+    return {
+        "engine": args.engine,
+        "model": args.model,
+        "dtype": getattr(fingerprint, "dtype", args.dtype),
+        "tensor_parallel_size": tp,
+        "load_seconds": round(time.perf_counter() - started, 6),
+        "freeze": {
+            "bytes": transfer.bytes,
+            "seconds": round(transfer.seconds, 6),
+            "gbps": round(transfer.gbps, 4),
+            "source": "thawd",
+        },
+        "fingerprint": fingerprint.to_json() if hasattr(fingerprint, "to_json") else None,
+        "files": [
+            {
+                "path": r.path,
+                "size_bytes": r.size_bytes,
+                "file_bytes": r.file_bytes,
+                "tensor_count": r.tensor_count,
+                "tp_rank": rank,
+                "name": r.name,
+            }
+            for rank, r in enumerate(records)
+        ],
+    }
+
+
+def _written(client: Any, name: str) -> Any:
+    """`name`'s record once thawd has written its file or object (written behind the freeze);
+    a CommandError with thawd's reason when it could not."""
+    while True:
+        record = client.stat(name)
+        if isinstance(record.file_bytes, int):
+            return record
+        if record.error:
+            raise CommandError(f"thawd could not write {record.path}: {record.error}")
+        time.sleep(0.2)
+
+
+def freeze_engine(args: argparse.Namespace) -> dict[str, Any]:
+    """Hand over to thaw.<engine>.freeze_engine; it owns starting the engine."""
+    module = _integration(args.engine)
+    module_name = f"thaw.{args.engine}"
     fn = getattr(module, "freeze_engine", None)
     if fn is None:
         raise CommandError(

@@ -5,6 +5,11 @@ pinned, transient errors are retried, and thawd reads only what its operator all
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +19,7 @@ import pytest
 from torch import Tensor
 
 from tests.daemon.conftest import ThawdProcess, random_tensors, same, write_snapshot, zeros_like
+from tests.engines.conftest import ROOT
 from tests.s3.conftest import ALLOWED, BUCKET, upload
 from tests.s3.store import CREDENTIALS, SECRET, MotoServer, Relay
 from thaw import errors
@@ -317,3 +323,38 @@ def test_a_cache_directory_others_may_write_stops_thawd_at_start(
     with pytest.raises(RuntimeError, match="cache_dir"):
         s3_thawd(moto.url, cache_dir=str(shared), cache_bytes="1MiB")
     assert oct(shared.stat().st_mode & 0o777) == "0o777"  # refused, never chmodded
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_thawctl_freezes_a_vllm_engine_into_an_object(
+    moto: MotoServer, s3_thawd: Start, tmp_path: Path
+) -> None:
+    """`thawctl freeze --engine vllm -o s3://...`: the engine's weights go into thawd, which
+    uploads them; the command returns once the object is complete, a whole verified snapshot
+    that another thawd pins by its URI."""
+    daemon = s3_thawd(moto.url)
+    uri = f"{ALLOWED}vllm/tiny.thaw"
+
+    def thawctl(*argv: str) -> subprocess.CompletedProcess[str]:
+        # A fresh interpreter: vLLM spawns its engine processes, which need a __main__ guard.
+        return subprocess.run([sys.executable, "-m", "thawctl", "--socket", daemon.socket, *argv],
+                              capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+
+    done = thawctl("freeze", "--engine", "vllm", "--model", "tiny", "-o", uri, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(done.stdout)
+    assert doc["fingerprint"]["engine"] == "vllm" and doc["fingerprint"]["dtype"] == "float32"
+    assert [(f["path"], f["name"]) for f in doc["files"]] == [(uri, "tiny")]
+    body = moto.client().get_object(Bucket=BUCKET, Key="snapshots/vllm/tiny.thaw")["Body"]
+    (tmp_path / "tiny.thaw").write_bytes(body.read())
+    verified = thawctl("verify", str(tmp_path / "tiny.thaw"))
+    assert verified.returncode == 0, verified.stderr
+    other = s3_thawd(moto.url)
+    with connect(other.socket) as c:
+        c.register(uri)
+        assert c.pin("tiny").checksum_state == "verified"
+    refused = thawctl("freeze", "--engine", "sglang", "--model", "tiny", "-o", uri)
+    assert refused.returncode == 2 and "--engine torch or vllm" in refused.stderr

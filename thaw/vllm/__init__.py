@@ -21,6 +21,7 @@ _LAZY = {
     "restore": "thaw.vllm.api",
     "freeze": "thaw.vllm.api",
     "freeze_engine": "thaw.vllm.api",
+    "freeze_engine_into": "thaw.vllm.api",
     "fingerprints": "thaw.vllm.api",
     "is_llm": "thaw.vllm.api",
     "ThawModelLoader": "thaw.vllm.loader",

@@ -152,6 +152,35 @@ FREEZE_ENGINE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def freeze_engine_into(
+    model: str,
+    name: str,
+    path: str,
+    socket: str,
+    dtype: str = "auto",
+    tensor_parallel_size: int = 1,
+    labels: Mapping[str, str] | None = None,
+    **engine_kwargs: Any,
+) -> EngineTransfer:
+    """Start vLLM on `model` and freeze each rank's weights into thawd at `socket` as `name`
+    (a name per rank as rank_name gives them), which writes them behind to `path` (a file or
+    an object URI, one per rank as rank_path names them) and keeps them pinned. What
+    `thawctl freeze --engine vllm -o s3://...` calls; returns once thawd holds every rank."""
+    from vllm import LLM
+
+    llm = LLM(
+        model=model,
+        dtype=dtype,  # type: ignore[arg-type]
+        tensor_parallel_size=tensor_parallel_size,
+        worker_extension_cls=WORKER_EXTENSION,
+        **{**FREEZE_ENGINE_DEFAULTS, **engine_kwargs},
+    )
+    try:
+        return freeze(llm, name, path=path, socket=socket, daemon="require", labels=labels)
+    finally:
+        _shutdown(llm)
+
+
 def freeze_engine(
     model: str,
     path: str,
@@ -193,8 +222,12 @@ def freeze_engine(
         if missing:
             raise SnapshotMissing(f"the engine started but did not write {missing}")
     finally:
-        shutdown = getattr(llm.llm_engine, "engine_core", None)
-        if shutdown is not None and hasattr(shutdown, "shutdown"):
-            shutdown.shutdown()
-        del llm
+        _shutdown(llm)
     return paths
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop the engine's core processes now, not when the object is collected."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
