@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 
+import thaw
 from thaw import _native
 
 # Llama-3-8B: 32 layers, hidden 4096, MLP 14336, 32 query / 8 KV heads of 128, vocab 128256.
@@ -163,3 +167,25 @@ def pinned_h2d_ceiling(size: int) -> float:
     best = min(timed(run) for _ in range(3))
     buf.close()
     return size / best / 1e9
+
+
+def start_thawd(
+    directory: Path, timeout: float, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """thawd on `directory`/thawd.toml (its log: thawd.log there), returned once it answers;
+    the benchmark exits with the log when thawd stops, or answers nothing in `timeout` s."""
+    sock = str(directory / "thawd.sock")
+    with open(directory / "thawd.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "thawd", "--config", str(directory / "thawd.toml")],
+            stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"thawd exited:\n{(directory / 'thawd.log').read_text()}")
+        try:
+            thaw.connect(sock).status()
+            return proc
+        except thaw.DaemonUnavailable:
+            time.sleep(0.2)
+    sys.exit(f"thawd did not come up in {timeout:.0f} s")

@@ -37,6 +37,7 @@ from common import (
     nbytes,
     pinned_h2d_ceiling,
     print_table,
+    start_thawd,
     timed,
 )
 
@@ -52,22 +53,7 @@ def start_daemon(directory: Path, budget: int) -> subprocess.Popen[bytes]:
         f'socket = "{sock}"\nstate_dir = "{directory / "state"}"\n'
         f"pinned_budget = {budget}\nwarm_budget = {budget}\nio_threads = 16\n"
     )
-    with open(directory / "thawd.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "thawd", "--config", str(directory / "thawd.toml")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 300  # a pool of 150 GB is page-locked at start: tens of s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"thawd exited:\n{(directory / 'thawd.log').read_text()}")
-        try:
-            thaw.connect(str(sock)).status()
-            return proc
-        except thaw.DaemonUnavailable:
-            time.sleep(0.2)
-    sys.exit("thawd did not come up in 300 s")
+    return start_thawd(directory, timeout=300)  # a pool of 150 GB is page-locked: tens of s
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> dict[str, int]:

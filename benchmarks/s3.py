@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, llama_shaped, print_table
+from common import Row, llama_shaped, print_table, start_thawd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,7 +43,7 @@ from tests.s3.store import CREDENTIALS, MotoServer  # noqa: E402
 from thaw import freeze_file  # noqa: E402
 
 
-def start_thawd(directory: Path, endpoint: str, bucket: str, args: argparse.Namespace,
+def thawd_for_store(directory: Path, endpoint: str, bucket: str, args: argparse.Namespace,
                 budget: int, cache: bool) -> subprocess.Popen[bytes]:  # fmt: skip
     directory.mkdir(exist_ok=True)
     sock = directory / "thawd.sock"
@@ -54,21 +54,7 @@ def start_thawd(directory: Path, endpoint: str, bucket: str, args: argparse.Name
         f'[s3]\nallow = ["s3://{bucket}/"]\nendpoint_url = "{endpoint}"\n'
         f'connections = {args.connections}\npart_size = "{args.part_mib}MiB"\n{cached}'
     )
-    env = {**os.environ, **CREDENTIALS, "PYTHONPATH": str(ROOT)}
-    with open(directory / "thawd.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "thawd", "--config", str(directory / "thawd.toml")],
-            stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"thawd exited:\n{(directory / 'thawd.log').read_text()}")
-        try:
-            thaw.connect(str(sock)).status()
-            return proc
-        except thaw.DaemonUnavailable:
-            time.sleep(0.2)
-    sys.exit("thawd did not come up in 60 s")
+    return start_thawd(directory, 60, {**os.environ, **CREDENTIALS, "PYTHONPATH": str(ROOT)})
 
 
 def pins(directory: Path, uri: str, repeat: int, first: bool) -> tuple[int, list[float]]:
@@ -133,7 +119,8 @@ def main() -> None:
         runs = {}
         for label, cache in (("store", False), ("cache", True)):
             where = directory / label
-            daemons.append(start_thawd(where, endpoint, args.bucket, args, size + (1 << 30), cache))
+            budget = size + (1 << 30)
+            daemons.append(thawd_for_store(where, endpoint, args.bucket, args, budget, cache))
             payload, runs[label] = pins(where, uri, args.repeat, first=cache)
         download = Row("", 0.0, "boto3 download_fileobj, same parts", size / min(downloads) / 1e9)
         names = {
