@@ -211,23 +211,9 @@ def freeze_torch(args: argparse.Namespace, client: Any = None) -> dict[str, Any]
             "dtype": fingerprint.dtype,
             "tensor_parallel_size": 1,
             "load_seconds": round(loaded, 6),
-            "freeze": {
-                "bytes": record.size_bytes,
-                "seconds": round(seconds, 6),
-                "gbps": round(record.size_bytes / seconds / 1e9, 4),
-                "source": "thawd",
-            },
+            "freeze": _through_thawd(record.size_bytes, seconds),
             "fingerprint": fingerprint.to_json(),
-            "files": [
-                {
-                    "path": record.path,
-                    "size_bytes": record.size_bytes,
-                    "file_bytes": record.file_bytes,
-                    "tensor_count": record.tensor_count,
-                    "tp_rank": fingerprint.tp_rank,
-                    "name": record.name,
-                }
-            ],
+            "files": [_written_entry(record, fingerprint.tp_rank)],
         }
     stats = freeze_file(model, args.output, fingerprint=fingerprint)
     return {
@@ -295,24 +281,31 @@ def freeze_engine_into(args: argparse.Namespace, client: Any) -> dict[str, Any]:
         "dtype": getattr(fingerprint, "dtype", args.dtype),
         "tensor_parallel_size": tp,
         "load_seconds": round(time.perf_counter() - started, 6),
-        "freeze": {
-            "bytes": transfer.bytes,
-            "seconds": round(transfer.seconds, 6),
-            "gbps": round(transfer.gbps, 4),
-            "source": "thawd",
-        },
+        "freeze": _through_thawd(transfer.bytes, transfer.seconds),
         "fingerprint": fingerprint.to_json() if hasattr(fingerprint, "to_json") else None,
-        "files": [
-            {
-                "path": r.path,
-                "size_bytes": r.size_bytes,
-                "file_bytes": r.file_bytes,
-                "tensor_count": r.tensor_count,
-                "tp_rank": rank,
-                "name": r.name,
-            }
-            for rank, r in enumerate(records)
-        ],
+        "files": [_written_entry(r, rank) for rank, r in enumerate(records)],
+    }
+
+
+def _through_thawd(nbytes: int, seconds: float) -> dict[str, Any]:
+    """A freeze through thawd, as schema.transfer gives a freeze's timings."""
+    return {
+        "bytes": nbytes,
+        "seconds": round(seconds, 6),
+        "gbps": round(nbytes / seconds / 1e9, 4) if seconds > 0 else None,
+        "source": "thawd",
+    }
+
+
+def _written_entry(record: Any, tp_rank: int) -> dict[str, Any]:
+    """A snapshot thawd froze and wrote (file or object), as `files` lists it."""
+    return {
+        "path": record.path,
+        "size_bytes": record.size_bytes,
+        "file_bytes": record.file_bytes,
+        "tensor_count": record.tensor_count,
+        "tp_rank": tp_rank,
+        "name": record.name,
     }
 
 
