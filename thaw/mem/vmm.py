@@ -261,11 +261,10 @@ class PoolMirror:
     (`map_range`: under 0.1 ms to import and 2.8 ms to map a 256 MiB chunk without CPU
     access), by a restore that reaches it or by the background thread (`import_chunk`, then
     `map_range` while no copy holds the map: mapping beside a copy slows the copy). So
-    connect makes no
-    driver call per chunk (importing 73 chunks took 4-5 ms on the H200 host; the 0.13-0.2 s
-    that connect spent around them was the CUDA context that creating the mirror makes
-    current, which an engine has made already). GPU access only: CPU copies use the
-    per-buffer mapping.
+    connect makes no driver call per chunk (importing 73 chunks took 4-5 ms on the H200
+    host; the 0.13-0.2 s that connect spent around them was the CUDA context that creating
+    the mirror makes current, which an engine has made already). GPU access only: CPU copies
+    use the per-buffer mapping.
     """
 
     def __init__(self, pool_id: int, chunk: int, count: int, device: int) -> None:
