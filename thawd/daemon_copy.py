@@ -8,7 +8,7 @@ import dataclasses
 import threading
 from collections.abc import Sequence
 
-from cuda.bindings import runtime as cudart
+from cuda.bindings import driver as cu
 
 from thaw.copy.daemon_copy import HANDLE_BYTES, device_uuid
 from thaw.errors import InvalidRequest
@@ -101,10 +101,10 @@ class Copier:
         with self._lock:  # against `forget` of the same owner
             opened = self._opened.setdefault(owner, {})
             if handle not in opened:
-                h = cudart.cudaIpcMemHandle_t()
+                h = cu.CUipcMemHandle()
                 ctypes.memmove(h.getPtr(), handle, HANDLE_BYTES)
-                flags = cudart.cudaIpcMemLazyEnablePeerAccess
-                ptr = cuda.check(cudart.cudaIpcOpenMemHandle(h, flags), "cudaIpcOpenMemHandle")
+                flags = cu.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
+                ptr = cuda.check(cu.cuIpcOpenMemHandle(h, flags), "cuIpcOpenMemHandle")
                 opened[handle] = (device, int(ptr))
             return opened[handle][1]
 
@@ -117,7 +117,7 @@ class Copier:
         for device, ptr in opened.values():
             with locks.get(device, self._lock):  # after a copy of the owner's still running
                 cuda.set_device(device)
-                cudart.cudaIpcCloseMemHandle(ptr)
+                cu.cuIpcCloseMemHandle(ptr)
 
     def close(self) -> None:
         for owner in list(self._opened):

@@ -31,25 +31,27 @@ def _link(bus_id: str) -> str:
 def gpus() -> list[pb.Gpu]:
     """The GPUs CUDA sees; [] without a driver. Called once at start (CUDA init is slow)."""
     try:
-        from cuda.bindings import runtime as rt
+        from cuda.bindings import driver as cu
 
-        err, count = rt.cudaGetDeviceCount()
-        if err != rt.cudaError_t.cudaSuccess:
-            return []
+        from thaw.mem import cuda
+
+        attr = cu.CUdevice_attribute
         out = []
-        for i in range(count):
-            err, prop = rt.cudaGetDeviceProperties(i)
-            if err != rt.cudaError_t.cudaSuccess:
-                continue
-            name = (
-                prop.name.split(b"\0", 1)[0].decode()
-                if isinstance(prop.name, bytes)
-                else str(prop.name)
+        for i in range(cuda.device_count()):
+            device = cuda.check(cu.cuDeviceGet(i), f"cuDeviceGet({i})")
+            raw = cuda.check(cu.cuDeviceGetName(256, device), "cuDeviceGetName")
+            name = raw.split(b"\0", 1)[0].decode()
+            domain, bus_id, dev = (
+                cuda.check(cu.cuDeviceGetAttribute(a, device), "cuDeviceGetAttribute")
+                for a in (
+                    attr.CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID,
+                    attr.CU_DEVICE_ATTRIBUTE_PCI_BUS_ID,
+                    attr.CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID,
+                )
             )
-            bus = f"{prop.pciDomainID:04x}:{prop.pciBusID:02x}:{prop.pciDeviceID:02x}.0"
-            out.append(
-                pb.Gpu(index=i, name=name, memory_total=int(prop.totalGlobalMem), link=_link(bus))
-            )
+            total = cuda.check(cu.cuDeviceTotalMem(device), "cuDeviceTotalMem")
+            bus = f"{domain:04x}:{bus_id:02x}:{dev:02x}.0"
+            out.append(pb.Gpu(index=i, name=name, memory_total=int(total), link=_link(bus)))
         return out
     except Exception as e:  # no driver, no device, old bindings: a host without GPUs
         log.info("no GPUs: %s", e)

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cuda.bindings import driver as cu
-from cuda.bindings import runtime as cudart
 
 from thaw.errors import CudaError, ModelMismatch
 from thaw.mem import cuda
@@ -32,7 +31,7 @@ class Export:
     """Where a restore's tensors live in the client's GPU memory, as the daemon needs it."""
 
     device_uuid: str
-    regions: list[tuple[bytes, int]]  # (cudaIpcMemHandle_t bytes, allocation size)
+    regions: list[tuple[bytes, int]]  # (CUipcMemHandle bytes, allocation size)
     copies: list[tuple[int, int, int]]  # (snapshot tensor index, region index, offset in it)
 
 
@@ -61,7 +60,7 @@ def export(targets: Sequence[tuple[int, Any]], device: int) -> Export:
         base = int(base)
         if base not in bases:
             try:
-                handle = cuda.check(cudart.cudaIpcGetMemHandle(base), "cudaIpcGetMemHandle")
+                handle = cuda.check(cu.cuIpcGetMemHandle(base), "cuIpcGetMemHandle")
             except CudaError as e:
                 raise CudaError(
                     f"{e}: CUDA IPC mode needs tensors in cudaMalloc memory; allocations from "

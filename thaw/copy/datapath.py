@@ -125,20 +125,16 @@ class Staging:
 
 
 def warm_up(device: int) -> None:
-    """Create `device`'s streams and make each call of a direct copy once, with nothing to
-    copy: cuda.bindings resolves an entry point on its first call, and a process's first
-    restore should not pay for it (connect() calls this in a process that uses CUDA)."""
+    """Create `device`'s streams and events now, and make the context current once: a
+    process's first restore should not pay for them (connect() calls this in a process that
+    uses CUDA)."""
     from thaw.mem import cuda
 
     staging = Staging.for_device(device)
     with staging.lock:
         cuda.set_device(device)
-        cuda.cudart.cudaMemcpyAsync(
-            0, 0, 0, cuda.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, staging.streams[0].handle
-        )
         for stream in staging.streams:
             stream.synchronize()
-        cuda.device_synchronize()
 
 
 class _Workers:

@@ -1,7 +1,14 @@
-"""thaw's CUDA calls, all through cuda-python (cuda.bindings), imported only where CUDA is used.
+"""thaw's CUDA calls, all through cuda-python's driver API (cuda.bindings.driver), imported only
+where CUDA is used.
 
-Every failing call, runtime or driver, raises CudaError naming the call and CUDA's error
-(`check`, the one place that turns a cuda.bindings result into a value or an exception).
+The driver API and not the runtime's: importing cuda.bindings.runtime costs a new process 54 ms
+(it finds and loads libcudart through cuda.pathfinder), the driver's 14 ms (H200 host,
+cuda-bindings 13.3), and both are on an engine's first restore. The runtime that torch uses
+runs in the device's primary context; `set_device` makes that same context current, so what
+thaw issues and what torch issues meet in one context.
+
+Every failing call raises CudaError naming the call and CUDA's error (`check`, the one place
+that turns a cuda.bindings result into a value or an exception).
 """
 
 from __future__ import annotations
@@ -10,59 +17,86 @@ import threading
 from typing import Any
 
 from cuda.bindings import driver as cu
-from cuda.bindings import runtime as cudart
 
 from thaw.errors import CudaError
 
-_SUCCESS = cudart.cudaError_t.cudaSuccess
+_SUCCESS = cu.CUresult.CUDA_SUCCESS
 
 
 def check(result: tuple[Any, ...], call: str) -> Any:
-    """Unwrap a cuda.bindings result tuple (runtime or driver API), raising CudaError on
-    failure: None, the one value, or the tuple of values after the error code."""
+    """Unwrap a cuda.bindings result tuple, raising CudaError on failure: None, the one value,
+    or the tuple of values after the error code."""
     err = result[0]
-    if isinstance(err, cu.CUresult):
-        if err != cu.CUresult.CUDA_SUCCESS:
-            _, name = cu.cuGetErrorName(err)
-            raise CudaError(f"{call} failed: {name.decode() if name else err}")
-    elif err != _SUCCESS:
-        _, name = cudart.cudaGetErrorName(err)
-        _, text = cudart.cudaGetErrorString(err)
-        raise CudaError(f"{call} failed: {name.decode()}: {text.decode()}")
+    if err != _SUCCESS:
+        _, name = cu.cuGetErrorName(err)
+        _, text = cu.cuGetErrorString(err)
+        what = name.decode() if name else str(err)
+        raise CudaError(f"{call} failed: {what}: {text.decode() if text else ''}".rstrip(": "))
     if len(result) == 1:
         return None
     return result[1] if len(result) == 2 else result[1:]
 
 
+_init_lock = threading.Lock()
+_initialized = False
+_contexts: dict[int, Any] = {}  # device -> its primary context, retained once per process
+
+
+def _init() -> None:
+    """cuInit, once: the driver API needs it (the runtime calls it implicitly)."""
+    global _initialized
+    if not _initialized:
+        with _init_lock:
+            if not _initialized:
+                check(cu.cuInit(0), "cuInit")
+                _initialized = True
+
+
 def device_count() -> int:
     """CUDA devices visible to this process; 0 where there is no driver or no GPU."""
-    err, count = cudart.cudaGetDeviceCount()
-    return count if err == _SUCCESS else 0
+    try:
+        _init()
+        return int(check(cu.cuDeviceGetCount(), "cuDeviceGetCount"))
+    except Exception:  # no libcuda at all (cuda.pathfinder's error), or no device
+        return 0
 
 
 def set_device(index: int) -> None:
-    check(cudart.cudaSetDevice(index), f"cudaSetDevice({index})")
+    """Make `index`'s primary context (the runtime's, torch's) current in this thread, as
+    cudaSetDevice does."""
+    context = _contexts.get(index)
+    if context is None:
+        _init()
+        with _init_lock:
+            context = _contexts.get(index)
+            if context is None:
+                device = check(cu.cuDeviceGet(index), f"cuDeviceGet({index})")
+                context = check(cu.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
+                _contexts[index] = context
+    check(cu.cuCtxSetCurrent(context), f"cuCtxSetCurrent(device {index})")
+
+
+def current_device() -> int:
+    """The device of this thread's current context."""
+    return int(check(cu.cuCtxGetDevice(), "cuCtxGetDevice"))
 
 
 def device_synchronize() -> None:
-    check(cudart.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
+    """Wait for all work of the current device (its primary context)."""
+    check(cu.cuCtxSynchronize(), "cuCtxSynchronize")
 
 
 class PinnedBuffer:
-    """Page-locked host memory from cudaHostAlloc (portable: usable from every device)."""
+    """Page-locked host memory from cuMemHostAlloc (portable: usable from every device)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.addr = int(
-            check(
-                cudart.cudaHostAlloc(size, cudart.cudaHostAllocPortable),
-                f"cudaHostAlloc({size})",
-            )
-        )
+        flags = cu.CU_MEMHOSTALLOC_PORTABLE
+        self.addr = int(check(cu.cuMemHostAlloc(size, flags), f"cuMemHostAlloc({size})"))
 
     def close(self) -> None:
         if self.addr:
-            check(cudart.cudaFreeHost(self.addr), "cudaFreeHost")
+            check(cu.cuMemFreeHost(self.addr), "cuMemFreeHost")
             self.addr = 0
 
 
@@ -70,39 +104,31 @@ class Stream:
     """A non-blocking stream; thaw's streams live as long as the process (Staging caches them)."""
 
     def __init__(self) -> None:
-        self.handle = check(
-            cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
-            "cudaStreamCreateWithFlags",
-        )
+        flags = cu.CUstream_flags.CU_STREAM_NON_BLOCKING
+        self.handle = check(cu.cuStreamCreate(flags), "cuStreamCreate")
 
     def synchronize(self) -> None:
-        check(cudart.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+        check(cu.cuStreamSynchronize(self.handle), "cuStreamSynchronize")
 
 
 class Event:
     def __init__(self) -> None:
-        self.handle = check(
-            cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming),
-            "cudaEventCreateWithFlags",
-        )
+        flags = cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
+        self.handle = check(cu.cuEventCreate(flags), "cuEventCreate")
 
     def record(self, stream: Stream) -> None:
-        check(cudart.cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")
+        check(cu.cuEventRecord(self.handle, stream.handle), "cuEventRecord")
 
     def synchronize(self) -> None:
-        check(cudart.cudaEventSynchronize(self.handle), "cudaEventSynchronize")
-
-
-_H2D = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-_D2H = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        check(cu.cuEventSynchronize(self.handle), "cuEventSynchronize")
 
 
 def copy_h2d(dst: int, src: int, length: int, stream: Stream) -> None:
-    check(cudart.cudaMemcpyAsync(dst, src, length, _H2D, stream.handle), "cudaMemcpyAsync(H2D)")
+    check(cu.cuMemcpyHtoDAsync(dst, src, length, stream.handle), "cuMemcpyHtoDAsync")
 
 
 def copy_d2h(dst: int, src: int, length: int, stream: Stream) -> None:
-    check(cudart.cudaMemcpyAsync(dst, src, length, _D2H, stream.handle), "cudaMemcpyAsync(D2H)")
+    check(cu.cuMemcpyDtoHAsync(dst, src, length, stream.handle), "cuMemcpyDtoHAsync")
 
 
 _registrations: dict[int, int] = {}
@@ -119,12 +145,12 @@ def register_host(addr: int, length: int, read_only: bool = False) -> None:
         if _registrations.get(addr, 0) >= length:
             return
         if addr in _registrations:
-            check(cudart.cudaHostUnregister(addr), "cudaHostUnregister")
+            check(cu.cuMemHostUnregister(addr), "cuMemHostUnregister")
             del _registrations[addr]
-        flags = cudart.cudaHostRegisterPortable
+        flags = cu.CU_MEMHOSTREGISTER_PORTABLE
         if read_only:
-            flags |= cudart.cudaHostRegisterReadOnly
-        check(cudart.cudaHostRegister(addr, length, flags), f"cudaHostRegister({length})")
+            flags |= cu.CU_MEMHOSTREGISTER_READ_ONLY
+        check(cu.cuMemHostRegister(addr, length, flags), f"cuMemHostRegister({length})")
         _registrations[addr] = length
 
 
@@ -132,4 +158,4 @@ def unregister_host(addr: int) -> None:
     """Drop a registration made by register_host (before the mapping is unmapped)."""
     with _registrations_lock:
         if _registrations.pop(addr, None) is not None:
-            check(cudart.cudaHostUnregister(addr), "cudaHostUnregister")
+            check(cu.cuMemHostUnregister(addr), "cuMemHostUnregister")

@@ -27,9 +27,8 @@ GIB = 1 << 30
 
 
 def _context(device: int) -> None:
-    # The runtime's primary context, the one torch uses, made current in this thread.
+    # The device's primary context, the one torch uses, made current in this thread.
     cuda.set_device(device)
-    cuda.check(cuda.cudart.cudaFree(0), "cudaFree(0)")
 
 
 def _prop(device: int) -> Any:
@@ -46,10 +45,9 @@ def _prop(device: int) -> Any:
 
 
 def warm_up() -> None:
-    """Make the first driver and runtime calls now: cuda.bindings resolves its entry points on
-    first use (milliseconds), which a first restore should not pay."""
+    """Make the first driver calls now: cuda.bindings resolves its entry points on first use
+    (milliseconds), which a first restore should not pay."""
     cu.cuDriverGetVersion()
-    cuda.cudart.cudaGetDevice()
     reserved = cuda.check(cu.cuMemAddressReserve(GIB, 0, 0, 0), "cuMemAddressReserve")
     cu.cuMemAddressFree(reserved, GIB)
 
