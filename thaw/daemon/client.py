@@ -18,24 +18,27 @@ import os
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from thaw._proto import thawd_pb2 as pb
 from thaw.daemon import freezes
 from thaw.daemon.connection import Connection, default_socket
-from thaw.daemon.records import (
-    NA,
-    DaemonStatus,
-    Event,
-    Metrics,
-    PinProgress,
-    RestoreResult,
-    SessionRecord,
-    SnapshotRecord,
-    VerifyResult,
-)
 from thaw.daemon.restores import Restores
+from thaw.daemon.values import NA, RestoreResult
 from thaw.format.fingerprint import Fingerprint
+
+# The records other calls return are imported by those calls, on first use: a restore (an
+# engine's start) does not pay for defining them (thaw.daemon.values).
+if TYPE_CHECKING:
+    from thaw.daemon.records import (
+        DaemonStatus,
+        Event,
+        Metrics,
+        PinProgress,
+        SessionRecord,
+        SnapshotRecord,
+        VerifyResult,
+    )
 
 __all__ = ["NA", "Client", "connect", "default_socket"]
 
@@ -105,6 +108,8 @@ class Client:
     ) -> SnapshotRecord:
         """Register a snapshot file (cold) under `name` (default: the file name), or a
         snapshot object (`s3://bucket/key`, which thawd reads where its operator allows)."""
+        from thaw.daemon.records import SnapshotRecord
+
         where = os.fspath(path)
         where = where if where.startswith("s3://") else os.path.abspath(where)
         request = pb.RegisterRequest(path=where, name=name, labels=dict(labels or {}))
@@ -116,6 +121,8 @@ class Client:
 
     def pin_progress(self, name: str, *, warm: bool = False) -> Iterator[PinProgress]:
         """Pin (or warm) a snapshot, yielding progress; the last item has done=True."""
+        from thaw.daemon.records import PinProgress, SnapshotRecord
+
         tier = pb.TIER_WARM if warm else pb.TIER_PINNED
         for p in self._conn.stream("Pin", pb.PinRequest(name=name, tier=tier), None):
             yield PinProgress(
@@ -138,6 +145,8 @@ class Client:
         Every tensor's checksum is verified while reading; a damaged file raises
         SnapshotCorrupt naming the tensor. BudgetExceeded carries the numbers.
         """
+        from thaw.daemon.records import SnapshotRecord
+
         last: PinProgress | None = None
         for p in self.pin_progress(name, warm=warm):
             last = p
@@ -147,16 +156,22 @@ class Client:
         return last.snapshot
 
     def unpin(self, name: str) -> SnapshotRecord:
+        from thaw.daemon.records import SnapshotRecord
+
         reply = self._conn.call("Unpin", pb.UnpinRequest(name=name))
         record = SnapshotRecord.from_pb(reply.snapshot)
         self.forget(name)
         return record
 
     def list(self) -> list[SnapshotRecord]:
+        from thaw.daemon.records import SnapshotRecord
+
         reply = self._conn.call("List", pb.ListRequest())
         return [SnapshotRecord.from_pb(s) for s in reply.snapshots]
 
     def stat(self, name: str) -> SnapshotRecord:
+        from thaw.daemon.records import SnapshotRecord
+
         return SnapshotRecord.from_pb(self._conn.call("Stat", pb.StatRequest(name=name)).snapshot)
 
     def verify(self, name: str) -> VerifyResult:
@@ -164,6 +179,8 @@ class Client:
 
         Raises SnapshotCorrupt naming the tensor when one does not match; the snapshot is then
         marked corrupt. Takes as long as hashing the payload: no deadline."""
+        from thaw.daemon.records import SnapshotRecord, VerifyResult
+
         reply = self._conn.call("Verify", pb.VerifyRequest(name=name), timeout=None)
         return VerifyResult(
             SnapshotRecord.from_pb(reply.snapshot), reply.bytes, reply.duration_s, reply.source
@@ -172,10 +189,14 @@ class Client:
     def sessions(self) -> builtins.list[SessionRecord]:
         """Every open restore and freeze session (any uid's), then the latest ended restores,
         newest first: who is restoring what, how fast."""
+        from thaw.daemon.records import SessionRecord
+
         reply = self._conn.call("ListSessions", pb.ListSessionsRequest())
         return [SessionRecord.from_pb(s) for s in reply.sessions]
 
     def status(self) -> DaemonStatus:
+        from thaw.daemon.records import DaemonStatus
+
         return DaemonStatus.from_pb(self._conn.call("Status", pb.StatusRequest()))
 
     def watch(self, interval_s: float = 1.0) -> Generator[Event | Metrics, None, None]:
@@ -183,6 +204,8 @@ class Client:
 
         Raises DaemonUnavailable when the daemon goes away; reconnecting is the caller's loop.
         """
+        from thaw.daemon.records import DaemonStatus, Event, Metrics, SessionRecord, SnapshotRecord
+
         for u in self._conn.stream("Watch", pb.WatchRequest(interval_s=interval_s), None):
             if u.HasField("event"):
                 e = u.event

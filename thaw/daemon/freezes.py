@@ -12,15 +12,17 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from thaw import errors
 from thaw._proto import thawd_pb2 as pb
 from thaw.daemon.connection import Connection
-from thaw.daemon.records import SnapshotRecord
 from thaw.format import TensorEntry
 from thaw.format.fingerprint import Fingerprint
 from thaw.mem.mapping import Mapping as MemoryMapping
+
+if TYPE_CHECKING:
+    from thaw.daemon.records import SnapshotRecord
 
 log = logging.getLogger("thaw.daemon")
 
@@ -67,6 +69,8 @@ def freeze(
         pb.CommitFreezeRequest(session_id=begin.session_id, wait=wait),
         timeout=None if wait else conn.timeout,
     )
+    from thaw.daemon.records import SnapshotRecord  # on first use: thaw.daemon.values says why
+
     return SnapshotRecord.from_pb(reply.snapshot)
 
 

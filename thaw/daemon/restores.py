@@ -23,7 +23,8 @@ from thaw import errors
 from thaw._proto import thawd_pb2 as pb
 from thaw.daemon import fdsocket
 from thaw.daemon.connection import Connection
-from thaw.daemon.records import (
+from thaw.daemon.refusals import code_name, from_rpc, refused
+from thaw.daemon.values import (
     DELIVERIES,
     POOL_KINDS,
     TIERS,
@@ -32,7 +33,6 @@ from thaw.daemon.records import (
     RestoreResult,
     Tier,
 )
-from thaw.daemon.refusals import code_name, from_rpc, refused
 from thaw.format import TensorEntry
 from thaw.format.fingerprint import Fingerprint, check
 from thaw.mem.mapping import Mapping as MemoryMapping

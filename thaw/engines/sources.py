@@ -9,7 +9,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
-from thaw.daemon.records import StrEnum
+from thaw.daemon.values import StrEnum
 from thaw.engines.fingerprints import without
 from thaw.engines.options import Options
 from thaw.engines.ranks import RankRef, absolute, resolve

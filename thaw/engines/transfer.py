@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from thaw.daemon.records import known
+from thaw.daemon.values import known
 from thaw.engines.fingerprints import without
 from thaw.engines.options import Options
 from thaw.engines.ranks import RankRef
