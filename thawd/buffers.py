@@ -145,6 +145,12 @@ class VmmArena:
                 os.close(self.chunks[-1].export_fd())  # exported now, not in a client's wait
             if self.chunks:
                 self.view = map_chunks(self.chunks, device, self.peers)
+                # The first CPU write to each page of a new mapping of VMM host memory is slow:
+                # a pin into never-written chunks read the page cache at 17.4 GB/s, into
+                # written ones at 25.2 (8 GB, H200 host; 0.68 against 0.44 CPU-s per GB).
+                # Writing one byte per page now (read, then written back: the memory is
+                # unchanged) costs 36 ms per GB at start instead of every first pin.
+                _native.prefault(self.view.addr, self.view.size, min(16, os.cpu_count() or 1))
         except BaseException:
             self.close()
             raise
