@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 from thaw._proto import thawd_pb2 as pb
+from thaw.daemon.opened import as_json as opened_json
 from thaw.errors import InvalidRequest, SnapshotChanged
 from thaw.format import PAYLOAD_OFFSET, Manifest, TensorEntry
 from thawd.buffers import PoolBuffer, WarmMapping
@@ -45,6 +46,7 @@ class Entry:
     # The manifest as an OpenRestoreResponse, built once per manifest: building 291 tensor
     # messages costs a restore milliseconds, copying a built message microseconds.
     _manifest_pb: tuple[Manifest, pb.OpenRestoreResponse] | None = None
+    _open_size: tuple[Manifest, int] | None = None
 
     def attach(self, file: SnapshotFile) -> None:
         """Make `file` the snapshot's file: its manifest, sizes and identity become the
@@ -199,10 +201,16 @@ class Entry:
         return self._manifest_pb[1]
 
     def open_size(self) -> int:
-        """At most the bytes of an OpenRestoreResponse for this entry: the manifest, the path
-        and the session's fields (a session id and eight numbers, 256 bytes at most)."""
-        manifest = self._manifest().ByteSize() if self.manifest is not None else 0
-        return manifest + len(self.row.path.encode()) + 256
+        """At most the bytes of an OpenRestoreResponse for this entry as the fd socket carries
+        it (thaw/daemon/opened.py): the manifest's part, measured once per manifest, the path,
+        and the session's own values (an id, enum names and eight numbers: 256 bytes at most)."""
+        manifest = 0
+        if self.manifest is not None:
+            if self._open_size is None or self._open_size[0] is not self.manifest:
+                size = len(json.dumps(opened_json(self._manifest()), separators=(",", ":")))
+                self._open_size = (self.manifest, size)
+            manifest = self._open_size[1]
+        return manifest + len(json.dumps(self.row.path)) + 256
 
 
 def entry_pb(t: TensorEntry) -> pb.TensorEntry:

@@ -11,7 +11,6 @@ only). When the connection closes, the token dies and the sessions it opened end
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -19,10 +18,9 @@ import socket
 import time
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
 from thaw._proto import thawd_pb2 as pb
 from thaw.daemon import fdsocket
+from thaw.daemon.opened import as_json as opened_json
 from thaw.errors import DaemonUnavailable, InvalidRequest, PermissionDenied, ThawError
 from thawd.security import AllowList, Peer, Tokens
 from thawd.state import Daemon
@@ -154,7 +152,7 @@ class FdServer:
                         str(e)[:300],
                     )
                     fdsocket.send(conn, {"ok": False, "error": type(e).__name__, "message": str(e)})
-                except (ValueError, TypeError, OverflowError, RecursionError, DecodeError) as e:
+                except (ValueError, TypeError, OverflowError, RecursionError) as e:
                     # A malformed message (fields are checked above; this is the backstop).
                     _refusals.log(
                         log,
@@ -191,15 +189,13 @@ class FdServer:
         if (
             not isinstance(restores, list)
             or not 0 < len(restores) <= fdsocket.MAX_OPENS
-            or not all(isinstance(r, str) for r in restores)
+            or not all(isinstance(r, dict) for r in restores)
         ):
             raise InvalidRequest(
                 f"open: restores must be a list of 1 to {fdsocket.MAX_OPENS} "
-                "serialized OpenRestoreRequests"
+                "OpenRestoreRequests ({name, mapped_buffer, ...}: thaw/daemon/opened.py)"
             )
-        requests = [
-            pb.OpenRestoreRequest.FromString(base64.b64decode(r, validate=True)) for r in restores
-        ]
+        requests = [_open_request(r) for r in restores]
         sizes = [self.daemon.restores.open_size(r.name) for r in requests]
         if fdsocket.open_reply_size(sizes) > fdsocket.MAX_MESSAGE:
             return {
@@ -216,10 +212,7 @@ class FdServer:
             for o in opened:
                 self.daemon.restores.close(peer, o.session_id, False, 0, 0.0, why)
             raise
-        return {
-            "ok": True,
-            "opened": [base64.b64encode(o.SerializeToString()).decode() for o in opened],
-        }
+        return {"ok": True, "opened": [opened_json(o) for o in opened]}
 
     def _close_sessions(self, peer: Peer, sessions: list[dict[str, Any]]) -> None:
         """End each restore session (as CloseRestore), then raise the first refusal."""
@@ -262,6 +255,22 @@ class FdServer:
         for task in list(self._conns):
             task.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
+
+
+def _open_request(r: dict[str, Any]) -> pb.OpenRestoreRequest:
+    """One request of an "open" (thaw/daemon/opened.py), every field checked."""
+    unknown = set(r) - {"name", "mapped_buffer", "daemon_copy", "can_daemon_copy", "pool_id"}
+    if unknown:
+        raise InvalidRequest(f"open: unknown field(s) {sorted(unknown)[:4]}")
+    flags = {k: r.get(k, False) for k in ("daemon_copy", "can_daemon_copy")}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        raise InvalidRequest("open: daemon_copy and can_daemon_copy must be true or false")
+    return pb.OpenRestoreRequest(
+        name=_text(r, "name", 128),  # what NAME_RE allows; the registry checks the rest
+        mapped_buffer=_integer(r, "mapped_buffer", 0, 1 << 64),
+        pool_id=_integer(r, "pool_id", 0, 1 << 64),
+        **flags,
+    )
 
 
 def _integer(message: dict[str, Any], key: str, default: int, bound: int) -> int:

@@ -211,7 +211,7 @@ def test_memory_under_an_open_restore_is_not_dropped(module_thawd: ThawdProcess)
         with pytest.raises(errors.InvalidRequest, match="busy"):
             c.unregister("held")
         assert c.stat("held").tier == "pinned"
-        c._restores.close_sessions([pb.CloseRestoreRequest(session_id=opened.session_id, ok=False)])
+        c._restores.close_sessions([{"id": opened.session_id, "ok": False, "error": "test"}])
         assert c.unpin("held").tier == "cold"
         c.unregister("held")
 
@@ -254,15 +254,10 @@ def test_restores_open_on_the_fd_socket(module_thawd: ThawdProcess) -> None:
     """Restores open with one packet on the fd socket. Malformed or unauthenticated opens are
     refused by name; a batch whose manifests do not fit a packet opens nothing there and the
     client opens it over gRPC instead."""
-    import base64
+    from thaw.daemon.opened import Opened
 
-    from thaw._proto import thawd_pb2 as pb
-
-    def encoded(*names: str) -> list[str]:
-        return [
-            base64.b64encode(pb.OpenRestoreRequest(name=n).SerializeToString()).decode()
-            for n in names
-        ]
+    def encoded(*names: str) -> list[dict[str, object]]:
+        return [{"name": n} for n in names]
 
     small = random_tensors(40)
     # 1500 tensors with long names: a manifest of ~100 KB, over the 64 KiB packet.
@@ -275,10 +270,11 @@ def test_restores_open_on_the_fd_socket(module_thawd: ThawdProcess) -> None:
         c.register(write_snapshot(module_thawd.dir / "fd-large.thaw", large), "fd-large")
         reply, _ = c._conn.fd_call({"op": "open", "restores": encoded("fd-small")})
         assert reply["ok"] and len(reply["opened"]) == 1
-        opened = pb.OpenRestoreResponse.FromString(base64.b64decode(reply["opened"][0]))
+        opened = Opened(reply["opened"][0])
         assert {t.name for t in opened.tensors} == set(small) and opened.session_id
+        assert opened.tier == "cold" and opened.pool_kind == "file"
         assert c.stat("fd-small").clients == 1
-        c._restores.close_sessions([pb.CloseRestoreRequest(session_id=opened.session_id, ok=False)])
+        c._restores.close_sessions([{"id": opened.session_id, "ok": False, "error": "test"}])
         assert c.stat("fd-small").clients == 0
 
         for restores, error, says in (
@@ -286,8 +282,12 @@ def test_restores_open_on_the_fd_socket(module_thawd: ThawdProcess) -> None:
             ("fd-small", "InvalidRequest", "a list of 1 to 64"),
             ([], "InvalidRequest", "a list of 1 to 64"),
             (encoded("fd-small") * 65, "InvalidRequest", "a list of 1 to 64"),
-            (["not base64!"], "InvalidRequest", "Only base64 data is allowed"),
-            ([base64.b64encode(b"\xff\xff\xff").decode()], "InvalidRequest", "Error parsing"),
+            (["fd-small"], "InvalidRequest", "a list of 1 to 64"),
+            ([{"name": "fd-small", "size": 1}], "InvalidRequest", "unknown field(s) ['size']"),
+            ([{"name": 7}], "InvalidRequest", "name must be a string"),
+            ([{"name": "fd-small", "pool_id": -1}], "InvalidRequest", "pool_id must be"),
+            ([{"name": "fd-small", "pool_id": 1 << 64}], "InvalidRequest", "pool_id must be"),
+            ([{"name": "fd-small", "daemon_copy": 1}], "InvalidRequest", "true or false"),
             (encoded("fd-small", "fd-large"), fdsocket.TOO_LARGE, "open over gRPC"),
         ):
             reply, _ = c._conn.fd_call({"op": "open", "restores": restores})
@@ -312,14 +312,9 @@ def test_restores_open_on_the_fd_socket(module_thawd: ThawdProcess) -> None:
 
 def test_a_stopping_thawd_opens_no_restore(thawd: ThawdProcess) -> None:
     """While thawd drains (SIGTERM, restores still open), the fd socket opens nothing new."""
-    import base64
-
-    from thaw._proto import thawd_pb2 as pb
-
     c = connect(thawd.socket)
     c.register(write_snapshot(thawd.dir / "d.thaw", random_tensors(42)), "d")
-    opening = pb.OpenRestoreRequest(name="d").SerializeToString()
-    request = {"op": "open", "restores": [base64.b64encode(opening).decode()]}
+    request = {"op": "open", "restores": [{"name": "d"}]}
     assert c._conn.fd_call(request)[0]["ok"]  # an open restore: the drain waits for it
     os.kill(thawd.pid, signal.SIGTERM)
     deadline = time.monotonic() + 1.5  # within drain_grace_s (2 s)

@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from thaw._proto import thawd_pb2 as pb
-from thaw.daemon import freezes
 from thaw.daemon.connection import Connection, default_socket
 from thaw.daemon.restores import Restores
 from thaw.daemon.values import NA, RestoreResult
@@ -108,6 +106,7 @@ class Client:
     ) -> SnapshotRecord:
         """Register a snapshot file (cold) under `name` (default: the file name), or a
         snapshot object (`s3://bucket/key`, which thawd reads where its operator allows)."""
+        from thaw._proto import thawd_pb2 as pb
         from thaw.daemon.records import SnapshotRecord
 
         where = os.fspath(path)
@@ -116,11 +115,14 @@ class Client:
         return SnapshotRecord.from_pb(self._conn.call("Register", request).snapshot)
 
     def unregister(self, name: str) -> None:
+        from thaw._proto import thawd_pb2 as pb
+
         self._conn.call("Unregister", pb.UnregisterRequest(name=name))
         self.forget(name)
 
     def pin_progress(self, name: str, *, warm: bool = False) -> Iterator[PinProgress]:
         """Pin (or warm) a snapshot, yielding progress; the last item has done=True."""
+        from thaw._proto import thawd_pb2 as pb
         from thaw.daemon.records import PinProgress, SnapshotRecord
 
         tier = pb.TIER_WARM if warm else pb.TIER_PINNED
@@ -156,6 +158,7 @@ class Client:
         return last.snapshot
 
     def unpin(self, name: str) -> SnapshotRecord:
+        from thaw._proto import thawd_pb2 as pb
         from thaw.daemon.records import SnapshotRecord
 
         reply = self._conn.call("Unpin", pb.UnpinRequest(name=name))
@@ -164,12 +167,14 @@ class Client:
         return record
 
     def list(self) -> list[SnapshotRecord]:
+        from thaw._proto import thawd_pb2 as pb
         from thaw.daemon.records import SnapshotRecord
 
         reply = self._conn.call("List", pb.ListRequest())
         return [SnapshotRecord.from_pb(s) for s in reply.snapshots]
 
     def stat(self, name: str) -> SnapshotRecord:
+        from thaw._proto import thawd_pb2 as pb
         from thaw.daemon.records import SnapshotRecord
 
         return SnapshotRecord.from_pb(self._conn.call("Stat", pb.StatRequest(name=name)).snapshot)
@@ -179,6 +184,7 @@ class Client:
 
         Raises SnapshotCorrupt naming the tensor when one does not match; the snapshot is then
         marked corrupt. Takes as long as hashing the payload: no deadline."""
+        from thaw._proto import thawd_pb2 as pb
         from thaw.daemon.records import SnapshotRecord, VerifyResult
 
         reply = self._conn.call("Verify", pb.VerifyRequest(name=name), timeout=None)
@@ -189,12 +195,14 @@ class Client:
     def sessions(self) -> builtins.list[SessionRecord]:
         """Every open restore and freeze session (any uid's), then the latest ended restores,
         newest first: who is restoring what, how fast."""
+        from thaw._proto import thawd_pb2 as pb
         from thaw.daemon.records import SessionRecord
 
         reply = self._conn.call("ListSessions", pb.ListSessionsRequest())
         return [SessionRecord.from_pb(s) for s in reply.sessions]
 
     def status(self) -> DaemonStatus:
+        from thaw._proto import thawd_pb2 as pb
         from thaw.daemon.records import DaemonStatus
 
         return DaemonStatus.from_pb(self._conn.call("Status", pb.StatusRequest()))
@@ -204,6 +212,7 @@ class Client:
 
         Raises DaemonUnavailable when the daemon goes away; reconnecting is the caller's loop.
         """
+        from thaw._proto import thawd_pb2 as pb
         from thaw.daemon.records import DaemonStatus, Event, Metrics, SessionRecord, SnapshotRecord
 
         for u in self._conn.stream("Watch", pb.WatchRequest(interval_s=interval_s), None):
@@ -278,6 +287,8 @@ class Client:
         file is durable). `path` defaults to the daemon's state directory. pin=False leaves it
         demotable once written.
         """
+        from thaw.daemon import freezes
+
         return freezes.freeze(
             self._conn, model, name, path, fingerprint, labels=labels, pin=pin, wait=wait
         )

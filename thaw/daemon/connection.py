@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from thaw import errors
-from thaw._proto import thawd_pb2 as pb
 from thaw.daemon import fdsocket
 from thaw.daemon.pool_map import PoolMap
 from thaw.daemon.refusals import HOW_TO_START, code_name, from_rpc, refused
@@ -332,6 +331,8 @@ class Connection:
         restore, `CopyOut` for a freeze), one call per batch: each batch is sent before the
         next is exported, so exporting overlaps the daemon's copies. Returns bytes moved."""
         import grpc  # loaded by _grpc(): a lookup
+
+        from thaw._proto import thawd_pb2 as pb  # so is protobuf
 
         stub = self._grpc()
         calls, finishes = [], []

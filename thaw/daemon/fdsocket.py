@@ -8,9 +8,10 @@ of the connection (which gRPC's Python API cannot expose; docs/DAEMON.md):
     {"op": "auth"}                     -> {"ok": true, "token": T, "uid": U, ...}
     {"op": "fd", "session": S}         -> {"ok": true, "sizes": [N...], ...} + one fd per size
     {"op": "open", "restores": [R...]} -> {"ok": true, "opened": [O...]}: restore sessions opened
-                                          as OpenRestore would; R and O are base64 serialized
-                                          OpenRestoreRequest/Response, at most MAX_OPENS, or
-                                          {"ok": false, "error": TOO_LARGE}: use gRPC
+                                          as OpenRestore would; R and O are OpenRestoreRequest
+                                          and OpenRestoreResponse as JSON (opened.py), at most
+                                          MAX_OPENS, or {"ok": false, "error": TOO_LARGE}: the
+                                          replies would not fit one packet: use gRPC
     {"op": "close", "sessions": [{"id": S, "ok": B, "bytes": N, "seconds": F, "error": E}...]}
                                        -> {"ok": true}: restore sessions ended, each confirmed
                                           (ok) or failed (error), as CloseRestore would
@@ -49,8 +50,8 @@ def fd_socket_path(grpc_socket: str | os.PathLike[str]) -> str:
 
 
 def open_reply_size(response_sizes: list[int]) -> int:
-    """At most the bytes of an "open" reply carrying responses of these serialized sizes."""
-    return 32 + sum(-(-n // 3) * 4 + 3 for n in response_sizes)
+    """At most the bytes of an "open" reply carrying responses of these JSON sizes."""
+    return 32 + sum(n + 1 for n in response_sizes)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -8,14 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
+from typing import Final
 
 from thaw._proto import thawd_pb2 as pb
 from thaw.daemon.values import (
-    CHECKSUM_STATES,
-    DELIVERIES,
     NA,
-    POOL_KINDS,
-    TIERS,
     ChecksumState,
     Delivery,
     NotAvailable,
@@ -28,11 +25,7 @@ from thaw.daemon.values import (
 from thaw.format.fingerprint import Fingerprint
 
 __all__ = [
-    "CHECKSUM_STATES",
-    "DELIVERIES",
     "NA",
-    "POOL_KINDS",
-    "TIERS",
     "ChecksumState",
     "DaemonStatus",
     "Delivery",
@@ -50,6 +43,25 @@ __all__ = [
     "VerifyResult",
     "known",
 ]
+
+
+# thawd's enum values (wire API) as the records' values.
+TIERS: Final = {pb.TIER_COLD: Tier.COLD, pb.TIER_WARM: Tier.WARM, pb.TIER_PINNED: Tier.PINNED}
+CHECKSUM_STATES: Final = {
+    pb.CHECKSUM_STATE_UNVERIFIED: ChecksumState.UNVERIFIED,
+    pb.CHECKSUM_STATE_VERIFIED: ChecksumState.VERIFIED,
+    pb.CHECKSUM_STATE_CORRUPT: ChecksumState.CORRUPT,
+}
+POOL_KINDS: Final = {
+    pb.POOL_KIND_MEMFD: PoolKind.MEMFD,
+    pb.POOL_KIND_VMM: PoolKind.VMM,
+    pb.POOL_KIND_FILE: PoolKind.FILE,
+}
+DELIVERIES: Final = {
+    pb.DELIVERY_POOL: Delivery.POOL,
+    pb.DELIVERY_MAPPED: Delivery.MAPPED,
+    pb.DELIVERY_FDS: Delivery.FDS,
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,6 @@ packet). Pool buffers stay mapped for this process's next restore of the same bu
 
 from __future__ import annotations
 
-import base64
 import builtins
 import contextlib
 import dataclasses
@@ -20,20 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 from thaw import errors
-from thaw._proto import thawd_pb2 as pb
 from thaw.daemon import fdsocket
 from thaw.daemon.connection import Connection
+from thaw.daemon.opened import Opened, as_json
 from thaw.daemon.refusals import code_name, from_rpc, refused
-from thaw.daemon.values import (
-    DELIVERIES,
-    POOL_KINDS,
-    TIERS,
-    Delivery,
-    PoolKind,
-    RestoreResult,
-    Tier,
-)
-from thaw.format import TensorEntry
+from thaw.daemon.values import Delivery, PoolKind, RestoreResult
 from thaw.format.fingerprint import Fingerprint, check
 from thaw.mem.mapping import Mapping as MemoryMapping
 
@@ -100,17 +90,17 @@ class Restores:
             mirror = held if cuda_only and held is not None and devices == {held.device} else None
             plans.append((name, named, mirror))
             requests.append(
-                pb.OpenRestoreRequest(
-                    name=name,
-                    mapped_buffer=cached[0] if cached else 0,
-                    daemon_copy=mode == "daemon_copy",
-                    can_daemon_copy=cuda_only,
-                    pool_id=mirror.id if mirror else 0,
-                )
+                {
+                    "name": name,
+                    "mapped_buffer": cached[0] if cached else 0,
+                    "daemon_copy": mode == "daemon_copy",
+                    "can_daemon_copy": cuda_only,
+                    "pool_id": mirror.id if mirror else 0,
+                }
             )
         infos = self.open_many(requests)
         t_open = time.perf_counter()
-        closes: builtins.list[pb.CloseRestoreRequest] = []
+        closes: builtins.list[dict[str, Any]] = []
         results = []
         # A batch leaves each snapshot's GPU copies in flight and waits once, at the end: no
         # idle link between one snapshot's copies and the next one's.
@@ -128,20 +118,9 @@ class Restores:
                     name, info, named, strict, expect, progress, in_flight, mirror
                 )
                 seconds = time.perf_counter() - started
-                closes.append(
-                    pb.CloseRestoreRequest(
-                        session_id=info.session_id, ok=True, bytes=copied, duration_s=seconds
-                    )
-                )
+                closes.append(_close(info.session_id, copied, seconds))
                 results.append(
-                    RestoreResult(
-                        name,
-                        TIERS.get(info.tier, Tier.COLD),
-                        copied,
-                        seconds,
-                        delivery,
-                        _content_id(info),
-                    )
+                    RestoreResult(name, info.tier, copied, seconds, delivery, _content_id(info))
                 )
             for device in devices if in_flight else ():
                 datapath.finish_copies(device)
@@ -150,11 +129,9 @@ class Restores:
                 with contextlib.suppress(errors.ThawError):
                     datapath.finish_copies(device)
             failure = f"{type(e).__name__}: {e}"[:1000]
-            done = {c.session_id for c in closes}
+            done = {c["id"] for c in closes}
             closes += [
-                pb.CloseRestoreRequest(session_id=i.session_id, ok=False, error=failure)
-                for i in infos
-                if i.session_id not in done
+                _close(i.session_id, error=failure) for i in infos if i.session_id not in done
             ]
             with contextlib.suppress(errors.DaemonError):  # the original error says more
                 self.close_sessions(closes)
@@ -186,69 +163,47 @@ class Restores:
             results[0] = dataclasses.replace(results[0], seconds=seconds)
         return results
 
-    def open_many(
-        self,
-        requests: builtins.list[pb.OpenRestoreRequest],
-    ) -> builtins.list[pb.OpenRestoreResponse]:
+    def open_many(self, requests: builtins.list[dict[str, Any]]) -> builtins.list[Opened]:
         """Open a restore session for each request: in one packet on the fd socket (a tenth of
         a gRPC call's latency), or, where their manifests do not fit one, with OpenRestore
         calls all in flight at once. On any failure no session stays open and the first
         error is raised."""
         if len(requests) <= fdsocket.MAX_OPENS:
             reply = self._conn.fd_request(
-                {
-                    "op": "open",
-                    "restores": [
-                        base64.b64encode(r.SerializeToString()).decode() for r in requests
-                    ],
-                },
+                {"op": "open", "restores": requests},
                 "while opening a restore",
                 reconnect=True,
             )
             if reply.get("ok"):
-                return [
-                    pb.OpenRestoreResponse.FromString(base64.b64decode(o)) for o in reply["opened"]
-                ]
+                return [Opened(o) for o in reply["opened"]]
             if reply.get("error") != fdsocket.TOO_LARGE:
                 raise refused(reply)
-        if len(requests) == 1:
-            return [self._conn.call("OpenRestore", requests[0])]
+        # Over gRPC (manifests too large for one packet): protobuf is imported only here.
+        from thaw._proto import thawd_pb2 as pb
+
+        messages = [pb.OpenRestoreRequest(**r) for r in requests]
+        if len(messages) == 1:
+            return [Opened(as_json(self._conn.call("OpenRestore", messages[0])))]
         for attempt in (0, 1):
-            infos, failures = self._conn.in_flight("OpenRestore", requests)
+            opened, failures = self._conn.in_flight("OpenRestore", messages)
+            infos = [Opened(as_json(o)) for o in opened]
             if not failures:
                 return infos
+            why = "not restored: another of the batch failed to open"
             with contextlib.suppress(errors.DaemonError):
-                self.close_sessions(
-                    [
-                        pb.CloseRestoreRequest(
-                            session_id=i.session_id,
-                            ok=False,
-                            error="not restored: another of the batch failed to open",
-                        )
-                        for i in infos
-                    ]
-                )
+                self.close_sessions([_close(i.session_id, error=why) for i in infos])
             if attempt == 0 and not infos and code_name(failures[0]) == "UNAUTHENTICATED":
                 self._conn.authenticate()  # the daemon restarted and forgot our token
                 continue
             raise from_rpc(failures[0], self._conn.socket) from None
         raise AssertionError("unreachable")
 
-    def close_sessions(self, closes: builtins.list[pb.CloseRestoreRequest]) -> None:
+    def close_sessions(self, closes: builtins.list[dict[str, Any]]) -> None:
         """End restore sessions, confirming or failing each, on the fd socket: one packet
         for a whole batch, at a tenth of a gRPC call's latency (every restore waits for its
         confirmation). Raises the daemon's first refusal, DaemonUnavailable if it is gone."""
         for at in range(0, len(closes), fdsocket.MAX_CLOSES):
-            sessions = [
-                {
-                    "id": c.session_id,
-                    "ok": c.ok,
-                    "bytes": c.bytes,
-                    "seconds": c.duration_s,
-                    "error": c.error,
-                }
-                for c in closes[at : at + fdsocket.MAX_CLOSES]
-            ]
+            sessions = closes[at : at + fdsocket.MAX_CLOSES]
             reply = self._conn.fd_request(
                 {"op": "close", "sessions": sessions}, "while confirming a restore"
             )
@@ -258,7 +213,7 @@ class Restores:
     def copy_session(
         self,
         name: str,
-        info: pb.OpenRestoreResponse,
+        info: Opened,
         named: Any,
         strict: bool,
         expect: Fingerprint | None,
@@ -273,18 +228,14 @@ class Restores:
         from thaw.copy import binding, datapath
 
         total = sum(t.length for t in info.tensors)
-        entries = [
-            TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length, t.checksum)
-            for t in info.tensors
-        ]
         if expect is not None:
             check(expect, Fingerprint.from_json(json.loads(info.fingerprint_json)))
-        bindings = binding.bind(entries, named, strict=strict)
-        if info.pool_kind == pb.POOL_KIND_FILE:
+        bindings = binding.bind(list(info.tensors), named, strict=strict)
+        if info.pool_kind == PoolKind.FILE:
             return self._copy_file(name, info, bindings, total, progress), Delivery.FILE
         source = (
             None
-            if info.delivery == pb.DELIVERY_DAEMON_COPY
+            if info.delivery == Delivery.DAEMON_COPY
             else self._map(name, info, bindings, mirror)
         )
         if source is None:  # the daemon copies: export our allocations to it
@@ -321,12 +272,12 @@ class Restores:
             progress(copied, total)
         if source is None:
             return copied, Delivery.DAEMON_COPY
-        return copied, DELIVERIES.get(info.delivery, Delivery.FDS)
+        return copied, info.delivery
 
     def _copy_file(
         self,
         name: str,
-        info: pb.OpenRestoreResponse,
+        info: Opened,
         bindings: builtins.list[Any],
         total: int,
         progress: Callable[[int, int], None] | None,
@@ -357,7 +308,7 @@ class Restores:
     def _map(
         self,
         name: str,
-        info: pb.OpenRestoreResponse,
+        info: Opened,
         bindings: builtins.list[Any],
         mirror: Any = None,
     ) -> _Source | None:
@@ -369,10 +320,10 @@ class Restores:
 
         cuda = binding.cuda_device(bindings) is not None
         cuda_only = all(b.tensor.device.type == "cuda" for b in bindings)
-        if info.delivery == pb.DELIVERY_POOL:
+        if info.delivery == Delivery.POOL:
             return _from_pool(name, info, mirror)
-        kind = POOL_KINDS.get(info.pool_kind, PoolKind.FILE)
-        if info.delivery == pb.DELIVERY_MAPPED:
+        kind = info.pool_kind
+        if info.delivery == Delivery.MAPPED:
             with self._maps_lock:
                 cached = self._mappings.get(name)
             if cached is None or cached[0] != info.buffer_id:
@@ -465,18 +416,22 @@ def _nothing() -> None:
     pass
 
 
-def _content_id(info: pb.OpenRestoreResponse) -> str:
+def _content_id(info: Opened) -> str:
     """The restored payload's content id, from the manifest thawd sent."""
     from thaw.format import Manifest
 
-    entries = tuple(
-        TensorEntry(t.name, t.dtype, tuple(t.shape), t.offset, t.length, t.checksum)
-        for t in info.tensors
-    )
-    return Manifest(Fingerprint(), entries).content_id
+    return Manifest(Fingerprint(), info.tensors).content_id
 
 
-def _from_pool(name: str, info: pb.OpenRestoreResponse, mirror: Any) -> _Source:
+def _close(
+    session_id: str, copied: int = 0, seconds: float = 0.0, error: str = ""
+) -> dict[str, Any]:
+    """A restore session's end as the fd socket's "close" takes it: confirmed (no `error`)
+    with what it copied, or failed."""
+    return {"id": session_id, "ok": not error, "bytes": copied, "seconds": seconds, "error": error}
+
+
+def _from_pool(name: str, info: Opened, mirror: Any) -> _Source:
     """DELIVERY_POOL: the buffer lies at info.pool_offset in our map of thawd's whole pool
     (the vmm.PoolMirror whose id the request carried, held by this restore)."""
     if mirror is None:  # the daemon answered a pool id this request did not carry

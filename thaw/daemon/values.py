@@ -12,8 +12,6 @@ import enum
 import sys
 from typing import Final, TypeVar
 
-from thaw._proto import thawd_pb2 as pb
-
 if sys.version_info >= (3, 11):
     from enum import StrEnum
 else:  # pragma: no cover - Python 3.10
@@ -86,24 +84,6 @@ class Delivery(StrEnum):
     FDS = "fds"  # the buffer's fds were handed over now
     FILE = "file"  # not pinned: the snapshot file, read with pread and verified here
     DAEMON_COPY = "daemon_copy"  # thawd copied into our GPU memory (CUDA IPC)
-
-
-TIERS: Final = {pb.TIER_COLD: Tier.COLD, pb.TIER_WARM: Tier.WARM, pb.TIER_PINNED: Tier.PINNED}
-CHECKSUM_STATES: Final = {
-    pb.CHECKSUM_STATE_UNVERIFIED: ChecksumState.UNVERIFIED,
-    pb.CHECKSUM_STATE_VERIFIED: ChecksumState.VERIFIED,
-    pb.CHECKSUM_STATE_CORRUPT: ChecksumState.CORRUPT,
-}
-POOL_KINDS: Final = {
-    pb.POOL_KIND_MEMFD: PoolKind.MEMFD,
-    pb.POOL_KIND_VMM: PoolKind.VMM,
-    pb.POOL_KIND_FILE: PoolKind.FILE,
-}
-DELIVERIES: Final = {
-    pb.DELIVERY_POOL: Delivery.POOL,
-    pb.DELIVERY_MAPPED: Delivery.MAPPED,
-    pb.DELIVERY_FDS: Delivery.FDS,
-}
 
 
 @dataclasses.dataclass(frozen=True)
