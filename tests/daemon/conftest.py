@@ -258,6 +258,8 @@ def run_client(
     # not readable by other uids here.
     prelude += "import time, torch, thaw.client, thaw.errors\n"
     prelude += "import thaw.copy.restore, thaw.copy.datapath\n"
+    # The client imports protobuf, gRPC and its records on its first gRPC call: here, before.
+    prelude += "import grpc, thaw._proto.thawd_pb2_grpc, thaw.daemon.records\n"
     prelude += "import tests.daemon.conftest\n"
     if uid is not None:
         prelude += f"os.setgroups({list(groups)}); os.setgid({uid}); os.setuid({uid})\n"

@@ -210,7 +210,7 @@ except ImportError:
     pass
 # The interpreter's files are root's alone here: everything is imported before the drop.
 cli.build_parser()
-import thaw, grpc
+import thaw, grpc, thaw._proto.thawd_pb2_grpc, thaw.daemon.records
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 sys.exit(cli.main(["--socket", {thawd.socket!r}, "doctor", "--json"]))
 """
