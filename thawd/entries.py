@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 from thaw._proto import thawd_pb2 as pb
-from thaw.daemon.opened import as_json as opened_json
+from thaw.daemon.opened import tensor_row
 from thaw.errors import InvalidRequest, SnapshotChanged
 from thaw.format import PAYLOAD_OFFSET, Manifest, TensorEntry
 from thawd.buffers import PoolBuffer, WarmMapping
@@ -43,10 +44,10 @@ class Entry:
     copying: int = 0  # CUDA IPC copies from its pool buffer in flight (the buffer must stay)
     file_pending: bool = False  # frozen; its file is being written
     object: SnapshotObject | None = None  # a snapshot in object storage (it has no file)
-    # The manifest as an OpenRestoreResponse, built once per manifest: building 291 tensor
-    # messages costs a restore milliseconds, copying a built message microseconds.
-    _manifest_pb: tuple[Manifest, pb.OpenRestoreResponse] | None = None
-    _open_size: tuple[Manifest, int] | None = None
+    # The manifest as an OpenRestoreResponse (gRPC) and as the fd socket's JSON, built once
+    # per manifest: building 291 tensor messages costs a restore milliseconds, copying a
+    # built message microseconds.
+    _built: tuple[Manifest, Built] | None = None
 
     def attach(self, file: SnapshotFile) -> None:
         """Make `file` the snapshot's file: its manifest, sizes and identity become the
@@ -178,39 +179,57 @@ class Entry:
         )
 
     def prepare(self) -> None:
-        """Build the manifest's response now (on a worker thread: 262,144 tensor messages take
-        a second), so that no restore builds it on the event loop."""
+        """Build the manifest's responses now (on a worker thread: 262,144 tensor messages
+        take a second), so that no restore builds them on the event loop."""
         if self.manifest is not None:
             self._manifest()
 
     def manifest_pb(self) -> pb.OpenRestoreResponse:
         """A new response holding the manifest's tensors and fingerprint."""
         response = pb.OpenRestoreResponse()
-        response.CopyFrom(self._manifest())
+        response.CopyFrom(self._manifest().response)
         return response
 
-    def _manifest(self) -> pb.OpenRestoreResponse:
-        """The manifest's response, built once per manifest (not to be modified)."""
+    def manifest_json(self) -> tuple[list[list[Any]], str]:
+        """The manifest's tensors and fingerprint as the fd socket's "open" carries them (not
+        to be modified)."""
+        built = self._manifest()
+        return built.rows, built.response.fingerprint_json
+
+    def _manifest(self) -> Built:
         assert self.manifest is not None
-        if self._manifest_pb is None or self._manifest_pb[0] is not self.manifest:
-            built = pb.OpenRestoreResponse(
-                tensors=[entry_pb(t) for t in self.manifest.tensors],
-                fingerprint_json=json.dumps(self.manifest.fingerprint.to_json()),
-            )
-            self._manifest_pb = (self.manifest, built)
-        return self._manifest_pb[1]
+        if self._built is None or self._built[0] is not self.manifest:
+            self._built = (self.manifest, Built.of(self.manifest))
+        return self._built[1]
 
     def open_size(self) -> int:
         """At most the bytes of an OpenRestoreResponse for this entry as the fd socket carries
-        it (thaw/daemon/opened.py): the manifest's part, measured once per manifest, the path,
-        and the session's own values (an id, enum names and eight numbers: 256 bytes at most)."""
-        manifest = 0
-        if self.manifest is not None:
-            if self._open_size is None or self._open_size[0] is not self.manifest:
-                size = len(json.dumps(opened_json(self._manifest()), separators=(",", ":")))
-                self._open_size = (self.manifest, size)
-            manifest = self._open_size[1]
-        return manifest + len(json.dumps(self.row.path)) + 256
+        it (thaw/daemon/opened.py): the manifest's part, measured when built, the path, and
+        the session's own fields (names, an id, enum names, five numbers: 512 bytes at most)."""
+        manifest = self._manifest().json_size if self.manifest is not None else 0
+        return manifest + len(json.dumps(self.row.path)) + 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """A manifest's part of every OpenRestoreResponse: the message (gRPC), the tensors as the
+    fd socket's rows, and the JSON size of those rows and the fingerprint."""
+
+    response: pb.OpenRestoreResponse
+    rows: list[list[Any]]
+    json_size: int
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Built:
+        fingerprint = json.dumps(manifest.fingerprint.to_json())
+        rows = [tensor_row(t) for t in manifest.tensors]
+        return cls(
+            pb.OpenRestoreResponse(
+                tensors=[entry_pb(t) for t in manifest.tensors], fingerprint_json=fingerprint
+            ),
+            rows,
+            len(json.dumps(rows, separators=(",", ":"))) + len(json.dumps(fingerprint)),
+        )
 
 
 def entry_pb(t: TensorEntry) -> pb.TensorEntry:

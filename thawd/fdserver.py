@@ -20,7 +20,6 @@ from typing import Any
 
 from thaw._proto import thawd_pb2 as pb
 from thaw.daemon import fdsocket
-from thaw.daemon.opened import as_json as opened_json
 from thaw.errors import DaemonUnavailable, InvalidRequest, PermissionDenied, ThawError
 from thawd.security import AllowList, Peer, Tokens
 from thawd.state import Daemon
@@ -203,16 +202,16 @@ class FdServer:
                 "error": fdsocket.TOO_LARGE,
                 "message": "the manifests do not fit one packet: open over gRPC",
             }
-        opened: list[pb.OpenRestoreResponse] = []
+        opened: list[dict[str, Any]] = []
         try:
             for request in requests:
-                opened.append(await self.daemon.restores.open(peer, token, request))
+                opened.append(await self.daemon.restores.open_json(peer, token, request))
         except BaseException:
             why = "not restored: another of the batch failed to open"
             for o in opened:
-                self.daemon.restores.close(peer, o.session_id, False, 0, 0.0, why)
+                self.daemon.restores.close(peer, o["session_id"], False, 0, 0.0, why)
             raise
-        return {"ok": True, "opened": [opened_json(o) for o in opened]}
+        return {"ok": True, "opened": opened}
 
     def _close_sessions(self, peer: Peer, sessions: list[dict[str, Any]]) -> None:
         """End each restore session (as CloseRestore), then raise the first refusal."""

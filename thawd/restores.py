@@ -17,16 +17,17 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from thaw._proto import thawd_pb2 as pb
 from thaw.daemon import fdsocket
+from thaw.daemon.opened import as_json as opened_json
 from thaw.errors import InvalidRequest, NotFound, PermissionDenied
 from thaw.format import TensorEntry
 from thaw.format.fingerprint import Fingerprint
 from thawd.budgets import human
 from thawd.buffers import PoolBuffer, VmmArena
-from thawd.entries import POOL_KINDS, TIERS
+from thawd.entries import POOL_KINDS, TIERS, Entry
 from thawd.security import Peer
 
 if TYPE_CHECKING:
@@ -90,7 +91,26 @@ class Restores:
     async def open(
         self, peer: Peer, token: str, request: pb.OpenRestoreRequest
     ) -> pb.OpenRestoreResponse:
-        """A restore session for `request.name`, for anyone the allow-list admits."""
+        """A restore session for `request.name`, for anyone the allow-list admits (gRPC)."""
+        entry, fields = await self._open(peer, token, request)
+        # No await since _open's last: the manifest is the one the session was opened on.
+        response = entry.manifest_pb()
+        response.MergeFrom(fields)
+        return response
+
+    async def open_json(
+        self, peer: Peer, token: str, request: pb.OpenRestoreRequest
+    ) -> dict[str, Any]:
+        """`open`, its response as the fd socket carries it (thaw/daemon/opened.py)."""
+        entry, fields = await self._open(peer, token, request)
+        reply = opened_json(fields)
+        reply["tensors"], reply["fingerprint_json"] = entry.manifest_json()
+        return reply
+
+    async def _open(
+        self, peer: Peer, token: str, request: pb.OpenRestoreRequest
+    ) -> tuple[Entry, pb.OpenRestoreResponse]:
+        """Open the session: the entry, and the response's fields that are the session's."""
         d = self.d
         name = request.name
         entry = d.get(name)
@@ -145,22 +165,18 @@ class Restores:
         asyncio.get_running_loop().call_soon(
             d.events.publish, "restore_started", name, f"pid {peer.pid} uid {peer.uid}"
         )
-        response = entry.manifest_pb()
-        response.MergeFrom(
-            pb.OpenRestoreResponse(
-                session_id=session.id,
-                tier=TIERS[entry.tier],
-                pool_kind=POOL_KINDS[kind],
-                pool_size=size,
-                payload_offset=offset,
-                payload_length=entry.payload_length,
-                path=entry.row.path,
-                delivery=delivery,
-                buffer_id=buffer_id,
-                pool_offset=pool_offset,
-            )
+        return entry, pb.OpenRestoreResponse(
+            session_id=session.id,
+            tier=TIERS[entry.tier],
+            pool_kind=POOL_KINDS[kind],
+            pool_size=size,
+            payload_offset=offset,
+            payload_length=entry.payload_length,
+            path=entry.row.path,
+            delivery=delivery,
+            buffer_id=buffer_id,
+            pool_offset=pool_offset,
         )
-        return response
 
     async def copy_into(
         self, peer: Peer, token: str, request: pb.DaemonCopyRequest

@@ -12,8 +12,9 @@ messages' own (proto/thaw/v1/thawd.proto), enums by their names:
                "fingerprint_json": S, "path": S, "delivery": "DELIVERY_POOL",
                "buffer_id": N, "pool_offset": N}                (OpenRestoreResponse)
 
-thawd encodes a response with `as_json`; a client reads it, or a response that came over gRPC
-(a batch too large for one packet) through the same `as_json`, into an `Opened`.
+thawd encodes a response's session fields with `as_json` and its manifest's rows, built once
+per manifest, with `tensor_row`; a client reads it, or a response that came over gRPC (a batch
+too large for one packet) through the same `as_json`, into an `Opened`.
 """
 
 from __future__ import annotations
@@ -75,15 +76,18 @@ def as_json(o: pb.OpenRestoreResponse) -> dict[str, Any]:
         "pool_size": o.pool_size,
         "payload_offset": o.payload_offset,
         "payload_length": o.payload_length,
-        "tensors": [
-            [t.name, t.dtype, list(t.shape), t.offset, t.length, t.checksum] for t in o.tensors
-        ],
+        "tensors": [tensor_row(t) for t in o.tensors],
         "fingerprint_json": o.fingerprint_json,
         "path": o.path,
         "delivery": pb.Delivery.Name(o.delivery),
         "buffer_id": o.buffer_id,
         "pool_offset": o.pool_offset,
     }
+
+
+def tensor_row(t: Any) -> list[Any]:
+    """A tensor entry (a TensorEntry message or thaw.format's) as the fd socket's row."""
+    return [t.name, t.dtype, list(t.shape), t.offset, t.length, t.checksum]
 
 
 def _enum(kind: Any, name: str, prefix: str, unspecified: Any) -> Any:
