@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from thaw._proto import thawd_pb2 as pb
+from thaw.daemon import fdsocket
 from thaw.daemon.opened import tensor_row
 from thaw.errors import InvalidRequest, SnapshotChanged
 from thaw.format import PAYLOAD_OFFSET, Manifest, TensorEntry
@@ -192,8 +193,9 @@ class Entry:
 
     def manifest_json(self) -> tuple[list[list[Any]], str]:
         """The manifest's tensors and fingerprint as the fd socket's "open" carries them (not
-        to be modified)."""
+        to be modified); only for a manifest that fits one packet (`open_size`)."""
         built = self._manifest()
+        assert built.rows is not None, "a manifest over fdsocket.MAX_MESSAGE opens over gRPC"
         return built.rows, built.response.fingerprint_json
 
     def _manifest(self) -> Built:
@@ -213,22 +215,24 @@ class Entry:
 @dataclasses.dataclass(frozen=True)
 class Built:
     """A manifest's part of every OpenRestoreResponse: the message (gRPC), the tensors as the
-    fd socket's rows, and the JSON size of those rows and the fingerprint."""
+    fd socket's rows, and the JSON size of those rows and the fingerprint. The rows are kept
+    only where they fit one fd-socket packet: a larger manifest always opens over gRPC."""
 
     response: pb.OpenRestoreResponse
-    rows: list[list[Any]]
+    rows: list[list[Any]] | None
     json_size: int
 
     @classmethod
     def of(cls, manifest: Manifest) -> Built:
         fingerprint = json.dumps(manifest.fingerprint.to_json())
         rows = [tensor_row(t) for t in manifest.tensors]
+        size = len(json.dumps(rows, separators=(",", ":"))) + len(json.dumps(fingerprint))
         return cls(
             pb.OpenRestoreResponse(
                 tensors=[entry_pb(t) for t in manifest.tensors], fingerprint_json=fingerprint
             ),
-            rows,
-            len(json.dumps(rows, separators=(",", ":"))) + len(json.dumps(fingerprint)),
+            rows if size <= fdsocket.MAX_MESSAGE else None,
+            size,
         )
 
 
