@@ -25,8 +25,9 @@ from thaw.daemon.restores import Restores
 from thaw.daemon.values import NA, RestoreResult
 from thaw.format.fingerprint import Fingerprint
 
-# The records other calls return are imported by those calls, on first use: a restore (an
-# engine's start) does not pay for defining them (thaw.daemon.values).
+# Each gRPC call imports protobuf's messages and the records it returns on first use: a
+# restore (an engine's start) goes over the fd socket and pays for neither (18 and 14 ms of a
+# new process's connect on the H200 host; thaw.daemon.opened, thaw.daemon.values).
 if TYPE_CHECKING:
     from thaw.daemon.records import (
         DaemonStatus,
