@@ -118,6 +118,22 @@ def drop_cache(path: str) -> None:
         os.close(fd)
 
 
+def page_cache_read_rate(path: str | Path) -> float:
+    """GB/s of reading a file that is in the page cache into anonymous memory with pread on 16
+    threads (best of two): what a pin or a verified restore from the cache can approach (both
+    must copy the bytes out of the cache before hashing them)."""
+    size = os.path.getsize(path)
+    dst = torch.empty(size, dtype=torch.uint8)
+    _native.prefault(int(dst.data_ptr()), size, 16)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        seconds = min(timed(lambda: _native.pread_into(fd, int(dst.data_ptr()), size, 0, 16))
+                      for _ in range(2))  # fmt: skip
+    finally:
+        os.close(fd)
+    return size / seconds / 1e9
+
+
 def warm_cache(path: str) -> None:
     with open(path, "rb") as f:
         while f.read(64 << 20):

@@ -35,6 +35,7 @@ from common import (
     llama_shaped,
     llama_shard,
     nbytes,
+    page_cache_read_rate,
     pinned_h2d_ceiling,
     print_table,
     start_thawd,
@@ -420,21 +421,6 @@ def resident_fraction(path: Path) -> float:
         return _native.resident_bytes(fd, 0, size) / size
     finally:
         os.close(fd)
-
-
-def page_cache_read_rate(path: Path) -> float:
-    """GB/s of reading a file that is in the page cache into anonymous memory with pread on 16
-    threads (best of two): what a pin from the cache can approach."""
-    size = path.stat().st_size
-    dst = torch.empty(size, dtype=torch.uint8)
-    _native.prefault(int(dst.data_ptr()), size, 16)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        seconds = min(timed(lambda: _native.pread_into(fd, int(dst.data_ptr()), size, 0, 16))
-                      for _ in range(2))  # fmt: skip
-    finally:
-        os.close(fd)
-    return size / seconds / 1e9
 
 
 def memcpy_rate(size: int, threads: int) -> float:
