@@ -86,7 +86,8 @@ class FdServer:
                     op = message.get("op")
                     if op == "auth":
                         token = token or self.tokens.issue(peer)
-                        reply = {"ok": True, "token": token, "uid": uid, "gid": gid, "pid": pid}
+                        reply = {"ok": True, "token": token, "uid": uid, "gid": gid, "pid": pid,
+                                 "open": "json"}  # fmt: skip
                         arena = self.daemon.restores.shared_arena() if self.daemon else None
                         if arena is not None and arena.chunks:
                             reply["pool"] = {
@@ -185,6 +186,15 @@ class FdServer:
             raise PermissionDenied("open: authenticate this connection first (op auth)")
         if self.stopping.is_set():
             raise DaemonUnavailable("thawd is stopping; retry once it is back")
+        if isinstance(restores, list) and restores and all(isinstance(r, str) for r in restores):
+            # A client from before the JSON open (serialized protobuf): TooLarge sends it to
+            # gRPC's OpenRestore, which it falls back to, and which every version speaks.
+            return {
+                "ok": False,
+                "error": fdsocket.TOO_LARGE,
+                "message": "this thawd opens restores on the fd socket in JSON "
+                "(thaw/daemon/opened.py): open over gRPC",
+            }
         if (
             not isinstance(restores, list)
             or not 0 < len(restores) <= fdsocket.MAX_OPENS

@@ -282,7 +282,8 @@ def test_restores_open_on_the_fd_socket(module_thawd: ThawdProcess) -> None:
             ("fd-small", "InvalidRequest", "a list of 1 to 64"),
             ([], "InvalidRequest", "a list of 1 to 64"),
             (encoded("fd-small") * 65, "InvalidRequest", "a list of 1 to 64"),
-            (["fd-small"], "InvalidRequest", "a list of 1 to 64"),
+            (["CghmZC1zbWFsbA=="], fdsocket.TOO_LARGE, "open over gRPC"),  # before JSON
+            ([{"name": "fd-small"}, "fd-small"], "InvalidRequest", "a list of 1 to 64"),
             ([{"name": "fd-small", "size": 1}], "InvalidRequest", "unknown field(s) ['size']"),
             ([{"name": 7}], "InvalidRequest", "name must be a string"),
             ([{"name": "fd-small", "pool_id": -1}], "InvalidRequest", "pool_id must be"),
@@ -301,6 +302,15 @@ def test_restores_open_on_the_fd_socket(module_thawd: ThawdProcess) -> None:
         assert c.restore(out, "fd-large").bytes == 1500 * 8  # opened over gRPC
         assert all(torch.equal(out[k], large[k]) for k in large)
         assert c.stat("fd-large").clients == 0
+
+        # A thawd from before the JSON open says nothing of it at auth: its restores open over
+        # gRPC, as this one's do when told so.
+        assert c._conn.opens_json
+        c._conn.opens_json = False
+        out = {k: torch.zeros_like(v) for k, v in small.items()}
+        assert c.restore(out, "fd-small").tier == "cold"
+        assert all(torch.equal(out[k], small[k]) for k in small)
+        assert c.stat("fd-small").clients == 0
 
     sock = fdsocket.connect(fdsocket.fd_socket_path(module_thawd.socket))
     with sock:  # a connection that never authenticated opens nothing

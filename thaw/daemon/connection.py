@@ -59,6 +59,7 @@ class Connection:
         self._token = ""
         self._pid = os.getpid()
         self._pool: dict[str, int] | None = None  # the VMM pool thawd lets clients map whole
+        self.opens_json = False  # thawd opens restores on the fd socket ("auth" says so)
         self._pool_map: PoolMap | None = None
         self._grpc_lock = threading.Lock()
         self._channel: Any = None  # made by the first gRPC call (_grpc)
@@ -129,6 +130,9 @@ class Connection:
                 raise refused(reply)
             self._fd_sock, self._token = sock, reply["token"]
             self._pool = reply.get("pool")
+            # A thawd older than the fd socket's JSON "open" does not say so: restores open
+            # over gRPC there (thaw/daemon/opened.py).
+            self.opens_json = reply.get("open") == "json"
             old = self._pool_map
             if old is None or (self._pool is not None and self._pool["id"] == old.pool_id):
                 return

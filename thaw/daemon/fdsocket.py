@@ -10,8 +10,10 @@ of the connection (which gRPC's Python API cannot expose; docs/DAEMON.md):
     {"op": "open", "restores": [R...]} -> {"ok": true, "opened": [O...]}: restore sessions opened
                                           as OpenRestore would; R and O are OpenRestoreRequest
                                           and OpenRestoreResponse as JSON (opened.py), at most
-                                          MAX_OPENS, or {"ok": false, "error": TOO_LARGE}: the
-                                          replies would not fit one packet: use gRPC
+                                          MAX_OPENS, or {"ok": false, "error": TOO_LARGE}: open
+                                          over gRPC (the replies would not fit one packet, or
+                                          R is serialized protobuf, as clients before the JSON
+                                          open sent); "auth" says "open": "json"
     {"op": "close", "sessions": [{"id": S, "ok": B, "bytes": N, "seconds": F, "error": E}...]}
                                        -> {"ok": true}: restore sessions ended, each confirmed
                                           (ok) or failed (error), as CloseRestore would
@@ -38,7 +40,7 @@ MAX_MESSAGE = 64 << 10
 MAX_FDS = 253  # SCM_MAX_FD: a VMM pool buffer is one fd per chunk
 MAX_CLOSES = 32  # sessions per "close" message: each error text is at most ~1 KB
 MAX_OPENS = 64  # restores per "open" message
-TOO_LARGE = "TooLarge"  # an "open" refused: its replies would not fit one message
+TOO_LARGE = "TooLarge"  # an "open" refused: open over gRPC (see the docstring)
 TOKEN_METADATA_KEY = "thaw-token"
 
 

@@ -12,9 +12,11 @@ messages' own (proto/thaw/v1/thawd.proto), enums by their names:
                "fingerprint_json": S, "path": S, "delivery": "DELIVERY_POOL",
                "buffer_id": N, "pool_offset": N}                (OpenRestoreResponse)
 
-thawd encodes a response's session fields with `as_json` and its manifest's rows, built once
-per manifest, with `tensor_row`; a client reads it, or a response that came over gRPC (a batch
-too large for one packet) through the same `as_json`, into an `Opened`.
+thawd's "auth" reply says `"open": "json"`: a client opens on the fd socket only then, and
+over gRPC with a thawd from before. thawd encodes a response's session fields with `as_json`
+and its manifest's rows, built once per manifest, with `tensor_row`; a client reads it, or a
+response that came over gRPC (a batch too large for one packet, or a thawd from before)
+through the same `as_json`, into an `Opened`.
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ class Restores:
         a gRPC call's latency), or, where their manifests do not fit one, with OpenRestore
         calls all in flight at once. On any failure no session stays open and the first
         error is raised."""
-        if len(requests) <= fdsocket.MAX_OPENS:
+        if len(requests) <= fdsocket.MAX_OPENS and self._conn.opens_json:
             reply = self._conn.fd_request(
                 {"op": "open", "restores": requests},
                 "while opening a restore",
