@@ -76,11 +76,6 @@ def set_device(index: int) -> None:
     check(cu.cuCtxSetCurrent(context), f"cuCtxSetCurrent(device {index})")
 
 
-def current_device() -> int:
-    """The device of this thread's current context."""
-    return int(check(cu.cuCtxGetDevice(), "cuCtxGetDevice"))
-
-
 def device_synchronize() -> None:
     """Wait for all work of the current device (its primary context)."""
     check(cu.cuCtxSynchronize(), "cuCtxSynchronize")

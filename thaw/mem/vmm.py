@@ -26,11 +26,6 @@ POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
 GIB = 1 << 30
 
 
-def _context(device: int) -> None:
-    # The device's primary context, the one torch uses, made current in this thread.
-    cuda.set_device(device)
-
-
 def _prop(device: int) -> Any:
     prop = cu.CUmemAllocationProp()
     prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
@@ -53,7 +48,7 @@ def warm_up() -> None:
 
 
 def granularity(device: int = 0) -> int:
-    _context(device)
+    cuda.set_device(device)
     flag = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
     return int(
         cuda.check(
@@ -78,7 +73,7 @@ def supported(device: int = 0) -> bool:
 def allocate(size: int, device: int = 0) -> tuple[Any, int]:
     """New page-locked host memory (cuMemCreate, HOST_NUMA, exportable as a POSIX fd) of at
     least `size` bytes: (its handle, its size rounded up to the VMM granularity)."""
-    _context(device)
+    cuda.set_device(device)
     gran = granularity(device)
     size = (size + gran - 1) // gran * gran
     handle = cuda.check(cu.cuMemCreate(size, _prop(device), 0), f"cuMemCreate(HOST_NUMA, {size})")
@@ -177,7 +172,7 @@ class HostBuffer:
     ) -> HostBuffer:
         """Map allocations this process owns elsewhere (thawd's pool chunks: they stay owned
         there), for `device` and `peers`."""
-        _context(device)
+        cuda.set_device(device)
         return cls(handles, sizes, device, owned=False, peers=peers)
 
     @classmethod
@@ -199,7 +194,7 @@ class HostBuffer:
         `lazy`: import and map each chunk on `map_until` (importing 60 chunks up front costs
         a first restore tens of milliseconds)."""
         t0 = time.perf_counter()
-        _context(device)
+        cuda.set_device(device)
         t_context = time.perf_counter()
         own = []
         try:
@@ -236,7 +231,7 @@ class HostBuffer:
         self._fds = []
         if not self.addr:
             return
-        _context(self.device)
+        cuda.set_device(self.device)
         offset = 0
         for size in self.sizes[: self._chunks_mapped]:
             cu.cuMemUnmap(self.addr + offset, size)
@@ -278,7 +273,7 @@ class PoolMirror:
         self._closing = False
         self._cond = threading.Condition()
         self._access = _access((device,), False)
-        _context(device)
+        cuda.set_device(device)
         reserved = cu.cuMemAddressReserve(self.size, 0, 0, 0)
         self.addr = int(cuda.check(reserved, f"cuMemAddressReserve({self.size})"))
 
@@ -368,7 +363,7 @@ class PoolMirror:
                 self._cond.wait()
             if not self.addr:
                 return
-            _context(self.device)
+            cuda.set_device(self.device)
             # Copies left in flight (restore_many) may still read it: never unmap under DMA.
             cuda.device_synchronize()
             for i, lock in enumerate(self._locks):
