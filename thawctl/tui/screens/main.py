@@ -233,21 +233,23 @@ class MainScreen(Screen[None]):
 
     def action_pool(self) -> None:
         """Show the serve pool in the snapshot table's place, or the snapshots again."""
-        showing = not self.has_class("-pool")
-        self.set_class(False, "-sessions")
-        self.set_class(showing, "-pool")
-        pool = self.query_one(PoolTable)
-        pool.styles.height = self.query_one(SnapshotTable).styles.height
-        (pool if showing else self.query_one(SnapshotTable)).focus()
+        self._show_instead("-pool", PoolTable)
 
     def action_sessions(self) -> None:
         """Show the sessions in the snapshot table's place, or the snapshots again."""
-        showing = not self.has_class("-sessions")
-        self.set_class(False, "-pool")
-        self.set_class(showing, "-sessions")
-        sessions = self.query_one(SessionTable)
-        sessions.styles.height = self.query_one(SnapshotTable).styles.height
-        (sessions if showing else self.query_one(SnapshotTable)).focus()
+        self._show_instead("-sessions", SessionTable)
+
+    def _show_instead(self, view: str, table: type[Any]) -> None:
+        """Toggle `view` (a screen class, thawtop.tcss) in the snapshot table's place; at most
+        one such view shows at a time."""
+        showing = not self.has_class(view)
+        for other in ("-pool", "-sessions"):
+            self.set_class(False, other)
+        self.set_class(showing, view)
+        snapshots = self.query_one(SnapshotTable)
+        widget = self.query_one(table)
+        widget.styles.height = snapshots.styles.height
+        (widget if showing else snapshots).focus()
 
     def action_pin(self) -> None:
         record = self._selected()
