@@ -11,6 +11,7 @@ setup(
                 "native/errors.c",
                 "native/io.c",
                 "native/readhash.c",
+                "native/readdevice.c",
                 "native/memcpy.c",
                 "native/checksum.c",
                 "native/xxh.c",

@@ -1,4 +1,5 @@
-/* errno -> OSError whose message names the failing call and its arguments. */
+/* errno -> OSError whose message names the failing call and its arguments (and EOFError,
+ * RuntimeError for a failed CUDA call, likewise named). */
 #include "errors.h"
 
 #include <stdarg.h>
@@ -15,14 +16,27 @@ void thaw_err_os(thaw_err_t *e, int errnum, const char *fmt, ...)
     e->errnum = errnum;
 }
 
+static void err_message(thaw_err_t *e, thaw_err_kind kind, const char *fmt, va_list ap)
+{
+    vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+    e->kind = kind;
+    e->errnum = 0;
+}
+
 void thaw_err_eof(thaw_err_t *e, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+    err_message(e, THAW_ERR_EOF, fmt, ap);
     va_end(ap);
-    e->kind = THAW_ERR_EOF;
-    e->errnum = 0;
+}
+
+void thaw_err_cuda(thaw_err_t *e, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    err_message(e, THAW_ERR_CUDA, fmt, ap);
+    va_end(ap);
 }
 
 static PyObject *raise_os(int errnum, const char *call)
@@ -47,6 +61,9 @@ PyObject *thaw_err_raise(const thaw_err_t *e)
         return NULL;
     case THAW_ERR_OS:
         return raise_os(e->errnum, e->msg);
+    case THAW_ERR_CUDA:
+        PyErr_SetString(PyExc_RuntimeError, e->msg);
+        return NULL;
     default:
         PyErr_SetString(PyExc_SystemError, "thaw._native: error raised without a recorded error");
         return NULL;

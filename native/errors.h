@@ -13,6 +13,7 @@ typedef enum {
     THAW_ERR_NONE = 0,
     THAW_ERR_OS,  /* OSError(errnum, "<call>: <strerror>") */
     THAW_ERR_EOF, /* EOFError("<call>: ...") */
+    THAW_ERR_CUDA, /* RuntimeError("<call> failed: CUDA_ERROR_..."): thaw turns it to CudaError */
 } thaw_err_kind;
 
 typedef struct {
@@ -27,6 +28,9 @@ void thaw_err_os(thaw_err_t *e, int errnum, const char *fmt, ...)
 
 /* Record an unexpected end of file; fmt is the whole message. No GIL needed. */
 void thaw_err_eof(thaw_err_t *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Record a failed CUDA driver call; fmt is the whole message. No GIL needed. */
+void thaw_err_cuda(thaw_err_t *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Raise the recorded error (GIL held). Always returns NULL. */
 PyObject *thaw_err_raise(const thaw_err_t *e);

@@ -18,6 +18,11 @@ extern const char thaw_pwrite_from_doc[];
 PyObject *thaw_pread_hashed(PyObject *self, PyObject *args, PyObject *kwargs);
 extern const char thaw_pread_hashed_doc[];
 
+/* readdevice.c: its bounce buffers' size (4 MiB: see there for the measurements). */
+#define THAW_BOUNCE_SIZE ((Py_ssize_t)4 << 20)
+PyObject *thaw_read_to_device(PyObject *self, PyObject *args, PyObject *kwargs);
+extern const char thaw_read_to_device_doc[];
+
 /* memcpy.c */
 PyObject *thaw_copy(PyObject *self, PyObject *args, PyObject *kwargs);
 PyObject *thaw_prefault(PyObject *self, PyObject *args, PyObject *kwargs);

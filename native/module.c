@@ -1,5 +1,5 @@
 /* thaw._native: the method table and module init only. The functions live in
- * topic files (io.c, readhash.c, memcpy.c, checksum.c, residency.c); Python owns policy,
+ * topic files (io.c, readhash.c, readdevice.c, memcpy.c, checksum.c, residency.c); Python owns policy,
  * C owns the loops. */
 #include "methods.h"
 
@@ -12,6 +12,8 @@ static PyMethodDef methods[] = {
      thaw_pwrite_from_doc},
     {"pread_hashed", (PyCFunction)(void (*)(void))thaw_pread_hashed,
      METH_VARARGS | METH_KEYWORDS, thaw_pread_hashed_doc},
+    {"read_to_device", (PyCFunction)(void (*)(void))thaw_read_to_device,
+     METH_VARARGS | METH_KEYWORDS, thaw_read_to_device_doc},
     {"copy", (PyCFunction)(void (*)(void))thaw_copy, METH_VARARGS | METH_KEYWORDS, thaw_copy_doc},
     {"copy_many", (PyCFunction)(void (*)(void))thaw_copy_many, METH_VARARGS | METH_KEYWORDS,
      thaw_copy_many_doc},
@@ -44,6 +46,7 @@ PyMODINIT_FUNC PyInit__native(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "BLOCK_HASH_SIZE", THAW_BLOCK_HASH_SIZE) ||
+        PyModule_AddIntConstant(m, "BOUNCE_SIZE", THAW_BOUNCE_SIZE) ||
         PyModule_AddIntConstant(m, "FADV_DONTNEED", POSIX_FADV_DONTNEED) ||
         PyModule_AddIntConstant(m, "FADV_WILLNEED", POSIX_FADV_WILLNEED) ||
         PyModule_AddIntConstant(m, "FADV_SEQUENTIAL", POSIX_FADV_SEQUENTIAL)) {

@@ -24,9 +24,12 @@
 
 /* Run task `task`; return 0, or -1 after filling *err. Called without the GIL. */
 typedef int (*thaw_task_fn)(void *ctx, size_t task, thaw_err_t *err);
+/* The same, told which worker runs it (0 = the calling thread, up to threads - 1): for loops
+ * whose workers own state across tasks (readdevice.c: a stream and bounce buffers each). */
+typedef int (*thaw_worker_task_fn)(void *ctx, size_t worker, size_t task, thaw_err_t *err);
 
 typedef struct {
-    thaw_task_fn fn;
+    thaw_worker_task_fn fn;
     void *ctx;
     size_t ntasks;
     atomic_size_t next;
@@ -36,15 +39,21 @@ typedef struct {
     thaw_err_t err;
 } thaw_pool_t;
 
+typedef struct {
+    thaw_pool_t *pool;
+    size_t index;
+} thaw_worker_t;
+
 static inline void *thaw_pool_worker(void *arg)
 {
-    thaw_pool_t *p = arg;
+    thaw_worker_t *w = arg;
+    thaw_pool_t *p = w->pool;
     thaw_err_t local;
     while (!atomic_load_explicit(&p->failed, memory_order_relaxed)) {
         size_t t = atomic_fetch_add_explicit(&p->next, 1, memory_order_relaxed);
         if (t >= p->ntasks)
             break;
-        if (p->fn(p->ctx, t, &local) != 0) {
+        if (p->fn(p->ctx, w->index, t, &local) != 0) {
             pthread_mutex_lock(&p->lock);
             if (!atomic_load_explicit(&p->failed, memory_order_relaxed) || t < p->err_task) {
                 p->err = local;
@@ -57,31 +66,39 @@ static inline void *thaw_pool_worker(void *arg)
     return NULL;
 }
 
-/* Run fn(ctx, 0..ntasks-1) on up to `threads` threads (the caller included).
- * Returns 0, or -1 with *err set. Call it with the GIL released. */
-static inline int thaw_parallel_for(size_t ntasks, int threads, thaw_task_fn fn, void *ctx,
-                                    thaw_err_t *err)
+/* The number of workers thaw_parallel_for_workers runs for `threads` and `ntasks`. */
+static inline size_t thaw_worker_count(size_t ntasks, int threads)
+{
+    size_t want = (size_t)(threads < 1 ? 1 : threads);
+    if (want > ntasks)
+        want = ntasks;
+    return want > THAW_MAX_THREADS ? THAW_MAX_THREADS : want;
+}
+
+/* Run fn(ctx, worker, 0..ntasks-1) on up to thaw_worker_count(ntasks, threads) threads (the
+ * caller is worker 0). Returns 0, or -1 with *err set. Call it with the GIL released. */
+static inline int thaw_parallel_for_workers(size_t ntasks, int threads, thaw_worker_task_fn fn,
+                                            void *ctx, thaw_err_t *err)
 {
     thaw_pool_t p = {.fn = fn, .ctx = ctx, .ntasks = ntasks, .err_task = SIZE_MAX};
     atomic_init(&p.next, 0);
     atomic_init(&p.failed, 0);
     pthread_mutex_init(&p.lock, NULL);
 
-    size_t want = (size_t)(threads < 1 ? 1 : threads);
-    if (want > ntasks)
-        want = ntasks;
-    if (want > THAW_MAX_THREADS)
-        want = THAW_MAX_THREADS;
+    size_t want = thaw_worker_count(ntasks, threads);
     pthread_t tids[THAW_MAX_THREADS];
+    thaw_worker_t workers[THAW_MAX_THREADS];
     size_t started = 0;
     /* A failed pthread_create (EAGAIN under a thread limit) only costs
      * parallelism: the threads we did get, and the caller, finish the work. */
     for (size_t i = 1; i < want; i++) {
-        if (pthread_create(&tids[started], NULL, thaw_pool_worker, &p) != 0)
+        workers[i] = (thaw_worker_t){&p, i};
+        if (pthread_create(&tids[started], NULL, thaw_pool_worker, &workers[i]) != 0)
             break;
         started++;
     }
-    thaw_pool_worker(&p);
+    workers[0] = (thaw_worker_t){&p, 0};
+    thaw_pool_worker(&workers[0]);
     for (size_t i = 0; i < started; i++)
         pthread_join(tids[i], NULL);
     pthread_mutex_destroy(&p.lock);
@@ -91,6 +108,27 @@ static inline int thaw_parallel_for(size_t ntasks, int threads, thaw_task_fn fn,
         return -1;
     }
     return 0;
+}
+
+typedef struct {
+    thaw_task_fn fn;
+    void *ctx;
+} thaw_plain_t;
+
+static inline int thaw_plain_task(void *ctx, size_t worker, size_t task, thaw_err_t *err)
+{
+    (void)worker;
+    const thaw_plain_t *p = ctx;
+    return p->fn(p->ctx, task, err);
+}
+
+/* Run fn(ctx, 0..ntasks-1) on up to `threads` threads (the caller included).
+ * Returns 0, or -1 with *err set. Call it with the GIL released. */
+static inline int thaw_parallel_for(size_t ntasks, int threads, thaw_task_fn fn, void *ctx,
+                                    thaw_err_t *err)
+{
+    thaw_plain_t plain = {fn, ctx};
+    return thaw_parallel_for_workers(ntasks, threads, thaw_plain_task, &plain, err);
 }
 
 #endif

@@ -4,6 +4,7 @@
 from collections.abc import Sequence
 
 BLOCK_HASH_SIZE: int
+BOUNCE_SIZE: int
 FADV_DONTNEED: int
 FADV_WILLNEED: int
 FADV_SEQUENTIAL: int
@@ -22,6 +23,17 @@ def pread_hashed(
     threads: int = 1,
     align: int = 0,
 ) -> list[bytes]: ...
+def read_to_device(
+    fd: int,
+    dsts: Sequence[int],
+    offsets: Sequence[int],
+    lengths: Sequence[int],
+    bounce: Sequence[int],
+    driver: Sequence[int],
+    threads: int = 1,
+    align: int = 0,
+    verify: bool = True,
+) -> list[bytes] | None: ...
 def copy(dst: int, src: int, length: int, threads: int = 1) -> None: ...
 def copy_many(
     dsts: Sequence[int], srcs: Sequence[int], lengths: Sequence[int], threads: int = 1

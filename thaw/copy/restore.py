@@ -9,7 +9,6 @@ from typing import Any
 
 from thaw import _native
 from thaw.copy import binding, datapath
-from thaw.copy.pieces import Piece
 from thaw.errors import RestoreIncomplete, SnapshotError, ThawError
 from thaw.format import Snapshot, TensorEntry, payload_fd, read_snapshot
 from thaw.format.checksum import Digests
@@ -18,10 +17,6 @@ from thaw.format.fingerprint import Fingerprint, check
 # Below this share of the payload in page cache, CUDA restores read with O_DIRECT: buffered
 # reads of a cold file cost a second copy through the page cache and evict what is there.
 WARM_THRESHOLD = 0.5
-# Native threads per pipeline worker: 4 workers x 4 threads keep sixteen 4 MiB requests in
-# flight; at 4 x 2 a cold O_DIRECT restore reached 89% of the disk's rate and a page-cache
-# restore 24 GB/s on the H200 host.
-IO_THREADS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,25 +118,9 @@ def _restore(
     if gpu:
         direct = fd if warm else _direct(fd)
         align = 4096 if direct != fd else 0
-        digests = _digests(path, gpu, verify, 1)
         try:
-
-            def fill(addr: int, piece: Piece) -> None:
-                if digests is None:
-                    _read(direct, payload_offset, addr, piece.payload_offset, piece.length,
-                          IO_THREADS)  # fmt: skip
-                    return
-                # Each segment read and hashed as it lands in the private staging slot: the
-                # bytes checked are the bytes then copied to the GPU, never the file's pages.
-                segs = piece.segments
-                hashes = _native.pread_hashed(
-                    direct, [addr + s.piece_offset for s in segs],
-                    [payload_offset + piece.payload_offset + s.piece_offset for s in segs],
-                    [s.length for s in segs], IO_THREADS, align)  # fmt: skip
-                for seg, digest in zip(segs, hashes, strict=True):
-                    digests.check_hashes(seg, digest)
-
-            copied += datapath.copy_to_cuda(gpu, fill, None)
+            copied += datapath.read_to_cuda(gpu, direct, payload_offset, align,
+                                            _digests(path, gpu, verify, 1), threads)  # fmt: skip
         finally:
             if direct != fd:
                 os.close(direct)
@@ -163,11 +142,6 @@ def _digests(
     return Digests([b.entry for b in bindings], path, threads) if verify else None
 
 
-def _read(fd: int, payload_offset: int, addr: int, offset: int, length: int, threads: int) -> None:
-    # 4 MiB per thread task: enough to keep several O_DIRECT requests in flight per piece.
-    _native.pread_into(fd, addr, length, payload_offset + offset, threads, 4 << 20)
-
-
 def read_tensor(snapshot: Snapshot, entry: TensorEntry, verify: bool = True) -> Any:
     """One tensor of a snapshot as a new CPU tensor (for inspection and tools)."""
     import torch
@@ -177,7 +151,8 @@ def read_tensor(snapshot: Snapshot, entry: TensorEntry, verify: bool = True) -> 
 
     out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
     with payload_fd(snapshot, direct=False) as fd:
-        _read(fd, snapshot.payload_offset, int(out.data_ptr()), entry.offset, entry.length, 1)
+        offset = snapshot.payload_offset + entry.offset
+        _native.pread_into(fd, int(out.data_ptr()), entry.length, offset, 1, 4 << 20)
     if verify:
         verify_tensor(snapshot.path, entry, int(out.data_ptr()))
     return out

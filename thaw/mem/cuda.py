@@ -118,6 +118,56 @@ class Event:
         check(cu.cuEventSynchronize(self.handle), "cuEventSynchronize")
 
 
+# The driver functions thaw._native.read_to_device calls from its threads, in its order.
+_NATIVE_CALLS = (
+    "cuGetErrorName", "cuCtxGetCurrent", "cuCtxSetCurrent", "cuStreamCreate", "cuStreamDestroy",
+    "cuStreamSynchronize", "cuEventCreate", "cuEventDestroy", "cuEventRecord",
+    "cuEventSynchronize", "cuMemcpyHtoDAsync",
+)  # fmt: skip
+_entry_points: tuple[int, ...] = ()
+
+
+def driver_entry_points() -> tuple[int, ...]:
+    """Addresses of the driver functions native code calls, resolved once through
+    cuGetProcAddress: the libcuda that cuda-python loaded, at CUDA 12's ABI (cuStreamDestroy_v2,
+    cuMemcpyHtoDAsync_v2, ...)."""
+    global _entry_points
+    if not _entry_points:
+        _init()
+        found = cu.CUdriverProcAddressQueryResult.CU_GET_PROC_ADDRESS_SUCCESS
+        points = []
+        for name in _NATIVE_CALLS:
+            flags = cu.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT
+            pfn, status = check(cu.cuGetProcAddress(name.encode(), 12000, flags),
+                                f"cuGetProcAddress({name})")  # fmt: skip
+            if status != found or not pfn:
+                raise CudaError(f"the CUDA driver has no {name} ({status}): update the driver")
+            points.append(int(pfn))
+        _entry_points = tuple(points)
+    return _entry_points
+
+
+def read_to_device(
+    fd: int,
+    dsts: list[int],
+    offsets: list[int],
+    lengths: list[int],
+    bounce: list[int],
+    threads: int,
+    align: int,
+    verify: bool,
+) -> list[bytes] | None:
+    """thaw._native.read_to_device in the current device's context (see native/readdevice.c),
+    its failed CUDA calls raised as CudaError."""
+    from thaw import _native
+
+    try:
+        return _native.read_to_device(fd, dsts, offsets, lengths, bounce, driver_entry_points(),
+                                      threads, align, verify)  # fmt: skip
+    except RuntimeError as e:
+        raise CudaError(str(e)) from e
+
+
 def copy_h2d(dst: int, src: int, length: int, stream: Stream) -> None:
     check(cu.cuMemcpyHtoDAsync(dst, src, length, stream.handle), "cuMemcpyHtoDAsync")
 
