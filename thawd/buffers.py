@@ -17,6 +17,7 @@ import secrets
 from typing import Any
 
 from thaw import _native
+from thaw.format.residency import resident_estimate
 from thaw.mem.mapping import Mapping
 from thawd.files import SnapshotFile
 
@@ -328,7 +329,7 @@ class WarmMapping:
     def resident_bytes(self) -> int:
         if self.fd < 0 or not self.length:
             return 0
-        return int(_native.resident_bytes(self.fd, self.offset, self.length))
+        return resident_estimate(self.fd, self.offset, self.length)
 
     def close(self) -> None:
         if self.mapping is not None:

@@ -18,6 +18,7 @@ from thaw._proto import thawd_pb2 as pb
 from thaw.errors import ChecksumMismatch, DaemonError, InvalidRequest
 from thaw.format import TensorEntry
 from thaw.format.checksum import verify_tensor
+from thaw.format.residency import resident_estimate
 from thawd.budgets import human
 from thawd.buffers import PoolBuffer, WarmMapping
 from thawd.entries import Entry
@@ -114,7 +115,7 @@ class Tiers:
                     # Pages already in the page cache are copied from it (memory speed); only
                     # a mostly cold range goes around it with O_DIRECT (disk speed, and no
                     # second copy of a large file evicting what the host keeps cached).
-                    resident = _native.resident_bytes(file.fd, offset + start, end - start)
+                    resident = resident_estimate(file.fd, offset + start, end - start)
                     cached = not align or resident >= (end - start) // 2
                     hashes = _native.pread_hashed(
                         file.fd if cached else direct, [buf.addr + t.offset for t in group],

@@ -13,6 +13,7 @@ from thaw.errors import RestoreIncomplete, SnapshotError, ThawError
 from thaw.format import Snapshot, TensorEntry, payload_fd, read_snapshot
 from thaw.format.checksum import Digests
 from thaw.format.fingerprint import Fingerprint, check
+from thaw.format.residency import resident_estimate
 
 # Below this share of the payload in page cache, CUDA restores read with O_DIRECT: buffered
 # reads of a cold file cost a second copy through the page cache and evict what is there.
@@ -99,7 +100,7 @@ def _restore(
     cpu = [b for b in bindings if b.tensor.device.type == "cpu"]
     gpu = [b for b in bindings if b.tensor.device.type == "cuda"]
     copied = 0
-    resident = _native.resident_bytes(fd, payload_offset, payload_length)
+    resident = resident_estimate(fd, payload_offset, payload_length)
     warm = resident >= WARM_THRESHOLD * payload_length
     if cpu:
         # CPU tensors are not page aligned: buffered reads straight into their memory, each
