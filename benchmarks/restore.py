@@ -143,6 +143,8 @@ def main() -> None:
     st_s = min(timed(safetensors_restore, sync) for _ in range(2))
     st_gbps = size / st_s / 1e9
 
+    # Issue 14's goal on the H200 host; a CPU run (the dev box: 2 cores) checks the 5x alone.
+    goal = 30 if gpu else 5
     if gpu:
         rows.append(Row("pinned H2D copy ceiling (64 MB x 2 streams)", ceiling))
     rows.append(Row("pread of the file from the page cache, 16 threads", cached_gbps))
@@ -152,8 +154,8 @@ def main() -> None:
             size / warm_verify / 1e9,
             "safetensors load_file, page cache",
             st_gbps,
-            ">= 15 GB/s, 5x",
-            size / warm_verify / 1e9 >= 15 and warm_verify * 5 <= st_s,
+            f">= {goal} GB/s, 5x",
+            size / warm_verify / 1e9 >= goal and warm_verify * 5 <= st_s,
         )
     )
     if gpu:
