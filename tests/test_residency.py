@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def cached_file(tmp_path: Path) -> int:
+def cached_file(tmp_path: Path) -> Iterator[int]:
     """A 200 MiB file (more than the 64 windows' worth), written and so in the page cache."""
     path = tmp_path / "f.bin"
     with open(path, "wb") as f:
