@@ -2,9 +2,11 @@
 
 The host side is either a snapshot file (thaw.copy.restore / thaw.copy.freeze) or memory laid
 out like the payload (a thawd pool buffer, a mapped file). CPU tensors are copied with the native
-multi-threaded loops; CUDA tensors through pinned staging slots on two streams, or straight
-from host memory that CUDA can already reach (VMM-mapped or registered). What goes where is
-thaw.copy.binding's; a daemon copy's export is thaw.copy.daemon_copy's.
+multi-threaded loops. CUDA tensors are read from a file by the native loop of
+native/readdevice.c (`read_to_cuda`: each thread reads, hashes and copies through its own
+pinned bounce buffers); from other host memory through pinned staging slots on two streams,
+or straight from host memory that CUDA can already reach (VMM-mapped or registered). What goes
+where is thaw.copy.binding's; a daemon copy's export is thaw.copy.daemon_copy's.
 """
 
 from __future__ import annotations
