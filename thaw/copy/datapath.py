@@ -32,6 +32,9 @@ SLOT_SIZE = 64 << 20
 PIPELINE_WORKERS = 4
 SLOTS = 2 * PIPELINE_WORKERS
 DEFAULT_THREADS = max(1, min(16, os.cpu_count() or 1))
+# The file-to-GPU loop reached the link with 12-16 threads on the H200 host; its pinned bounce
+# buffers (8 MiB a thread, kept for the process's life) stop growing at 32 threads.
+MAX_BOUNCE_THREADS = 32
 
 
 class Targets:
@@ -122,9 +125,11 @@ class Staging:
 
     def bounce(self, threads: int) -> list[int]:
         """Two pinned bounce buffers per thread for `_native.read_to_device` (4 MiB each: 128
-        MB for 16 threads), allocated on first use and grown for more threads."""
+        MB for 16 threads), allocated on first use and grown for more threads, up to
+        MAX_BOUNCE_THREADS (the native loop runs as many threads as it has buffer pairs)."""
         from thaw.mem import cuda
 
+        threads = max(1, min(threads, MAX_BOUNCE_THREADS))
         size = 2 * threads * _native.BOUNCE_SIZE
         if self._bounce is None or self._bounce.size < size:
             if self._bounce is not None:
