@@ -116,3 +116,22 @@ def test_resident_bytes_keeps_fd_count_and_rss_flat(data_fd: Any) -> None:
 
     assert_flat(once)
     assert PROC.num_fds() == fds0
+
+
+def test_read_to_device_without_a_device_is_flat(data_fd: Any) -> None:
+    """Its argument errors after the bounce list and ranges are parsed, and a call with no
+    bytes to move (no driver call is made: the entry points are never called)."""
+    buffers = mmap.mmap(-1, 4 * _native.BOUNCE_SIZE)
+    bounce = [addr_of(buffers) + i * _native.BOUNCE_SIZE for i in range(4)]
+    driver = [1] * 11
+
+    def once() -> None:
+        for _ in range(20):
+            with pytest.raises(ValueError):
+                _native.read_to_device(data_fd, [4096, 8192], [0, 100], [1, 1], bounce, driver,
+                                       2, 4096)  # fmt: skip
+            assert _native.read_to_device(data_fd, [4096], [0], [0], bounce, driver, 2) == [b""]
+            assert _native.read_to_device(data_fd, [], [], [], bounce, driver, verify=False) is None
+
+    assert_flat(once)
+    buffers.close()
