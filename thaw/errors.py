@@ -127,6 +127,10 @@ class ExtensionMissing(ThawError):
     """The engine's workers cannot be reached: the LLM lacks thaw's worker extension."""
 
 
+class WorkerFailed(ThawError):
+    """thaw's call failed in an engine's worker process; the message is the worker's own."""
+
+
 # --- the daemon -----------------------------------------------------------------------------
 
 

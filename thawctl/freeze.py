@@ -314,10 +314,11 @@ def _written(client: Any, name: str) -> Any:
     a CommandError with thawd's reason when it could not."""
     while True:
         record = client.stat(name)
-        if isinstance(record.file_bytes, int):
-            return record
+        # A failed write sets the error and file_bytes both (to 0): the error decides.
         if record.error:
             raise CommandError(f"thawd could not write {record.path}: {record.error}")
+        if isinstance(record.file_bytes, int):
+            return record
         time.sleep(0.2)
 
 

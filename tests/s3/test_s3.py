@@ -325,6 +325,32 @@ def test_a_cache_directory_others_may_write_stops_thawd_at_start(
     assert oct(shared.stat().st_mode & 0o777) == "0o777"  # refused, never chmodded
 
 
+LOST = "s3://lost-bucket/"  # allowed to thawd, absent from the store
+
+
+def test_an_upload_that_fails_leaves_the_error_on_the_snapshot(
+    moto: MotoServer, s3_thawd: Start
+) -> None:
+    """A freeze's object is written behind it: when the store refuses the upload, the snapshot
+    stays pinned in memory and says why its object does not exist, naming the bucket."""
+    from thawctl.exitcodes import CommandError
+    from thawctl.freeze import _written
+
+    daemon = s3_thawd(moto.url, allow=[ALLOWED, LOST], allow_write=[ALLOWED, LOST])
+    with connect(daemon.socket) as c:
+        c.freeze_tensors(random_tensors(3, scale=50), "lost", path=f"{LOST}x.thaw")
+        deadline = time.monotonic() + 60
+        while not (record := c.stat("lost")).error and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # What `thawctl freeze --engine vllm -o s3://...` waits on: the error, though the
+        # record's file_bytes reads 0 as well.
+        with pytest.raises(CommandError, match=f"thawd could not write {LOST}x.thaw: .*"
+                           "no bucket 'lost-bucket'"):  # fmt: skip
+            _written(c, "lost")
+    assert "could not be written" in record.error and "no bucket 'lost-bucket'" in record.error
+    assert record.tier == "pinned" and record.file_bytes == 0
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
@@ -333,8 +359,9 @@ def test_thawctl_freezes_a_vllm_engine_into_an_object(
 ) -> None:
     """`thawctl freeze --engine vllm -o s3://...`: the engine's weights go into thawd, which
     uploads them; the command returns once the object is complete, a whole verified snapshot
-    that another thawd pins by its URI."""
-    daemon = s3_thawd(moto.url)
+    that another thawd pins by its URI. An upload the store refuses fails the command with
+    thawd's reason."""
+    daemon = s3_thawd(moto.url, allow=[ALLOWED, LOST], allow_write=[ALLOWED, LOST])
     uri = f"{ALLOWED}vllm/tiny.thaw"
 
     def thawctl(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -358,3 +385,10 @@ def test_thawctl_freezes_a_vllm_engine_into_an_object(
         assert c.pin("tiny").checksum_state == "verified"
     refused = thawctl("freeze", "--engine", "sglang", "--model", "tiny", "-o", uri)
     assert refused.returncode == 2 and "--engine torch or vllm" in refused.stderr
+    lost = thawctl("freeze", "--engine", "vllm", "--model", "tiny", "-o", f"{LOST}tiny-2.thaw")
+    # The object is written behind the freeze: thawd's reason reaches the command from the
+    # worker's commit (a small model: written before it) or from its record afterwards.
+    said = [line for line in lost.stderr.splitlines() if line.startswith("thawctl: error: ")]
+    assert lost.returncode == 1 and len(said) == 1, lost.stderr[-3000:]
+    assert f"{LOST}tiny-2.thaw" in said[0] and "no bucket 'lost-bucket'" in said[0], said
+    assert "unexpected" not in said[0], said

@@ -13,7 +13,7 @@ from typing import Any
 
 from thaw.engines.options import Options
 from thaw.engines.transfer import EngineTransfer, RankTransfer
-from thaw.errors import EngineBusy, ExtensionMissing, SnapshotMissing
+from thaw.errors import EngineBusy, ExtensionMissing, SnapshotMissing, WorkerFailed
 
 WORKER_EXTENSION = "thaw.vllm.worker.ThawWorkerExtension"
 
@@ -35,6 +35,7 @@ __all__ = [
     "Options",
     "RankTransfer",
     "SnapshotMissing",
+    "WorkerFailed",
     *_LAZY,
 ]
 

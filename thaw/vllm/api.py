@@ -13,7 +13,7 @@ from thaw.engines.options import Options
 from thaw.engines.ranks import rank_path, resolve
 from thaw.engines.sources import SourceKind, check_before_copy, locate, missing_message
 from thaw.engines.transfer import EngineTransfer, RankTransfer
-from thaw.errors import EngineBusy, ExtensionMissing, SnapshotMissing
+from thaw.errors import EngineBusy, ExtensionMissing, SnapshotMissing, ThawError, WorkerFailed
 from thaw.format.fingerprint import Fingerprint
 from thaw.vllm import WORKER_EXTENSION
 
@@ -27,24 +27,41 @@ def is_llm(target: Any) -> bool:
 
 
 def _rpc(llm: Any, method: str, *args: Any) -> list[Any]:
-    """Call a ThawWorkerExtension method on every worker (one result per rank, in rank order)."""
+    """Call a ThawWorkerExtension method on every worker (one result per rank, in rank order).
+    A failure in a worker (vLLM raises it here as a bare Exception holding the worker's
+    message) is a WorkerFailed with that message."""
     ext = getattr(llm.llm_engine.vllm_config.parallel_config, "worker_extension_cls", "") or ""
-    if ext:
-        return list(llm.collective_rpc(method, args=args))
-    if os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1":
+    call: Any = method
+    if not ext and os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1":
         from thaw.vllm import worker
 
-        fn = {
+        call = {
             "thaw_restore": worker.restore_rank,
             "thaw_freeze": worker.freeze_rank,
             "thaw_fingerprint": worker.fingerprint_rank,
         }[method]
-        return list(llm.collective_rpc(fn, args=args))
+    if ext or call is not method:
+        try:
+            return list(llm.collective_rpc(call, args=args))
+        except ThawError:
+            raise
+        except Exception as e:
+            raise WorkerFailed(f"{method} failed in a vLLM worker: {_worker_message(e)}") from e
     raise ExtensionMissing(
         "thaw cannot reach this engine's workers: create the LLM with "
         f'worker_extension_cls="{WORKER_EXTENSION}" (or set VLLM_ALLOW_INSECURE_SERIALIZATION=1 '
         "before creating it, to let thaw send its functions to the workers)"
     )
+
+
+def _worker_message(e: Exception) -> str:
+    """The worker's own message out of vLLM's "Call to collective_rpc method failed: Worker
+    failed with error '...', please check the stack trace above for the root cause"."""
+    text = str(e)
+    start, end = "Worker failed with error '", "', please check the stack trace"
+    if start in text and end in text:
+        return text[text.index(start) + len(start) : text.rindex(end)]
+    return text
 
 
 def _check_idle(llm: Any) -> None:

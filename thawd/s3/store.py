@@ -189,7 +189,9 @@ class Store:
             if code in ("PreconditionFailed", "412") or status == 412:
                 raise SnapshotChanged(f"{ref.uri}: the object was replaced since thawd read its "
                                       "manifest; register it again") from None  # fmt: skip
-            if code in ("NoSuchKey", "NoSuchBucket", "404") or status == 404:
+            if code == "NoSuchBucket":
+                raise NotFound(f"{ref.uri}: the store has no bucket {ref.bucket!r}") from None
+            if code in ("NoSuchKey", "404") or status == 404:
                 raise NotFound(f"{ref.uri}: no such object") from None
             if code in ("AccessDenied", "403") or status == 403:
                 raise PermissionDenied(f"{ref.uri}: the store refuses thawd's credentials "
