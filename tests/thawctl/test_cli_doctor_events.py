@@ -34,8 +34,20 @@ def start_events(*argv: str, socket: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         cwd=str(ROOT),
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        # A hang is dumped (every thread's stack) when `ended` sends SIGABRT.
+        env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1"),
     )
+
+
+def ended(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """`proc.communicate(timeout)`; on a timeout, the test fails with the stacks of all of
+    `proc`'s threads (faulthandler, on SIGABRT) rather than a bare TimeoutExpired."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"{proc.args!r} did not end in {timeout} s; its threads:\n{err[-6000:]}")
 
 
 def until_done(proc: subprocess.Popen[str], step: Any, timeout: float = 60.0) -> tuple[str, str]:
@@ -117,10 +129,10 @@ def test_events_end_quietly_on_ctrl_c_and_with_exit_3_when_thawd_stops(
         assert " registered " in first_line(interrupted, step)
         assert json.loads(first_line(stopped, step))["kind"] == "registered"
     interrupted.send_signal(signal.SIGINT)
-    out, err = interrupted.communicate(timeout=20)
+    out, err = ended(interrupted, 20)
     assert interrupted.returncode == 0 and err == "", err
     daemon.stop()
-    out, err = stopped.communicate(timeout=30)
+    out, err = ended(stopped, 30)
     assert stopped.returncode == exitcodes.DAEMON_UNAVAILABLE
     assert "ended the event stream" in one_error_line(err)
     assert json.loads(out.splitlines()[-1])["kind"] == "stopping"
