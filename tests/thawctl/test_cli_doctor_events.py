@@ -26,6 +26,15 @@ from thawctl import exitcodes
 CHECKS = ["socket", "group", "thawd", "memlock", "vmm", "pcie", "page cache"]
 
 
+def sigint_as_a_terminal_gives_it() -> None:
+    """In the child before exec: SIGINT handled by default and not blocked. A child inherits
+    an ignored or blocked SIGINT, and the suite's own process may have one by the time this
+    runs (a background job's shell ignores it; CI's `thawctl events` then never saw Ctrl-C:
+    its stacks showed it waiting on the stream, twice)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def start_events(*argv: str, socket: str) -> subprocess.Popen[str]:
     """`thawctl events ARGS` in its own interpreter, stdout a pipe."""
     return subprocess.Popen(
@@ -33,6 +42,7 @@ def start_events(*argv: str, socket: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_a_terminal_gives_it,
         cwd=str(ROOT),
         # A hang is dumped (every thread's stack) when `ended` sends SIGABRT.
         env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1"),
