@@ -18,6 +18,7 @@ from typing import Any
 
 from cuda.bindings import driver as cu
 
+from thaw import _native
 from thaw.errors import CudaError
 
 _SUCCESS = cu.CUresult.CUDA_SUCCESS
@@ -159,8 +160,6 @@ def read_to_device(
 ) -> list[bytes] | None:
     """thaw._native.read_to_device in the current device's context (see native/readdevice.c),
     its failed CUDA calls raised as CudaError."""
-    from thaw import _native
-
     try:
         return _native.read_to_device(fd, dsts, offsets, lengths, bounce, driver_entry_points(),
                                       threads, align, verify)  # fmt: skip

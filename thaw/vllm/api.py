@@ -31,8 +31,9 @@ def _rpc(llm: Any, method: str, *args: Any) -> list[Any]:
     A failure in a worker (vLLM raises it here as a bare Exception holding the worker's
     message) is a WorkerFailed with that message."""
     ext = getattr(llm.llm_engine.vllm_config.parallel_config, "worker_extension_cls", "") or ""
-    call: Any = method
-    if not ext and os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1":
+    if ext:
+        call: Any = method
+    elif os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1":
         from thaw.vllm import worker
 
         call = {
@@ -40,18 +41,19 @@ def _rpc(llm: Any, method: str, *args: Any) -> list[Any]:
             "thaw_freeze": worker.freeze_rank,
             "thaw_fingerprint": worker.fingerprint_rank,
         }[method]
-    if ext or call is not method:
-        try:
-            return list(llm.collective_rpc(call, args=args))
-        except ThawError:
-            raise
-        except Exception as e:
-            raise WorkerFailed(f"{method} failed in a vLLM worker: {_worker_message(e)}") from e
-    raise ExtensionMissing(
-        "thaw cannot reach this engine's workers: create the LLM with "
-        f'worker_extension_cls="{WORKER_EXTENSION}" (or set VLLM_ALLOW_INSECURE_SERIALIZATION=1 '
-        "before creating it, to let thaw send its functions to the workers)"
-    )
+    else:
+        raise ExtensionMissing(
+            "thaw cannot reach this engine's workers: create the LLM with "
+            f'worker_extension_cls="{WORKER_EXTENSION}" (or set '
+            "VLLM_ALLOW_INSECURE_SERIALIZATION=1 before creating it, to let thaw send its "
+            "functions to the workers)"
+        )
+    try:
+        return list(llm.collective_rpc(call, args=args))
+    except ThawError:
+        raise
+    except Exception as e:
+        raise WorkerFailed(f"{method} failed in a vLLM worker: {_worker_message(e)}") from e
 
 
 def _worker_message(e: Exception) -> str:
