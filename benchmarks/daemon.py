@@ -46,6 +46,7 @@ import thaw
 from thaw import _native
 
 HERE = Path(__file__).resolve()
+LATE_PROCESSES = 5  # new processes that connect and restore at once
 
 
 def start_daemon(directory: Path, budget: int) -> subprocess.Popen[bytes]:
@@ -256,23 +257,28 @@ def main() -> None:
         rows.append(Row("restore, pinned tier, new process, 2nd", second, baseline, ceiling))
         connect_ms = [result["connect_s"] * 1e3]
         if gpu:  # the worst case: connect, then restore at once (the pool still being mapped)
-            late = finish(
-                run_child(args, socket, "bench", args.device, repeat=1, connect_late=True)
-            )
-            same = same and late["digest"] == expected
-            connect_ms.append(late["connect_s"] * 1e3)
+            # in LATE_PROCESSES new processes, one after another: one process's wall time
+            # moves by tens of ms from one to the next (imports, the kernel, the driver).
+            lates = [
+                finish(run_child(args, socket, "bench", args.device, repeat=1, connect_late=True))
+                for _ in range(LATE_PROCESSES)
+            ]
+            same = same and all(late["digest"] == expected for late in lates)
+            connect_ms += [late["connect_s"] * 1e3 for late in lates]
             rows.append(
                 Row(
-                    "restore, pinned tier, new process, connect then restore",
-                    size / late["seconds"][0] / 1e9,
+                    "restore, pinned tier, new process, connect then restore (median)",
+                    size / statistics.median(late["seconds"][0] for late in lates) / 1e9,
                     baseline,
                     ceiling,
                 )
             )
-            wall = late["wall_s"]
+            walls = sorted(late["wall_s"] for late in lates)
+            wall = statistics.median(walls)
             rows.append(
                 Row(
-                    f"new process: connect + 1st restore, wall {wall:.3f} s",
+                    f"new process: connect + 1st restore, wall {wall:.3f} s (median of "
+                    f"{len(walls)}: {walls[0]:.3f}-{walls[-1]:.3f})",
                     size / wall / 1e9,
                     baseline,
                     ceiling,
@@ -356,8 +362,8 @@ def main() -> None:
         title = f"thawd, {size / 1e9:.1f} GB {args.dtype}, {card}, pool {status.pool_kind}"
         print_table(title, rows)
         print(
-            "connect() in the new process (before the model is built; connect then "
-            f"restore): {', '.join(f'{ms:.1f} ms' for ms in connect_ms)}"
+            "connect() in the new processes (before the model is built; then each that "
+            f"connects and restores at once): {', '.join(f'{ms:.1f} ms' for ms in connect_ms)}"
         )
         print(f"bit-identical (sampled digest) in the new processes: {same}")
     finally:

@@ -105,10 +105,17 @@ class FdServer:
                         fdsocket.send(conn, {"ok": True})
                     elif op == "pool":
                         assert self.daemon is not None
+                        t0 = time.perf_counter()
                         start = _integer(message, "start", 0, 1 << 31)
                         fds, sizes, pool_id = self.daemon.restores.pool_fds(start, fdsocket.MAX_FDS)
                         _hand_over(
                             conn, {"ok": True, "pool": pool_id, "start": start, "sizes": sizes}, fds
+                        )
+                        log.debug(
+                            "fd socket: %d pool fds to pid %d in %.2f ms",
+                            len(fds),
+                            pid,
+                            (time.perf_counter() - t0) * 1e3,
                         )
                     elif op == "fd":
                         assert self.daemon is not None

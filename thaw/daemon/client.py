@@ -16,6 +16,7 @@ import builtins
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -61,11 +62,18 @@ def prepare(client: Client) -> None:
     torch = sys.modules.get("torch")
     if torch is None:
         return
+    room = None
+    if torch.cuda.is_initialized():
+        # Room for the pool's fds in this process's fd table, made while the imports run
+        # (a grace period of the kernel's: fdsocket.make_room).
+        room = threading.Thread(target=client._conn.make_room_for_pool, name="thaw-fd-room")
+        room.start()
     from thaw.copy import datapath
 
-    if torch.cuda.is_initialized():
+    if room is not None:
         from thaw.mem import vmm
 
+        room.join()
         t0 = time.perf_counter()
         device = torch.cuda.current_device()
         client.map_pool(device)
