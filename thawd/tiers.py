@@ -17,7 +17,7 @@ from thaw import _native
 from thaw._proto import thawd_pb2 as pb
 from thaw.errors import ChecksumMismatch, DaemonError, InvalidRequest
 from thaw.format import TensorEntry
-from thaw.format.checksum import verify_tensor
+from thaw.format.checksum import verify_hashes, verify_tensor
 from thaw.format.residency import resident_estimate
 from thawd.budgets import human
 from thawd.buffers import PoolBuffer, WarmMapping
@@ -122,9 +122,7 @@ class Tiers:
                         [offset + t.offset for t in group], [t.length for t in group], threads,
                         0 if cached else align)  # fmt: skip
                     for t, digest in zip(group, hashes, strict=True):
-                        found = _native.xxh3(digest)
-                        if found != t.checksum:
-                            raise ChecksumMismatch(file.path, t.name, t.checksum, found)
+                        verify_hashes(file.path, t, digest)
                     done(end)
             finally:
                 os.close(direct)

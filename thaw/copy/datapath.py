@@ -82,11 +82,10 @@ def copy_to_cpu(
     hashes = fill(addrs)
     if digests is not None:
         for i, b in enumerate(bindings):
-            segment = Segment(i, 0, 0, b.entry.length)
             if hashes is not None:
-                digests.check_hashes(segment, hashes[i])
+                digests.check_whole(i, hashes[i])
             else:
-                digests.check(segment, addrs[i])
+                digests.check(Segment(i, 0, 0, b.entry.length), addrs[i])
     targets.finish()
     return sum(b.entry.length for b in bindings)
 
@@ -213,7 +212,6 @@ def copy_to_cuda(
     bindings: Sequence[Binding],
     fill: Callable[[int, Piece], None],
     digests: Digests | None,
-    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Host-to-device restore through pinned staging.
 
@@ -274,8 +272,6 @@ def copy_to_cuda(
                     copied += seg.length
                 staging.events[slot].record(stream)
                 workers.free.put(slot)
-                if progress is not None:
-                    progress(copied)
         finally:
             try:
                 workers.close()
@@ -316,8 +312,8 @@ def read_to_cuda(
         )  # fmt: skip
     if digests is not None:
         assert hashes is not None
-        for i, length in enumerate(lengths):
-            digests.check_hashes(Segment(i, 0, 0, length), hashes[i])
+        for i, digest in enumerate(hashes):
+            digests.check_whole(i, digest)
     targets.finish()
     return sum(lengths)
 
@@ -395,7 +391,6 @@ def copy_direct_to_cuda(
 def copy_from_cuda(
     bindings: Sequence[Binding],
     drain: Callable[[int, Piece], None],
-    progress: Callable[[int], None] | None = None,
 ) -> None:
     """Device-to-host through pinned staging: D2H on two streams from this thread, and
     `drain(slot_addr, piece)` (hash and write) on writer workers, overlapped. Gaps between
@@ -423,7 +418,6 @@ def copy_from_cuda(
                 workers.free.put(slot)
 
         workers.start(write, "thaw-freeze-writer")
-        done = 0
         try:
             for piece in pieces:
                 slot = workers.take_slot()
@@ -439,11 +433,8 @@ def copy_from_cuda(
                             seg.length,
                             stream,
                         )
-                    done += seg.length
                 staging.events[slot].record(stream)
                 workers.done.put((piece, slot))
-                if progress is not None:
-                    progress(done)
         finally:
             for _ in range(workers.count):
                 workers.done.put(None)  # each writer leaves after the queued pieces

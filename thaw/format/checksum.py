@@ -1,8 +1,9 @@
 """The one checksum path. A tensor's checksum is xxh3 over the xxh3 hashes of its 16 MiB
 blocks ("xxh3-tree-16M", docs/FORMAT.md), so a tensor can be hashed whole, piece by piece as
 it arrives, or chunk by chunk as a file is read, and the results agree. Every check of bytes
-against a manifest goes through here: a tensor in memory (`verify_tensor`), a tensor arriving
-in pieces (`Digests`), a file's payload read with pread (`file_checksums`)."""
+against a manifest goes through here: a tensor in memory (`verify_tensor`), one hashed as it
+was read (`verify_hashes`), a tensor arriving in pieces (`Digests`), a file's payload read
+with pread (`file_checksums`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ def checksum(addr: int, length: int, threads: int = 1) -> int:
 def verify_tensor(path: object, entry: TensorEntry, addr: int, threads: int = 1) -> None:
     """Check the bytes of one tensor at `addr` against its recorded checksum."""
     found = checksum(addr, entry.length, threads)
+    if found != entry.checksum:
+        raise ChecksumMismatch(path, entry.name, entry.checksum, found)
+
+
+def verify_hashes(path: object, entry: TensorEntry, hashes: bytes) -> None:
+    """Check one whole tensor's block hashes, taken as its bytes were read
+    (`_native.pread_hashed`, `_native.read_to_device`), against its recorded checksum."""
+    found = int(_native.xxh3(hashes))
     if found != entry.checksum:
         raise ChecksumMismatch(path, entry.name, entry.checksum, found)
 
@@ -57,10 +66,7 @@ class Digests:
 
     def add(self, part: Part, addr: int) -> int | None:
         """Hash one part's bytes; return the tensor's checksum once all of it was seen."""
-        return self.add_hashes(part, _native.block_hashes(addr, part.length, self.threads))
-
-    def add_hashes(self, part: Part, digest: bytes) -> int | None:
-        """`add` for a part whose block hashes are computed already (`pread_hashed`)."""
+        digest = _native.block_hashes(addr, part.length, self.threads)
         with self._lock:
             parts = self._parts.setdefault(part.index, {})
             parts[part.tensor_offset] = digest
@@ -73,14 +79,14 @@ class Digests:
 
     def check(self, part: Part, addr: int) -> None:
         """Like add, raising ChecksumMismatch when a completed tensor's checksum differs."""
-        self.check_hashes(part, _native.block_hashes(addr, part.length, self.threads))
-
-    def check_hashes(self, part: Part, digest: bytes) -> None:
-        """`check` for a part whose block hashes are computed already."""
-        found = self.add_hashes(part, digest)
+        found = self.add(part, addr)
         entry = self.entries[part.index]
         if found is not None and found != entry.checksum:
             raise ChecksumMismatch(self.path, entry.name, entry.checksum, found)
+
+    def check_whole(self, index: int, hashes: bytes) -> None:
+        """Check tensor `index` from its block hashes, taken as it was read (`verify_hashes`)."""
+        verify_hashes(self.path, self.entries[index], hashes)
 
 
 def file_checksums(
