@@ -11,6 +11,7 @@ import hashlib
 import math
 import mmap
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -356,3 +357,36 @@ def test_copy_from_mixed_tensors_keeps_cpu_bytes(host_payload: Any, gpu_accessib
         [Binding(e, target[e.name]) for e in entries], payload.addr, gpu_accessible=gpu_accessible
     )
     assert_same(source, target)
+
+
+FAILED_COPY = """
+import os, sys, torch
+from thaw.copy.datapath import Staging
+from thaw.errors import CudaError
+from thaw.mem import cuda
+
+torch.zeros(1, device="cuda")
+cuda.set_device(0)
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    # 4096: an address that is no device memory (and no mapping of this process at all)
+    cuda.read_to_device(fd, [4096], [0], [8 << 20], Staging.for_device(0).bounce(2), 2, 0, True)
+except CudaError as e:
+    print("CudaError:", e)
+"""
+
+
+def test_a_copy_the_driver_refuses_is_raised_as_a_cuda_error(tmp_path: Path) -> None:
+    """The native loop's failed driver call, from the real driver, reaches Python as CudaError
+    naming the call. In a process of its own: what the driver makes of the address may
+    leave the context unusable."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(os.urandom(8 * MiB))
+    out = subprocess.run(
+        [sys.executable, "-c", FAILED_COPY, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^CudaError: cu\w+ failed", out.stdout, re.M), out.stdout
