@@ -23,9 +23,9 @@ import os
 import stat
 from collections.abc import Sequence
 
-from thaw.errors import ChecksumMismatch, SnapshotChanged
+from thaw.errors import SnapshotChanged
 from thaw.format import Snapshot, TensorEntry, read_snapshot
-from thaw.format.checksum import file_checksums
+from thaw.format.checksum import expect_checksum, file_checksums
 
 # Verifying a file reads it through a scratch buffer of this size: a multiple of the 16 MiB
 # hash block, so a tensor's block hashes come out piece by piece.
@@ -161,8 +161,7 @@ def verify_file(file: SnapshotFile, tensors: Sequence[TensorEntry], threads: int
         buffer = (ctypes.addressof(view), SCRATCH)
         base = file.snapshot.payload_offset
         for t, found in file_checksums(fd, base, tensors, buffer, threads, direct=bool(align)):
-            if found != t.checksum:
-                raise ChecksumMismatch(file.path, t.name, t.checksum, found)
+            expect_checksum(file.path, t, found)
     finally:
         os.close(fd)
         del view

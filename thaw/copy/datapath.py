@@ -216,10 +216,9 @@ def copy_to_cuda(
     """Host-to-device restore through pinned staging.
 
     Reader workers fill free slots (`fill(slot_addr, piece)`: a memcpy from host memory; files
-    go through `read_to_cuda`) and check checksums (with `digests`; a `fill` that verifies as
-    it reads passes None); this
-    thread issues the H2D copies on alternating streams and hands a slot back, with the event
-    that says its copy is done, as soon as the copies are queued.
+    go through `read_to_cuda`) and, with `digests`, check checksums; this thread issues the H2D
+    copies on alternating streams and hands a slot back, with the event that says its copy is
+    done, as soon as the copies are queued.
     """
     from thaw.mem import cuda
 

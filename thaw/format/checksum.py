@@ -23,19 +23,21 @@ def checksum(addr: int, length: int, threads: int = 1) -> int:
     return int(_native.tree_hash(addr, length, threads))
 
 
-def verify_tensor(path: object, entry: TensorEntry, addr: int, threads: int = 1) -> None:
-    """Check the bytes of one tensor at `addr` against its recorded checksum."""
-    found = checksum(addr, entry.length, threads)
+def expect_checksum(path: object, entry: TensorEntry, found: int) -> None:
+    """Raise ChecksumMismatch, naming the tensor, unless `found` is its recorded checksum."""
     if found != entry.checksum:
         raise ChecksumMismatch(path, entry.name, entry.checksum, found)
+
+
+def verify_tensor(path: object, entry: TensorEntry, addr: int, threads: int = 1) -> None:
+    """Check the bytes of one tensor at `addr` against its recorded checksum."""
+    expect_checksum(path, entry, checksum(addr, entry.length, threads))
 
 
 def verify_hashes(path: object, entry: TensorEntry, hashes: bytes) -> None:
     """Check one whole tensor's block hashes, taken as its bytes were read
     (`_native.pread_hashed`, `_native.read_to_device`), against its recorded checksum."""
-    found = int(_native.xxh3(hashes))
-    if found != entry.checksum:
-        raise ChecksumMismatch(path, entry.name, entry.checksum, found)
+    expect_checksum(path, entry, int(_native.xxh3(hashes)))
 
 
 class Part(Protocol):
@@ -80,9 +82,8 @@ class Digests:
     def check(self, part: Part, addr: int) -> None:
         """Like add, raising ChecksumMismatch when a completed tensor's checksum differs."""
         found = self.add(part, addr)
-        entry = self.entries[part.index]
-        if found is not None and found != entry.checksum:
-            raise ChecksumMismatch(self.path, entry.name, entry.checksum, found)
+        if found is not None:
+            expect_checksum(self.path, self.entries[part.index], found)
 
     def check_whole(self, index: int, hashes: bytes) -> None:
         """Check tensor `index` from its block hashes, taken as it was read (`verify_hashes`)."""
