@@ -26,15 +26,9 @@ from thaw.errors import ChecksumMismatch, RestoreIncomplete
 from thaw.format import Manifest, layout
 from thaw.format.dtypes import dtype_name
 from thaw.format.fingerprint import Fingerprint
+from thaw.mem import cuda as thaw_cuda
 
-thaw_cuda: Any
-try:
-    from thaw.mem import cuda as thaw_cuda
-
-    DEVICES = thaw_cuda.device_count()
-except Exception:  # cuda-bindings cannot load without a driver
-    thaw_cuda = None
-    DEVICES = 0
+DEVICES = thaw_cuda.device_count()  # 0 without a driver
 
 pytestmark = [
     pytest.mark.gpu,

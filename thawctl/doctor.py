@@ -273,13 +273,11 @@ def _memlock_limit(pid: int) -> int | None:
 def vmm_check() -> Check:
     """Whether this host can create shareable CUDA VMM host memory: thawd's pinned pool (what
     engines map without pinning anything themselves)."""
-    try:
-        from thaw.mem import cuda, vmm
-    except ImportError as e:
-        return Check("vmm", "skip", f"no CUDA bindings here ({e.name or e})")
+    from thaw.mem import cuda, vmm
+
     count = cuda.device_count()
     if count == 0:
-        return Check("vmm", "skip", "no GPU visible: thawd uses its memfd pool")
+        return Check("vmm", "skip", "no NVIDIA driver or no GPU visible: thawd uses its memfd pool")
     if vmm.supported(0):
         return Check("vmm", "pass", f"CUDA VMM host memory works ({count} GPU(s))")
     return Check(

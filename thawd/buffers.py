@@ -17,6 +17,7 @@ import secrets
 from typing import Any
 
 from thaw import _native
+from thaw.errors import CudaError
 from thaw.format.residency import resident_estimate
 from thaw.mem.mapping import Mapping
 from thawd.files import SnapshotFile
@@ -113,7 +114,7 @@ def choose_pool_kind(configured: str) -> str:
         if vmm.supported():
             return "vmm"
         reason = "no GPU, or its driver cannot create shareable host memory"
-    except Exception as e:  # no CUDA bindings or driver at all
+    except CudaError as e:  # a driver that fails
         reason = str(e)
     if configured == "vmm":
         raise RuntimeError(f"pool = 'vmm' but CUDA VMM host memory is unavailable: {reason}")

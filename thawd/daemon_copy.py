@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import threading
 from collections.abc import Sequence
 
-from cuda.bindings import driver as cu
-
-from thaw.copy.daemon_copy import HANDLE_BYTES, device_uuid
+from thaw.copy.daemon_copy import HANDLE_BYTES
 from thaw.errors import InvalidRequest
 from thaw.mem import cuda
 
@@ -46,7 +43,7 @@ class Copier:
         """This process's index of the GPU with `uuid`."""
         with self._lock:
             if not self._devices:
-                self._devices = {device_uuid(i): i for i in range(cuda.device_count())}
+                self._devices = {cuda.device_uuid(i): i for i in range(cuda.device_count())}
             if uuid not in self._devices:
                 raise InvalidRequest(
                     f"thawd does not see GPU {uuid} (it sees {sorted(self._devices) or 'none'}): "
@@ -101,11 +98,7 @@ class Copier:
         with self._lock:  # against `forget` of the same owner
             opened = self._opened.setdefault(owner, {})
             if handle not in opened:
-                h = cu.CUipcMemHandle()
-                ctypes.memmove(h.getPtr(), handle, HANDLE_BYTES)
-                flags = cu.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
-                ptr = cuda.check(cu.cuIpcOpenMemHandle(h, flags), "cuIpcOpenMemHandle")
-                opened[handle] = (device, int(ptr))
+                opened[handle] = (device, cuda.ipc_open(handle))
             return opened[handle][1]
 
     def forget(self, owner: str) -> None:
@@ -117,7 +110,7 @@ class Copier:
         for device, ptr in opened.values():
             with locks.get(device, self._lock):  # after a copy of the owner's still running
                 cuda.set_device(device)
-                cu.cuIpcCloseMemHandle(ptr)
+                cuda.ipc_close(ptr)
 
     def close(self) -> None:
         for owner in list(self._opened):

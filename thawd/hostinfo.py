@@ -1,4 +1,4 @@
-"""What the host has: memory (psutil) and GPUs (cuda.bindings, PCIe link from sysfs)."""
+"""What the host has: memory (psutil) and GPUs (the CUDA driver, PCIe link from sysfs)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import psutil
 
 from thaw._proto import thawd_pb2 as pb
+from thaw.errors import CudaError
 
 log = logging.getLogger("thawd.hostinfo")
 
@@ -31,28 +32,23 @@ def _link(bus_id: str) -> str:
 def gpus() -> list[pb.Gpu]:
     """The GPUs CUDA sees; [] without a driver. Called once at start (CUDA init is slow)."""
     try:
-        from cuda.bindings import driver as cu
+        from thaw.mem import cuda, driver
 
-        from thaw.mem import cuda
-
-        attr = cu.CUdevice_attribute
         out = []
         for i in range(cuda.device_count()):
-            device = cuda.check(cu.cuDeviceGet(i), f"cuDeviceGet({i})")
-            raw = cuda.check(cu.cuDeviceGetName(256, device), "cuDeviceGetName")
-            name = raw.split(b"\0", 1)[0].decode()
             domain, bus_id, dev = (
-                cuda.check(cu.cuDeviceGetAttribute(a, device), "cuDeviceGetAttribute")
+                cuda.device_attribute(i, a)
                 for a in (
-                    attr.CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID,
-                    attr.CU_DEVICE_ATTRIBUTE_PCI_BUS_ID,
-                    attr.CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID,
+                    driver.DEVICE_ATTRIBUTE_PCI_DOMAIN_ID,
+                    driver.DEVICE_ATTRIBUTE_PCI_BUS_ID,
+                    driver.DEVICE_ATTRIBUTE_PCI_DEVICE_ID,
                 )
             )
-            total = cuda.check(cu.cuDeviceTotalMem(device), "cuDeviceTotalMem")
             bus = f"{domain:04x}:{bus_id:02x}:{dev:02x}.0"
-            out.append(pb.Gpu(index=i, name=name, memory_total=int(total), link=_link(bus)))
+            gpu = pb.Gpu(index=i, name=cuda.device_name(i), memory_total=cuda.device_memory(i),
+                         link=_link(bus))  # fmt: skip
+            out.append(gpu)
         return out
-    except Exception as e:  # no driver, no device, old bindings: a host without GPUs
+    except CudaError as e:  # a driver that fails: a host without GPUs
         log.info("no GPUs: %s", e)
         return []

@@ -11,13 +11,9 @@ import pytest
 import torch
 
 from tests.daemon.conftest import ThawdProcess, run_client
+from thaw.mem import vmm
 
-try:
-    from thaw.mem import vmm
-
-    HAVE_VMM = vmm.supported()
-except Exception:  # no driver: cuda-bindings cannot load
-    HAVE_VMM = False
+HAVE_VMM = vmm.supported()  # False without a driver or a GPU
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,20 +10,17 @@ per opened handle).
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cuda.bindings import driver as cu
-
 from thaw.errors import CudaError, ModelMismatch
 from thaw.mem import cuda
 
-if TYPE_CHECKING:  # thawd imports this module for device_uuid: no torch at its start
+if TYPE_CHECKING:  # thawd imports this module for HANDLE_BYTES: no torch at its start
     from thaw.copy.binding import Binding
 
-HANDLE_BYTES = 64
+HANDLE_BYTES = 64  # a CUDA IPC handle (thaw.mem.driver.IPC_HANDLE_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +30,6 @@ class Export:
     device_uuid: str
     regions: list[tuple[bytes, int]]  # (CUipcMemHandle bytes, allocation size)
     copies: list[tuple[int, int, int]]  # (snapshot tensor index, region index, offset in it)
-
-
-def device_uuid(device: int) -> str:
-    """The GPU's UUID as nvidia-smi prints it ("GPU-xxxxxxxx-..."): the same in every process,
-    whatever CUDA_VISIBLE_DEVICES renumbers."""
-    _, dev = cu.cuDeviceGet(device)
-    uuid = cuda.check(cu.cuDeviceGetUuid(dev), f"cuDeviceGetUuid({device})")
-    h = uuid.bytes.hex()
-    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def export(targets: Sequence[tuple[int, Any]], device: int) -> Export:
@@ -56,20 +44,19 @@ def export(targets: Sequence[tuple[int, Any]], device: int) -> Export:
     copies = []
     for index, tensor in targets:
         ptr = int(tensor.data_ptr())
-        base, size = cuda.check(cu.cuMemGetAddressRange(ptr), f"cuMemGetAddressRange({ptr:#x})")
-        base = int(base)
+        base, size = cuda.address_range(ptr)
         if base not in bases:
             try:
-                handle = cuda.check(cu.cuIpcGetMemHandle(base), "cuIpcGetMemHandle")
+                handle = cuda.ipc_handle(base)
             except CudaError as e:
                 raise CudaError(
                     f"{e}: CUDA IPC mode needs tensors in cudaMalloc memory; allocations from "
                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True cannot be exported"
                 ) from e
             bases[base] = len(regions)
-            regions.append((ctypes.string_at(handle.getPtr(), HANDLE_BYTES), int(size)))
+            regions.append((handle, size))
         copies.append((index, bases[base], ptr - base))
-    return Export(device_uuid(device), regions, copies)
+    return Export(cuda.device_uuid(device), regions, copies)
 
 
 def batches_for_daemon(

@@ -1,65 +1,44 @@
-"""thaw's CUDA calls, all through cuda-python's driver API (cuda.bindings.driver), imported only
-where CUDA is used.
+"""thaw's CUDA calls, all through the driver API (thaw.mem.driver, ctypes over libcuda),
+imported only where CUDA is used.
 
-The driver API and not the runtime's: importing cuda.bindings.runtime costs a new process 54 ms
-(it finds and loads libcudart through cuda.pathfinder), the driver's 14 ms (H200 host,
-cuda-bindings 13.3), and both are on an engine's first restore. The runtime that torch uses
-runs in the device's primary context; `set_device` makes that same context current, so what
-thaw issues and what torch issues meet in one context.
+The driver API and not the runtime's: the runtime that torch uses runs in the device's primary
+context; `set_device` makes that same context current, so what thaw issues and what torch
+issues meet in one context, with no runtime library of thaw's own to find and load.
 
-Every failing call raises CudaError naming the call and CUDA's error (`check`, the one place
-that turns a cuda.bindings result into a value or an exception).
+Every failing call raises CudaError naming the call and CUDA's error (driver.call).
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
-from typing import Any
-
-from cuda.bindings import driver as cu
+from ctypes import byref, c_int, c_size_t, c_uint64, c_void_p
 
 from thaw import _native
 from thaw.errors import CudaError
+from thaw.mem import driver
+from thaw.mem.driver import call
 
-_SUCCESS = cu.CUresult.CUDA_SUCCESS
-
-
-def check(result: tuple[Any, ...], call: str) -> Any:
-    """Unwrap a cuda.bindings result tuple, raising CudaError on failure: None, the one value,
-    or the tuple of values after the error code."""
-    err = result[0]
-    if err != _SUCCESS:
-        _, name = cu.cuGetErrorName(err)
-        _, text = cu.cuGetErrorString(err)
-        what = name.decode() if name else str(err)
-        raise CudaError(f"{call} failed: {what}: {text.decode() if text else ''}".rstrip(": "))
-    if len(result) == 1:
-        return None
-    return result[1] if len(result) == 2 else result[1:]
-
-
-_init_lock = threading.Lock()
-_initialized = False
-_contexts: dict[int, Any] = {}  # device -> its primary context, retained once per process
-
-
-def _init() -> None:
-    """cuInit, once: the driver API needs it (the runtime calls it implicitly)."""
-    global _initialized
-    if not _initialized:
-        with _init_lock:
-            if not _initialized:
-                check(cu.cuInit(0), "cuInit")
-                _initialized = True
+_contexts: dict[int, int] = {}  # device -> its primary context, retained once per process
+_contexts_lock = threading.Lock()
 
 
 def device_count() -> int:
     """CUDA devices visible to this process; 0 where there is no driver or no GPU."""
     try:
-        _init()
-        return int(check(cu.cuDeviceGetCount(), "cuDeviceGetCount"))
-    except Exception:  # no libcuda at all (cuda.pathfinder's error), or no device
+        driver.init()
+        count = c_int()
+        call("cuDeviceGetCount", byref(count))
+        return count.value
+    except CudaError:  # no libcuda at all, or no device
         return 0
+
+
+def device(index: int) -> int:
+    """The CUdevice of ordinal `index`."""
+    dev = c_int()
+    call("cuDeviceGet", byref(dev), index, what=f"cuDeviceGet({index})")
+    return dev.value
 
 
 def set_device(index: int) -> None:
@@ -67,19 +46,74 @@ def set_device(index: int) -> None:
     cudaSetDevice does."""
     context = _contexts.get(index)
     if context is None:
-        _init()
-        with _init_lock:
+        driver.init()
+        with _contexts_lock:
             context = _contexts.get(index)
             if context is None:
-                device = check(cu.cuDeviceGet(index), f"cuDeviceGet({index})")
-                context = check(cu.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
-                _contexts[index] = context
-    check(cu.cuCtxSetCurrent(context), f"cuCtxSetCurrent(device {index})")
+                ctx = c_void_p()
+                call("cuDevicePrimaryCtxRetain", byref(ctx), device(index))
+                context = _contexts[index] = int(ctx.value or 0)
+    call("cuCtxSetCurrent", context, what=f"cuCtxSetCurrent(device {index})")
 
 
 def device_synchronize() -> None:
     """Wait for all work of the current device (its primary context)."""
-    check(cu.cuCtxSynchronize(), "cuCtxSynchronize")
+    call("cuCtxSynchronize")
+
+
+def device_attribute(index: int, attribute: int) -> int:
+    value = c_int()
+    call("cuDeviceGetAttribute", byref(value), attribute, device(index))
+    return value.value
+
+
+def device_name(index: int) -> str:
+    name = ctypes.create_string_buffer(256)
+    call("cuDeviceGetName", name, len(name), device(index))
+    return name.value.decode()
+
+
+def device_memory(index: int) -> int:
+    """The GPU's total memory in bytes."""
+    total = c_size_t()
+    call("cuDeviceTotalMem", byref(total), device(index))
+    return total.value
+
+
+def device_uuid(index: int) -> str:
+    """The GPU's UUID as nvidia-smi prints it ("GPU-xxxxxxxx-..."): the same in every process,
+    whatever CUDA_VISIBLE_DEVICES renumbers."""
+    uuid = driver.Uuid()
+    call("cuDeviceGetUuid", byref(uuid), device(index), what=f"cuDeviceGetUuid({index})")
+    h = bytes(uuid).hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def address_range(ptr: int) -> tuple[int, int]:
+    """(base, size) of the device allocation holding `ptr`."""
+    base, size = c_uint64(), c_size_t()
+    call("cuMemGetAddressRange", byref(base), byref(size), ptr,
+         what=f"cuMemGetAddressRange({ptr:#x})")  # fmt: skip
+    return base.value, size.value
+
+
+def ipc_handle(base: int) -> bytes:
+    """The CUDA IPC handle of the device allocation at `base` (driver.IPC_HANDLE_SIZE bytes)."""
+    handle = driver.IpcMemHandle()
+    call("cuIpcGetMemHandle", byref(handle), base)
+    return bytes(handle)
+
+
+def ipc_open(handle: bytes) -> int:
+    """Open another process's allocation from its IPC handle, in the current context."""
+    h = driver.IpcMemHandle.from_buffer_copy(handle)
+    ptr = c_uint64()
+    call("cuIpcOpenMemHandle", byref(ptr), h, driver.IPC_MEM_LAZY_ENABLE_PEER_ACCESS)
+    return ptr.value
+
+
+def ipc_close(ptr: int) -> None:
+    call("cuIpcCloseMemHandle", ptr)
 
 
 class PinnedBuffer:
@@ -87,12 +121,14 @@ class PinnedBuffer:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        flags = cu.CU_MEMHOSTALLOC_PORTABLE
-        self.addr = int(check(cu.cuMemHostAlloc(size, flags), f"cuMemHostAlloc({size})"))
+        addr = c_void_p()
+        call("cuMemHostAlloc", byref(addr), size, driver.MEMHOSTALLOC_PORTABLE,
+             what=f"cuMemHostAlloc({size})")  # fmt: skip
+        self.addr = int(addr.value or 0)
 
     def close(self) -> None:
         if self.addr:
-            check(cu.cuMemFreeHost(self.addr), "cuMemFreeHost")
+            call("cuMemFreeHost", self.addr)
             self.addr = 0
 
 
@@ -100,23 +136,25 @@ class Stream:
     """A non-blocking stream; thaw's streams live as long as the process (Staging caches them)."""
 
     def __init__(self) -> None:
-        flags = cu.CUstream_flags.CU_STREAM_NON_BLOCKING
-        self.handle = check(cu.cuStreamCreate(flags), "cuStreamCreate")
+        handle = c_void_p()
+        call("cuStreamCreate", byref(handle), driver.STREAM_NON_BLOCKING)
+        self.handle = int(handle.value or 0)
 
     def synchronize(self) -> None:
-        check(cu.cuStreamSynchronize(self.handle), "cuStreamSynchronize")
+        call("cuStreamSynchronize", self.handle)
 
 
 class Event:
     def __init__(self) -> None:
-        flags = cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
-        self.handle = check(cu.cuEventCreate(flags), "cuEventCreate")
+        handle = c_void_p()
+        call("cuEventCreate", byref(handle), driver.EVENT_DISABLE_TIMING)
+        self.handle = int(handle.value or 0)
 
     def record(self, stream: Stream) -> None:
-        check(cu.cuEventRecord(self.handle, stream.handle), "cuEventRecord")
+        call("cuEventRecord", self.handle, stream.handle)
 
     def synchronize(self) -> None:
-        check(cu.cuEventSynchronize(self.handle), "cuEventSynchronize")
+        call("cuEventSynchronize", self.handle)
 
 
 # The driver functions thaw._native.read_to_device calls from its threads, in its order.
@@ -125,27 +163,6 @@ _NATIVE_CALLS = (
     "cuStreamSynchronize", "cuEventCreate", "cuEventDestroy", "cuEventRecord",
     "cuEventSynchronize", "cuMemcpyHtoDAsync",
 )  # fmt: skip
-_entry_points: tuple[int, ...] = ()
-
-
-def driver_entry_points() -> tuple[int, ...]:
-    """Addresses of the driver functions native code calls, resolved once through
-    cuGetProcAddress: the libcuda that cuda-python loaded, at CUDA 12's ABI (cuStreamDestroy_v2,
-    cuMemcpyHtoDAsync_v2, ...)."""
-    global _entry_points
-    if not _entry_points:
-        _init()
-        found = cu.CUdriverProcAddressQueryResult.CU_GET_PROC_ADDRESS_SUCCESS
-        points = []
-        for name in _NATIVE_CALLS:
-            flags = cu.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT
-            pfn, status = check(cu.cuGetProcAddress(name.encode(), 12000, flags),
-                                f"cuGetProcAddress({name})")  # fmt: skip
-            if status != found or not pfn:
-                raise CudaError(f"the CUDA driver has no {name} ({status}): update the driver")
-            points.append(int(pfn))
-        _entry_points = tuple(points)
-    return _entry_points
 
 
 def read_to_device(
@@ -159,20 +176,22 @@ def read_to_device(
     verify: bool,
 ) -> list[bytes] | None:
     """thaw._native.read_to_device in the current device's context (see native/readdevice.c),
-    its failed CUDA calls raised as CudaError."""
+    its failed CUDA calls raised as CudaError. Its driver functions are those thaw.mem.driver
+    resolved, at the ABI native/readdevice.c declares."""
+    points = [driver.address(name) for name in _NATIVE_CALLS]
     try:
-        return _native.read_to_device(fd, dsts, offsets, lengths, bounce, driver_entry_points(),
-                                      threads, align, verify)  # fmt: skip
+        return _native.read_to_device(fd, dsts, offsets, lengths, bounce, points, threads,
+                                      align, verify)  # fmt: skip
     except RuntimeError as e:
         raise CudaError(str(e)) from e
 
 
 def copy_h2d(dst: int, src: int, length: int, stream: Stream) -> None:
-    check(cu.cuMemcpyHtoDAsync(dst, src, length, stream.handle), "cuMemcpyHtoDAsync")
+    call("cuMemcpyHtoDAsync", dst, src, length, stream.handle)
 
 
 def copy_d2h(dst: int, src: int, length: int, stream: Stream) -> None:
-    check(cu.cuMemcpyDtoHAsync(dst, src, length, stream.handle), "cuMemcpyDtoHAsync")
+    call("cuMemcpyDtoHAsync", dst, src, length, stream.handle)
 
 
 _registrations: dict[int, int] = {}
@@ -189,12 +208,12 @@ def register_host(addr: int, length: int, read_only: bool = False) -> None:
         if _registrations.get(addr, 0) >= length:
             return
         if addr in _registrations:
-            check(cu.cuMemHostUnregister(addr), "cuMemHostUnregister")
+            call("cuMemHostUnregister", addr)
             del _registrations[addr]
-        flags = cu.CU_MEMHOSTREGISTER_PORTABLE
+        flags = driver.MEMHOSTREGISTER_PORTABLE
         if read_only:
-            flags |= cu.CU_MEMHOSTREGISTER_READ_ONLY
-        check(cu.cuMemHostRegister(addr, length, flags), f"cuMemHostRegister({length})")
+            flags |= driver.MEMHOSTREGISTER_READ_ONLY
+        call("cuMemHostRegister", addr, length, flags, what=f"cuMemHostRegister({length})")
         _registrations[addr] = length
 
 
@@ -202,4 +221,4 @@ def unregister_host(addr: int) -> None:
     """Drop a registration made by register_host (before the mapping is unmapped)."""
     with _registrations_lock:
         if _registrations.pop(addr, None) is not None:
-            check(cu.cuMemHostUnregister(addr), "cuMemHostUnregister")
+            call("cuMemHostUnregister", addr)

@@ -8,53 +8,55 @@ mapping, against ~6 s for a per-process cudaHostRegister of 16 GB).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-from cuda.bindings import driver as cu
+from ctypes import byref, c_size_t, c_uint64
 
 from thaw.errors import CudaError
-from thaw.mem import cuda
+from thaw.mem import cuda, driver
+from thaw.mem.driver import call
 
 log = logging.getLogger("thaw.mem.vmm")
-POSIX_FD = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+POSIX_FD = driver.MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
 GIB = 1 << 30
 
 
-def _prop(device: int) -> Any:
-    prop = cu.CUmemAllocationProp()
-    prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-    prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_HOST_NUMA
-    numa = cuda.check(
-        cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID, device),
-        "cuDeviceGetAttribute(HOST_NUMA_ID)",
-    )
-    prop.location.id = max(0, numa)
+def _prop(device: int) -> driver.MemAllocationProp:
+    prop = driver.MemAllocationProp()
+    prop.type = driver.MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = driver.MEM_LOCATION_TYPE_HOST_NUMA
+    numa = cuda.device_attribute(device, driver.DEVICE_ATTRIBUTE_HOST_NUMA_ID)
+    prop.location.id = max(0, numa)  # -1: the host has no NUMA
     prop.requestedHandleTypes = POSIX_FD
     return prop
 
 
+def reserve(size: int) -> int:
+    """`size` bytes of the process's virtual address space, nothing mapped yet."""
+    addr = c_uint64()
+    call("cuMemAddressReserve", byref(addr), size, 0, 0, 0, what=f"cuMemAddressReserve({size})")
+    return addr.value
+
+
 def warm_up() -> None:
-    """Make the first driver calls now: cuda.bindings resolves its entry points on first use
-    (milliseconds), which a first restore should not pay."""
-    cu.cuDriverGetVersion()
-    reserved = cuda.check(cu.cuMemAddressReserve(GIB, 0, 0, 0), "cuMemAddressReserve")
-    cu.cuMemAddressFree(reserved, GIB)
+    """Make the first driver calls now: the driver functions a restore calls are resolved on
+    first use, which a first restore should not pay."""
+    for name in ("cuMemImportFromShareableHandle", "cuMemMap", "cuMemSetAccess"):
+        driver.address(name)
+    call("cuMemAddressFree", reserve(GIB), GIB)
 
 
 def granularity(device: int = 0) -> int:
     cuda.set_device(device)
-    flag = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
-    return int(
-        cuda.check(
-            cu.cuMemGetAllocationGranularity(_prop(device), flag), "cuMemGetAllocationGranularity"
-        )
-    )
+    size = c_size_t()
+    call("cuMemGetAllocationGranularity", byref(size), byref(_prop(device)),
+         driver.MEM_ALLOC_GRANULARITY_MINIMUM)  # fmt: skip
+    return size.value
 
 
 @functools.cache
@@ -70,27 +72,35 @@ def supported(device: int = 0) -> bool:
     return True
 
 
-def allocate(size: int, device: int = 0) -> tuple[Any, int]:
+def allocate(size: int, device: int = 0) -> tuple[int, int]:
     """New page-locked host memory (cuMemCreate, HOST_NUMA, exportable as a POSIX fd) of at
     least `size` bytes: (its handle, its size rounded up to the VMM granularity)."""
     cuda.set_device(device)
     gran = granularity(device)
     size = (size + gran - 1) // gran * gran
-    handle = cuda.check(cu.cuMemCreate(size, _prop(device), 0), f"cuMemCreate(HOST_NUMA, {size})")
-    return handle, size
+    handle = c_uint64()
+    call("cuMemCreate", byref(handle), size, byref(_prop(device)), 0,
+         what=f"cuMemCreate(HOST_NUMA, {size})")  # fmt: skip
+    return handle.value, size
 
 
-def export(handle: Any) -> int:
+def export(handle: int) -> int:
     """A new POSIX fd for the allocation `handle`, to send over a Unix socket. Caller closes it."""
-    return int(
-        cuda.check(
-            cu.cuMemExportToShareableHandle(handle, POSIX_FD, 0), "cuMemExportToShareableHandle"
-        )
-    )
+    fd = ctypes.c_int()
+    call("cuMemExportToShareableHandle", byref(fd), handle, POSIX_FD, 0)
+    return fd.value
 
 
-def release(handle: Any) -> None:
-    cuda.check(cu.cuMemRelease(handle), "cuMemRelease")
+def import_fd(fd: int) -> int:
+    """The allocation an exported POSIX fd stands for (the fd stays the caller's)."""
+    handle = c_uint64()
+    # The fd travels in the pointer-sized osHandle argument itself, as cuda.h says for POSIX fds.
+    call("cuMemImportFromShareableHandle", byref(handle), fd, POSIX_FD)
+    return handle.value
+
+
+def release(handle: int) -> None:
+    call("cuMemRelease", handle)
 
 
 class HostBuffer:
@@ -105,7 +115,7 @@ class HostBuffer:
 
     def __init__(
         self,
-        handles: list[Any],
+        handles: list[int],
         sizes: list[int],
         device: int,
         owned: bool,
@@ -125,8 +135,7 @@ class HostBuffer:
         self.mapped = 0  # bytes from `addr` that are mapped and accessible
         self._chunks_mapped = 0
         self._lock = threading.Lock()
-        reserved = cu.cuMemAddressReserve(self.size, 0, 0, 0)
-        self.addr = int(cuda.check(reserved, f"cuMemAddressReserve({self.size})"))
+        self.addr = reserve(self.size)
         if not lazy:
             self.map_until(self.size)
 
@@ -140,12 +149,7 @@ class HostBuffer:
                 at, size = self.addr + self.mapped, self.sizes[i]
                 try:
                     if i == len(self.handles):
-                        self.handles.append(
-                            cuda.check(
-                                cu.cuMemImportFromShareableHandle(self._fds[i], POSIX_FD),
-                                "cuMemImportFromShareableHandle",
-                            )
-                        )
+                        self.handles.append(import_fd(self._fds[i]))
                         os.close(self._fds[i])
                         self._fds[i] = -1
                     _map(at, size, self.handles[i], _access(self.devices, self.host_access))
@@ -161,14 +165,12 @@ class HostBuffer:
         with self._lock:
             if not self.host_access:
                 access = _access(self.devices, True)
-                cuda.check(
-                    cu.cuMemSetAccess(self.addr, self.size, access, len(access)), "cuMemSetAccess"
-                )
+                call("cuMemSetAccess", self.addr, self.size, access, len(access))
                 self.host_access = True
 
     @classmethod
     def of_handles(
-        cls, handles: list[Any], sizes: list[int], device: int = 0, peers: tuple[int, ...] = ()
+        cls, handles: list[int], sizes: list[int], device: int = 0, peers: tuple[int, ...] = ()
     ) -> HostBuffer:
         """Map allocations this process owns elsewhere (thawd's pool chunks: they stay owned
         there), for `device` and `peers`."""
@@ -234,12 +236,12 @@ class HostBuffer:
         cuda.set_device(self.device)
         offset = 0
         for size in self.sizes[: self._chunks_mapped]:
-            cu.cuMemUnmap(self.addr + offset, size)
+            driver.try_call("cuMemUnmap", self.addr + offset, size)
             offset += size
-        cu.cuMemAddressFree(self.addr, self.size)
+        driver.try_call("cuMemAddressFree", self.addr, self.size)
         if self.owned:
             for h in self.handles:
-                cu.cuMemRelease(h)
+                driver.try_call("cuMemRelease", h)
         self.handles = []
         self.addr = self.mapped = self._chunks_mapped = 0
 
@@ -263,7 +265,7 @@ class PoolMirror:
     def __init__(self, pool_id: int, chunk: int, count: int, device: int) -> None:
         self.id, self.chunk, self.device = pool_id, chunk, device
         self.size = chunk * count
-        self._handles: list[Any] = [None] * count
+        self._handles: list[int | None] = [None] * count
         self._fds: list[int] = [-1] * count  # handed over and not yet imported
         # Set once a chunk is mapped and accessible, read without a lock: the copy loop asks
         # about every piece it issues, and only a chunk not mapped yet takes its lock.
@@ -274,8 +276,7 @@ class PoolMirror:
         self._cond = threading.Condition()
         self._access = _access((device,), False)
         cuda.set_device(device)
-        reserved = cu.cuMemAddressReserve(self.size, 0, 0, 0)
-        self.addr = int(cuda.check(reserved, f"cuMemAddressReserve({self.size})"))
+        self.addr = reserve(self.size)
 
     def offer(self, start: int, fds: list[int]) -> None:
         """Take the fds of the chunks from `start` (they are the mirror's from now on, closed
@@ -292,20 +293,20 @@ class PoolMirror:
             with self._locks[i]:
                 self._import(i)
 
-    def _import(self, i: int) -> None:
-        """Chunk i's handle from its fd, with its lock held."""
-        if self._handles[i] is not None:
-            return
+    def _import(self, i: int) -> int:
+        """Chunk i's handle, imported from its fd if not yet, with its lock held."""
+        handle = self._handles[i]
+        if handle is not None:
+            return handle
         if self._closing:
             raise CudaError("thawd's pool mapping was released (thawd went away)")
         fd = self._fds[i]
         if fd < 0:
             raise CudaError(f"thawd's pool chunk {i} was never handed over")
-        self._handles[i] = cuda.check(
-            cu.cuMemImportFromShareableHandle(fd, POSIX_FD), "cuMemImportFromShareableHandle"
-        )
+        handle = self._handles[i] = import_fd(fd)
         self._fds[i] = -1
         os.close(fd)
+        return handle
 
     def map_range(self, start: int, end: int) -> None:
         """Make pool bytes start..end readable by the GPU, importing and mapping the chunks not
@@ -318,8 +319,7 @@ class PoolMirror:
                     continue
                 if self._closing:
                     raise CudaError("thawd's pool mapping was released (thawd went away)")
-                self._import(i)
-                _map(self.addr + i * self.chunk, self.chunk, self._handles[i], self._access)
+                _map(self.addr + i * self.chunk, self.chunk, self._import(i), self._access)
                 self._mapped[i] = True
 
     def mapper(self, start: int) -> Callable[[int], None]:
@@ -369,12 +369,12 @@ class PoolMirror:
             for i, lock in enumerate(self._locks):
                 with lock:  # after a map in progress on another thread
                     if self._mapped[i]:
-                        cu.cuMemUnmap(self.addr + i * self.chunk, self.chunk)
+                        driver.try_call("cuMemUnmap", self.addr + i * self.chunk, self.chunk)
                         self._mapped[i] = False
-            cu.cuMemAddressFree(self.addr, self.size)
+            driver.try_call("cuMemAddressFree", self.addr, self.size)
             for handle in self._handles:
                 if handle is not None:
-                    cu.cuMemRelease(handle)
+                    driver.try_call("cuMemRelease", handle)
             self._handles = []
             for fd in self._fds:
                 if fd >= 0:
@@ -383,28 +383,23 @@ class PoolMirror:
             self.addr = 0
 
 
-def _map(at: int, size: int, handle: Any, access: list[Any]) -> None:
+def _map(at: int, size: int, handle: int, access: ctypes.Array[driver.MemAccessDesc]) -> None:
     """Map `handle` at address `at` and grant `access`; nothing stays mapped if either fails."""
-    cuda.check(cu.cuMemMap(at, size, 0, handle, 0), "cuMemMap")
+    call("cuMemMap", at, size, 0, handle, 0)
     try:
-        cuda.check(cu.cuMemSetAccess(at, size, access, len(access)), "cuMemSetAccess")
+        call("cuMemSetAccess", at, size, access, len(access))
     except CudaError:
-        cu.cuMemUnmap(at, size)
+        driver.try_call("cuMemUnmap", at, size)
         raise
 
 
-def _access(devices: tuple[int, ...], host: bool) -> list[Any]:
+def _access(devices: tuple[int, ...], host: bool) -> ctypes.Array[driver.MemAccessDesc]:
     """Read-write access for `devices`, and for the CPU when `host`."""
-    gpus = []
-    for device in devices:
-        gpu = cu.CUmemAccessDesc()
-        gpu.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        gpu.location.id = device
-        gpu.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        gpus.append(gpu)
-    if not host:
-        return gpus
-    cpu = cu.CUmemAccessDesc()
-    cpu.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_HOST_NUMA
-    cpu.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-    return [cpu, *gpus]
+    locations = [(driver.MEM_LOCATION_TYPE_DEVICE, device) for device in devices]
+    if host:
+        locations.insert(0, (driver.MEM_LOCATION_TYPE_HOST_NUMA, 0))
+    access = (driver.MemAccessDesc * len(locations))()
+    for desc, (kind, where) in zip(access, locations, strict=True):
+        desc.location.type, desc.location.id = kind, where
+        desc.flags = driver.MEM_ACCESS_FLAGS_PROT_READWRITE
+    return access
