@@ -107,7 +107,9 @@ class FdServer:
                         assert self.daemon is not None
                         t0 = time.perf_counter()
                         start = _integer(message, "start", 0, 1 << 31)
-                        fds, sizes, pool_id = self.daemon.restores.pool_fds(start, fdsocket.MAX_FDS)
+                        # "count": the fds the client's fd table holds without growing.
+                        count = _integer(message, "count", fdsocket.MAX_FDS, fdsocket.MAX_FDS + 1)
+                        fds, sizes, pool_id = self.daemon.restores.pool_fds(start, max(1, count))
                         _hand_over(
                             conn, {"ok": True, "pool": pool_id, "start": start, "sizes": sizes}, fds
                         )

@@ -148,6 +148,8 @@ def test_fd_socket_numbers_out_of_range_are_refused(thawd: ThawdProcess) -> None
             b'{"op":"pool","start":1e400}',
             b'{"op":"pool","start":-1}',
             b'{"op":"pool","start":1.5}',
+            b'{"op":"pool","start":0,"count":1e400}',
+            b'{"op":"pool","start":0,"count":254}',
             b'{"op":"auth"}',
         ):
             sock.send(raw)
@@ -166,7 +168,7 @@ def test_fd_socket_numbers_out_of_range_are_refused(thawd: ThawdProcess) -> None
         sock.send(b'{"op":"auth"}')  # the connection still answers
         again = fdsocket.recv(sock)[0]
     assert token_reply["ok"] and again["ok"]
-    assert [(r["ok"], r["error"]) for r in replies] == [(False, "InvalidRequest")] * 6
+    assert [(r["ok"], r["error"]) for r in replies] == [(False, "InvalidRequest")] * 8
     for r in replies:
         assert "must be" in r["message"]
     assert "Traceback" not in thawd.log.read_text()

@@ -59,6 +59,43 @@ def test_freeze_restore_and_fragmented_pool(thawd_factory: Any) -> None:
             assert json.loads(out.stdout.strip().splitlines()[-1]) == ["pinned", how, second, True]
 
 
+FD_TABLE = """
+import threading
+from thaw.daemon import fdsocket
+def fd_size():
+    for line in open("/proc/self/status"):
+        if line.startswith("FDSize:"):
+            return int(line.split()[1])
+torch.cuda.init()
+g = torch.Generator(device="cuda").manual_seed({seed})
+expected = {{f"t{{i}}": torch.randn(1 << 20, generator=g, device="cuda") for i in range({n})}}
+target = {{k: torch.zeros_like(v) for k, v in expected.items()}}
+threading.Thread(target=time.sleep, args=(30,), daemon=True).start()  # as in any engine
+free, before = fdsocket.free_slots(), fd_size()
+c = thaw.client.connect({socket!r})
+delivery = c.restore(target, {name!r}).delivery
+print(json.dumps([free, before, fd_size(), delivery,
+                  all(torch.equal(target[k], expected[k]) for k in expected)]))
+"""
+
+
+def test_a_pool_of_more_chunks_than_free_fd_slots_is_imported_without_growing_the_table(
+    thawd_factory: Any,
+) -> None:
+    """connect() takes the pool's fds in batches that fit the process's fd table, importing
+    and closing each batch before the next: no wait for the kernel to grow the table."""
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="512MiB", vmm_chunk=CHUNK)
+    from thaw.client import connect
+
+    with connect(d.socket) as c:
+        c.freeze(cuda_tensors(6, 3), "a", wait=True)
+    out = run_client(FD_TABLE.format(seed=6, n=3, socket=d.socket, name="a"))
+    assert out.returncode == 0, out.stderr
+    free, before, after, delivery, equal = json.loads(out.stdout.strip().splitlines()[-1])
+    assert free < 512 // 4, "the pool's 128 chunks fit the table at once: nothing was tested"
+    assert (after, delivery, equal) == (before, "pool", True)
+
+
 DAEMON_COPY = """
 g = torch.Generator(device="cuda").manual_seed({seed})
 expected = {{f"t{{i}}": torch.randn(1 << 20, generator=g, device="cuda") for i in range({n})}}
@@ -234,6 +271,11 @@ def test_pool_op_refuses_chunks_out_of_range(thawd_factory: Any) -> None:
             for fd in fds:
                 os.close(fd)
             replies.append((reply["ok"], len(fds), reply.get("message", "")))
+        fdsocket.send(sock, {"op": "pool", "start": 2, "count": 3})  # what the fd table holds
+        reply, fds = fdsocket.recv(sock)
+        for fd in fds:
+            os.close(fd)
+        assert (reply["start"], len(fds), len(reply["sizes"])) == (2, 3, 3)
     assert chunks == 8 and replies[0] == (True, 1, "")
     past_the_end, negative = replies[1:]
     assert past_the_end[:2] == (False, 0) and f"out of range 0..{chunks - 1}" in past_the_end[2]

@@ -16,7 +16,6 @@ import builtins
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -57,23 +56,16 @@ def connect(socket: str | None = None, *, timeout: float = 30.0) -> Client:
 def prepare(client: Client) -> None:
     """In a process with torch, import the data path now rather than inside the first
     restore (milliseconds that an engine's first restore would pay); in one that already
-    uses CUDA, also map thawd's pool for its GPU (in the background) and make the driver
-    calls a restore makes once, so that their bindings are resolved."""
+    uses CUDA, also import thawd's pool for its GPU (mapped in the background) and make the
+    driver calls a restore makes once, so that their bindings are resolved."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
-    room = None
-    if torch.cuda.is_initialized():
-        # Room for the pool's fds in this process's fd table, made while the imports run
-        # (a grace period of the kernel's: fdsocket.make_room).
-        room = threading.Thread(target=client._conn.make_room_for_pool, name="thaw-fd-room")
-        room.start()
     from thaw.copy import datapath
 
-    if room is not None:
+    if torch.cuda.is_initialized():
         from thaw.mem import vmm
 
-        room.join()
         t0 = time.perf_counter()
         device = torch.cuda.current_device()
         client.map_pool(device)
@@ -81,7 +73,7 @@ def prepare(client: Client) -> None:
         vmm.warm_up()
         datapath.warm_up(device)
         log.debug(
-            "prepared: pool fds in %.1f ms, CUDA warm-up in %.1f ms",
+            "prepared: pool imported in %.1f ms, CUDA warm-up in %.1f ms",
             (t1 - t0) * 1e3,
             (time.perf_counter() - t1) * 1e3,
         )

@@ -143,16 +143,6 @@ class Connection:
         old.close(wait=False)
         self.map_pool(old.device)
 
-    def make_room_for_pool(self) -> None:
-        """Grow this process's fd table for the pool's fds before `map_pool` takes them."""
-        pool = self._pool
-        if pool is not None:
-            t0 = time.perf_counter()
-            fdsocket.make_room(int(pool["chunks"]))
-            log.debug(
-                "room for %d fds in %.1f ms", pool["chunks"], (time.perf_counter() - t0) * 1e3
-            )
-
     def map_pool(self, device: int) -> bool:
         """Map thawd's whole pinned pool for CUDA device `device` (imported now, mapped in the
         background), so that no restore to that GPU maps memory or takes fds (docs/DAEMON.md).

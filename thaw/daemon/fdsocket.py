@@ -17,9 +17,11 @@ of the connection (which gRPC's Python API cannot expose; docs/DAEMON.md):
     {"op": "close", "sessions": [{"id": S, "ok": B, "bytes": N, "seconds": F, "error": E}...]}
                                        -> {"ok": true}: restore sessions ended, each confirmed
                                           (ok) or failed (error), as CloseRestore would
-    {"op": "pool", "start": I}         -> {"ok": true, "pool": P, "start": I, "sizes": [N...]}
+    {"op": "pool", "start": I, "count": C}
+                                       -> {"ok": true, "pool": P, "start": I, "sizes": [N...]}
                                           + the fds of the VMM pool's chunks I, I+1, ... (at
-                                          most MAX_FDS; "auth" says how many there are)
+                                          most C, MAX_FDS without it; "auth" says how many
+                                          chunks there are)
     failure                            -> {"ok": false, "error": "PermissionDenied", "message": M}
 
 The token goes into the metadata of every gRPC call and is valid while the connection that
@@ -30,8 +32,6 @@ module; it has no other dependency.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import socket
@@ -104,21 +104,16 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return decode(data), fds
 
 
-def make_room(count: int) -> None:
-    """Grow this process's fd table now to take `count` more fds.
+def free_slots() -> int:
+    """How many more fds this process's fd table holds before it must grow.
 
-    A process whose fd table is full grows it when fds arrive, and in a process with threads
-    (any CUDA process) the kernel waits for an RCU grace period to do that: a new process's
-    first 80 pool fds took 6-27 ms on the H200 hosts, and 0.2-0.4 ms once the table was
-    grown. Called on a thread of its own, the wait overlaps other work. The table keeps its
-    size: the fd past `count` is closed at once."""
-    with contextlib.suppress(OSError):  # past RLIMIT_NOFILE: the fds will not fit anyway
-        base = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            past = len(os.listdir("/proc/self/fd")) + count
-            os.close(fcntl.fcntl(base, fcntl.F_DUPFD_CLOEXEC, past))
-        finally:
-            os.close(base)
+    Growing it in a process with threads (any CUDA process) waits for an RCU grace period (the
+    kernel's expand_fdtable): a new process's first 80 pool fds took 6-27 ms on the H200 hosts
+    where they fitted in 0.2-0.4 ms once the table had grown. A client that takes fds in
+    batches of this size, and closes each batch before the next, never waits for it."""
+    with open("/proc/self/status") as status:
+        size = next(int(line.split()[1]) for line in status if line.startswith("FDSize:"))
+    return size - len(os.listdir("/proc/self/fd"))
 
 
 def connect(path: str) -> socket.socket:

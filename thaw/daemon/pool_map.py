@@ -1,11 +1,12 @@
 """A client's map of thawd's whole VMM pool, kept for exactly as long as that thawd lives.
 
 Where thawd shares its pool (`share_pool`, the default on GPU hosts), a CUDA process maps all
-of it once: its chunks' fds come over a second fd-socket connection at connect (no driver
-calls), and a thread of its own imports and maps them for the process's GPU while the engine
-goes on building its model; a restore that starts first imports and maps the chunks it
-reaches itself, between its copies. A restore of any pinned snapshot then needs no fds,
-imports or maps of its own (DELIVERY_POOL).
+of it once: its chunks' fds come over a second fd-socket connection at connect, in batches
+that fit the free slots of the process's fd table, each chunk imported and its fd closed
+before the next batch (the table never grows: fdsocket.free_slots); a thread of its own then
+maps them for the process's GPU while the engine goes on building its model, and a restore
+that starts first maps the chunks it reaches itself, between its copies. A restore of any
+pinned snapshot then needs no fds, imports or maps of its own (DELIVERY_POOL).
 
 That connection stays open and idle: when it reaches EOF, thawd has gone away, and the map is
 released (once the copies using it finish), so a stopped or restarted thawd's page-locked
@@ -26,11 +27,13 @@ from thaw import errors
 from thaw.daemon import fdsocket
 
 log = logging.getLogger("thaw.daemon.pool_map")
+# Fd slots left free for other threads (gRPC's, the engine's) opening fds meanwhile.
+FD_MARGIN = 4
 
 
 class PoolMap:
-    """The pool's fds (taken at construction), their background import and mapping, and the
-    watch on thawd.
+    """The pool's chunks (imported at construction), their mapping in the background, and
+    the watch on thawd.
 
     Raises OSError, ConnectionError or ThawError when the pool cannot be imported here (the
     caller restores without it)."""
@@ -48,7 +51,7 @@ class PoolMap:
             self._sock.settimeout(30.0)  # a stuck thawd: give up, restore without the map
             mirror = vmm.PoolMirror(self.pool_id, self._chunk, self._chunks, device)
             try:
-                self._take_fds(mirror)
+                self._import_chunks(mirror)
             except BaseException:
                 mirror.close()
                 raise
@@ -58,7 +61,7 @@ class PoolMap:
             raise
         self._mirror: Any = mirror
         log.debug(
-            "pool %d: %d chunks' fds taken in %.1f ms",
+            "pool %d: %d chunks imported in %.1f ms",
             self.pool_id,
             self._chunks,
             (time.perf_counter() - t0) * 1e3,
@@ -75,10 +78,12 @@ class PoolMap:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _take_fds(self, mirror: Any) -> None:
+    def _import_chunks(self, mirror: Any) -> None:
+        """Every chunk's fd from thawd, imported and closed, a batch at a time."""
         start = 0
         while start < self._chunks:
-            fdsocket.send(self._sock, {"op": "pool", "start": start})
+            count = max(1, min(fdsocket.MAX_FDS, fdsocket.free_slots() - FD_MARGIN))
+            fdsocket.send(self._sock, {"op": "pool", "start": start, "count": count})
             reply, fds = fdsocket.recv(self._sock)
             if not reply.get("ok") or not fds or int(reply.get("pool", 0)) != self.pool_id:
                 for fd in fds:
@@ -86,23 +91,18 @@ class PoolMap:
                 if reply.get("ok") and fds:
                     raise errors.DaemonError("thawd restarted while its pool was being mapped")
                 raise errors.DaemonError(reply.get("message", "no pool fds"))
-            mirror.offer(start, fds[: self._chunks - start])
+            taken = fds[: self._chunks - start]
+            mirror.offer(start, taken)
             for fd in fds[self._chunks - start :]:  # more than the pool has: never ours to keep
                 os.close(fd)
-            start += len(fds)
+            for i in range(start, start + len(taken)):
+                mirror.import_chunk(i)  # closes its fd
+            start += len(taken)
 
     def _run(self) -> None:
         mirror = self._mirror
         t0 = time.perf_counter()
         try:
-            # Imports do not wait for copies, as maps do: a restore needs the chunks it reaches
-            # imported, and these run ahead of it.
-            for i in range(self._chunks):
-                if self._stop.is_set():
-                    break
-                mirror.import_chunk(i)
-            ms = (time.perf_counter() - t0) * 1e3
-            log.debug("pool %d: imported in %.1f ms", self.pool_id, ms)
             for i in range(self._chunks):
                 if self._stop.is_set() or not mirror.wait_idle():
                     break

@@ -251,15 +251,12 @@ class PoolMirror:
 
     A process that maps the pool once restores any contiguous pool buffer with no fds,
     imports or maps (DELIVERY_POOL): the ~19 ms that a 16 GB buffer's first restore in a new
-    process otherwise spends on them (H200). The chunks' fds are handed over up front
-    (`offer`, no driver calls); each chunk is imported and mapped when first needed
-    (`map_range`: under 0.1 ms to import and 2.8 ms to map a 256 MiB chunk without CPU
-    access), by a restore that reaches it or by the background thread (`import_chunk`, then
-    `map_range` while no copy holds the map: mapping beside a copy slows the copy). So
-    connect makes no driver call per chunk (importing 73 chunks took 4-5 ms on the H200
-    host; the 0.13-0.2 s that connect spent around them was the CUDA context that creating
-    the mirror makes current, which an engine has made already). GPU access only: CPU copies
-    use the per-buffer mapping.
+    process otherwise spends on them (H200). The chunks' fds are handed over (`offer`) and
+    imported (`import_chunk`, which closes the fd) at connect: under 0.1 ms a chunk, 4-5 ms
+    for 73 on the H200 host. Each chunk is mapped when first needed (`map_range`: 2.8 ms for
+    a 256 MiB chunk without CPU access), by a restore that reaches it or by the background
+    thread while no copy holds the map (mapping beside a copy slows the copy). GPU access
+    only: CPU copies use the per-buffer mapping.
     """
 
     def __init__(self, pool_id: int, chunk: int, count: int, device: int) -> None:
