@@ -140,11 +140,16 @@ def _load() -> ctypes.CDLL:
                     lib = ctypes.CDLL("libcuda.so.1")
                 except OSError as e:
                     raise CudaError(f"no CUDA driver on this host (libcuda.so.1): {e}") from e
-                # The four functions with no versions, called by name; the rest by address.
-                lib.cuInit.argtypes = (c_uint,)
-                for name in ("cuGetErrorName", "cuGetErrorString"):
-                    getattr(lib, name).argtypes = (c_int, _P(c_char_p))
-                get = lib.cuGetProcAddress_v2
+                # The four functions called by name; the rest by address.
+                try:
+                    lib.cuInit.argtypes = (c_uint,)
+                    for name in ("cuGetErrorName", "cuGetErrorString"):
+                        getattr(lib, name).argtypes = (c_int, _P(c_char_p))
+                    get = lib.cuGetProcAddress_v2
+                except AttributeError as e:
+                    raise CudaError(
+                        f"the NVIDIA driver predates CUDA 12.0 ({e}): update it to 525 or newer"
+                    ) from e
                 get.argtypes = (c_char_p, _P(c_void_p), c_int, c_uint64, _P(c_int))
                 _library = lib
     return _library
