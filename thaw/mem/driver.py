@@ -7,10 +7,10 @@ thaw never loads); ctypes is imported by torch already, and binding a function t
 microseconds. Asking cuGetProcAddress for version 12000 gives every function the signature
 that CUDA 12.0's cuda.h declares under its plain name (cuMemcpyHtoDAsync is
 cuMemcpyHtoDAsync_v2, ...), whatever newer versions the installed driver also has: the
-prototypes below are those signatures, and tests/test_driver_abi.py checks the structures and
-constants against the CUDA toolkit's cuda.h.
+prototypes below are those signatures, and tests/test_driver_abi.py checks them, the
+structures and the constants against the CUDA toolkit's cuda.h.
 
-`call` is the one place a CUresult becomes a value or a CudaError naming the call.
+`call` is the one place a failed CUresult becomes a CudaError naming the call and CUDA's error.
 """
 
 from __future__ import annotations
