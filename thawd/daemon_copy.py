@@ -7,9 +7,9 @@ import dataclasses
 import threading
 from collections.abc import Sequence
 
-from thaw.copy.daemon_copy import HANDLE_BYTES
 from thaw.errors import InvalidRequest
 from thaw.mem import cuda
+from thaw.mem.driver import IPC_HANDLE_SIZE
 
 # 64 MB copies alternating two streams: the measured way to the link's ceiling (DESIGN.md).
 PIECE = 64 << 20
@@ -93,8 +93,8 @@ class Copier:
                 s.synchronize()
 
     def _open(self, owner: str, device: int, handle: bytes) -> int:
-        if len(handle) != HANDLE_BYTES:
-            raise InvalidRequest(f"an IPC handle is {HANDLE_BYTES} bytes, not {len(handle)}")
+        if len(handle) != IPC_HANDLE_SIZE:
+            raise InvalidRequest(f"an IPC handle is {IPC_HANDLE_SIZE} bytes, not {len(handle)}")
         with self._lock:  # against `forget` of the same owner
             opened = self._opened.setdefault(owner, {})
             if handle not in opened:

@@ -17,10 +17,8 @@ from typing import TYPE_CHECKING, Any
 from thaw.errors import CudaError, ModelMismatch
 from thaw.mem import cuda
 
-if TYPE_CHECKING:  # thawd imports this module for HANDLE_BYTES: no torch at its start
+if TYPE_CHECKING:  # for annotations only: thaw.copy.binding imports torch
     from thaw.copy.binding import Binding
-
-HANDLE_BYTES = 64  # a CUDA IPC handle (thaw.mem.driver.IPC_HANDLE_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)

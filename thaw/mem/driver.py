@@ -83,7 +83,6 @@ _P = POINTER
 # CUdevice is an int, CUdeviceptr and CUmemGenericAllocationHandle 64-bit, every other handle
 # (context, stream, event) a pointer; each function returns a CUresult (int).
 PROTOTYPES: dict[str, tuple[Any, ...]] = {
-    "cuDriverGetVersion": (_P(c_int),),
     "cuDeviceGetCount": (_P(c_int),),
     "cuDeviceGet": (_P(c_int), c_int),
     "cuDeviceGetName": (c_char_p, c_int, c_int),
@@ -91,14 +90,11 @@ PROTOTYPES: dict[str, tuple[Any, ...]] = {
     "cuDeviceTotalMem": (_P(c_size_t), c_int),
     "cuDeviceGetAttribute": (_P(c_int), c_int, c_int),
     "cuDevicePrimaryCtxRetain": (_P(c_void_p), c_int),
-    "cuCtxGetCurrent": (_P(c_void_p),),
     "cuCtxSetCurrent": (c_void_p,),
     "cuCtxSynchronize": (),
     "cuStreamCreate": (_P(c_void_p), c_uint),
-    "cuStreamDestroy": (c_void_p,),
     "cuStreamSynchronize": (c_void_p,),
     "cuEventCreate": (_P(c_void_p), c_uint),
-    "cuEventDestroy": (c_void_p,),
     "cuEventRecord": (c_void_p, c_void_p),
     "cuEventSynchronize": (c_void_p,),
     "cuMemcpyHtoDAsync": (c_uint64, c_void_p, c_size_t, c_void_p),
