@@ -223,6 +223,42 @@ def test_restore_many_into_cuda_tensors(thawd_factory: Any) -> None:
     assert lines == [[[["m0", "pool"], ["m1", "pool"], ["m2", "pool"]], True]] * 2
 
 
+WAKE = """
+from thaw.copy import datapath
+g = torch.Generator(device="cuda").manual_seed({seed})
+expected = {{f"t{{i}}": torch.randn(1 << 20, generator=g, device="cuda") for i in range({n})}}
+target = {{k: torch.zeros_like(v) for k, v in expected.items()}}
+c = thaw.client.connect({socket!r})
+c.restore(target, {name!r})  # maps the buffer's chunks, chunk 0 among them
+scratch = datapath.Staging.for_device(0).wake_target
+scratch.fill_(0xAB)
+torch.cuda.synchronize()
+for t in target.values():
+    t.zero_()
+delivery = c.restore(target, {name!r}).delivery
+torch.cuda.synchronize()
+print(json.dumps([delivery,
+                  torch.equal(scratch, expected["t0"].view(torch.uint8)[: datapath.WAKE_BYTES]),
+                  all(torch.equal(target[k], expected[k]) for k in expected)]))
+"""
+
+
+def test_a_restore_from_the_pool_map_wakes_the_link_into_its_own_scratch(
+    thawd_factory: Any,
+) -> None:
+    """Before it waits for the open's reply, a restore from the pool map copies the first
+    mapped chunk's first 2 MiB (here: the start of the snapshot's first tensor, at chunk 0)
+    into thaw's own scratch buffer, and into nothing else."""
+    d: ThawdProcess = thawd_factory(pool="vmm", pinned_budget="32MiB", vmm_chunk=CHUNK)
+    from thaw.client import connect
+
+    with connect(d.socket) as c:
+        c.freeze(cuda_tensors(9, 2), "w", wait=True)  # chunks 0-1
+    out = run_client(WAKE.format(seed=9, n=2, socket=d.socket, name="w"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["pool", True, True]
+
+
 def test_daemon_copy_refuses_bad_requests(thawd_factory: Any) -> None:
     """An unknown GPU and a copy past the end of its region are refused by name."""
     from thaw import errors

@@ -98,6 +98,7 @@ class Restores:
                     "pool_id": mirror.id if mirror else 0,
                 }
             )
+        _wake_link(plans)
         infos = self.open_many(requests)
         t_open = time.perf_counter()
         closes: builtins.list[dict[str, Any]] = []
@@ -438,6 +439,19 @@ def _from_pool(name: str, info: Opened, mirror: Any) -> _Source:
         raise errors.DaemonError(f"restore of {name!r}: DELIVERY_POOL without a pool map")
     start = info.pool_offset
     return mirror.addr + start, True, mirror.mapper(start), _nothing
+
+
+def _wake_link(plans: builtins.list[tuple[str, Any, Any]]) -> None:
+    """A restore from our map of thawd's pool wakes its GPU's link while thawd answers the
+    open (datapath.wake_link): what to copy is known only from the reply."""
+    from thaw.copy import datapath
+
+    mirror = next((m for _, _, m in plans if m is not None), None)
+    if mirror is None:
+        return
+    source = mirror.mapped_address()
+    if source is not None:
+        datapath.wake_link(mirror.device, source)
 
 
 def _close_mapping(holder: Any) -> None:

@@ -319,6 +319,13 @@ class PoolMirror:
                 _map(self.addr + i * self.chunk, self.chunk, self._import(i), self._access)
                 self._mapped[i] = True
 
+    def mapped_address(self) -> int | None:
+        """The address of a chunk the GPU can read now, if any (the first mapped)."""
+        for i, mapped in enumerate(self._mapped):
+            if mapped:
+                return self.addr + i * self.chunk
+        return None
+
     def mapper(self, start: int) -> Callable[[int], None]:
         """`ensure_mapped(end)` for a buffer at pool offset `start`: maps up to start + end,
         looking only at chunks past those it already made sure of."""
