@@ -40,7 +40,8 @@ typedef unsigned long long CUdeviceptr;
 #define CU_STREAM_NON_BLOCKING 1
 #define CU_EVENT_DISABLE_TIMING 2
 
-/* The entry points, in the order thaw.mem.cuda.driver_entry_points() passes them. */
+/* The entry points, in the order of thaw.mem.cuda._NATIVE_CALLS (tests/test_driver_abi.py
+ * checks them against cuda.h). */
 typedef struct {
     CUresult (*get_error_name)(CUresult, const char **);
     CUresult (*ctx_get_current)(CUcontext *);
@@ -247,7 +248,7 @@ const char thaw_read_to_device_doc[] =
     "(addresses of pinned, page-aligned host buffers of BOUNCE_SIZE bytes; two per thread).\n"
     "With `verify`, returns each range's block hashes as pread_hashed does, hashed in the\n"
     "bounce buffers before their copy. `driver`: the CUDA driver entry points in the order of\n"
-    "thaw.mem.cuda.driver_entry_points(). Up to `threads` threads, GIL released; every copy\n"
+    "thaw.mem.cuda._NATIVE_CALLS. Up to `threads` threads, GIL released; every copy\n"
     "has finished when it returns or raises. align=4096 for O_DIRECT fds, as pread_hashed.\n"
     "Raises EOFError or OSError naming pread, RuntimeError naming a failed CUDA call.";
 

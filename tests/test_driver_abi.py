@@ -171,3 +171,62 @@ def test_without_a_driver_cuda_reports_no_device_and_calls_raise_cuda_error() ->
     assert cuda.device_count() == 0
     with pytest.raises(CudaError, match=r"no CUDA driver on this host \(libcuda.so.1\)"):
         cuda.set_device(0)
+
+
+def readdevice_declarations() -> tuple[str, list[tuple[str, list[str]]], dict[str, str]]:
+    """native/readdevice.c's own driver ABI: (its typedefs and defines, as C; each driver_t
+    member's name and parameter types, in order; its #defines of cuda.h constants)."""
+    source = (Path(driver.__file__).parents[2] / "native" / "readdevice.c").read_text()
+    types = "\n".join(re.findall(r"^typedef [\w ]+?\s\*?CU\w+;$", source, re.MULTILINE))
+    struct = re.search(r"typedef struct \{\n(.*?)\} driver_t;", source, re.DOTALL)
+    assert struct, "native/readdevice.c has no driver_t"
+    members = [
+        (name, [p.strip() for p in params.split(",")])
+        for name, params in re.findall(r"CUresult \(\*(\w+)\)\(([^)]*)\);", struct.group(1))
+    ]
+    defines = dict(re.findall(r"^#define (CU_\w+) (\d+)$", source, re.MULTILINE))
+    return types, members, defines
+
+
+@needs_header
+def test_native_read_to_device_declares_the_driver_functions_as_cuda_h_does(
+    tmp_path: Path,
+) -> None:
+    """read_to_device calls the functions thaw.mem.cuda passes it (_NATIVE_CALLS, resolved at
+    CUDA 12.0's ABI) through native/readdevice.c's own declarations, which do not include
+    cuda.h (the extension builds without a toolkit): each must agree with cuda.h in order,
+    parameter count, parameter sizes and out-argument sizes, and its constants in value."""
+    from thaw.mem.cuda import _NATIVE_CALLS
+
+    assert HEADER is not None
+    header = HEADER.read_text()
+    types, members, defines = readdevice_declarations()
+    assert len(members) == len(_NATIVE_CALLS) == 11
+    ours: dict[str, str] = {"CUresult": "sizeof(CUresult)"}
+    wanted: dict[str, str] = {"CUresult": "sizeof(CUresult)"}
+    for (member, params), name in zip(members, _NATIVE_CALLS, strict=True):
+        declared = declared_parameters(header, name)
+        assert len(params) == len(declared), f"{member} ({name}): cuda.h has {declared}"
+        for i, (mine, theirs) in enumerate(zip(params, declared, strict=True)):
+            # An out-argument stays one: a handle passed where its address is due has their size.
+            assert mine.endswith("*") == theirs.endswith("*"), f"{member}: {mine} vs {theirs}"
+            ours[f"{name}.{i}"], wanted[f"{name}.{i}"] = f"sizeof({mine})", f"sizeof({theirs})"
+            if mine.endswith("*") and theirs.endswith("*") and "void" not in mine:
+                ours[f"{name}.{i}.pointee"] = f"sizeof({mine[:-1]})"
+                wanted[f"{name}.{i}.pointee"] = f"sizeof({theirs[:-1]})"
+    for constant in defines:
+        ours[constant] = wanted[constant] = constant
+    source = tmp_path / "readdevice_abi.c"
+    source.write_text(
+        "#include <stddef.h>\n#include <stdio.h>\n"
+        + types
+        + "\n"
+        + "".join(f"#define {k} {v}\n" for k, v in defines.items())
+        + f"int main(void) {{\n{json_print(ours)}\n  return 0;\n}}\n"
+    )
+    binary = tmp_path / "readdevice_abi"
+    subprocess.run(["cc", "-std=c11", str(source), "-o", str(binary)], check=True)
+    native = json.loads(subprocess.run([binary], capture_output=True, text=True,
+                                       check=True).stdout)  # fmt: skip
+    assert native == compile_and_run(tmp_path, json_print(wanted))
+    assert set(defines) == {"CU_STREAM_NON_BLOCKING", "CU_EVENT_DISABLE_TIMING"}
