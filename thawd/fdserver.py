@@ -110,38 +110,17 @@ class FdServer:
                         # "count": the fds the client's fd table holds without growing.
                         count = _integer(message, "count", fdsocket.MAX_FDS, fdsocket.MAX_FDS + 1)
                         fds, sizes, pool_id = self.daemon.restores.pool_fds(start, max(1, count))
-                        _hand_over(
-                            conn, {"ok": True, "pool": pool_id, "start": start, "sizes": sizes}, fds
-                        )
-                        log.debug(
-                            "fd socket: %d pool fds to pid %d in %.2f ms",
-                            len(fds),
-                            pid,
-                            (time.perf_counter() - t0) * 1e3,
-                        )
+                        reply = {"ok": True, "pool": pool_id, "start": start, "sizes": sizes}
+                        _hand_over(conn, reply, fds, "pool fds", pid, t0)
                     elif op == "fd":
                         assert self.daemon is not None
                         t0 = time.perf_counter()
                         fds, sizes, kind, buffer_id, left = self.daemon.restores.redeem(
                             _text(message, "session", 64), uid
                         )
-                        _hand_over(
-                            conn,
-                            {
-                                "ok": True,
-                                "sizes": sizes,
-                                "kind": kind,
-                                "buffer": buffer_id,
-                                "left": left,
-                            },
-                            fds,
-                        )
-                        log.debug(
-                            "fd socket: %d fds to pid %d in %.2f ms",
-                            len(fds),
-                            pid,
-                            (time.perf_counter() - t0) * 1e3,
-                        )
+                        reply = {"ok": True, "sizes": sizes, "kind": kind, "buffer": buffer_id,
+                                 "left": left}  # fmt: skip
+                        _hand_over(conn, reply, fds, "fds", pid, t0)
                     else:
                         fdsocket.send(
                             conn,
@@ -313,10 +292,15 @@ def _text(message: dict[str, Any], key: str, bound: int, default: str | None = N
     return value
 
 
-def _hand_over(conn: socket.socket, reply: dict[str, Any], fds: list[int]) -> None:
-    """Send `reply` with `fds` attached (the peer gets its own duplicates), then close ours."""
+def _hand_over(
+    conn: socket.socket, reply: dict[str, Any], fds: list[int], what: str, pid: int, t0: float
+) -> None:
+    """Send `reply` with `fds` attached (the peer gets its own duplicates), then close ours;
+    the debug log says how long since `t0` the request took."""
     try:
         fdsocket.send(conn, reply, fds)
     finally:
         for fd in fds:
             os.close(fd)
+    log.debug("fd socket: %d %s to pid %d in %.2f ms", len(fds), what, pid,
+              (time.perf_counter() - t0) * 1e3)  # fmt: skip
