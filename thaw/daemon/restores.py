@@ -450,8 +450,8 @@ def _wake_link(plans: builtins.list[tuple[str, Any, Any]]) -> None:
     if mirror is None:
         return
     source = mirror.mapped_address()
-    if source is not None:
-        datapath.wake_link(mirror.device, source)
+    if source is not None:  # never past the chunk's end: nothing may be mapped there
+        datapath.wake_link(mirror.device, source, mirror.chunk)
 
 
 def _close_mapping(holder: Any) -> None:
