@@ -245,10 +245,14 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def run_client(
-    code: str, uid: int | None = None, timeout: float = 60.0, groups: tuple[int, ...] = ()
+    code: str,
+    uid: int | None = None,
+    timeout: float = 60.0,
+    groups: tuple[int, ...] = (),
+    wrapper: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run `code` in a fresh Python; with `uid`, it drops to that uid (and gid, and the
-    supplementary `groups`) after imports.
+    """Run `code` in a fresh Python (under the command `wrapper`, if any); with `uid`, it drops
+    to that uid (and gid, and the supplementary `groups`) after imports.
 
     The interpreter lives under /root here, so the child starts as root, imports, then gives
     up its privileges before it touches the daemon, as an unprivileged engine process would.
@@ -264,7 +268,7 @@ def run_client(
     if uid is not None:
         prelude += f"os.setgroups({list(groups)}); os.setgid({uid}); os.setuid({uid})\n"
     return subprocess.run(
-        [sys.executable, "-c", prelude + code],
+        [*wrapper, sys.executable, "-c", prelude + code],
         capture_output=True,
         text=True,
         timeout=timeout,

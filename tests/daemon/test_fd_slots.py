@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.daemon.conftest import ROOT
+from tests.daemon.conftest import run_client
 from thaw.daemon import fdsocket
 
 PROBE = """
@@ -46,10 +46,6 @@ def test_the_free_slots_fit_without_growing_the_table_and_two_more_do_not() -> N
 
 
 NO_PROC = """
-import json, os, sys
-sys.path.insert(0, {root!r})
-import torch
-import thaw.client
 from thaw.daemon import fdsocket
 
 target = {{"w": torch.zeros(1 << 16)}}
@@ -60,8 +56,8 @@ print(json.dumps([os.path.exists("/proc/self/status"), fdsocket.free_slots(),
 """
 
 # A new mount namespace with an empty tmpfs over /proc, for the command that follows.
-HIDE_PROC = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-             'mount -t tmpfs none /proc && exec "$0" "$@"']  # fmt: skip
+HIDE_PROC = ("unshare", "-m", "--propagation", "private", "sh", "-c",
+             'mount -t tmpfs none /proc && exec "$0" "$@"')  # fmt: skip
 
 
 def test_without_proc_the_fds_are_taken_all_at_once_and_a_client_still_restores(
@@ -76,7 +72,6 @@ def test_without_proc_the_fds_are_taken_all_at_once_and_a_client_still_restores(
     d = thawd_factory()
     with connect(d.socket) as c:
         c.freeze({"w": torch.arange(1 << 16, dtype=torch.float32)}, "s", wait=True)
-    code = NO_PROC.format(root=str(ROOT), socket=d.socket)
-    out = subprocess.run([*HIDE_PROC, sys.executable, "-c", code], capture_output=True, text=True)
+    out = run_client(NO_PROC.format(socket=d.socket), wrapper=HIDE_PROC)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, fdsocket.MAX_FDS, True]
