@@ -165,18 +165,18 @@ def warm_up(device: int) -> None:
             stream.synchronize()
 
 
-def wake_link(device: int, source: int, length: int = WAKE_BYTES) -> None:
-    """Start a copy of `length` bytes (WAKE_BYTES at most) from `source` (host memory `device`
-    can read, such as a mapped chunk of thawd's pool) into a scratch buffer of `device`, and
-    return at once: a restore calls it before it waits for thawd's reply to its open, so that
-    the link and copy engine are awake when the restore's own copies start. Nothing waits for
-    it or reads what it writes; the restore's copies start after it (they begin with a device
-    synchronize)."""
+def wake_link(device: int, source: int, readable: int) -> None:
+    """Start a copy of WAKE_BYTES (fewer if only `readable` bytes there are) from `source`
+    (host memory `device` can read, such as a mapped chunk of thawd's pool) into a scratch
+    buffer of `device`, and return at once: a restore calls it before it waits for thawd's
+    reply to its open, so that the link and copy engine are awake when the restore's own
+    copies start. Nothing waits for it or reads what it writes; the restore's copies start
+    after it (they begin with a device synchronize)."""
     from thaw.mem import cuda
 
     staging = Staging.for_device(device)
     cuda.set_device(device)
-    length = min(length, WAKE_BYTES)
+    length = min(readable, WAKE_BYTES)
     cuda.copy_h2d(staging.wake_target.data_ptr(), source, length, staging.wake_stream)
 
 
