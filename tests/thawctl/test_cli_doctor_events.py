@@ -26,23 +26,29 @@ from thawctl import exitcodes
 CHECKS = ["socket", "group", "thawd", "memlock", "vmm", "pcie", "page cache"]
 
 
-def sigint_as_a_terminal_gives_it() -> None:
-    """In the child before exec: SIGINT handled by default and not blocked. A child inherits
-    an ignored or blocked SIGINT, and the suite's own process may have one by the time this
-    runs (a background job's shell ignores it; CI's `thawctl events` then never saw Ctrl-C:
-    its stacks showed it waiting on the stream, twice)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+# `thawctl` as a terminal runs it: SIGINT handled (KeyboardInterrupt) and not blocked. A child
+# inherits an ignored or blocked SIGINT, and the suite's own process may have one by the time
+# this runs (a background job's shell ignores it; CI's `thawctl events` then never saw Ctrl-C:
+# its stacks showed it waiting on the stream, twice). The child's interpreter sets it itself:
+# a preexec_fn would make subprocess fork(), whose gRPC fork handler restarts gRPC's poller in
+# the child, where close_fds then closes its epoll fd ("epoll_wait error: Bad file descriptor"
+# on the child's stderr failed a CI run; grpc/grpc#43055).
+THAWCTL_AS_A_TERMINAL_RUNS_IT = (
+    "import runpy, signal; "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+    "runpy.run_module('thawctl', run_name='__main__', alter_sys=True)"
+)
 
 
 def start_events(*argv: str, socket: str) -> subprocess.Popen[str]:
     """`thawctl events ARGS` in its own interpreter, stdout a pipe."""
+    command = [sys.executable, "-c", THAWCTL_AS_A_TERMINAL_RUNS_IT, "--socket", socket]
     return subprocess.Popen(
-        [sys.executable, "-m", "thawctl", "--socket", socket, "events", *argv],
+        [*command, "events", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=sigint_as_a_terminal_gives_it,
         cwd=str(ROOT),
         # A hang is dumped (every thread's stack) when `ended` sends SIGABRT.
         env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1"),
